@@ -1,0 +1,188 @@
+"""Run directory layout, the metrics schema, and read/write helpers.
+
+This module is the one place where the on-disk format of a run is defined. Training (rank 0)
+writes it, the sweep launcher reads it to decide what to skip or resubmit, and the analysis reads
+it to draw curves. Nothing here imports torch or DeepSpeed.
+
+Run directory (``RUN_DIR``)::
+
+    config.json         the frozen run config (scaling.train.TrainConfig as a dict), written once
+    metrics.jsonl       one JSON object per line, appended by rank 0 (schema below)
+    final.json          written once when the run ends (schema below); absent while running
+    checkpoints/        DeepSpeed checkpoints, one folder per step; ``latest`` names the newest
+    model.safetensors   the final weights, loadable by ``scaling.model.create_model`` alone
+    job.json            written by launchers/sweep.py: job id, submission time, requeues
+
+``metrics.jsonl`` rows all carry ``kind`` ("train" or "eval"), ``step`` (optimizer steps done),
+``epoch`` (float, images_seen / samples_per_epoch), ``images_seen``, ``flops_seen`` (analytic
+training FLOPs = 6 x forward MACs x images_seen, see scaling.flops) and ``wall_s`` (seconds since
+the run first started, summed over restarts). Then:
+
+- train rows: ``loss`` (mean over the logging window), ``lr``, ``images_per_s``, ``tflops``
+  (achieved, per device), ``mfu`` (null when the device's peak is unknown), ``mem_gb`` (peak
+  per-rank memory), ``skipped_samples`` (corrupt samples skipped so far, all ranks).
+- eval rows: ``loss``, ``top1``, ``top5`` (fractions in [0, 1]), ``num_samples`` (images
+  evaluated, summed over ranks).
+
+``final.json``: ``status`` (one of STATUSES), ``final_top1``, ``best_top1``, ``final_top5``,
+``final_loss``, ``steps``, ``images_seen``, ``total_flops``, ``params``, ``macs_per_image``,
+``model``, ``wall_hours``, ``device_hours`` (wall hours x world size), ``world_size``,
+``skipped_samples``, ``overhead_fraction`` (share of wall time outside training steps), and
+``error`` (a message, for failed/diverged runs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+FINAL_FILE = "final.json"
+JOB_FILE = "job.json"
+EXPORT_FILE = "model.safetensors"
+CHECKPOINT_DIR = "checkpoints"
+
+STATUS_OK = "ok"
+STATUS_DIVERGED = "diverged"
+STATUS_FAILED = "failed"
+STATUSES = (STATUS_OK, STATUS_DIVERGED, STATUS_FAILED)
+
+# Process exit codes of `python -m scaling.train`; the sweep launcher keys on them.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2  # argparse's own code for bad flags; also used for invalid configs
+EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: "try again later", i.e. requeue me
+
+COMMON_KEYS = ("kind", "step", "epoch", "images_seen", "flops_seen", "wall_s")
+TRAIN_KEYS = COMMON_KEYS + (
+    "loss", "lr", "images_per_s", "tflops", "mfu", "mem_gb", "skipped_samples",
+)
+EVAL_KEYS = COMMON_KEYS + ("loss", "top1", "top5", "num_samples")
+FINAL_KEYS = (
+    "status", "final_top1", "best_top1", "final_top5", "final_loss", "steps", "images_seen",
+    "total_flops", "params", "macs_per_image", "model", "wall_hours", "device_hours",
+    "world_size", "skipped_samples", "overhead_fraction", "error",
+)
+
+
+class SchemaError(ValueError):
+    """A results file that does not follow the schema above."""
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so every reader can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def validate_row(row: dict) -> dict:
+    """Check one metrics row against the schema; return it unchanged or raise SchemaError."""
+    kind = row.get("kind")
+    keys = {"train": TRAIN_KEYS, "eval": EVAL_KEYS}.get(kind)
+    if keys is None:
+        raise SchemaError(f"metrics row has kind={kind!r}; expected 'train' or 'eval'")
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise SchemaError(f"{kind} row is missing {missing}")
+    return row
+
+
+def validate_final(final: dict) -> dict:
+    """Check a final.json payload against the schema; return it unchanged or raise SchemaError."""
+    missing = [k for k in FINAL_KEYS if k not in final]
+    if missing:
+        raise SchemaError(f"final.json is missing {missing}")
+    if final["status"] not in STATUSES:
+        raise SchemaError(f"final.json status={final['status']!r}; expected one of {STATUSES}")
+    return final
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file so that readers see either the old content or the new, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    """Atomically write a JSON object (NaN/inf become null)."""
+    payload = {k: _clean(v) for k, v in payload.items()}
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON object; a malformed file raises SchemaError naming the path."""
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(payload, dict):
+        raise SchemaError(f"{path}: expected a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def append_metrics(run_dir: str | os.PathLike, row: dict) -> None:
+    """Append one validated row to RUN_DIR/metrics.jsonl (rank 0 only)."""
+    row = validate_row({k: _clean(v) for k, v in row.items()})
+    with open(Path(run_dir) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+
+
+def read_metrics(run_dir: str | os.PathLike, *, strict: bool = True) -> list[dict]:
+    """Read RUN_DIR/metrics.jsonl. A torn last line (a kill mid-write) is dropped; any other
+    malformed line raises SchemaError naming file and line (or is skipped when strict=False)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(validate_row(json.loads(line)))
+        except (json.JSONDecodeError, SchemaError) as e:
+            if i == len(lines) and isinstance(e, json.JSONDecodeError):
+                break  # an interrupted append; the run will rewrite it on resume
+            if strict:
+                raise SchemaError(f"{path}:{i}: {e}") from e
+    return rows
+
+
+def truncate_metrics(run_dir: str | os.PathLike, step: int) -> int:
+    """Drop rows logged after `step` (a resume from an older checkpoint re-runs those steps, and
+    no step may be counted twice). Returns the number of rows dropped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    rows = read_metrics(run_dir, strict=True)
+    kept = [r for r in rows if r["step"] <= step]
+    if len(kept) != len(rows) or path.read_text().count("\n") != len(rows):
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    return len(rows) - len(kept)
+
+
+def read_final(run_dir: str | os.PathLike) -> dict | None:
+    """The validated final.json of a run, or None while it has not finished."""
+    path = Path(run_dir) / FINAL_FILE
+    if not path.exists():
+        return None
+    return validate_final(read_json(path))
+
+
+def iter_run_dirs(results_dir: str | os.PathLike) -> Iterator[Path]:
+    """Every directory below results_dir that holds a config.json (a run), sorted."""
+    root = Path(results_dir)
+    yield from sorted(p.parent for p in root.rglob(CONFIG_FILE) if p.is_file())
