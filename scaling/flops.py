@@ -1,0 +1,96 @@
+"""Analytic parameter counts, forward MACs, training FLOPs, accelerator peaks and MFU.
+
+Conventions (so that our numbers line up with published tables):
+- MACs are multiply-accumulates of the linear/conv layers and of the two attention matmuls
+  (Q K^T and A V), plus LayerNorm at 5 per element, as fvcore counts them; biases, softmax,
+  GELU and residual adds are not counted. DeiT and timm tables call these MACs "GFLOPs"
+  (e.g. 17.58 for B/16 at 224px).
+- Training FLOPs = 6 x MACs x images: a MAC is 2 FLOPs and the backward pass costs twice the
+  forward (Kaplan et al. 2020, Sec. 2.1; the ViT paper's Table 6 exaFLOPs equal this product).
+- MFU = achieved model FLOP/s / peak dense FLOP/s of the device (PaLM, Chowdhery et al. 2022,
+  Appendix B): recomputation for activation checkpointing is not counted as useful work.
+"""
+
+from __future__ import annotations
+
+from scaling.model import ViTConfig, vit_config
+
+LN_MACS_PER_ELEMENT = 5  # fvcore's LayerNorm count (mean, variance, normalise, scale, shift)
+
+# Peak dense bf16 tensor-core TFLOP/s per device, from the vendors' data sheets (no sparsity).
+PEAK_TFLOPS_BF16 = {
+    "A100": 312.0,
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H200": 989.0,
+}
+
+
+def _config(config: ViTConfig | str) -> ViTConfig:
+    return vit_config(config) if isinstance(config, str) else config
+
+
+def param_count(config: ViTConfig | str) -> int:
+    """Exact number of parameters of create_model(config), computed from the shapes alone."""
+    c = _config(config)
+    d, m = c.width, c.mlp_dim
+    patch = c.in_chans * c.patch_size**2 * d + d
+    tokens = (1 if c.pool == "cls" else 0) * d + c.num_tokens * d  # class token + position emb.
+    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * m + m) + (m * d + d)
+    feat = c.representation_size or d
+    pre_logits = (d * feat + feat) if c.representation_size else 0
+    head = (feat * c.num_classes + c.num_classes) if c.num_classes else 0
+    return patch + tokens + c.depth * block + 2 * d + pre_logits + head
+
+
+def macs_breakdown(config: ViTConfig | str) -> dict[str, int]:
+    """Forward multiply-accumulates per image, by part (see the module docstring)."""
+    c = _config(config)
+    d, m, t = c.width, c.mlp_dim, c.num_tokens
+    feat = c.representation_size or d
+    return {
+        "patch_embed": c.num_patches * c.in_chans * c.patch_size**2 * d,
+        "qkv": c.depth * t * d * 3 * d,
+        "attention": c.depth * 2 * t * t * d,  # Q K^T and A V, summed over heads
+        "proj": c.depth * t * d * d,
+        "mlp": c.depth * 2 * t * d * m,
+        # two per block plus the final one; the final LN runs on every token (as in the code)
+        "layernorm": (2 * c.depth + 1) * t * d * LN_MACS_PER_ELEMENT,
+        "pre_logits": d * feat if c.representation_size else 0,
+        "head": feat * c.num_classes,
+    }
+
+
+def forward_macs(config: ViTConfig | str, *, include_norm: bool = True) -> int:
+    """Multiply-accumulates of one forward pass on one image."""
+    parts = macs_breakdown(config)
+    if not include_norm:
+        parts.pop("layernorm")
+    return sum(parts.values())
+
+
+def training_flops(config: ViTConfig | str, images: int | float) -> float:
+    """FLOPs of training on `images` images: 6 x forward MACs x images (forward + backward)."""
+    return 6.0 * forward_macs(config) * images
+
+
+def peak_tflops(device_name: str | None) -> float | None:
+    """Peak dense bf16 TFLOP/s for a device name as torch reports it; None when unknown."""
+    if not device_name:
+        return None
+    name = device_name.upper()
+    if "H200" in name or "GH200" in name:
+        return PEAK_TFLOPS_BF16["H200"]
+    if "H100" in name:
+        return PEAK_TFLOPS_BF16["H100 PCIe" if "PCIE" in name else "H100 SXM"]
+    if "A100" in name:
+        return PEAK_TFLOPS_BF16["A100"]
+    return None
+
+
+def mfu(achieved_flops_per_s: float, peak_tflops_per_device: float | None,
+        num_devices: int = 1) -> float | None:
+    """Model FLOPs utilisation: achieved / (peak x devices); None when the peak is unknown."""
+    if not peak_tflops_per_device:
+        return None
+    return achieved_flops_per_s / (peak_tflops_per_device * 1e12 * num_devices)

@@ -1,0 +1,326 @@
+"""The Vision Transformer of Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021).
+
+Plain PyTorch: this module never touches torch.distributed or DeepSpeed (the engine wraps it).
+Equation numbers refer to Sec. 3.1 of the paper:
+  Eq. 1  z0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos     (patch embedding, class token, 1D pos)
+  Eq. 2  z'_l = MSA(LN(z_{l-1})) + z_{l-1}                  (pre-LN attention, residual)
+  Eq. 3  z_l = MLP(LN(z'_l)) + z'_l                          (pre-LN GELU MLP, residual)
+  Eq. 4  y = LN(z_L^0)                                       (final LN, head on the class token)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# The one size table: name -> (width, depth, heads, mlp_dim).
+# Ti from DeiT (Touvron et al. 2021, Table 1); S/B/L/H from the ViT paper, Table 1 (S as in DeiT);
+# M from big_vision (Zhai et al. 2022); s, g, G from "Scaling Vision Transformers" Table 2.
+# mu (big_vision's debugging size) and m1..m4 form a micro ladder up to Ti that trains on a CPU
+# in seconds to minutes; each rung is roughly 2.5-4x the compute of the one below.
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    "mu": (32, 1, 2, 128),
+    "m1": (48, 2, 2, 192),
+    "m2": (64, 3, 2, 256),
+    "m3": (96, 4, 3, 384),
+    "m4": (128, 6, 4, 512),
+    "Ti": (192, 12, 3, 768),
+    "s": (256, 6, 8, 1024),
+    "S": (384, 12, 6, 1536),
+    "M": (512, 12, 8, 2048),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+    "g": (1408, 40, 16, 6144),
+    "G": (1664, 48, 16, 8192),
+}
+POOLS = ("cls", "gap")
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Everything that defines a ViT's shape and regularisation; built by `vit_config`."""
+
+    name: str
+    width: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    patch_size: int
+    image_size: int = 224
+    num_classes: int = 1000  # 0: no head, the model returns features (e.g. for a ViTModel)
+    in_chans: int = 3
+    pool: str = "cls"  # "cls": class token (Eq. 4); "gap": global average pool, no class token
+    representation_size: Optional[int] = None  # pre-logits Linear+tanh (paper's pre-training head)
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth, max rate, linear over depth (DeiT)
+    ln_eps: float = 1e-6
+    zero_init_head: bool = True
+    grad_checkpointing: bool = False
+
+    def __post_init__(self):
+        _validate(self)
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length seen by the encoder: patches plus the class token when pooling by it."""
+        return self.num_patches + (1 if self.pool == "cls" else 0)
+
+
+def _validate(c: ViTConfig) -> None:
+    for field in ("width", "depth", "heads", "mlp_dim", "patch_size", "image_size", "in_chans"):
+        value = getattr(c, field)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{c.name}: {field} must be a positive integer, got {value!r}")
+    if c.image_size % c.patch_size:
+        divisors = [p for p in range(1, c.image_size + 1) if c.image_size % p == 0]
+        raise ValueError(
+            f"{c.name}: patch size {c.patch_size} does not divide image size {c.image_size}; "
+            f"valid patch sizes for {c.image_size}px: {divisors}"
+        )
+    if c.width % c.heads:
+        valid = [h for h in range(1, c.width + 1) if c.width % h == 0]
+        raise ValueError(
+            f"{c.name}: width {c.width} is not divisible by heads={c.heads}; "
+            f"valid head counts for width {c.width}: {valid}"
+        )
+    if c.pool not in POOLS:
+        raise ValueError(f"{c.name}: pool={c.pool!r}; valid: {POOLS}")
+    if c.num_classes < 0:
+        raise ValueError(f"{c.name}: num_classes must be >= 0, got {c.num_classes}")
+    for field in ("dropout", "attn_dropout", "drop_path"):
+        if not 0.0 <= getattr(c, field) < 1.0:
+            raise ValueError(f"{c.name}: {field} must be in [0, 1), got {getattr(c, field)}")
+
+
+_NAME = re.compile(r"^(?P<size>[A-Za-z][A-Za-z0-9]*)/(?P<patch>\d+)$")
+
+
+def vit_config(name: str, *, image_size: int = 224, num_classes: int = 1000, **overrides) -> ViTConfig:
+    """Decode a name like "B/16" or "mu/4" into a frozen config; keyword overrides win."""
+    match = _NAME.match(name.strip()) if isinstance(name, str) else None
+    if not match or match["size"] not in SIZES:
+        shown = name if match is None else match["size"]
+        raise ValueError(
+            f"unknown ViT name {shown!r}: expected SIZE/PATCH with SIZE one of "
+            f"{list(SIZES)} (e.g. 'B/16', 'Ti/4', 'mu/4')"
+        )
+    width, depth, heads, mlp_dim = SIZES[match["size"]]
+    fields = dict(
+        name=f"{match['size']}/{match['patch']}", width=width, depth=depth, heads=heads,
+        mlp_dim=mlp_dim, patch_size=int(match["patch"]), image_size=image_size,
+        num_classes=num_classes,
+    )
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ViTConfig)}
+    if unknown:
+        valid = sorted(f.name for f in dataclasses.fields(ViTConfig))
+        raise ValueError(f"unknown ViT config field(s) {sorted(unknown)}; valid: {valid}")
+    fields.update(overrides)
+    return ViTConfig(**fields)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection (Eq. 2's MSA)."""
+
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.heads, self.attn_dropout = c.heads, c.attn_dropout
+        self.qkv = nn.Linear(c.width, 3 * c.width, bias=True)
+        self.proj = nn.Linear(c.width, c.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        # (B, T, 3, H, Dh) -> 3 x (B, H, T, Dh); the output layout (3, heads, head_dim) matches
+        # concatenating separate q, k, v projections, which keeps weight conversion a concat.
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.attn_dropout if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # flash / mem-efficient on GPU
+        return self.proj(x.transpose(1, 2).reshape(b, t, d))
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with GELU (Eq. 3); dropout after each layer as in the paper's Appendix B.1."""
+
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(c.width, c.mlp_dim)
+        self.fc2 = nn.Linear(c.mlp_dim, c.width)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: Eq. 2 then Eq. 3, with stochastic depth on each branch."""
+
+    def __init__(self, c: ViTConfig, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.attn = Attention(c)
+        self.norm2 = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.mlp = Mlp(c)
+        self.drop = nn.Dropout(c.dropout)
+        self.drop_path = drop_path
+
+    def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        if self.training and self.drop_path > 0:
+            # Stochastic depth (Huang et al. 2016): drop the whole branch per sample, rescale.
+            keep = 1.0 - self.drop_path
+            mask = x.new_empty(x.shape[0], 1, 1).bernoulli_(keep)
+            branch = branch * mask / keep
+        return x + branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._residual(x, self.drop(self.attn(self.norm1(x))))
+        return self._residual(x, self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """ViT (Eq. 1-4) returning logits (B, num_classes), or features when num_classes == 0."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        c = self.config = config
+        # Eq. 1: a linear map of flattened PxP patches; a stride-P convolution is that same map.
+        self.patch_embed = nn.Conv2d(c.in_chans, c.width, kernel_size=c.patch_size,
+                                     stride=c.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width)) if c.pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, c.num_tokens, c.width))
+        self.pos_drop = nn.Dropout(c.dropout)
+        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
+        self.blocks = nn.ModuleList(Block(c, r) for r in rates)
+        self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
+        feat = c.representation_size or c.width
+        self.pre_logits = nn.Linear(c.width, feat) if c.representation_size else None
+        self.head = nn.Linear(feat, c.num_classes) if c.num_classes else nn.Identity()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise as the paper's reference code (google-research/vision_transformer) does.
+
+        That JAX code produced the paper's scaling results, so we follow it rather than PyTorch's
+        defaults: Xavier-uniform weights for every dense layer (q, k and v each as its own
+        width x width matrix), MLP biases ~ N(0, 1e-6), other biases zero, LeCun-normal patch
+        embedding, position embedding ~ N(0, 0.02), class token zero, and a zero head so that
+        initial logits are 0 and the initial loss is exactly log(num_classes).
+        """
+        c = self.config
+        fan_in = c.in_chans * c.patch_size**2
+        nn.init.trunc_normal_(self.patch_embed.weight, std=math.sqrt(1.0 / fan_in))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.zeros_(self.cls_token)
+        for block in self.blocks:
+            for w in block.attn.qkv.weight.chunk(3):
+                bound = math.sqrt(6.0 / (2 * c.width))
+                w.uniform_(-bound, bound)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.xavier_uniform_(block.attn.proj.weight)
+            nn.init.zeros_(block.attn.proj.bias)
+            for fc in (block.mlp.fc1, block.mlp.fc2):
+                nn.init.xavier_uniform_(fc.weight)
+                nn.init.normal_(fc.bias, std=1e-6)
+        if self.pre_logits is not None:
+            nn.init.xavier_uniform_(self.pre_logits.weight)
+            nn.init.zeros_(self.pre_logits.bias)
+        if isinstance(self.head, nn.Linear):
+            if c.zero_init_head:
+                nn.init.zeros_(self.head.weight)
+            else:
+                nn.init.xavier_uniform_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay (besides norms and biases)."""
+        return {"pos_embed", "cls_token"}
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Eq. 1: patch tokens, class token prepended, position embedding added."""
+        c = self.config
+        if images.shape[-2:] != (c.image_size, c.image_size):
+            raise ValueError(
+                f"{c.name} expects {c.image_size}x{c.image_size} images, got "
+                f"{tuple(images.shape[-2:])}; use resize_image() to change the resolution"
+            )
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Encoder output after the final LayerNorm, pooled: (B, width)."""
+        x = self.embed(images)
+        for block in self.blocks:
+            if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)  # recompute in backward
+            else:
+                x = block(x)
+        x = self.norm(x)
+        return x[:, 0] if self.config.pool == "cls" else x.mean(dim=1)  # Eq. 4
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(images)
+        if self.pre_logits is not None:
+            x = torch.tanh(self.pre_logits(x))
+        return self.head(x)
+
+    @torch.no_grad()
+    def resize_image(self, image_size: int) -> None:
+        """Change the input resolution, interpolating the position embedding (paper Sec. 3.2)."""
+        new = dataclasses.replace(self.config, image_size=image_size)
+        prefix = 1 if new.pool == "cls" else 0
+        resized = resize_pos_embed(self.pos_embed.data, new.grid, num_prefix_tokens=prefix)
+        self.pos_embed = nn.Parameter(resized)
+        self.config = new
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, *, num_prefix_tokens: int = 1
+                     ) -> torch.Tensor:
+    """2D-interpolate a (1, prefix + g*g, D) position embedding to a new_grid x new_grid grid.
+
+    The ViT paper (Sec. 3.2) fine-tunes at higher resolution by "2D interpolation of the
+    pre-trained position embeddings, according to their location in the original image"; the
+    class token's embedding has no location and is kept as it is. Bicubic, as is common practice.
+    """
+    prefix, grid_tokens = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old_grid = math.isqrt(grid_tokens.shape[1])
+    if old_grid**2 != grid_tokens.shape[1]:
+        raise ValueError(f"position embedding has {grid_tokens.shape[1]} patch tokens, "
+                         "not a square grid")
+    if old_grid == new_grid:
+        return pos_embed.clone()
+    d = pos_embed.shape[-1]
+    g = grid_tokens.reshape(1, old_grid, old_grid, d).permute(0, 3, 1, 2).float()
+    g = F.interpolate(g, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    g = g.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, d).to(pos_embed.dtype)
+    return torch.cat([prefix, g], dim=1)
+
+
+def create_model(name_or_config: str | ViTConfig, **kw) -> VisionTransformer:
+    """Build a ViT from a name ("B/16") plus vit_config keywords, or from a ViTConfig."""
+    if isinstance(name_or_config, ViTConfig):
+        config = dataclasses.replace(name_or_config, **kw) if kw else name_or_config
+    else:
+        config = vit_config(name_or_config, **kw)
+    return VisionTransformer(config)
