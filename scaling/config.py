@@ -1,0 +1,237 @@
+"""The frozen run config of one training run, its CLI flags, and budget -> steps.
+
+Every field is one CLI flag (`--batch-size` for `batch_size`), so `TrainConfig.from_args` and
+`cfg.to_args()` round-trip, and `config.json` in the run dir is `dataclasses.asdict(cfg)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from scaling.model import ViTConfig, vit_config
+
+BUDGETS = ("steps", "epochs", "samples", "flops")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+DATA_ORDERS = ("sharded", "global")
+# Fields that may change between a run and its resumption without changing its results.
+RESUMABLE_FIELDS = ("num_workers", "log_every", "progress", "out", "data")
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One run: model, data, budget, optimisation recipe, and run-time settings."""
+
+    model: str = _f(None, "ViT name SIZE/PATCH, e.g. B/16 or mu/4", required=True)
+    data: str = _f(None, "shard directory (with dataset.json)", required=True)
+    out: str = _f(None, "run directory (created; rerunning resumes)", required=True)
+    steps: Optional[int] = _f(None, "budget: optimizer steps")
+    epochs: Optional[float] = _f(None, "budget: passes over the train split")
+    samples: Optional[int] = _f(None, "budget: training images")
+    flops: Optional[float] = _f(None, "budget: training FLOPs (6 x MACs x images)")
+    batch_size: int = _f(128, "global batch size (micro batch x accumulation x world size)")
+    micro_batch_size: Optional[int] = _f(None, "per-rank micro batch (default: no accumulation)")
+    image_size: Optional[int] = _f(None, "input resolution (default: the dataset's)")
+    lr: float = _f(1e-3, "peak learning rate (AdamW)")
+    min_lr: float = _f(0.0, "final learning rate of the decay")
+    warmup_steps: Optional[int] = _f(None, "linear warmup steps (default: warmup_fraction)")
+    warmup_fraction: float = _f(0.05, "warmup as a fraction of the run when warmup_steps unset")
+    schedule: str = _f("cosine", "decay after warmup", choices=SCHEDULES)
+    weight_decay: float = _f(0.05, "AdamW decoupled weight decay (not on norms/biases/pos/cls)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    grad_clip: float = _f(1.0, "global gradient-norm clipping (0: off)")
+    zero: int = _f(0, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+    precision: str = _f("fp32", "training precision", choices=PRECISIONS)
+    grad_checkpointing: bool = _f(False, "recompute each block's activations in backward")
+    pool: str = _f("cls", "classifier input: class token or global average pool",
+                   choices=("cls", "gap"))
+    dropout: float = _f(0.0, "dropout rate")
+    drop_path: float = _f(0.0, "stochastic depth rate")
+    label_smoothing: float = _f(0.0, "label smoothing")
+    mixup_alpha: float = _f(0.0, "mixup alpha (0: off)")
+    cutmix_alpha: float = _f(0.0, "cutmix alpha (0: off)")
+    min_crop_scale: float = _f(0.35, "random-resized-crop smallest area fraction")
+    hflip: bool = _f(True, "random horizontal flips in training")
+    seed: int = _f(0, "seed of initialisation, data order and augmentation")
+    data_order: str = _f("sharded", "sharded: each rank reads its own shards; global: every "
+                         "rank reads the global batch and keeps its slice (world-size invariant)",
+                         choices=DATA_ORDERS)
+    samples_per_epoch: Optional[int] = _f(None, "images per epoch (default: train split size)")
+    eval_every: int = _f(0, "evaluate every N steps (0: only at the end)")
+    eval_batch_size: Optional[int] = _f(None, "per-rank eval batch (default: micro batch)")
+    ckpt_every: int = _f(0, "checkpoint every N steps (0: only at the end and on a signal)")
+    keep_ckpts: int = _f(2, "complete checkpoints kept")
+    log_every: int = _f(10, "log a train row every N steps")
+    num_workers: int = _f(2, "data loader workers per rank")
+    strict_data: bool = _f(False, "a corrupt image is an error instead of a counted skip")
+    peak_tflops: Optional[float] = _f(None, "device peak TFLOP/s for MFU (default: table)")
+    progress: bool = _f(True, "progress bar on a terminal")
+
+    def __post_init__(self):
+        _validate(self)
+
+    @property
+    def budget(self) -> tuple[str, float]:
+        """The budget kind and amount."""
+        (kind,) = [b for b in BUDGETS if getattr(self, b) is not None]
+        return kind, getattr(self, kind)
+
+    def vit(self, *, num_classes: int, image_size: int) -> ViTConfig:
+        """The model config of this run for a dataset's classes and resolution."""
+        return vit_config(self.model, image_size=self.image_size or image_size,
+                          num_classes=num_classes, pool=self.pool, dropout=self.dropout,
+                          drop_path=self.drop_path, grad_checkpointing=self.grad_checkpointing)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_args(self) -> list[str]:
+        """CLI flags that rebuild this config with from_args (defaults omitted)."""
+        args = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == f.default and not f.metadata.get("required"):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + flag[2:])
+            else:
+                args += [flag, str(value)]
+        return args
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        """An argparse parser with one flag per field."""
+        p = argparse.ArgumentParser(prog="python -m scaling.train",
+                                    description="Train one ViT under DeepSpeed ZeRO.")
+        budget = p.add_mutually_exclusive_group(required=True)
+        for f in dataclasses.fields(cls):
+            kind = _field_type(f)
+            kw = dict(help=f.metadata["help"], dest=f.name)
+            if kind is bool:
+                kw.update(action=argparse.BooleanOptionalAction, default=f.default)
+            else:
+                kw.update(type=kind, default=f.default, choices=f.metadata.get("choices"))
+                kw["required"] = bool(f.metadata.get("required"))
+            (budget if f.name in BUDGETS else p).add_argument(
+                "--" + f.name.replace("_", "-"), **kw)
+        return p
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None) -> "TrainConfig":
+        """Parse CLI flags; bad flags exit(2) via argparse, bad values raise ValueError."""
+        return cls(**vars(cls.parser().parse_args(argv)))
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    t = str(f.type).replace("Optional[", "").rstrip("]")
+    return {"int": int, "float": float, "bool": bool, "str": str}[t]
+
+
+def _validate(c: TrainConfig) -> None:
+    for name in ("model", "data", "out"):
+        if not getattr(c, name):
+            raise ValueError(f"--{name} is required")
+    vit_config(c.model, image_size=c.image_size or 224 - 224 % _patch(c.model))  # name check
+    given = [b for b in BUDGETS if getattr(c, b) is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one budget of {list(BUDGETS)}, got {given or 'none'}")
+    if not getattr(c, given[0]) > 0:
+        raise ValueError(f"budget --{given[0]} must be positive, got {getattr(c, given[0])}")
+    positive = ("batch_size", "lr", "keep_ckpts", "log_every")
+    bad = [f"{n}={getattr(c, n)}" for n in positive if not getattr(c, n) > 0]
+    nonneg = ("eval_every", "ckpt_every", "num_workers", "weight_decay", "grad_clip", "min_lr",
+              "mixup_alpha", "cutmix_alpha", "label_smoothing")
+    bad += [f"{n}={getattr(c, n)}" for n in nonneg if getattr(c, n) < 0]
+    for n in ("micro_batch_size", "image_size", "warmup_steps", "eval_batch_size",
+              "samples_per_epoch", "peak_tflops"):
+        v = getattr(c, n)
+        if v is not None and not v > 0:
+            bad.append(f"{n}={v}")
+    if bad:
+        raise ValueError(f"invalid value(s): {', '.join(bad)} (must be positive / non-negative)")
+    if c.micro_batch_size and c.batch_size % c.micro_batch_size:
+        raise ValueError(f"batch_size {c.batch_size} is not a multiple of micro_batch_size "
+                         f"{c.micro_batch_size}")
+    choices = {"zero": (0, 1, 2, 3), "precision": PRECISIONS, "schedule": SCHEDULES,
+               "data_order": DATA_ORDERS, "pool": ("cls", "gap")}
+    for n, valid in choices.items():
+        if getattr(c, n) not in valid:
+            raise ValueError(f"{n}={getattr(c, n)!r}; valid: {list(valid)}")
+    if not 0 < c.min_crop_scale <= 1 or not 0 <= c.warmup_fraction < 1:
+        raise ValueError(f"min_crop_scale={c.min_crop_scale} must be in (0, 1] and "
+                         f"warmup_fraction={c.warmup_fraction} in [0, 1)")
+
+
+def _patch(model: str) -> int:
+    try:
+        return int(model.split("/")[1])
+    except (IndexError, ValueError):
+        return 1  # vit_config then raises its own error naming the valid sizes
+
+
+def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro batch per rank, accumulation steps) with micro x accum x world = global batch."""
+    if cfg.batch_size % world_size:
+        raise ValueError(f"global batch size {cfg.batch_size} is not divisible by the world "
+                         f"size {world_size}; use a multiple of {world_size}")
+    per_rank = cfg.batch_size // world_size
+    micro = cfg.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ValueError(f"per-rank batch {per_rank} (= {cfg.batch_size} / {world_size} ranks) "
+                         f"is not a multiple of micro_batch_size {micro}")
+    return micro, per_rank // micro
+
+
+def resolve_steps(cfg: TrainConfig, num_train_samples: int, macs_per_image: int | None = None
+                  ) -> int:
+    """Turn any budget into optimizer steps (the one place this happens)."""
+    kind, amount = cfg.budget
+    if kind == "steps":
+        steps = int(amount)
+    else:
+        if kind == "epochs":
+            images = amount * (cfg.samples_per_epoch or num_train_samples)
+        elif kind == "samples":
+            images = amount
+        else:
+            if macs_per_image is None:
+                raise ValueError("a FLOPs budget needs the model's MACs per image")
+            images = amount / (6.0 * macs_per_image)  # scaling.flops.training_flops inverted
+        steps = math.floor(images / cfg.batch_size + 1e-9)
+    if steps < 1:
+        raise ValueError(f"budget --{kind} {amount:g} is less than one step of "
+                         f"{cfg.batch_size} images; raise the budget or lower --batch-size")
+    return steps
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """Warmup length: warmup_steps if given, else warmup_fraction of the run."""
+    if cfg.warmup_steps is not None:
+        return min(cfg.warmup_steps, total_steps)
+    return int(round(cfg.warmup_fraction * total_steps))
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then the decay.
+
+    The ViT paper pre-trained with linear decay after a 10k-step warmup (Appendix B.1); DeiT
+    uses cosine decay (Touvron et al. 2021, Table 9).
+    """
+    warm = warmup_steps(cfg, total_steps)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "constant" or total_steps <= warm:
+        return cfg.lr
+    t = (step - warm) / max(total_steps - warm, 1)
+    shape = 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else 1 - t
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape

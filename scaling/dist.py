@@ -1,0 +1,117 @@
+"""Where this process sits in the job: rank, world size, local rank, master; process groups.
+
+Reads the variables of every launcher we support, so that the same command works under
+`torchrun`, the `deepspeed` launcher (both set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*), plain
+`srun` / submitit (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_JOB_NODELIST), and as a single
+process with no launcher at all. The idea follows open_clip's world_info_from_env.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[003-005,9],cpu1" -> "gpu003"."""
+    head = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not head:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = head[1], head[2]
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _port_for_job(job_id: str) -> int:
+    """A port derived from the job id, so concurrent jobs on one node do not collide."""
+    return 20000 + int(hashlib.sha1(job_id.encode()).hexdigest(), 16) % 20000
+
+
+def dist_info(env: dict | None = None) -> DistInfo:
+    """Rank, world and master from the environment; torchrun's variables win over SLURM's."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
+                        "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        job = env.get("SLURM_JOB_ID", "0")
+        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                        int(env.get("SLURM_LOCALID", 0)),
+                        env.get("MASTER_ADDR") or first_host(nodelist),
+                        int(env.get("MASTER_PORT") or _port_for_job(job)), "slurm")
+    return DistInfo(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(),
+                    "single")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def backend() -> str:
+    """NCCL on GPUs, gloo on CPUs."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def device_for(info: DistInfo) -> torch.device:
+    """The device of this rank: its local GPU, or the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def export_env(info: DistInfo) -> None:
+    """Publish the torchrun-style variables that torch.distributed and DeepSpeed read."""
+    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size),
+                      LOCAL_RANK=str(info.local_rank), MASTER_ADDR=info.master_addr,
+                      MASTER_PORT=str(info.master_port))
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks (identity without a process group)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """Max of an integer over all ranks (identity without a process group)."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
