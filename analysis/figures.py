@@ -1,0 +1,184 @@
+"""The scaling figures: curves vs compute with the frontier, the power-law fit, the
+compute-optimal model size, and benchmark throughput / MFU. Each function returns the figure;
+saving is left to the caller (analysis.style.save_figure)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib import pyplot as plt
+from matplotlib.lines import Line2D
+
+from analysis import fit as F
+from analysis.frontier import x_column
+from analysis.style import ACCENT, X_LABELS, X_UNITS, legend_outside, log_axis, percent_axis
+
+METRIC_LABELS = {"error": "Top-1 error", "top1": "Top-1 accuracy"}
+
+
+def _y(error, metric: str):
+    """Error -> the plotted metric (error itself, or accuracy = 1 - error)."""
+    return error if metric == "error" else 1.0 - np.asarray(error)
+
+
+def _metric_axis(ax, metric: str) -> None:
+    """Error on a log axis (where the law is read, Zhai et al. Fig. 2); accuracy linear."""
+    if metric == "error":
+        log_axis(ax, "y", fmt=lambda v: f"{100 * v:.3g}%")
+    else:
+        percent_axis(ax, "y")
+    ax.set_ylabel(f"{METRIC_LABELS[metric]} (%)")
+
+
+def compute_figure(points: pd.DataFrame, frontier: pd.DataFrame, order: list[str],
+                   palette: dict, *, x: str = "flops", metric: str = "error"):
+    """Eval curves per run coloured by model size, final points marked, frontier in black."""
+    col = x_column(x)
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    pts = points.assign(_y=_y(points["error"], metric))
+    sns.lineplot(data=pts, x=col, y="_y", hue="model", hue_order=order, palette=palette,
+                 units="run", estimator=None, sort=True, lw=1.2, alpha=0.85, ax=ax)
+    final = pts[pts["is_final"] & (pts["status"] == "ok")]
+    ax.scatter(final[col], final["_y"], s=30, c=[palette[m] for m in final["model"]],
+               edgecolors="white", linewidths=0.8, zorder=4)
+    last = pts.sort_values("step").groupby("run").tail(1)
+    bad = last[last["status"].isin(["failed", "diverged"])]
+    running = last[last["status"] == "running"]
+    ax.scatter(bad[col], bad["_y"], marker="X", s=45, color=ACCENT["red"], zorder=5)
+    ax.scatter(running[col], running["_y"], marker="o", s=34, facecolors="none",
+               edgecolors="black", linewidths=0.9, zorder=5)
+    ax.plot(frontier[col], _y(frontier["error"], metric), color="black", lw=1.4, ls="--",
+            marker="o", ms=3, zorder=3)
+    log_axis(ax, "x")
+    _metric_axis(ax, metric)
+    ax.set_xlabel(X_LABELS[x])
+    ax.set_title(f"{METRIC_LABELS[metric]} vs {X_LABELS[x].split(' (')[0].lower()}")
+    handles, labels = ax.get_legend_handles_labels()
+    extra = [(Line2D([], [], color="black", lw=1.4, ls="--", marker="o", ms=3),
+              "compute-optimal frontier"),
+             (Line2D([], [], marker="o", ls="", color="grey", mec="white"), "final eval")]
+    if len(running):
+        extra.append((Line2D([], [], marker="o", ls="", mfc="none", mec="black"),
+                      "running (latest eval)"))
+    if len(bad):
+        extra.append((Line2D([], [], marker="X", ls="", color=ACCENT["red"]),
+                      "failed / diverged (last eval)"))
+    ax.legend(handles + [h for h, _ in extra], labels + [t for _, t in extra], title="model",
+              loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    return fig
+
+
+def _by_model(frame: pd.DataFrame, palette: dict):
+    """(model, rows) groups in palette order (small -> large), unknown models last."""
+    models = [m for m in palette if m in set(frame["model"])]
+    models += sorted(set(frame["model"]) - set(models))
+    return [(m, frame[frame["model"] == m]) for m in models]
+
+
+def _fmt(v: float) -> str:
+    """Compact number for legends: 3 significant digits, scientific when large or small."""
+    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 or v == 0 else f"{v:.2e}"
+
+
+def law_label(fit: dict, intervals: dict | None, level: float, unit: str) -> str:
+    """Legend text: the law and its constants with bootstrap intervals."""
+    lines = [r"$E = a\,(C + d)^{-b} + c$" + f",  {unit}"]
+    for k in F.PARAMS:
+        ci = ""
+        if intervals:
+            lo, hi = intervals[k]
+            ci = f"  [{_fmt(lo)}, {_fmt(hi)}]"
+        lines.append(f"{k} = {_fmt(fit[k])}{ci}")
+    if intervals:
+        lines.append(f"(bootstrap {round(100 * level)}% intervals)")
+    return "\n".join(lines)
+
+
+def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = "flops",
+               metric: str = "error"):
+    """Frontier points, the fitted law with its bootstrap band, and the hold-out check."""
+    col = x_column(x)
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    cx = frontier[col].to_numpy()
+    grid = np.logspace(np.log10(cx.min()) - 0.3, np.log10(cx.max()) + 1.0, 200)
+    boot, fit = result["boot"], result["fit"]
+    lo, hi = F.prediction_band(boot, grid)
+    ylo, yhi = sorted([_y(lo, metric), _y(hi, metric)], key=lambda a: a[0])
+    ax.fill_between(grid, ylo, yhi, color=ACCENT["orange"], alpha=0.25, lw=0,
+                    label=f"{round(100 * boot['level'])}% bootstrap band")
+    ax.plot(grid, _y(F.predict(fit, grid), metric), color=ACCENT["orange"], lw=2,
+            label=law_label(fit, boot["intervals"], boot["level"], f"C in {X_UNITS[x]}"))
+    if metric == "error":
+        ax.axhline(fit["c"], color="grey", ls=":", lw=1, label=f"floor c = {_fmt(fit['c'])}")
+    ex = result["extrapolation"]
+    if ex["ok"]:
+        ax.plot(grid, _y(F.predict(ex["fit"], grid), metric), color=ACCENT["green"], ls="--",
+                lw=1.4, label=f"fit without top {round(100 * ex['holdout_fraction'])}% "
+                              f"compute\n(mean |rel. err.| on held-out: "
+                              f"{100 * ex['mean_abs_rel_error']:.1f}%)")
+        ax.scatter(ex["holdout_compute"], _y(ex["holdout_error"], metric), s=80,
+                   facecolors="none", edgecolors=ACCENT["green"], linewidths=1.4, zorder=6,
+                   label="held-out points")
+    for model, grp in _by_model(frontier, palette):
+        ax.scatter(grp[col], _y(grp["error"], metric), s=26, color=palette.get(model, "black"),
+                   edgecolors="black", linewidths=0.5, zorder=5, label=f"frontier: {model}")
+    log_axis(ax, "x")
+    _metric_axis(ax, metric)
+    ax.set_xlabel(X_LABELS[x])
+    ax.set_title("Saturating power law on the frontier (Zhai et al. 2022)")
+    legend_outside(ax, fontsize="small")
+    return fig
+
+
+def optimal_size_figure(frontier: pd.DataFrame, palette: dict, size_fit: dict | None, *,
+                        x: str = "flops"):
+    """Parameter count of the compute-optimal model at each frontier point, log-log."""
+    col = x_column(x)
+    pts = frontier.dropna(subset=["params"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for model, grp in _by_model(pts, palette):
+        ax.scatter(grp[col], grp["params"], s=36, color=palette.get(model, "black"),
+                   edgecolors="black", linewidths=0.5, zorder=4, label=model)
+    if size_fit is not None:
+        grid = np.logspace(np.log10(pts[col].min()), np.log10(pts[col].max()), 50)
+        ax.plot(grid, size_fit["k0"] * grid ** size_fit["k"], color=ACCENT["orange"], ls="--",
+                label=rf"$N_{{opt}} \propto C^{{{size_fit['k']:.2f}}}$")
+    log_axis(ax, "x")
+    log_axis(ax, "y")
+    ax.set_xlabel(X_LABELS[x])
+    ax.set_ylabel("Parameters of the compute-optimal model")
+    ax.set_title("Compute-optimal model size")
+    legend_outside(ax, title="model")
+    return fig
+
+
+def throughput_figure(bench: pd.DataFrame, order: list[str]):
+    """Best images/s and its MFU per model size (and implementation) from benchmark rows."""
+    best = (bench.sort_values("images_per_s", ascending=False)
+            .groupby(["model", "impl"], as_index=False).head(1))
+    known = [m for m in order if m in set(best["model"])]
+    models = known + sorted(set(best["model"]) - set(known))
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0), constrained_layout=True)
+    kw = {"x": "model", "order": models, "hue": "impl", "palette": "colorblind", "legend": False}
+    impls = list(dict.fromkeys(best["impl"]))
+    sns.barplot(data=best, y="images_per_s", hue_order=impls, ax=axes[0], **kw)
+    log_axis(axes[0], "y")  # sizes differ by orders of magnitude in throughput
+    axes[0].set_ylabel("Throughput (images/s)")
+    mfu = best.assign(mfu_pct=pd.to_numeric(best.get("mfu"), errors="coerce") * 100)
+    if mfu["mfu_pct"].notna().any():
+        sns.barplot(data=mfu, y="mfu_pct", hue_order=impls, ax=axes[1], **kw)
+    else:
+        axes[1].text(0.5, 0.5, "MFU unknown\n(accelerator peak not in the table)",
+                     ha="center", va="center", transform=axes[1].transAxes)
+    axes[1].set_ylabel("Model FLOPs utilisation (%)")
+    for ax, title in zip(axes, ("Training throughput", "MFU")):
+        ax.set_xlabel("Model (size/patch)")
+        ax.set_title(title)
+    colours = dict(zip(impls, sns.color_palette("colorblind", len(impls))))
+    fig.legend([plt.Rectangle((0, 0), 1, 1, color=colours[i]) for i in impls], impls,
+               title="implementation", loc="outside right upper", frameon=False)
+    devices = sorted(set(map(str, best.get("device", pd.Series(dtype=str)).dropna())))
+    if devices:
+        fig.suptitle(f"Benchmark on {', '.join(devices)}", fontweight="bold")
+    return fig

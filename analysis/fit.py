@@ -1,0 +1,237 @@
+"""Compute-optimal frontier and the saturating power law of Zhai et al. (2022).
+
+"Scaling Vision Transformers" (Zhai, Kolesnikov, Houlsby, Beyer; CVPR 2022), Sec. 2.2, fits the
+error E of the compute-optimal models as a function of compute C with
+
+    E = a * (C + d) ** (-b) + c
+
+where c is the irreducible error and d a compute shift that models the saturation of small
+budgets. Every function here is pure (arrays in, numbers out) so it can be used from a notebook.
+
+Compute spans many decades (1e12..1e22 FLOPs), so the fit runs in normalised units x = C / C_ref
+with C_ref = min(C): then a_norm = a * C_ref ** (-b) and d_norm = d / C_ref are O(1) numbers and
+the optimiser is well conditioned. Residuals are taken on log-error, so a point at 40 % error and
+one at 4 % weigh the same (relative error), as on the log-log plots where the law is read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+from scipy.optimize import least_squares
+
+PARAMS = ("a", "b", "c", "d")
+_B_BOUNDS = (1e-4, 5.0)  # exponents seen in practice are 0.1..1 (Zhai et al. Fig. 2)
+_C_MARGIN = 1e-6  # keep c strictly below min(error): log(E - c) must stay finite
+
+
+def _check_points(compute, error) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert (compute, error) to float arrays; raise ValueError naming the bad
+    value."""
+    c = np.asarray(compute, dtype=float).ravel()
+    e = np.asarray(error, dtype=float).ravel()
+    if c.shape != e.shape:
+        raise ValueError(f"compute has {c.size} values but error has {e.size}")
+    for name, arr in (("compute", c), ("error", e)):
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            raise ValueError(f"{name} must be finite; got {float(arr[bad][0])} at index "
+                             f"{int(np.flatnonzero(bad)[0])}")
+    if (c <= 0).any():
+        i = int(np.flatnonzero(c <= 0)[0])
+        raise ValueError(f"compute must be > 0 (log scale); got compute[{i}]={float(c[i])}")
+    if (e <= 0).any():
+        i = int(np.flatnonzero(e <= 0)[0])
+        raise ValueError(f"error must be > 0 (the fit is on log-error); got error[{i}]={float(e[i])}")
+    if c.size < len(PARAMS):
+        raise ValueError(f"need at least {len(PARAMS)} points to fit {len(PARAMS)} parameters "
+                         f"{PARAMS}; got {c.size}")
+    return c, e
+
+
+def predict(params: dict, compute) -> np.ndarray:
+    """Evaluate E = a (C + d)^(-b) + c at `compute` for a fit dict (uses its C_ref if present)."""
+    c_ref = params.get("c_ref", 1.0)
+    x = np.asarray(compute, dtype=float) / c_ref
+    a_norm = params.get("a_norm", params["a"] * c_ref ** (-params["b"]))
+    d_norm = params.get("d_norm", params["d"] / c_ref)
+    return a_norm * (x + d_norm) ** (-params["b"]) + params["c"]
+
+
+def _model(theta: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The law in normalised units; theta = (log a_norm, b, c, log1p d_norm)."""
+    log_a, b, c, u = theta
+    return np.exp(log_a - b * np.log(x + np.expm1(u))) + c
+
+
+def _inits(x: np.ndarray, e: np.ndarray) -> list[np.ndarray]:
+    """Starting points on a small grid; a_norm is solved so the curve passes the first point."""
+    e0, e_min = e[np.argmin(x)], e.min()
+    starts = []
+    for b, c_frac, d_norm in itertools.product(
+            (0.1, 0.3, 0.7, 1.5), (0.0, 0.5, 0.9), (0.0, 1.0, math.sqrt(x.max()))):
+        c = c_frac * e_min
+        a_norm = max(e0 - c, 1e-3 * e0) * (x.min() + d_norm) ** b
+        starts.append(np.array([math.log(a_norm), b, c, math.log1p(d_norm)]))
+    return starts
+
+
+def _solve(x: np.ndarray, e: np.ndarray, starts: list[np.ndarray]):
+    """Run bounded least squares on log-residuals from every start; return the best result."""
+    log_e = np.log(e)
+    c_hi = e.min() * (1.0 - _C_MARGIN)
+    lower = np.array([-200.0, _B_BOUNDS[0], 0.0, 0.0])
+    upper = np.array([200.0, _B_BOUNDS[1], c_hi, math.log1p(10.0 * x.max())])
+    best = None
+    for start in starts:
+        start = np.clip(start, lower + 1e-12, upper - 1e-12)
+        res = least_squares(lambda t: np.log(_model(t, x)) - log_e, start,
+                            bounds=(lower, upper), x_scale="jac", max_nfev=400)
+        if np.isfinite(res.cost) and (best is None or res.cost < best.cost):
+            best = res
+    if best is None:
+        raise RuntimeError(f"power-law fit failed from all {len(starts)} starting points")
+    return best
+
+
+def _to_dict(theta: np.ndarray, c_ref: float, x: np.ndarray, e: np.ndarray, cost: float) -> dict:
+    """Convert normalised parameters back to compute units and attach fit diagnostics."""
+    log_a, b, c, u = (float(v) for v in theta)
+    a_norm, d_norm = math.exp(log_a), math.expm1(u)
+    d_norm = 0.0 if d_norm < 1e-9 else d_norm  # at its bound: report an exact 0, not 1e-18
+    pred = _model(theta, x)
+    return {
+        "a": a_norm * c_ref ** b, "b": b, "c": c, "d": d_norm * c_ref,
+        "a_norm": a_norm, "d_norm": d_norm, "c_ref": c_ref, "n": int(x.size),
+        "rmse": float(np.sqrt(np.mean((pred - e) ** 2))),
+        "rmse_log": float(np.sqrt(2.0 * cost / x.size)),
+    }
+
+
+def fit_saturating_power_law(compute, error, *, starts: list[np.ndarray] | None = None) -> dict:
+    """Fit E = a (C + d)^(-b) + c (Zhai et al. 2022, Sec. 2.2); returns a, b, c, d, rmse, n."""
+    c, e = _check_points(compute, error)
+    c_ref = float(c.min())
+    x = c / c_ref
+    res = _solve(x, e, starts if starts is not None else _inits(x, e))
+    return _to_dict(res.x, c_ref, x, e, float(res.cost))
+
+
+def _theta(params: dict) -> np.ndarray:
+    """The normalised parameter vector of a fit dict (a warm start for refits)."""
+    return np.array([math.log(params["a_norm"]), params["b"], params["c"],
+                     math.log1p(params["d_norm"])])
+
+
+def bootstrap_fit(compute, error, *, n_boot: int = 200, level: float = 0.95, seed: int = 0,
+                  method: str = "residuals") -> dict:
+    """Bootstrap the law's parameters; returns the point fit, samples and percentile intervals."""
+    if method not in ("residuals", "cases"):
+        raise ValueError(f"method={method!r}; expected 'residuals' or 'cases'")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1); got {level!r}")
+    c, e = _check_points(compute, error)
+    fit = fit_saturating_power_law(c, e)
+    rng = np.random.default_rng(seed)
+    pred = predict(fit, c)
+    # Residual bootstrap keeps the compute design fixed (the frontier points are not i.i.d.
+    # draws); log-residuals are centred and inflated by sqrt(n / (n - p)) for the p fitted
+    # parameters, the usual small-sample correction.
+    resid = np.log(e) - np.log(pred)
+    resid = (resid - resid.mean()) * math.sqrt(c.size / max(c.size - len(PARAMS), 1))
+    warm = [_theta(fit)]  # refits start at the point estimate: data differ only by noise
+    samples, failed = [], 0
+    for _ in range(n_boot):
+        if method == "residuals":
+            cb, eb = c, pred * np.exp(rng.choice(resid, size=c.size, replace=True))
+        else:
+            idx = rng.integers(0, c.size, size=c.size)
+            cb, eb = c[idx], e[idx]
+        if np.unique(cb).size < len(PARAMS):
+            failed += 1  # a case resample with too few distinct computes cannot be fitted
+            continue
+        try:
+            samples.append(fit_saturating_power_law(cb, eb, starts=warm))
+        except (ValueError, RuntimeError):
+            failed += 1
+    return _summarise_bootstrap(fit, samples, failed, level, n_boot, method)
+
+
+def _summarise_bootstrap(fit, samples, failed, level, n_boot, method) -> dict:
+    """Percentile intervals of each parameter over the bootstrap refits."""
+    keys = PARAMS + ("a_norm", "d_norm")
+    arrays = {k: np.array([s[k] for s in samples]) for k in keys}
+    q = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
+    intervals = {k: ((float(np.percentile(arrays[k], q[0])), float(np.percentile(arrays[k], q[1])))
+                     if samples else (math.nan, math.nan)) for k in PARAMS}
+    return {"fit": fit, "samples": arrays, "c_ref": fit["c_ref"], "intervals": intervals,
+            "level": level, "n_boot": n_boot, "n_ok": len(samples), "n_failed": failed,
+            "method": method}
+
+
+def prediction_band(boot: dict, compute) -> tuple[np.ndarray, np.ndarray]:
+    """Pointwise percentile band of the law's prediction over bootstrap samples."""
+    s = boot["samples"]
+    x = np.asarray(compute, dtype=float)[None, :] / boot["c_ref"]
+    curves = (s["a_norm"][:, None] * (x + s["d_norm"][:, None]) ** (-s["b"][:, None])
+              + s["c"][:, None])
+    q = (100 * (1 - boot["level"]) / 2, 100 * (1 + boot["level"]) / 2)
+    return np.percentile(curves, q[0], axis=0), np.percentile(curves, q[1], axis=0)
+
+
+def pareto_frontier(compute, error) -> np.ndarray:
+    """Indices of the compute-optimal points (lower error than every point with <= compute),
+    sorted by compute; NaN points are ignored."""
+    c = np.asarray(compute, dtype=float).ravel()
+    e = np.asarray(error, dtype=float).ravel()
+    if c.shape != e.shape:
+        raise ValueError(f"compute has {c.size} values but error has {e.size}")
+    valid = np.flatnonzero(np.isfinite(c) & np.isfinite(e))
+    order = valid[np.lexsort((e[valid], c[valid]))]  # by compute, ties by error
+    keep, best = [], math.inf
+    for i in order:
+        if e[i] < best:
+            keep.append(i)
+            best = e[i]
+    return np.array(keep, dtype=int)
+
+
+def extrapolation_check(compute, error, *, holdout_fraction: float = 0.2,
+                        min_train: int = 5) -> dict:
+    """Fit on all but the top `holdout_fraction` of points by compute and predict those."""
+    c = np.asarray(compute, dtype=float).ravel()
+    e = np.asarray(error, dtype=float).ravel()
+    if not 0 < holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1); got {holdout_fraction!r}")
+    order = np.argsort(c)
+    n_hold = max(1, math.ceil(holdout_fraction * c.size))
+    n_train = c.size - n_hold
+    out = {"n": int(c.size), "n_train": n_train, "n_holdout": n_hold,
+           "holdout_fraction": holdout_fraction}
+    if n_train < max(min_train, len(PARAMS)):
+        out.update(ok=False, message=(
+            f"too few frontier points to check extrapolation: {c.size} points leave {n_train} "
+            f"for fitting after holding out {n_hold}; need at least {max(min_train, 4)}"))
+        return out
+    train, hold = order[:n_train], order[n_train:]
+    fit = fit_saturating_power_law(c[train], e[train])
+    pred = predict(fit, c[hold])
+    rel = (pred - e[hold]) / e[hold]
+    out.update(ok=True, fit=fit, holdout_compute=c[hold], holdout_error=e[hold],
+               holdout_pred=pred, rel_error=rel,
+               mean_abs_rel_error=float(np.mean(np.abs(rel))),
+               max_abs_rel_error=float(np.max(np.abs(rel))),
+               message=f"fit on {n_train} points, predicted the {n_hold} largest-compute ones")
+    return out
+
+
+def fit_loglinear(x, y) -> dict:
+    """Least-squares fit of y = k0 * x^k in log-log space (e.g. optimal params vs compute)."""
+    lx = np.log(np.asarray(x, dtype=float))
+    ly = np.log(np.asarray(y, dtype=float))
+    if lx.size < 2 or np.unique(lx).size < 2:
+        raise ValueError(f"need at least 2 distinct x values for a log-log fit; got {lx.size}")
+    k, log_k0 = np.polyfit(lx, ly, 1)
+    return {"k": float(k), "k0": float(math.exp(log_k0)), "n": int(lx.size)}

@@ -1,0 +1,270 @@
+"""Results directory -> tidy pandas DataFrames (one row per eval point, one row per run).
+
+Reads the layout defined in scaling/results.py (``RESULTS/<sweep>/<run_id>/config.json``,
+``metrics.jsonl``, ``final.json``) through its helpers and never parses logs. Nothing is dropped
+silently: runs that are still going (no final.json) get status "running", failed and diverged
+runs keep their status, and a file that cannot be read is logged with its path, skipped, and
+listed in ``Results.skipped``.
+
+Derived columns, and how they are approximated:
+- ``params``, ``macs_per_image``: from final.json, else from plan.json (written when a run
+  starts); failing both, MACs are recovered exactly from the metrics rows (flops_seen =
+  6 x MACs x images_seen, see scaling/results.py) and params are taken from a run of the same
+  model in the same sweep (same architecture and head), else NaN.
+- ``device_hours`` per eval row: final device_hours x wall_s / final wall time, i.e. the run's
+  device hours spread in proportion to wall-clock time; without final.json, wall_s / 3600 x
+  world_size from plan.json (or config.json), else NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scaling.results import (
+    CONFIG_FILE,
+    FINAL_FILE,
+    METRICS_FILE,
+    SchemaError,
+    iter_run_dirs,
+    read_final,
+    read_json,
+    read_metrics,
+)
+
+log = logging.getLogger("analysis")
+PLAN_FILE = "plan.json"  # scaling.train's resolved plan (scaling/results.py layout)
+
+STATUS_RUNNING = "running"
+STATUS_ORDER = ("ok", STATUS_RUNNING, "failed", "diverged")
+EVAL_COLUMNS = (
+    "sweep", "run_id", "run", "model", "size", "patch", "status", "seed", "lr", "batch_size",
+    "params", "macs_per_image", "step", "epoch", "images_seen", "flops_seen", "wall_s",
+    "device_hours", "top1", "top5", "loss", "error", "is_final",
+)
+RUN_COLUMNS = (
+    "sweep", "run_id", "run", "model", "size", "patch", "status", "seed", "lr", "batch_size",
+    "params", "macs_per_image", "n_evals", "best_top1", "final_top1", "images_seen",
+    "total_flops", "wall_hours", "device_hours", "message",
+)
+
+
+class NoResultsError(ValueError):
+    """The results directory is missing or holds no readable run."""
+
+
+@dataclass
+class Skipped:
+    """A file (or line, as ``path:line``) that could not be read, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Results:
+    """Everything read from a results directory."""
+
+    results_dir: Path
+    evals: pd.DataFrame
+    runs: pd.DataFrame
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def n_skipped(self) -> int:
+        """How many files (or metric lines) were skipped."""
+        return len(self.skipped)
+
+
+def parse_model_name(name: str) -> tuple[str, int]:
+    """Split a model name like "B/16" into its size ("B") and patch size (16)."""
+    size, sep, patch = str(name).partition("/")
+    if not sep or not size or not patch.isdigit() or int(patch) <= 0:
+        raise ValueError(f"model name {name!r} is not SIZE/PATCH (e.g. 'B/16', 'Ti/4', 'mu/4')")
+    return size, int(patch)
+
+
+def _skip(skipped: list[Skipped], path, reason) -> None:
+    """Record and log a skipped file."""
+    log.warning("skipping %s: %s", path, reason)
+    skipped.append(Skipped(str(path), str(reason)))
+
+
+def _read_metrics(run_dir: Path, skipped: list[Skipped]) -> list[dict]:
+    """Metrics rows of a run; malformed lines are reported and skipped, valid ones kept."""
+    try:
+        return read_metrics(run_dir, strict=True)
+    except (SchemaError, OSError, UnicodeDecodeError) as e:
+        _skip(skipped, run_dir / METRICS_FILE, f"malformed lines skipped (first: {e})")
+    try:
+        return read_metrics(run_dir, strict=False)
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def _read_plan(run_dir: Path, skipped: list[Skipped]) -> dict:
+    """RUN_DIR/plan.json (params, MACs, world size of a started run), or {} if absent/bad."""
+    path = run_dir / PLAN_FILE
+    if not path.exists():
+        return {}
+    try:
+        plan = read_json(path)
+    except (SchemaError, OSError, UnicodeDecodeError) as e:
+        _skip(skipped, path, e)
+        return {}
+    return {k: plan[k] for k in ("params", "macs_per_image", "world_size") if k in plan}
+
+
+def _read_run(run_dir: Path, skipped: list[Skipped]) -> tuple[dict, list[dict]] | None:
+    """Read one run dir into (run record, eval rows); None if it cannot be interpreted."""
+    try:
+        config = read_json(run_dir / CONFIG_FILE)
+        size, patch = parse_model_name(config.get("model"))
+    except (SchemaError, OSError, UnicodeDecodeError, ValueError) as e:
+        _skip(skipped, run_dir / CONFIG_FILE, e)
+        return None
+    try:
+        final = read_final(run_dir)
+    except (SchemaError, OSError, UnicodeDecodeError) as e:
+        # Without a readable final.json the run's status is unknown: skip it rather than guess.
+        _skip(skipped, run_dir / FINAL_FILE, e)
+        return None
+    evals = [r for r in _read_metrics(run_dir, skipped) if r["kind"] == "eval"]
+    plan = _read_plan(run_dir, skipped)
+    final = {**plan, **(final or {})}
+    run = {
+        "sweep": run_dir.parent.name, "run_id": run_dir.name,
+        "run": f"{run_dir.parent.name}/{run_dir.name}", "model": config["model"],
+        "size": size, "patch": patch, "status": final.get("status", STATUS_RUNNING),
+        "seed": config.get("seed"), "lr": config.get("lr"), "batch_size": config.get("batch_size"),
+        "params": final.get("params"), "macs_per_image": final.get("macs_per_image"),
+        "n_evals": len(evals), "final_top1": final.get("final_top1"),
+        "images_seen": final.get("images_seen"), "total_flops": final.get("total_flops"),
+        "wall_hours": final.get("wall_hours"), "device_hours": final.get("device_hours"),
+        "message": final.get("error"),
+        "_world_size": final.get("world_size") or config.get("world_size"),
+    }
+    return run, evals
+
+
+def _device_hours(run: dict, wall_s: np.ndarray) -> np.ndarray:
+    """Device hours at each eval row (see the module docstring for the approximation)."""
+    dh, wh = run["device_hours"], run["wall_hours"]
+    if dh is not None and wh:
+        return dh * wall_s / (wh * 3600.0)
+    if run["_world_size"]:
+        return wall_s / 3600.0 * run["_world_size"]
+    return np.full(wall_s.shape, np.nan)
+
+
+def _eval_frame(run: dict, evals: list[dict]) -> pd.DataFrame:
+    """The eval rows of one run as a DataFrame with the run's columns repeated."""
+    df = pd.DataFrame(evals).reindex(columns=["step", "epoch", "images_seen", "flops_seen",
+                                              "wall_s", "top1", "top5", "loss"])
+    df = df.astype(float).sort_values(["step", "images_seen"], kind="stable")
+    for key in EVAL_COLUMNS:
+        if key in run and key not in df:
+            df[key] = run[key]
+    if run["macs_per_image"] is None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            macs = (df["flops_seen"] / (6.0 * df["images_seen"])).replace(np.inf, np.nan)
+        df["macs_per_image"] = float(macs.median()) if macs.notna().any() else np.nan
+    df["device_hours"] = _device_hours(run, df["wall_s"].to_numpy())
+    df["error"] = 1.0 - df["top1"]
+    df["is_final"] = False
+    if run["status"] != STATUS_RUNNING and len(df):
+        df.iloc[-1, df.columns.get_loc("is_final")] = True
+    return df
+
+
+def _fill_params(runs: pd.DataFrame, evals: pd.DataFrame) -> None:
+    """Give unfinished runs the params of a finished run of the same model and sweep."""
+    known = runs.dropna(subset=["params"]).groupby(["sweep", "model"])["params"].median()
+    for frame in (runs, evals):
+        keys = list(zip(frame["sweep"], frame["model"]))
+        fill = pd.Series([known.get(k, np.nan) for k in keys], index=frame.index)
+        frame["params"] = frame["params"].astype(float).fillna(fill)
+    macs = evals.groupby("run")["macs_per_image"].first()
+    runs["macs_per_image"] = runs["macs_per_image"].astype(float).fillna(runs["run"].map(macs))
+
+
+def load_results(results_dir) -> Results:
+    """Read every run under `results_dir` into tidy eval and run tables (see module docstring)."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise NoResultsError(f"results dir {str(root)!r} does not exist or is not a directory")
+    run_dirs = list(iter_run_dirs(root))
+    if not run_dirs:
+        raise NoResultsError(f"no runs under {str(root)!r}: no <sweep>/<run>/{CONFIG_FILE} found")
+    skipped: list[Skipped] = []
+    runs, frames = [], []
+    for run_dir in run_dirs:
+        read = _read_run(run_dir, skipped)
+        if read is None:
+            continue
+        run, evals = read
+        frame = _eval_frame(run, evals)
+        run["best_top1"] = float(frame["top1"].max()) if frame["top1"].notna().any() else math.nan
+        runs.append(run)
+        frames.append(frame)
+    if not runs:
+        raise NoResultsError(f"none of the {len(run_dirs)} runs under {str(root)!r} could be "
+                             f"read; skipped: {[s.path for s in skipped]}")
+    run_df = pd.DataFrame(runs).reindex(columns=RUN_COLUMNS)
+    eval_df = pd.concat([f for f in frames if len(f)] or [pd.DataFrame(columns=EVAL_COLUMNS)],
+                        ignore_index=True).reindex(columns=EVAL_COLUMNS)
+    _fill_params(run_df, eval_df)
+    for frame in (run_df, eval_df):  # config values: numbers, so the parquet columns are typed
+        for col in ("seed", "lr", "batch_size"):
+            frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    eval_df["is_final"] = eval_df["is_final"].astype(bool)
+    return Results(root, eval_df, run_df, skipped)
+
+
+def load_bench(results_dir) -> tuple[pd.DataFrame, list[Skipped]]:
+    """Benchmark rows from RESULTS/bench/*.jsonl (empty frame if none); bad lines are skipped."""
+    rows, skipped = [], []
+    for path in sorted((Path(results_dir) / "bench").glob("*.jsonl")):
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            _skip(skipped, path, e)
+            continue
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or "model" not in row or "images_per_s" not in row:
+                    raise ValueError("expected an object with 'model' and 'images_per_s'")
+                parse_model_name(row["model"])
+            except ValueError as e:  # JSONDecodeError is a ValueError
+                _skip(skipped, f"{path}:{i}", e)
+                continue
+            rows.append({**row, "source": path.name})
+    return pd.DataFrame(rows), skipped
+
+
+def model_order(frame: pd.DataFrame) -> list[str]:
+    """Model names ordered small -> large: by params, then MACs per image, then name."""
+    if frame.empty:
+        return []
+    key = frame.groupby("model").agg(params=("params", "median"),
+                                     macs=("macs_per_image", "median"))
+    key = key.fillna(np.inf).reset_index()
+    key["patch"] = [-parse_model_name(m)[1] for m in key["model"]]
+    return key.sort_values(["params", "macs", "patch", "model"])["model"].tolist()
+
+
+def status_counts(runs: pd.DataFrame) -> dict[str, int]:
+    """Number of runs per status, in a fixed order (ok, running, failed, diverged)."""
+    counts = runs["status"].value_counts()
+    out = {s: int(counts.get(s, 0)) for s in STATUS_ORDER}
+    out.update({s: int(n) for s, n in counts.items() if s not in out})
+    return out

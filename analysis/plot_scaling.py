@@ -1,0 +1,80 @@
+"""Scaling figures, tidy tables and summary.md from a results directory.
+
+    python analysis/plot_scaling.py [--results results] [--out RESULTS/figures]
+        [--metric error|top1] [--x flops|images|device_hours] [--formats png,pdf,svg]
+
+Reads every run under --results (layout: scaling/results.py) and benchmark rows from
+RESULTS/bench/*.jsonl, and writes to --out (default: RESULTS/figures):
+  <metric>_vs_<x>.*      eval curves per run, coloured by model size, with the Pareto frontier
+  scaling_law_fit.*      E = a (C + d)^(-b) + c fitted to the frontier (Zhai et al. 2022, Sec. 2.2)
+                         with a bootstrap band and the hold-out extrapolation check
+  optimal_model_size.*   parameters of the compute-optimal model vs compute
+  throughput_mfu.*       images/s and MFU per size (only when benchmark rows exist)
+  vit_paper_table6.*     the ViT paper's Fig. 5 redrawn from its Table 6, law fitted to ViT rows
+  evals.csv, evals.parquet, runs.csv, summary.md
+Exit status: 0 on success, 1 when there is no readable run, 2 on bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import matplotlib
+
+from analysis.load import NoResultsError
+from analysis.report import METRICS, analyse
+from analysis.style import FORMATS, X_COLUMNS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line flags (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=Path("results"),
+                   help="results directory holding <sweep>/<run>/ dirs (default: results)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default: RESULTS/figures)")
+    p.add_argument("--metric", choices=METRICS, default="error",
+                   help="y axis: top-1 error (log axis) or top-1 accuracy (default: error)")
+    p.add_argument("--x", choices=sorted(X_COLUMNS), default="flops",
+                   help="compute axis: training FLOPs, images seen or device hours "
+                        "(default: flops)")
+    p.add_argument("--formats", default="png",
+                   help="comma-separated figure formats from png,pdf,svg (default: png)")
+    p.add_argument("--n-boot", type=int, default=200,
+                   help="bootstrap resamples for the fit intervals (default: 200)")
+    args = p.parse_args(argv)
+    args.formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    bad = [f for f in args.formats if f not in FORMATS]
+    if bad or not args.formats:
+        p.error(f"--formats {bad or args.formats} not supported; choose from {','.join(FORMATS)}")
+    if args.n_boot < 10:
+        p.error(f"--n-boot must be at least 10; got {args.n_boot}")
+    return args
+
+
+def main(argv=None) -> int:
+    """Run the analysis; return the process exit status."""
+    matplotlib.use("Agg")  # headless: the figures are files, never windows
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("analysis").setLevel(logging.INFO)
+    args = parse_args(argv)
+    out = args.out if args.out is not None else args.results / "figures"
+    try:
+        report = analyse(args.results, out, metric=args.metric, x=args.x,
+                         formats=args.formats, n_boot=args.n_boot)
+    except NoResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path in report["figures"] + report["tables"] + [report["summary"]]:
+        print(path)
+    print(f"{len(report['skipped'])} skipped files; {len(report['notes'])} notes "
+          f"(see {report['summary']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The whole analysis in one call: load, frontier, fits, figures, tables and summary.md."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from analysis import figures, paper
+from analysis.frontier import (
+    fit_frontier,
+    frontier_table,
+    optimal_size_fit,
+    size_table,
+    usable_points,
+    x_column,
+)
+from analysis.load import load_bench, load_results, model_order
+from analysis.style import FORMATS, save_figure, set_style, size_palette
+from analysis.summary import render
+
+log = logging.getLogger("analysis")
+METRICS = ("top1", "error")
+
+
+def _check_options(metric: str, x: str, formats) -> tuple[str, ...]:
+    """Validate the options up front, so a typo fails before any work is done."""
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}; expected one of {METRICS}")
+    x_column(x)
+    formats = tuple(formats)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ValueError(f"figure formats {bad or formats!r} not supported; choose from {FORMATS}")
+    return formats
+
+
+def _write_tables(res, out: Path) -> list[Path]:
+    """The tidy eval table (CSV and parquet) and the per-run table (CSV)."""
+    paths = [out / "evals.csv", out / "evals.parquet", out / "runs.csv"]
+    res.evals.to_csv(paths[0], index=False)
+    res.evals.to_parquet(paths[1], index=False)
+    res.runs.to_csv(paths[2], index=False)
+    return paths
+
+
+def _scaling_figures(report: dict, out: Path, formats, n_boot: int) -> None:
+    """Curves, fit and optimal-size figures from the runs (notes where data are missing)."""
+    res, x, metric, palette = report["results"], report["x"], report["metric"], report["palette"]
+    points = usable_points(res.evals, x)
+    frontier = frontier_table(res.evals, x)
+    report["frontier"], report["fit"], report["size_fit"] = frontier, {
+        "ok": False, "message": "no frontier points"}, None
+    if points.empty:
+        report["notes"].append(f"no eval point with a top-1 and a positive {x} value: scaling "
+                               "figures skipped")
+        return
+    fig = figures.compute_figure(points, frontier, report["order"], palette, x=x, metric=metric)
+    report["figures"] += save_figure(fig, out, f"{metric}_vs_{x}", formats)
+    report["fit"] = fit_frontier(frontier, x, n_boot=n_boot)
+    if report["fit"]["ok"]:
+        fig = figures.fit_figure(frontier, report["fit"], palette, x=x, metric=metric)
+        report["figures"] += save_figure(fig, out, "scaling_law_fit", formats)
+    else:
+        report["notes"].append(f"scaling-law figure skipped: {report['fit']['message']}")
+    if frontier["params"].notna().any():
+        report["size_fit"] = optimal_size_fit(frontier, x)
+        fig = figures.optimal_size_figure(frontier, palette, report["size_fit"], x=x)
+        report["figures"] += save_figure(fig, out, "optimal_model_size", formats)
+    else:
+        report["notes"].append("optimal-size figure skipped: no parameter counts "
+                               "(no final.json on the frontier)")
+
+
+def _other_figures(report: dict, out: Path, formats, n_boot: int) -> None:
+    """Benchmark throughput/MFU (when present) and the ViT paper's Table 6 figure."""
+    bench = report["bench"]
+    if bench.empty:
+        report["notes"].append("throughput/MFU figure skipped: no benchmark rows in "
+                               f"{report['results'].results_dir / 'bench'}/*.jsonl")
+    else:
+        fig = figures.throughput_figure(bench, report["order"])
+        report["figures"] += save_figure(fig, out, "throughput_mfu", formats)
+    table = paper.load_table6()
+    report["paper_fits"] = {c: paper.fit_table6(table, c, n_boot=n_boot) for c in paper.PANELS}
+    fig = paper.table6_figure(table, report["paper_fits"])
+    report["figures"] += save_figure(fig, out, "vit_paper_table6", formats)
+
+
+def analyse(results_dir, out_dir, *, metric: str = "error", x: str = "flops",
+            formats=("png",), n_boot: int = 200) -> dict:
+    """Run the analysis of `results_dir` and write figures, tables and summary.md to `out_dir`.
+    Raises analysis.load.NoResultsError when there is no readable run."""
+    formats = _check_options(metric, x, formats)
+    res = load_results(results_dir)
+    bench, bench_skipped = load_bench(results_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_style()
+    order = model_order(res.runs)
+    report = {"results": res, "bench": bench, "skipped": res.skipped + bench_skipped,
+              "metric": metric, "x": x, "order": order, "palette": size_palette(order),
+              "figures": [], "notes": [], "tables": _write_tables(res, out)}
+    report["sizes"] = size_table(res.runs, res.evals, order, x)
+    _scaling_figures(report, out, formats, n_boot)
+    _other_figures(report, out, formats, n_boot)
+    report["summary"] = out / "summary.md"
+    report["summary"].write_text(render(report))
+    for note in report["notes"]:
+        log.info("note: %s", note)
+    return report

@@ -1,0 +1,94 @@
+"""analysis/plot_scaling.py end to end (a real subprocess), and the ViT paper Table 6 figure."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from analysis import paper
+from analysis.report import analyse
+from analysis.synthetic import write_bench, write_run, write_synthetic_results
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = ("error_vs_flops", "scaling_law_fit", "optimal_model_size", "throughput_mfu",
+           "vit_paper_table6")
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "analysis/plot_scaling.py", *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_cli_writes_every_figure_and_summary(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "out"
+    write_synthetic_results(results)
+    write_bench(results)
+    (results / "synth" / "broken").mkdir()
+    (results / "synth" / "broken" / "config.json").write_text("{")
+    proc = _cli("--results", results, "--out", out, "--formats", "png,svg", "--n-boot", "30")
+    assert proc.returncode == 0, proc.stderr
+    for name in FIGURES:
+        for fmt in ("png", "svg"):
+            path = out / f"{name}.{fmt}"
+            assert path.stat().st_size > 10_000, path
+        with Image.open(out / f"{name}.png") as im:
+            assert round(im.info["dpi"][0]) == 300
+    for table in ("evals.csv", "evals.parquet", "runs.csv"):
+        assert (out / table).stat().st_size > 0
+    summary = (out / "summary.md").read_text()
+    for section in ("## Per model size", "## Scaling-law fit", "## Extrapolation check",
+                    "## Reference: ViT paper Table 6", "## Runs", "Skipped files: 1"):
+        assert section in summary
+    assert "synth/broken/config.json" in summary and "synth/broken/config.json" in proc.stderr
+    assert "| H/14 |" in summary and "Mean |relative error|" in summary
+
+
+def test_cli_fails_clearly_on_empty_results(tmp_path):
+    proc = _cli("--results", tmp_path, "--out", tmp_path / "out")
+    assert proc.returncode == 1
+    assert "no runs under" in proc.stderr and str(tmp_path) in proc.stderr
+    assert not (tmp_path / "out" / "summary.md").exists()
+    proc = _cli("--results", tmp_path, "--formats", "png,gif")
+    assert proc.returncode == 2 and "gif" in proc.stderr
+
+
+def test_few_runs_and_no_bench_give_notes_not_crashes(tmp_path):
+    write_synthetic_results(tmp_path, n_evals=2, sizes=[("mu/4", 20_000, 1e6),
+                                                        ("m2/4", 80_000, 4e6)])
+    write_run(tmp_path / "synth" / "live", "m2/4", None, 4e6, [], status="running")
+    report = analyse(tmp_path, tmp_path / "out", metric="top1", x="images", n_boot=10)
+    names = {p.name for p in report["figures"]}
+    assert names == {"top1_vs_images.png", "optimal_model_size.png", "vit_paper_table6.png"}
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "No fit: only" in summary and "throughput/MFU figure skipped" in summary
+    assert "| 2 | 1 | 0 | 0 |" in summary  # ok, running, failed, diverged
+
+
+def test_paper_figure_has_18_points_and_fits_the_6_vit_rows():
+    table = paper.load_table6()
+    assert len(table) == 18
+    assert table["family"].value_counts().to_dict() == {"ResNet": 7, "ViT": 6, "Hybrid": 5}
+    fits = {c: paper.fit_table6(table, c, n_boot=20) for c in paper.PANELS}
+    for res in fits.values():
+        assert res["n"] == 6 and all(n.startswith("ViT-") for n in res["names"])
+        assert res["fit"]["n"] == 6
+    fig = paper.table6_figure(table, fits)
+    for ax in fig.axes:
+        points = sum(len(c.get_offsets()) for c in ax.collections)
+        assert points == 18, ax.get_title()
+    # the fitted law passes close to the ViT points it was fitted to (ImageNet panel)
+    vit = table[table["family"] == "ViT"]
+    pred = 100 * (1 - paper.F.predict(fits["imagenet"]["fit"], vit["exaflops"]))
+    assert abs(pred - vit["imagenet"]).max() < 0.5
+    assert (paper.TABLE6.read_text().splitlines()[0].startswith("# Dosovitskiy et al."))
+
+
+@pytest.mark.parametrize("column", ["exaflops", "imagenet"])
+def test_table6_missing_column_is_named(tmp_path, column):
+    table = paper.load_table6()
+    path = tmp_path / "t6.csv"
+    table.drop(columns=[column, "family", "average5"]).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=column):
+        paper.load_table6(path)

@@ -1,0 +1,169 @@
+"""analysis.load and analysis.frontier on synthetic run dirs written with scaling.results."""
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import frontier as FR
+from analysis.load import (
+    NoResultsError,
+    load_bench,
+    load_results,
+    model_order,
+    parse_model_name,
+    status_counts,
+)
+from analysis.synthetic import SIZES, write_bench, write_run, write_synthetic_results
+from scaling.results import append_metrics, write_json
+
+
+def _eval_row(step, images, macs, top1):
+    return {"kind": "eval", "step": step, "epoch": images / 1000, "images_seen": images,
+            "flops_seen": 6.0 * macs * images, "wall_s": 10.0 * step, "loss": 1.0,
+            "top1": top1, "top5": None if top1 is None else min(1.0, top1 + 0.1),
+            "num_samples": 100}
+
+
+@pytest.fixture
+def results(tmp_path):
+    """Five healthy runs, plus running / diverged / failed runs and three broken files."""
+    info = write_synthetic_results(tmp_path, n_evals=6)
+    model, params, macs = SIZES[2]  # B/16
+    sweep = tmp_path / "synth"
+    evals = [_eval_row(s, 1000 * s, macs, 0.2 + 0.05 * s) for s in (1, 2)]
+    write_run(sweep / "running", model, params, macs, evals, status="running")
+    # a diverged run with a spectacular early point: kept and marked, but not on the frontier
+    bad = [_eval_row(1, 10, macs, 0.999), _eval_row(2, 20, macs, None)]
+    write_run(sweep / "diverged", model, params, macs, bad, status="diverged",
+              error="loss is NaN at step 2")
+    write_run(sweep / "failed", model, params, macs, evals[:1], status="failed", error="OOM")
+    broken = tmp_path / "broken"
+    (broken / "bad_config").mkdir(parents=True)
+    (broken / "bad_config" / "config.json").write_text("{not json")
+    write_run(broken / "bad_final", model, params, macs, evals)
+    write_json(broken / "bad_final" / "final.json", {"status": "ok"})  # missing keys
+    run = write_run(broken / "bad_line", model, params, macs, evals[:1])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("garbage\n")
+    append_metrics(run, evals[1])
+    return tmp_path, info
+
+
+def test_parse_model_name():
+    assert parse_model_name("B/16") == ("B", 16)
+    assert parse_model_name("mu/4") == ("mu", 4)
+    assert parse_model_name("m2/4") == ("m2", 4)
+    for bad in ("B16", "B/", "/16", "B/x", None):
+        with pytest.raises(ValueError, match="is not SIZE/PATCH"):
+            parse_model_name(bad)
+
+
+def test_load_keeps_and_marks_every_status(results, caplog):
+    root, _ = results
+    with caplog.at_level(logging.WARNING, logger="analysis"):
+        res = load_results(root)
+    runs = res.runs.set_index("run_id")
+    assert runs.loc["running", "status"] == "running"
+    assert runs.loc["diverged", "status"] == "diverged"
+    assert runs.loc["failed", "status"] == "failed"
+    assert runs.loc["diverged", "message"] == "loss is NaN at step 2"
+    assert status_counts(res.runs) == {"ok": 6, "running": 1, "failed": 1, "diverged": 1}
+    # one row per eval point, running/diverged rows included (the NaN top-1 too)
+    assert len(res.evals) == 5 * 6 + 2 + 2 + 1 + 2
+    assert res.evals.loc[res.evals["run_id"] == "diverged", "top1"].isna().sum() == 1
+    # final points only for finished runs; a running run's last eval is not "final"
+    assert not res.evals.loc[res.evals["run_id"] == "running", "is_final"].any()
+    assert res.evals.groupby("run")["is_final"].sum().max() == 1
+    assert set(res.evals.columns) >= {"sweep", "size", "patch", "params", "macs_per_image",
+                                      "images_seen", "flops_seen", "device_hours", "top1",
+                                      "top5", "loss", "status"}
+
+
+def test_malformed_files_are_reported_and_skipped(results, caplog):
+    root, _ = results
+    with caplog.at_level(logging.WARNING, logger="analysis"):
+        res = load_results(root)
+    paths = sorted(s.path for s in res.skipped)
+    assert res.n_skipped == 3
+    assert paths == sorted(str(root / "broken" / p) for p in (
+        "bad_config/config.json", "bad_final/final.json", "bad_line/metrics.jsonl"))
+    for path in paths:
+        assert path in caplog.text
+    # the run with a bad metrics line keeps its valid rows; the other two are skipped whole
+    assert set(res.runs["run_id"]) & {"bad_config", "bad_final"} == set()
+    assert (res.evals["run_id"] == "bad_line").sum() == 2
+
+
+def test_derived_columns(results):
+    root, _ = results
+    res = load_results(root)
+    ev = res.evals.set_index("run_id")
+    _, params, macs = SIZES[2]
+    # a run without final.json gets params from its sweep-mates and MACs from flops / images
+    assert ev.loc["running", "params"].unique().tolist() == [params]
+    assert ev.loc["running", "macs_per_image"].iloc[0] == pytest.approx(macs)
+    # per-row device hours end at the run's total for finished runs
+    run = res.runs.set_index("run_id").loc["B-16_s0"]
+    last = res.evals[res.evals["run_id"] == "B-16_s0"].iloc[-1]
+    assert last["device_hours"] == pytest.approx(run["device_hours"])
+    assert res.evals["error"].equals(1 - res.evals["top1"])
+    # sizes order small -> large by parameter count
+    assert model_order(res.runs) == [m for m, _, _ in SIZES]
+
+
+def test_frontier_excludes_diverged_and_failed_runs(results):
+    root, _ = results
+    res = load_results(root)
+    front = FR.frontier_table(res.evals, "flops")
+    assert "diverged" not in set(front["run_id"])
+    assert front["flops_seen"].is_monotonic_increasing
+    assert front["error"].is_monotonic_decreasing
+    # with diverged runs allowed, its 99.9 % point at tiny compute would lead the frontier
+    anyrun = FR.frontier_table(res.evals, "flops", statuses=("ok", "running", "diverged"))
+    assert anyrun.iloc[0]["run_id"] == "diverged"
+
+
+def test_frontier_fit_recovers_synthetic_law(tmp_path):
+    info = write_synthetic_results(tmp_path, n_evals=10, seed=0)
+    res = load_results(tmp_path)
+    result = FR.fit_frontier(FR.frontier_table(res.evals, "flops"), "flops", n_boot=50)
+    assert result["ok"]
+    true, got = info["law"], result["fit"]
+    # the frontier only approximates the law (the per-size penalty lifts it between sizes)
+    assert got["b"] == pytest.approx(true["b"], abs=0.03)
+    assert got["c"] == pytest.approx(true["c"], rel=0.15)
+    assert got["d"] == pytest.approx(true["d"], rel=0.5)
+
+
+def test_fit_frontier_says_when_too_few_points(tmp_path):
+    write_synthetic_results(tmp_path, n_evals=2, sizes=SIZES[:2])
+    res = load_results(tmp_path)
+    result = FR.fit_frontier(FR.frontier_table(res.evals, "flops"), "flops")
+    assert not result["ok"] and "need at least 5" in result["message"]
+
+
+def test_empty_or_missing_results_dir_is_an_error(tmp_path):
+    with pytest.raises(NoResultsError, match="does not exist"):
+        load_results(tmp_path / "nope")
+    with pytest.raises(NoResultsError, match="no runs under"):
+        load_results(tmp_path)
+    (tmp_path / "sweep" / "run").mkdir(parents=True)  # a dir without config.json is no run
+    with pytest.raises(NoResultsError, match="no runs under"):
+        load_results(tmp_path)
+    (tmp_path / "sweep" / "run" / "config.json").write_text("[1, 2]")
+    with pytest.raises(NoResultsError, match="none of the 1 runs"):
+        load_results(tmp_path)
+
+
+def test_load_bench(tmp_path):
+    assert load_bench(tmp_path)[0].empty
+    path = write_bench(tmp_path)
+    with open(path, "a") as f:
+        f.write("{broken\n" + json.dumps({"model": "B16", "images_per_s": 1.0}) + "\n")
+    bench, skipped = load_bench(tmp_path)
+    assert len(bench) == 2 * len(SIZES)
+    assert [s.path for s in skipped] == [f"{path}:{2 * len(SIZES) + i}" for i in (1, 2)]
+    assert isinstance(bench["images_per_s"], pd.Series) and np.all(bench["images_per_s"] > 0)
