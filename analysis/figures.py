@@ -22,9 +22,12 @@ def _y(error, metric: str):
     return error if metric == "error" else 1.0 - np.asarray(error)
 
 
-def _metric_axis(ax, metric: str) -> None:
-    """Error on a log axis (where the law is read, Zhai et al. Fig. 2); accuracy linear."""
-    if metric == "error":
+def _metric_axis(ax, metric: str, errors) -> None:
+    """Error on a log axis (where the law is read, Zhai et al. Fig. 2), unless the errors span
+    less than a factor of 2 (a log axis would show a single tick); accuracy linear."""
+    errors = np.asarray(errors, dtype=float)
+    errors = errors[np.isfinite(errors) & (errors > 0)]
+    if metric == "error" and errors.size and errors.max() / errors.min() >= 2:
         log_axis(ax, "y", fmt=lambda v: f"{100 * v:.3g}%")
     else:
         percent_axis(ax, "y")
@@ -51,7 +54,7 @@ def compute_figure(points: pd.DataFrame, frontier: pd.DataFrame, order: list[str
     ax.plot(frontier[col], _y(frontier["error"], metric), color="black", lw=1.4, ls="--",
             marker="o", ms=3, zorder=3)
     log_axis(ax, "x")
-    _metric_axis(ax, metric)
+    _metric_axis(ax, metric, pts["error"])
     ax.set_xlabel(X_LABELS[x])
     ax.set_title(f"{METRIC_LABELS[metric]} vs {X_LABELS[x].split(' (')[0].lower()}")
     handles, labels = ax.get_legend_handles_labels()
@@ -81,8 +84,10 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 or v == 0 else f"{v:.2e}"
 
 
-def law_label(fit: dict, intervals: dict | None, level: float, unit: str) -> str:
-    """Legend text: the law and its constants with bootstrap intervals."""
+def law_label(fit: dict, intervals: dict | None, level: float, unit: str,
+              loose: list[str] = ()) -> str:
+    """Legend text: the law, its constants with bootstrap intervals, and a warning for the
+    constants the data do not determine (`loose`)."""
     lines = [r"$E = a\,(C + d)^{-b} + c$" + f",  {unit}"]
     for k in F.PARAMS:
         ci = ""
@@ -92,6 +97,8 @@ def law_label(fit: dict, intervals: dict | None, level: float, unit: str) -> str
         lines.append(f"{k} = {_fmt(fit[k])}{ci}")
     if intervals:
         lines.append(f"(bootstrap {round(100 * level)}% intervals)")
+    if loose:
+        lines.append(f"poorly determined: {', '.join(loose)}")
     return "\n".join(lines)
 
 
@@ -103,17 +110,21 @@ def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = 
     cx = frontier[col].to_numpy()
     grid = np.logspace(np.log10(cx.min()) - 0.3, np.log10(cx.max()) + 1.0, 200)
     boot, fit = result["boot"], result["fit"]
-    lo, hi = F.prediction_band(boot, grid)
-    ylo, yhi = sorted([_y(lo, metric), _y(hi, metric)], key=lambda a: a[0])
+    # Errors live in [0, 1]: a loose fit's band may leave that range far from the data.
+    lo, hi = (np.clip(v, 1e-4, 1.0) for v in F.prediction_band(boot, grid))
+    ylo, yhi = np.minimum(_y(lo, metric), _y(hi, metric)), np.maximum(_y(lo, metric),
+                                                                       _y(hi, metric))
     ax.fill_between(grid, ylo, yhi, color=ACCENT["orange"], alpha=0.25, lw=0,
                     label=f"{round(100 * boot['level'])}% bootstrap band")
-    ax.plot(grid, _y(F.predict(fit, grid), metric), color=ACCENT["orange"], lw=2,
-            label=law_label(fit, boot["intervals"], boot["level"], f"C in {X_UNITS[x]}"))
+    ax.plot(grid, _y(np.clip(F.predict(fit, grid), 0, 1), metric), color=ACCENT["orange"], lw=2,
+            label=law_label(fit, boot["intervals"], boot["level"], f"C in {X_UNITS[x]}",
+                            F.poorly_determined(boot)))
     if metric == "error":
         ax.axhline(fit["c"], color="grey", ls=":", lw=1, label=f"floor c = {_fmt(fit['c'])}")
     ex = result["extrapolation"]
     if ex["ok"]:
-        ax.plot(grid, _y(F.predict(ex["fit"], grid), metric), color=ACCENT["green"], ls="--",
+        ax.plot(grid, _y(np.clip(F.predict(ex["fit"], grid), 0, 1), metric),
+                color=ACCENT["green"], ls="--",
                 lw=1.4, label=f"fit without top {round(100 * ex['holdout_fraction'])}% "
                               f"compute\n(mean |rel. err.| on held-out: "
                               f"{100 * ex['mean_abs_rel_error']:.1f}%)")
@@ -124,7 +135,7 @@ def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = 
         ax.scatter(grp[col], _y(grp["error"], metric), s=26, color=palette.get(model, "black"),
                    edgecolors="black", linewidths=0.5, zorder=5, label=f"frontier: {model}")
     log_axis(ax, "x")
-    _metric_axis(ax, metric)
+    _metric_axis(ax, metric, frontier["error"])
     ax.set_xlabel(X_LABELS[x])
     ax.set_title("Saturating power law on the frontier (Zhai et al. 2022)")
     legend_outside(ax, fontsize="small")

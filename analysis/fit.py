@@ -171,6 +171,23 @@ def _summarise_bootstrap(fit, samples, failed, level, n_boot, method) -> dict:
             "method": method}
 
 
+def poorly_determined(boot: dict) -> list[str]:
+    """Parameters the bootstrap cannot pin down: a or d spanning more than a factor of 10
+    (they trade off against b), b or c with an interval wider than the value itself."""
+    out = []
+    for k in PARAMS:
+        lo, hi = boot["intervals"][k]
+        value = boot["fit"][k]
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            out.append(k)
+        elif k in ("a", "d"):
+            if lo <= 0 or hi / lo > 10:
+                out.append(k)
+        elif hi - lo > abs(value):
+            out.append(k)
+    return out
+
+
 def prediction_band(boot: dict, compute) -> tuple[np.ndarray, np.ndarray]:
     """Pointwise percentile band of the law's prediction over bootstrap samples."""
     s = boot["samples"]

@@ -78,7 +78,8 @@ def table6_figure(table: pd.DataFrame, fits: dict[str, dict]):
         # Each panel has its own fit: its constants go in a legend inside that panel, in the
         # lower right, which the accuracy-vs-compute curves leave empty.
         ax.legend([line], [f"law fitted to the {res['n']} ViT points\n" + law_label(
-            res["fit"], res["boot"]["intervals"], res["boot"]["level"], "C in exaFLOPs")],
+            res["fit"], res["boot"]["intervals"], res["boot"]["level"], "C in exaFLOPs",
+            F.poorly_determined(res["boot"]))],
             loc="lower right", fontsize="x-small", frameon=True, framealpha=0.9)
         log_axis(ax, "x")
         ax.set_title(title)

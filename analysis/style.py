@@ -58,7 +58,7 @@ class _LogLabels(ticker.LogFormatterSciNotation):
             return ""
         if self.minor:
             span = math.log10(hi / lo)
-            keep = (() if span > 2.2 else (2, 5) if span > 1.3 else (2, 3, 5) if span > 0.6
+            keep = (() if span > 2.5 else (2, 5) if span > 1.3 else (2, 3, 5) if span > 0.6
                     else tuple(range(2, 10)))
             mant = x / 10 ** math.floor(math.log10(x) + 1e-9)
             if not any(abs(mant - k) < 1e-6 for k in keep):
@@ -72,7 +72,7 @@ def log_axis(ax, axis: str = "x", fmt=None) -> None:
     getattr(ax, f"set_{axis}scale")("log")
     target = ax.xaxis if axis == "x" else ax.yaxis
     target.set_major_locator(ticker.LogLocator(base=10, numticks=12))
-    target.set_minor_locator(ticker.LogLocator(base=10, subs=np.arange(2, 10) * 0.1, numticks=12))
+    target.set_minor_locator(ticker.LogLocator(base=10, subs=np.arange(2, 10), numticks=12))
     target.set_major_formatter(_LogLabels(fmt))
     target.set_minor_formatter(_LogLabels(fmt, minor=True))
 
@@ -80,7 +80,7 @@ def log_axis(ax, axis: str = "x", fmt=None) -> None:
 def percent_axis(ax, axis: str = "y") -> None:
     """Format a fraction axis as percent."""
     target = ax.yaxis if axis == "y" else ax.xaxis
-    target.set_major_formatter(ticker.PercentFormatter(xmax=1.0, decimals=0))
+    target.set_major_formatter(ticker.PercentFormatter(xmax=1.0, decimals=None))
 
 
 def legend_outside(ax, **kw) -> None:

@@ -57,6 +57,11 @@ def fit_section(result: dict, x: str, size_fit: dict | None) -> list[str]:
     out += ["", (f"{fit['n']} frontier points; RMSE {_num(fit['rmse'], '.3g')} (error units), "
                 f"{boot['n_ok']}/{boot['n_boot']} bootstrap refits ({boot['method']} "
                 f"resampling).")]
+    loose = F.poorly_determined(boot)
+    if loose:
+        out.append(f"Poorly determined by these {fit['n']} points: {', '.join(loose)} (a or d "
+                   "spanning more than 10x, b or c an interval wider than the value); read the "
+                   "curve as a description of the data, not a law to extrapolate.")
     if size_fit is not None:
         out.append(f"Compute-optimal model size: params ≈ {_num(size_fit['k0'])} × "
                    f"C^{size_fit['k']:.3f} (log-log fit over {size_fit['n']} frontier points).")

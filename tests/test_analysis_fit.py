@@ -123,3 +123,20 @@ def test_fit_loglinear_recovers_exponent():
     assert got["k"] == pytest.approx(0.5) and got["k0"] == pytest.approx(3.0)
     with pytest.raises(ValueError, match="2 distinct"):
         F.fit_loglinear([1e15, 1e15], [1.0, 2.0])
+
+
+def test_predict_accepts_plain_constants():
+    # a dict with only a, b, c, d (e.g. typed in from a paper) works as well as a fit result
+    assert F.predict(TRUE_LAW, COMPUTE) == pytest.approx(law(COMPUTE))
+    fitted = F.fit_saturating_power_law(COMPUTE, law(COMPUTE))
+    assert F.predict(fitted, COMPUTE) == pytest.approx(law(COMPUTE), rel=1e-6)
+
+
+def test_poorly_determined_flags_loose_fits_only():
+    good = F.bootstrap_fit(COMPUTE, _noisy(7), n_boot=50, seed=0)
+    assert F.poorly_determined(good) == []
+    # six points within one decade, far from the floor: c and d cannot be pinned down
+    c = np.logspace(16, 17, 6)
+    loose = F.bootstrap_fit(c, law(c) * np.exp(np.random.default_rng(0).normal(0, 0.03, 6)),
+                            n_boot=50, seed=0)
+    assert {"c", "d"} <= set(F.poorly_determined(loose))
