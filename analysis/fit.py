@@ -44,7 +44,8 @@ def _check_points(compute, error) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"compute must be > 0 (log scale); got compute[{i}]={float(c[i])}")
     if (e <= 0).any():
         i = int(np.flatnonzero(e <= 0)[0])
-        raise ValueError(f"error must be > 0 (the fit is on log-error); got error[{i}]={float(e[i])}")
+        raise ValueError(f"error must be > 0 (the fit is on log-error); "
+                         f"got error[{i}]={float(e[i])}")
     if c.size < len(PARAMS):
         raise ValueError(f"need at least {len(PARAMS)} points to fit {len(PARAMS)} parameters "
                          f"{PARAMS}; got {c.size}")

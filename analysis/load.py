@@ -227,6 +227,19 @@ def load_results(results_dir) -> Results:
     return Results(root, eval_df, run_df, skipped)
 
 
+def select_sweeps(res: Results, sweeps) -> Results:
+    """Keep only the runs of the named sweeps; an unknown name is an error listing the known."""
+    sweeps = list(sweeps)
+    known = sorted(set(res.runs["sweep"]))
+    unknown = [s for s in sweeps if s not in known]
+    if unknown:
+        raise NoResultsError(f"sweep(s) {unknown} not found under {str(res.results_dir)!r}; "
+                             f"found {known}")
+    keep = res.runs["sweep"].isin(sweeps)
+    return Results(res.results_dir, res.evals[res.evals["sweep"].isin(sweeps)].reset_index(
+        drop=True), res.runs[keep].reset_index(drop=True), res.skipped)
+
+
 def load_bench(results_dir) -> tuple[pd.DataFrame, list[Skipped]]:
     """Benchmark rows from RESULTS/bench/*.jsonl (empty frame if none); bad lines are skipped."""
     rows, skipped = [], []

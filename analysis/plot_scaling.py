@@ -2,6 +2,7 @@
 
     python analysis/plot_scaling.py [--results results] [--out RESULTS/figures]
         [--metric error|top1] [--x flops|images|device_hours] [--formats png,pdf,svg]
+        [--sweep NAME[,NAME]] [--n-boot 200]
 
 Reads every run under --results (layout: scaling/results.py) and benchmark rows from
 RESULTS/bench/*.jsonl, and writes to --out (default: RESULTS/figures):
@@ -44,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: flops)")
     p.add_argument("--formats", default="png",
                    help="comma-separated figure formats from png,pdf,svg (default: png)")
+    p.add_argument("--sweep", default="",
+                   help="comma-separated sweep names (folders under RESULTS) to analyse "
+                        "(default: all runs)")
     p.add_argument("--n-boot", type=int, default=200,
                    help="bootstrap resamples for the fit intervals (default: 200)")
     args = p.parse_args(argv)
@@ -65,7 +69,8 @@ def main(argv=None) -> int:
     out = args.out if args.out is not None else args.results / "figures"
     try:
         report = analyse(args.results, out, metric=args.metric, x=args.x,
-                         formats=args.formats, n_boot=args.n_boot)
+                         formats=args.formats, n_boot=args.n_boot,
+                         sweeps=[w for w in args.sweep.split(",") if w])
     except NoResultsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ from analysis.frontier import (
     usable_points,
     x_column,
 )
-from analysis.load import load_bench, load_results, model_order
+from analysis.load import load_bench, load_results, model_order, select_sweeps
 from analysis.style import FORMATS, save_figure, set_style, size_palette
 from analysis.summary import render
 
@@ -87,11 +87,13 @@ def _other_figures(report: dict, out: Path, formats, n_boot: int) -> None:
 
 
 def analyse(results_dir, out_dir, *, metric: str = "error", x: str = "flops",
-            formats=("png",), n_boot: int = 200) -> dict:
-    """Run the analysis of `results_dir` and write figures, tables and summary.md to `out_dir`.
-    Raises analysis.load.NoResultsError when there is no readable run."""
+            formats=("png",), n_boot: int = 200, sweeps=None) -> dict:
+    """Run the analysis of `results_dir` (optionally only some sweeps) and write figures, tables
+    and summary.md to `out_dir`. Raises analysis.load.NoResultsError when there is no run."""
     formats = _check_options(metric, x, formats)
     res = load_results(results_dir)
+    if sweeps:
+        res = select_sweeps(res, sweeps)
     bench, bench_skipped = load_bench(results_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,6 +103,11 @@ def analyse(results_dir, out_dir, *, metric: str = "error", x: str = "flops",
               "metric": metric, "x": x, "order": order, "palette": size_palette(order),
               "figures": [], "notes": [], "tables": _write_tables(res, out)}
     report["sizes"] = size_table(res.runs, res.evals, order, x)
+    if res.runs["sweep"].nunique() > 1:
+        # One frontier over several sweeps only makes sense if they share data and recipe.
+        report["notes"].append(f"runs of {res.runs['sweep'].nunique()} sweeps are combined "
+                               f"({', '.join(sorted(set(res.runs['sweep'])))}); use --sweep "
+                               "to analyse one")
     _scaling_figures(report, out, formats, n_boot)
     _other_figures(report, out, formats, n_boot)
     report["summary"] = out / "summary.md"

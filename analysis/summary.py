@@ -81,7 +81,8 @@ def extrapolation_section(result: dict) -> list[str]:
                                   ex["holdout_pred"], ex["rel_error"])]
     verdict = next(text for bound, text in TRUST if ex["mean_abs_rel_error"] < bound)
     out += [(f"Fit on the {ex['n_train']} lowest-compute frontier points, then predicted the "
-            f"{ex['n_holdout']} largest-compute ones (top {round(100 * ex['holdout_fraction'])}%):"),
+            f"{ex['n_holdout']} largest-compute ones "
+            f"(top {round(100 * ex['holdout_fraction'])}%):"),
             "", *_table(["compute", "error (%)", "predicted (%)", "relative error"], rows), "",
             (f"Mean |relative error| {100 * ex['mean_abs_rel_error']:.1f}% "
             f"(max {100 * ex['max_abs_rel_error']:.1f}%): {verdict} "

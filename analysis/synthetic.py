@@ -8,7 +8,8 @@ E = a (C + d)^(-b) + c (Zhai et al. 2022, Sec. 2.2) up to the penalty and the no
 smallest size has no penalty below its C_s and the largest none above (no other size could beat
 them there), so the frontier follows the law at both ends too.
 
-    python -m analysis.synthetic OUT_DIR     # then: python analysis/plot_scaling.py --results OUT_DIR
+    python -m analysis.synthetic OUT_DIR
+    python analysis/plot_scaling.py --results OUT_DIR
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from analysis.load import (
     load_results,
     model_order,
     parse_model_name,
+    select_sweeps,
     status_counts,
 )
 from analysis.synthetic import SIZES, write_bench, write_run, write_synthetic_results
@@ -167,3 +168,14 @@ def test_load_bench(tmp_path):
     assert len(bench) == 2 * len(SIZES)
     assert [s.path for s in skipped] == [f"{path}:{2 * len(SIZES) + i}" for i in (1, 2)]
     assert isinstance(bench["images_per_s"], pd.Series) and np.all(bench["images_per_s"] > 0)
+
+
+def test_select_sweeps(tmp_path):
+    write_synthetic_results(tmp_path, sweep="a", n_evals=2, sizes=SIZES[:2])
+    write_synthetic_results(tmp_path, sweep="b", n_evals=3, sizes=SIZES[:1])
+    res = load_results(tmp_path)
+    assert sorted(set(res.runs["sweep"])) == ["a", "b"]
+    only_b = select_sweeps(res, ["b"])
+    assert set(only_b.runs["sweep"]) == {"b"} and len(only_b.evals) == 3
+    with pytest.raises(NoResultsError, match=r"\['c'\] not found.*\['a', 'b'\]"):
+        select_sweeps(res, ["b", "c"])
