@@ -34,15 +34,12 @@ def _metric_axis(ax, metric: str, errors) -> None:
     ax.set_ylabel(f"{METRIC_LABELS[metric]} (%)")
 
 
-def compute_figure(points: pd.DataFrame, frontier: pd.DataFrame, order: list[str],
-                   palette: dict, *, x: str = "flops", metric: str = "error"):
-    """Eval curves per run coloured by model size, final points marked, frontier in black."""
-    col = x_column(x)
-    fig, ax = plt.subplots(figsize=(7.0, 4.6))
-    pts = points.assign(_y=_y(points["error"], metric))
-    sns.lineplot(data=pts, x=col, y="_y", hue="model", hue_order=order, palette=palette,
-                 units="run", estimator=None, sort=True, lw=1.2, alpha=0.85, ax=ax)
-    final = pts[pts["is_final"] & (pts["status"] == "ok")]
+def _mark_runs(ax, pts: pd.DataFrame, col: str, palette: dict) -> list:
+    """Final evals (joined per size across budgets), running and failed runs; legend extras."""
+    final = pts[pts["is_final"] & (pts["status"] == "ok")].sort_values(col)
+    for model, grp in _by_model(final, palette):
+        if len(grp) > 1:  # one curve per size through its runs' final points (one per budget)
+            ax.plot(grp[col], grp["_y"], color=palette[model], lw=1.8, zorder=3)
     ax.scatter(final[col], final["_y"], s=30, c=[palette[m] for m in final["model"]],
                edgecolors="white", linewidths=0.8, zorder=4)
     last = pts.sort_values("step").groupby("run").tail(1)
@@ -51,6 +48,25 @@ def compute_figure(points: pd.DataFrame, frontier: pd.DataFrame, order: list[str
     ax.scatter(bad[col], bad["_y"], marker="X", s=45, color=ACCENT["red"], zorder=5)
     ax.scatter(running[col], running["_y"], marker="o", s=34, facecolors="none",
                edgecolors="black", linewidths=0.9, zorder=5)
+    extra = [(Line2D([], [], marker="o", ls="", color="grey", mec="white"), "final eval")]
+    if len(running):
+        extra.append((Line2D([], [], marker="o", ls="", mfc="none", mec="black"),
+                      "running (latest eval)"))
+    if len(bad):
+        extra.append((Line2D([], [], marker="X", ls="", color=ACCENT["red"]),
+                      "failed / diverged (last eval)"))
+    return extra
+
+
+def compute_figure(points: pd.DataFrame, frontier: pd.DataFrame, order: list[str],
+                   palette: dict, *, x: str = "flops", metric: str = "error"):
+    """Eval curves per run coloured by model size, final points marked, frontier in black."""
+    col = x_column(x)
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    pts = points.assign(_y=_y(points["error"], metric))
+    sns.lineplot(data=pts, x=col, y="_y", hue="model", hue_order=order, palette=palette,
+                 units="run", estimator=None, sort=True, lw=1.0, alpha=0.7, ax=ax)
+    extra = _mark_runs(ax, pts, col, palette)
     ax.plot(frontier[col], _y(frontier["error"], metric), color="black", lw=1.4, ls="--",
             marker="o", ms=3, zorder=3)
     log_axis(ax, "x")
@@ -58,15 +74,8 @@ def compute_figure(points: pd.DataFrame, frontier: pd.DataFrame, order: list[str
     ax.set_xlabel(X_LABELS[x])
     ax.set_title(f"{METRIC_LABELS[metric]} vs {X_LABELS[x].split(' (')[0].lower()}")
     handles, labels = ax.get_legend_handles_labels()
-    extra = [(Line2D([], [], color="black", lw=1.4, ls="--", marker="o", ms=3),
-              "compute-optimal frontier"),
-             (Line2D([], [], marker="o", ls="", color="grey", mec="white"), "final eval")]
-    if len(running):
-        extra.append((Line2D([], [], marker="o", ls="", mfc="none", mec="black"),
-                      "running (latest eval)"))
-    if len(bad):
-        extra.append((Line2D([], [], marker="X", ls="", color=ACCENT["red"]),
-                      "failed / diverged (last eval)"))
+    extra.insert(0, (Line2D([], [], color="black", lw=1.4, ls="--", marker="o", ms=3),
+                     "compute-optimal frontier"))
     ax.legend(handles + [h for h, _ in extra], labels + [t for _, t in extra], title="model",
               loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return fig
