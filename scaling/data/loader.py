@@ -1,0 +1,332 @@
+"""Webdataset loaders: resampled training epochs with exact resume, exactly-once evaluation.
+
+Training follows open_clip (`data.py`, `ResampledShards2`): exact epochs over shards split across
+ranks and workers are ill-defined when shard counts do not divide evenly, so each (rank, worker)
+draws shards with replacement, reads them through a shuffle buffer, and an "epoch" is a fixed
+number of samples. Every random choice comes from a seed derived from (seed, epoch, rank, worker)
+or (seed, epoch, rank, batch index), computed inside the worker, so the epoch counter reaches
+every worker (a fresh DataLoader iterator per epoch, persistent workers off; open_clip uses a
+shared `SharedEpoch` value instead).
+
+Resume: the DataLoader hands out batches round-robin over workers (`in_order=True`), so batch
+`i` of an epoch is the `i // W`-th batch of worker `i % W`. A loader resumed at `start_step=k`
+lets DataLoader worker `j` play worker `(j + k) % W`, which first skips its batches before `k` as
+raw tar samples (no decoding), and augments each batch with a seed of its global index. Batches
+`k..` therefore equal those of an uninterrupted epoch. A corrupt image is skipped, counted in
+`skipped`, and its slot refilled from the same batch, so every batch consumes exactly
+`batch_size` raw samples and resume stays exact even on damaged data.
+
+Evaluation splits the val shards over ranks (and workers); with fewer shards than ranks it splits
+samples by index modulo (ranks x workers) instead. Every sample is seen once, none padded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from scaling.data.info import DataError, DatasetInfo, load_dataset_info
+from scaling.data.transforms import Augment, decode_crop, default_augment, to_tensor_batch
+
+IMAGE_KEYS = ("jpg", "jpeg", "png")
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+SHUFFLE_BUFFER, SHUFFLE_INITIAL = 5000, 1000  # open_clip's _SAMPLE_SHUFFLE_SIZE / _INITIAL
+
+
+def _seed(*parts: int) -> int:
+    """A 64-bit seed from integers (numpy SeedSequence: well mixed, same in every process)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
+
+
+def _worker() -> tuple[int, int]:
+    """(worker id, number of workers) of the current DataLoader worker; (0, 1) in-process."""
+    w = get_worker_info()
+    return (0, 1) if w is None else (w.id, w.num_workers)
+
+
+@dataclass(frozen=True)
+class _Decode:
+    """Per-sample decoding settings shared by the train and eval streams."""
+
+    image_size: int
+    num_classes: int
+    augment: Augment
+    strict: bool
+
+    def label(self, sample: dict) -> int:
+        """The class index of a raw sample; DataError if missing or out of range."""
+        raw = sample.get("cls")
+        try:
+            label = int(raw)
+        except (TypeError, ValueError):
+            raise DataError(f"shard {sample.get('__url__')}, key {sample.get('__key__')}: "
+                            f"cls={raw!r} is not a class index") from None
+        if not 0 <= label < self.num_classes:
+            raise DataError(f"shard {sample.get('__url__')}, key {sample.get('__key__')}: "
+                            f"class {label} is outside [0, {self.num_classes})")
+        return label
+
+    def image(self, sample: dict, rng: random.Random | None) -> np.ndarray | None:
+        """The cropped uint8 image, or None for a corrupt one (DataError when strict)."""
+        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        try:
+            if data is None:
+                raise ValueError(f"no image (has {sorted(k for k in sample if k[:2] != '__')})")
+            return decode_crop(data, self.image_size, rng=rng, aug=self.augment)
+        except DECODE_ERRORS as e:
+            if self.strict:
+                raise DataError(f"corrupt image in shard {sample.get('__url__')}, key "
+                                f"{sample.get('__key__')}: {e}") from e
+            return None
+
+
+def _batch(images: list, labels: list, keys: list, skipped: int, aug: Augment) -> dict:
+    """Collate decoded samples into the batch dict of the data contract."""
+    return {"image": to_tensor_batch(images, aug),
+            "label": torch.tensor(labels, dtype=torch.int64), "skipped": skipped, "key": keys}
+
+
+def _raw_samples(urls: Iterator[dict], strict: bool) -> Iterator[dict]:
+    """Tar samples (bytes, undecoded) of a stream of {"url": ...} dicts, via webdataset."""
+    handler = wds.reraise_exception if strict else wds.warn_and_continue
+    return wds.tarfile_to_samples(handler=handler)(urls)
+
+
+def _resampled_urls(urls: list[str], rng: random.Random) -> Iterator[dict]:
+    """Shards drawn with replacement, forever (webdataset/open_clip ResampledShards)."""
+    while True:
+        yield {"url": urls[rng.randrange(len(urls))]}
+
+
+class _Stream(IterableDataset):
+    """Base of the streams: a DataError in a worker travels as a message and is raised in the
+    main process (a worker that raises stalls the DataLoader's shutdown for 5 s, and torch
+    re-wraps the message)."""
+
+    def __iter__(self) -> Iterator[dict]:
+        try:
+            yield from self._iter()
+        except DataError as e:
+            yield {"error": str(e)}
+
+    def _iter(self) -> Iterator[dict]:
+        raise NotImplementedError
+
+
+class _TrainStream(_Stream):
+    """One rank's training batches for one epoch; each worker makes its share (see module doc)."""
+
+    def __init__(self, urls: list[str], decode: _Decode, *, batch_size: int, steps: int,
+                 rank: int, seed: int, epoch: int, start_step: int, shuffle_buffer: int):
+        super().__init__()
+        self.urls, self.decode, self.batch_size, self.steps = urls, decode, batch_size, steps
+        self.rank, self.seed, self.epoch, self.start_step = rank, seed, epoch, start_step
+        self.shuffle_buffer = shuffle_buffer
+
+    def _shuffled(self, v: int) -> Iterator[dict]:
+        """Worker v's infinite stream of raw samples: resampled shards through a buffer."""
+        shard_rng = random.Random(_seed(self.seed, self.epoch, self.rank, v, 0))
+        sample_rng = random.Random(_seed(self.seed, self.epoch, self.rank, v, 1))
+        raw = _raw_samples(_resampled_urls(self.urls, shard_rng), self.decode.strict)
+        initial = min(SHUFFLE_INITIAL, self.shuffle_buffer)
+        return wds.shuffle(self.shuffle_buffer, initial, rng=sample_rng)(raw)
+
+    def _iter(self) -> Iterator[dict]:
+        wid, nw = _worker()
+        v = (wid + self.start_step) % nw  # the worker this one stands in for (module doc)
+        skip = len(range(v, self.start_step, nw))  # v's batches before start_step
+        todo = range(v + skip * nw, self.steps, nw)  # global indices of v's remaining batches
+        samples = self._shuffled(v)
+        for _ in itertools.islice(samples, skip * self.batch_size):
+            pass  # skipped as raw bytes: resume costs tar reads, not decodes
+        for i in todo:
+            yield self._make_batch(list(itertools.islice(samples, self.batch_size)), i)
+
+    def _make_batch(self, raw: list[dict], index: int) -> dict:
+        """Decode and augment one batch; corrupt slots are refilled from the same batch."""
+        rng = random.Random(_seed(self.seed, self.epoch, self.rank, index, 2))
+        images, labels, keys = [], [], []
+        for s in raw:
+            label = self.decode.label(s)
+            image = self.decode.image(s, rng)
+            if image is not None:
+                images.append(image), labels.append(label), keys.append(s["__key__"])
+        skipped = len(raw) - len(images)
+        if not images:
+            raise DataError(f"all {len(raw)} samples of batch {index} are corrupt (last shard "
+                            f"{raw[-1].get('__url__') if raw else None})")
+        for k in range(skipped):  # keep the batch size fixed (see module doc)
+            images.append(images[k]), labels.append(labels[k]), keys.append(keys[k])
+        return _batch(images, labels, keys, skipped, self.decode.augment)
+
+
+def _eval_plan(shards: list[str], rank: int, world: int, wid: int,
+               nw: int) -> tuple[list[str], int, int]:
+    """(shards, modulus, residue): this (rank, worker) reads these shards and keeps sample
+    number i (counted over them, in order) iff i % modulus == residue."""
+    if len(shards) >= world:
+        shards, mod, res = shards[rank::world], 1, 0
+    else:  # fewer shards than ranks: every rank reads all, keeps every world-th sample
+        mod, res = world, rank
+    if len(shards) >= nw:
+        return shards[wid::nw], mod, res
+    return shards, mod * nw, res + mod * wid  # i = res + mod * j, keep j % nw == wid
+
+
+def rank_eval_samples(counts: list[int], rank: int, world: int) -> int:
+    """How many val samples rank `rank` evaluates (before skipping corrupt images)."""
+    if len(counts) >= world:
+        return sum(counts[rank::world])
+    return len(range(rank, sum(counts), world))
+
+
+class _EvalStream(_Stream):
+    """One rank's share of a split, in order, in batches of at most batch_size."""
+
+    def __init__(self, urls: list[str], counts: list[int], decode: _Decode, *, batch_size: int,
+                 rank: int, world_size: int):
+        self.urls, self.counts, self.decode, self.batch_size = urls, counts, decode, batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def _iter(self) -> Iterator[dict]:
+        wid, nw = _worker()
+        urls, mod, res = _eval_plan(self.urls, self.rank, self.world_size, wid, nw)
+        if not urls:
+            return
+        raw = _raw_samples(({"url": u} for u in urls), self.decode.strict)
+        mine = (s for i, s in enumerate(raw) if i % mod == res)
+        pending, images, labels, keys, skipped = None, [], [], [], 0
+        for s in mine:
+            label = self.decode.label(s)
+            image = self.decode.image(s, None)
+            if image is None:
+                skipped += 1
+                continue
+            images.append(image), labels.append(label), keys.append(s["__key__"])
+            if len(images) == self.batch_size:
+                if pending:
+                    yield _batch(*pending, self.decode.augment)
+                pending, images, labels, keys, skipped = (images, labels, keys, skipped), [], [], \
+                    [], 0
+        if images:
+            if pending:
+                yield _batch(*pending, self.decode.augment)
+            pending = (images, labels, keys, skipped)
+        elif pending:  # corrupt samples after the last full batch are counted in it
+            pending = pending[:3] + (pending[3] + skipped,)
+        elif skipped:  # only corrupt samples: an empty batch carries the count
+            size = self.decode.image_size
+            yield {"image": torch.empty(0, 3, size, size), "label": torch.empty(0, dtype=torch.int64),
+                   "skipped": skipped, "key": []}
+        if pending:
+            yield _batch(*pending, self.decode.augment)
+
+
+def _batches(dataset: _Stream, num_workers: int, pin_memory: bool | None) -> Iterator[dict]:
+    """Batches from a DataLoader whose workers assemble them (batch_size=None)."""
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin,
+                        persistent_workers=False, in_order=True)
+    for batch in loader:
+        if "error" in batch:
+            raise DataError(batch["error"])
+        yield batch
+
+
+def _check(batch_size: int, rank: int, world_size: int, num_workers: int, image_size: int):
+    """Validate the shared loader arguments."""
+    if batch_size < 1 or image_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size={batch_size}, image_size={image_size}, num_workers="
+                         f"{num_workers}; expected >= 1, >= 1, >= 0")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}; expected 0 <= rank < world_size")
+
+
+def _info(info: DatasetInfo | str | os.PathLike) -> DatasetInfo:
+    """Accept a DatasetInfo or a data dir (checked by size, not hash)."""
+    return info if isinstance(info, DatasetInfo) else load_dataset_info(info, verify="size")
+
+
+class TrainLoader:
+    """Resampled training epochs of `steps_per_epoch` batches for one rank (see module doc)."""
+
+    def __init__(self, urls: list[str], decode: _Decode, *, batch_size: int, steps_per_epoch: int,
+                 rank: int, seed: int, num_workers: int, shuffle_buffer: int,
+                 pin_memory: bool | None):
+        self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
+        self.num_workers, self._pin = num_workers, pin_memory
+        self._kw = {"urls": urls, "decode": decode, "batch_size": batch_size,
+                    "steps": steps_per_epoch, "rank": rank, "seed": seed,
+                    "shuffle_buffer": shuffle_buffer}
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        """Batches start_step .. steps_per_epoch - 1 of `epoch` (a resume skips the others)."""
+        if epoch < 0 or not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"epoch={epoch}, start_step={start_step}; expected epoch >= 0 and "
+                             f"0 <= start_step <= steps_per_epoch={self.steps_per_epoch}")
+        # A new dataset object per epoch: non-persistent workers receive (epoch, start_step)
+        # with it when the DataLoader iterator starts them.
+        stream = _TrainStream(**self._kw, epoch=epoch, start_step=start_step)
+        return _batches(stream, self.num_workers, self._pin)
+
+
+class EvalLoader:
+    """One rank's share of a split, each sample once over all ranks; iterate it once per eval."""
+
+    def __init__(self, stream: _EvalStream, num_samples: int, num_workers: int,
+                 pin_memory: bool | None):
+        self.num_samples, self._stream = num_samples, stream
+        self._num_workers, self._pin = num_workers, pin_memory
+
+    def __iter__(self) -> Iterator[dict]:
+        return _batches(self._stream, self._num_workers, self._pin)
+
+
+def make_train_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int, batch_size: int,
+                      rank: int, world_size: int, seed: int, num_workers: int = 2,
+                      samples_per_epoch: int | None = None, strict: bool = False,
+                      augment: Augment | None = None, shuffle_buffer: int = SHUFFLE_BUFFER,
+                      split: str = "train", pin_memory: bool | None = None) -> TrainLoader:
+    """Training loader of the data contract; `batch_size` is per rank, and an epoch is
+    ceil(samples_per_epoch / (batch_size x world_size)) steps (default: the split's size)."""
+    _check(batch_size, rank, world_size, num_workers, image_size)
+    info = _info(info)
+    sp = info.split(split)
+    samples = sp.num_samples if samples_per_epoch is None else samples_per_epoch
+    if samples < 1 or shuffle_buffer < 1:
+        raise ValueError(f"samples_per_epoch={samples_per_epoch}, shuffle_buffer="
+                         f"{shuffle_buffer}; expected >= 1")
+    steps = -(-samples // (batch_size * world_size))  # open_clip rounds the epoch up, too
+    shuffle_buffer = min(shuffle_buffer, sp.num_samples)  # a bigger buffer only holds repeats
+    decode = _Decode(image_size, info.num_classes, augment or default_augment(info.source), strict)
+    return TrainLoader(sp.urls, decode, batch_size=batch_size, steps_per_epoch=steps, rank=rank,
+                       seed=seed, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                       pin_memory=pin_memory)
+
+
+def make_eval_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int, batch_size: int,
+                     rank: int, world_size: int, num_workers: int = 2, strict: bool = False,
+                     split: str = "val", augment: Augment | None = None,
+                     pin_memory: bool | None = None) -> EvalLoader:
+    """Evaluation loader of the data contract: over all ranks, every sample of `split` once."""
+    _check(batch_size, rank, world_size, num_workers, image_size)
+    info = _info(info)
+    sp = info.split(split)
+    counts = [s.num_samples for s in sp.shards]
+    decode = _Decode(image_size, info.num_classes, augment or default_augment(info.source), strict)
+    stream = _EvalStream(sp.urls, counts, decode, batch_size=batch_size, rank=rank,
+                         world_size=world_size)
+    return EvalLoader(stream, rank_eval_samples(counts, rank, world_size), num_workers,
+                      pin_memory)

@@ -1,0 +1,178 @@
+"""Write webdataset shards + dataset.json from an ImageFolder tree, CIFAR, digits or shapes.
+
+    python -m scaling.data.make_shards --from shapes --out data/shapes32 --num-samples 20000
+    python -m scaling.data.make_shards --from cifar --src cifar-10-python.tar.gz --out data/c10
+    python -m scaling.data.make_shards --from imagefolder --src train/ --val-src val/ --out in1k
+
+Launchers call `make_builtin_shards("digits" | "shapes", out, ...)`, which reuses an existing
+dataset with the same arguments and serialises concurrent callers with a file lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from scaling.data import sources
+from scaling.data.info import INFO_FILE, DataError, DatasetInfo, load_dataset_info
+from scaling.data.writer import Encoding, Source, write_dataset
+
+SOURCES = ("imagefolder", "cifar", "digits", "shapes")
+BUILTIN = ("digits", "shapes")
+FORMATS = ("png", "jpg")
+LOCK_FILE = ".make_shards.lock"
+
+
+def _source_args(source: str, *, src: str | None, val_src: str | None, val_fraction: float,
+                 image_size: int | None, image_format: str | None, quality: int, seed: int,
+                 num_samples: int | None, shard_size: int) -> dict:
+    """Validate the arguments and fill per-source defaults; the result goes into dataset.json."""
+    if source not in SOURCES:
+        raise ValueError(f"source={source!r}; expected one of {SOURCES}")
+    if (src is None) != (source in BUILTIN):
+        need = "needs" if source not in BUILTIN else "takes no"
+        raise ValueError(f"source {source!r} {need} --src (got src={src!r})")
+    native = {"cifar": 32, "digits": 8}.get(source)
+    if native and image_size not in (None, native):
+        raise ValueError(f"image_size={image_size}: {source} images are {native}px as stored")
+    if val_src and source != "imagefolder":
+        raise ValueError(f"val_src={val_src!r} only applies to imagefolder")
+    if num_samples is not None and source != "shapes":
+        raise ValueError(f"num_samples={num_samples} only applies to shapes")
+    image_format = image_format or ("jpg" if source == "imagefolder" else "png")
+    if image_format not in FORMATS:
+        raise ValueError(f"image_format={image_format!r}; expected one of {FORMATS}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality={quality}; expected 1..100")
+    default_size = {"imagefolder": 256, "shapes": 32}.get(source, native)
+    return {
+        "source": source, "src": str(Path(src).resolve()) if src else None,
+        "val_src": str(Path(val_src).resolve()) if val_src else None,
+        "val_fraction": None if source == "cifar" or val_src else float(val_fraction),
+        "image_size": default_size if image_size is None else int(image_size),
+        "image_format": image_format, "quality": int(quality), "seed": int(seed),
+        "num_samples": (10_000 if num_samples is None else int(num_samples))
+        if source == "shapes" else None,
+        "shard_size": int(shard_size),
+    }
+
+
+def _build_source(a: dict) -> Source:
+    """The Source object for validated arguments."""
+    if a["source"] == "imagefolder":
+        return sources.imagefolder(a["src"], val_src=a["val_src"], val_fraction=a["val_fraction"],
+                                   seed=a["seed"], image_format=a["image_format"],
+                                   image_size=a["image_size"])
+    if a["source"] == "cifar":
+        return sources.cifar(a["src"], seed=a["seed"])
+    if a["source"] == "digits":
+        return sources.digits(val_fraction=a["val_fraction"], seed=a["seed"])
+    return sources.shapes_source(num_samples=a["num_samples"], val_fraction=a["val_fraction"],
+                                 seed=a["seed"], image_size=a["image_size"])
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on OUT while writing, so concurrent ranks build it only once."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def make_shards(source: str, out: str | os.PathLike, *, src: str | None = None,
+                val_src: str | None = None, val_fraction: float = 0.1,
+                image_size: int | None = None, image_format: str | None = None,
+                quality: int = 95, seed: int = 0, num_samples: int | None = None,
+                shard_size: int = 1000, workers: int = 1) -> DatasetInfo:
+    """Write shards of `source` into OUT (replacing what is there) and return its DatasetInfo."""
+    args = _source_args(source, src=src, val_src=val_src, val_fraction=val_fraction,
+                        image_size=image_size, image_format=image_format, quality=quality,
+                        seed=seed, num_samples=num_samples, shard_size=shard_size)
+    out = Path(out)
+    with _locked(out):
+        return _write(args, out, workers)
+
+
+def _write(args: dict, out: Path, workers: int) -> DatasetInfo:
+    """Build the source and write it (caller holds the lock)."""
+    source = _build_source(args)
+    fmt = args["image_format"]
+    cap = args["image_size"] if args["source"] == "imagefolder" else 0
+    enc = Encoding(image_format=fmt, quality=args["quality"], max_size=cap)
+    write_dataset(source, out, enc=enc, shard_size=args["shard_size"], args=args,
+                  workers=workers)
+    return load_dataset_info(out, verify="size")
+
+
+def make_builtin_shards(source: str, out: str | os.PathLike, *, image_size: int | None = None,
+                        num_samples: int | None = None, val_fraction: float = 0.1,
+                        seed: int = 0, image_format: str = "png", shard_size: int = 1000,
+                        workers: int = 1) -> DatasetInfo:
+    """Create `digits` or `shapes` shards in OUT, or reuse them if made with the same args."""
+    if source not in BUILTIN:
+        raise ValueError(f"source={source!r}; built-in sources are {BUILTIN}")
+    args = _source_args(source, src=None, val_src=None, val_fraction=val_fraction,
+                        image_size=image_size, image_format=image_format, quality=95,
+                        seed=seed, num_samples=num_samples, shard_size=shard_size)
+    out = Path(out)
+    with _locked(out):
+        if (out / INFO_FILE).is_file():
+            try:
+                info = load_dataset_info(out, verify=True)
+                if info.args == args:
+                    return info
+            except DataError:
+                pass  # damaged or different: rebuild below
+        return _write(args, out, workers)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line flags (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m scaling.data.make_shards", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="source", required=True, choices=SOURCES)
+    p.add_argument("--src", help="ImageFolder train tree, or CIFAR tar.gz (or its directory)")
+    p.add_argument("--val-src", help="ImageFolder val tree (default: split from --src)")
+    p.add_argument("--out", required=True, help="output directory (its shards are replaced)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of samples held out as val when there is no official split")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="shapes: side in px (32); imagefolder: cap on the shorter side "
+                        "(256; 0 keeps originals)")
+    p.add_argument("--format", dest="image_format", choices=FORMATS, default=None,
+                   help="stored encoding (jpg for imagefolder, png otherwise)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    p.add_argument("--seed", type=int, default=0, help="shuffle / split / generator seed")
+    p.add_argument("--num-samples", type=int, default=None, help="shapes: train + val samples")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="encoding processes (output does not depend on it)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; bad input exits with code 2 and a one-line message."""
+    a = _parse(argv)
+    kw = {k: v for k, v in vars(a).items() if k not in ("source", "out")}
+    try:
+        info = make_shards(a.source, a.out, **kw)
+    except (ValueError, OSError) as e:  # DataError is a ValueError
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{s.name} {s.num_samples} in {len(s.shards)} shards"
+                       for s in info.splits.values())
+    print(f"{info.root}: {info.source}, {info.num_classes} classes, {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
