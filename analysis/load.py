@@ -137,7 +137,7 @@ def _read_run(run_dir: Path, skipped: list[Skipped]) -> tuple[dict, list[dict]] 
         return None
     evals = [r for r in _read_metrics(run_dir, skipped) if r["kind"] == "eval"]
     plan = _read_plan(run_dir, skipped)
-    final = {**plan, **(final or {})}
+    final = {**plan, **{k: v for k, v in (final or {}).items() if v is not None}}
     run = {
         "sweep": run_dir.parent.name, "run_id": run_dir.name,
         "run": f"{run_dir.parent.name}/{run_dir.name}", "model": config["model"],

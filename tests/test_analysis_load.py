@@ -179,3 +179,13 @@ def test_select_sweeps(tmp_path):
     assert set(only_b.runs["sweep"]) == {"b"} and len(only_b.evals) == 3
     with pytest.raises(NoResultsError, match=r"\['c'\] not found.*\['a', 'b'\]"):
         select_sweeps(res, ["b", "c"])
+
+
+def test_plan_json_supplies_params_of_unfinished_runs(tmp_path):
+    run = write_run(tmp_path / "s" / "r", "m2/4", None, 4e6,
+                    [_eval_row(1, 100, 4e6, 0.5)], status="running")
+    write_json(run / "plan.json", {"params": 12345, "macs_per_image": 4e6, "world_size": 2})
+    res = load_results(tmp_path)
+    row = res.evals.iloc[0]
+    assert row["params"] == 12345 and row["status"] == "running"
+    assert row["device_hours"] == pytest.approx(10.0 / 3600 * 2)  # wall_s x world_size
