@@ -19,7 +19,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_ORDERS = ("sharded", "global")
 # Fields that may change between a run and its resumption without changing its results.
-RESUMABLE_FIELDS = ("num_workers", "log_every", "progress", "out", "data")
+RESUMABLE_FIELDS = ("num_workers", "log_every", "progress", "out", "data", "eval_every",
+                    "ckpt_every", "keep_ckpts")
 
 
 def _f(default, help, **kw):
@@ -59,8 +60,9 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing")
     mixup_alpha: float = _f(0.0, "mixup alpha (0: off)")
     cutmix_alpha: float = _f(0.0, "cutmix alpha (0: off)")
-    min_crop_scale: float = _f(0.35, "random-resized-crop smallest area fraction")
-    hflip: bool = _f(True, "random horizontal flips in training")
+    min_crop_scale: Optional[float] = _f(None, "random-resized-crop smallest area fraction "
+                                         "(default: the dataset's, see scaling.data.transforms)")
+    hflip: Optional[bool] = _f(None, "random horizontal flips (default: the dataset's)")
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
     data_order: str = _f("sharded", "sharded: each rank reads its own shards; global: every "
                          "rank reads the global batch and keeps its slice (world-size invariant)",
@@ -99,7 +101,7 @@ class TrainConfig:
         args = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value == f.default and not f.metadata.get("required"):
+            if value == f.default and not f.metadata.get("required") or value is None:
                 continue
             flag = "--" + f.name.replace("_", "-")
             if isinstance(value, bool):
@@ -167,7 +169,7 @@ def _validate(c: TrainConfig) -> None:
     for n, valid in choices.items():
         if getattr(c, n) not in valid:
             raise ValueError(f"{n}={getattr(c, n)!r}; valid: {list(valid)}")
-    if not 0 < c.min_crop_scale <= 1 or not 0 <= c.warmup_fraction < 1:
+    if not 0 < (c.min_crop_scale or 1) <= 1 or not 0 <= c.warmup_fraction < 1:
         raise ValueError(f"min_crop_scale={c.min_crop_scale} must be in (0, 1] and "
                          f"warmup_fraction={c.warmup_fraction} in [0, 1)")
 

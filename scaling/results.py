@@ -6,7 +6,9 @@ it to draw curves. Nothing here imports torch or DeepSpeed.
 
 Run directory (``RUN_DIR``)::
 
-    config.json         the frozen run config (scaling.train.TrainConfig as a dict), written once
+    config.json         the frozen run config (scaling.config.TrainConfig as a dict), written once
+    plan.json           what the config resolved to: total_steps, world_size, micro batch,
+                        accumulation, steps_per_epoch, samples_per_epoch, params, macs_per_image
     metrics.jsonl       one JSON object per line, appended by rank 0 (schema below)
     final.json          written once when the run ends (schema below); absent while running
     checkpoints/        DeepSpeed checkpoints, one folder per step; ``latest`` names the newest
@@ -43,6 +45,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL_FILE = "final.json"
 JOB_FILE = "job.json"
+PLAN_FILE = "plan.json"
 EXPORT_FILE = "model.safetensors"
 CHECKPOINT_DIR = "checkpoints"
 

@@ -1,0 +1,192 @@
+"""The only module that imports DeepSpeed: ZeRO config, initialisation, checkpoints, export.
+
+Checkpoints are DeepSpeed checkpoints, one folder per step under RUN_DIR/checkpoints/, made
+crash-safe by our own bookkeeping: DeepSpeed writes a tag folder, every rank adds its own RNG
+state, all ranks meet at a barrier, and only then does rank 0 drop a COMPLETE marker into the
+folder and atomically rewrite `latest`. A kill at any point leaves either no marker (the folder is
+ignored and later removed) or a checkpoint that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from safetensors.torch import save_file
+
+from scaling import dist
+from scaling.config import TrainConfig, lr_at
+from scaling.results import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+_TAG = re.compile(r"^step(\d{8})$")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices only, not on norms, biases, pos embedding, class token."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def ds_config(cfg: TrainConfig, micro: int, accum: int) -> dict:
+    """The DeepSpeed config dict for a run."""
+    zero: dict[str, Any] = {"stage": cfg.zero}
+    if cfg.zero == 3:
+        # Gather a whole ViT block at once; our blocks are small next to these thresholds.
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=5e7)
+    return {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW, which ZeRO handles fine
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": 16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize(model: torch.nn.Module, cfg: TrainConfig, *, micro: int, accum: int,
+               total_steps: int):
+    """Wrap the model in a DeepSpeed engine with AdamW and the run's LR schedule."""
+    fused = torch.cuda.is_available()  # fused AdamW kernel on GPUs
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(cfg, step, total_steps) / cfg.lr)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule,
+        config=ds_config(cfg, micro, accum), dist_init_required=True)
+    return engine
+
+
+def init_distributed(info: dist.DistInfo) -> None:
+    """Start the process group (gloo on CPU, NCCL on GPU) through DeepSpeed."""
+    dist.export_env(info)
+    deepspeed.init_distributed(dist_backend=dist.backend(), auto_mpi_discovery=False,
+                               verbose=False)
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, str]]:
+    """(step, tag) of every checkpoint with a COMPLETE marker, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _TAG.match(d.name)
+        if m and (d / COMPLETE).is_file():
+            found.append((int(m[1]), d.name))
+    return sorted(found)
+
+
+def save_checkpoint(engine, root: str | os.PathLike, step: int, client_state: dict,
+                    keep: int, crash: bool = False) -> str:
+    """Save a complete checkpoint for `step` (all ranks call this); returns its tag.
+    crash=True is fault injection for tests: SIGKILL before the checkpoint is complete."""
+    root, tag = Path(root), f"step{step:08d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    rank = engine.global_rank
+    torch.save(_rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
+    if crash:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()  # every rank's shards and RNG state are on disk
+    if rank == 0:
+        atomic_write_text(root / tag / COMPLETE, json.dumps({"step": step}) + "\n")
+        atomic_write_text(root / "latest", tag + "\n")
+        for _, old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(root / old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def remove_incomplete(root: str | os.PathLike) -> list[str]:
+    """Delete checkpoint folders without a COMPLETE marker (a save killed midway)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = [d.name for d in root.iterdir() if _TAG.match(d.name) and not (d / COMPLETE).exists()]
+    for name in removed:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return removed
+
+
+def load_checkpoint(engine, root: str | os.PathLike, tag: str) -> dict:
+    """Load a complete checkpoint into the engine and restore this rank's RNG; client state."""
+    path, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True,
+                                          load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {root}/{tag}")
+    rng_file = Path(root) / tag / f"rng_rank{engine.global_rank:05d}.pt"
+    _set_rng_state(torch.load(rng_file, weights_only=False))
+    return client
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights in fp32 on rank 0 (None elsewhere), from any ZeRO stage."""
+    module = engine.module
+    params = list(module.parameters())
+    if engine.zero_optimization_stage() == 3:
+        # ZeRO-3 keeps a 1/N slice of every parameter per rank: gather them (all ranks join).
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return _cpu_copy(module) if engine.global_rank == 0 else None
+    return _cpu_copy(module) if engine.global_rank == 0 else None
+
+
+def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def export_safetensors(engine, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write the final weights as one safetensors file (atomic; rank 0 writes, all call)."""
+    state = full_state_dict(engine)
+    if state is not None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(state, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    dist.barrier()

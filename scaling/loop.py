@@ -1,0 +1,180 @@
+"""The parts of the training loop that are not the step: batches, timing, evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from typing import Iterator
+
+import torch
+
+from scaling import dist
+from scaling.data import make_eval_loader, make_train_loader
+from scaling.data.transforms import default_augment, mixup_cutmix
+from scaling.flops import mfu, peak_tflops
+
+
+class Batches:
+    """One optimizer step's micro-batches for this rank, step after step, across epochs.
+
+    The loader yields one batch per optimizer step. With data_order="sharded" each rank reads
+    its own resampled shards (the scalable default); with "global" every rank reads the whole
+    global batch and keeps its slice, which makes the run independent of the world size (each
+    rank decodes every image: meant for small data and reproducibility checks).
+    """
+
+    def __init__(self, cfg, info, plan, where: dist.DistInfo):
+        self.cfg, self.info, self.plan, self.where = cfg, info, plan, where
+        aug = default_augment(info.source)
+        if cfg.min_crop_scale is not None:
+            aug = dataclasses.replace(aug, scale=(cfg.min_crop_scale, 1.0))
+        if cfg.hflip is not None:
+            aug = dataclasses.replace(aug, hflip=cfg.hflip)
+        self.augment = aug
+        per_rank = plan.micro_batch * plan.accumulation
+        shared = cfg.data_order == "global"
+        self.loader = make_train_loader(
+            info, image_size=plan.image_size, seed=cfg.seed, num_workers=cfg.num_workers,
+            batch_size=cfg.batch_size if shared else per_rank,
+            rank=0 if shared else where.rank, world_size=1 if shared else where.world_size,
+            samples_per_epoch=plan.steps_per_epoch * cfg.batch_size, strict=cfg.strict_data,
+            augment=aug)
+        assert self.loader.steps_per_epoch == plan.steps_per_epoch, "epoch length mismatch"
+        self.slice = slice(where.rank * per_rank, (where.rank + 1) * per_rank) if shared else None
+        self.count_skips = where.is_main or not shared  # global order: every rank sees them all
+
+    def iterate(self, start_step: int) -> Iterator[tuple[list, int]]:
+        """(micro-batches, corrupt samples skipped) for steps start_step .. total_steps - 1."""
+        step, per_epoch = start_step, self.plan.steps_per_epoch
+        while step < self.plan.total_steps:
+            epoch, offset = divmod(step, per_epoch)
+            for batch in self.loader.epoch(epoch, start_step=offset):
+                yield self._split(batch, step), batch["skipped"] if self.count_skips else 0
+                step += 1
+                if step >= self.plan.total_steps:
+                    return
+
+    def _split(self, batch: dict, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        images, labels = batch["image"], batch["label"]
+        if self.slice is not None:
+            images, labels = images[self.slice], labels[self.slice]
+        out = []
+        for i, (x, y) in enumerate(zip(images.split(self.plan.micro_batch),
+                                       labels.split(self.plan.micro_batch))):
+            out.append(self._targets(x, y, step, i))
+        return out
+
+    def _targets(self, x, y, step, micro) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        if not (cfg.mixup_alpha or cfg.cutmix_alpha or cfg.label_smoothing):
+            return x, y
+        # A generator seeded by (seed, step, rank, micro-batch): resume-exact, no state to save.
+        g = torch.Generator().manual_seed(
+            hash((cfg.seed, step, self.where.rank, micro)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return mixup_cutmix(x, y, self.plan.num_classes, mixup_alpha=cfg.mixup_alpha,
+                            cutmix_alpha=cfg.cutmix_alpha, label_smoothing=cfg.label_smoothing,
+                            generator=g)
+
+    def eval_loader(self):
+        """The val split for this rank (every sample once over all ranks)."""
+        if not hasattr(self, "_eval"):
+            self._eval = make_eval_loader(
+                self.info, image_size=self.plan.image_size, rank=self.where.rank,
+                world_size=self.where.world_size, num_workers=self.cfg.num_workers,
+                batch_size=self.cfg.eval_batch_size or self.plan.micro_batch,
+                strict=self.cfg.strict_data, augment=self.augment)
+        return self._eval
+
+
+class Meter:
+    """Wall time, time in training steps, and skipped samples, carried across restarts."""
+
+    def __init__(self):
+        self._t0 = time.time()
+        self._wall_before = 0.0  # wall seconds of earlier processes, up to their checkpoint
+        self.compute_s = 0.0
+        self.overhead_s = 0.0
+        self.skipped = 0  # this rank, cumulative
+        self.window_step, self._window_t0 = 0, time.perf_counter()
+
+    def wall(self) -> float:
+        return self._wall_before + time.time() - self._t0
+
+    def add_compute(self, seconds: float, skipped: int) -> None:
+        self.compute_s += seconds
+        self.skipped += skipped
+
+    def add_overhead(self, seconds: float) -> None:
+        self.overhead_s += seconds
+        self._window_t0 += seconds  # eval/checkpoint time is not training throughput
+
+    def start_window(self, step: int) -> None:
+        self.window_step, self._window_t0 = step, time.perf_counter()
+
+    def end_window(self, step: int) -> float:
+        """Seconds since the window started (eval/checkpoint time excluded); opens the next."""
+        now = time.perf_counter()
+        seconds, self.window_step, self._window_t0 = now - self._window_t0, step, now
+        return seconds
+
+    skipped_global = 0  # over all ranks, as of the last train row
+
+    def overhead_fraction(self) -> float:
+        """Share of wall time outside training steps (start-up, data stalls, eval, saves)."""
+        wall = self.wall()
+        return max(0.0, 1.0 - self.compute_s / wall) if wall > 0 else 0.0
+
+    def mfu(self, tflops: float, given_peak: float | None) -> float | None:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        return mfu(tflops * 1e12, given_peak or peak_tflops(name))
+
+    def state(self) -> dict:
+        return {"wall": self.wall(), "compute": self.compute_s, "skipped": self.skipped}
+
+    def restore(self, state: dict, *, skipped: int) -> None:
+        self._wall_before, self._t0 = state["wall"], time.time()
+        self.compute_s, self.skipped = state["compute"], skipped
+
+
+def memory_gb() -> float:
+    """Peak memory of this process: CUDA max allocated, or CPU max resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+
+
+@torch.no_grad()
+def evaluate(engine, loader, device: torch.device, dtype: torch.dtype) -> dict:
+    """Loss, top-1 and top-5 over the val split, summed over ranks.
+
+    Ranks may hold different numbers of batches; they step in lockstep and a rank that has run
+    out does a throw-away forward, because under ZeRO-3 every forward gathers parameters
+    collectively and all ranks must take part.
+    """
+    engine.eval()
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, samples
+    it, dummy = iter(loader), None
+    while True:
+        batch = next(it, None)
+        if not dist.all_reduce_max(int(batch is not None), device):
+            break
+        if batch is None or len(batch["label"]) == 0:
+            if dummy is None:
+                size = engine.module.config.image_size
+                dummy = torch.zeros(1, 3, size, size, device=device, dtype=dtype)
+            engine(dummy)
+            continue
+        logits = engine(batch["image"].to(device, dtype)).float()
+        labels = batch["label"].to(device)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels[:, None]
+        sums[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        sums[1] += hits[:, 0].sum().item()
+        sums[2] += hits.any(dim=1).sum().item()
+        sums[3] += len(labels)
+    engine.train()
+    loss, top1, top5, n = dist.all_reduce_sum(sums, device)
+    if n == 0:
+        raise RuntimeError("evaluation saw no samples")
+    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "num_samples": int(n)}

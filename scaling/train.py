@@ -1,0 +1,362 @@
+"""One training run: `python -m scaling.train --model NAME --data DIR --out RUN_DIR --steps N`.
+
+Parse and validate (before any training), build the model and the DeepSpeed engine, resume from
+the newest complete checkpoint if RUN_DIR has one, train, evaluate, checkpoint, export, and write
+final.json. Exit codes are in scaling.results (0 ok, 2 bad input, 3 diverged, 75 preempted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from scaling import dist, results
+from scaling.config import RESUMABLE_FIELDS, TrainConfig, batch_layout, lr_at, resolve_steps
+from scaling.data import load_dataset_info
+from scaling.flops import forward_macs, param_count
+from scaling.loop import Batches, Meter, evaluate, memory_gb
+
+log = logging.getLogger("scaling.train")
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def faults_from_env() -> dict[str, int]:
+    """Fault injection for tests, e.g. VIT_SCALING_FAULTS="nan@7,kill_in_save@10": make step
+    7's loss NaN; SIGKILL this process inside the checkpoint save of step 10 (after DeepSpeed
+    wrote its files, before the checkpoint is marked complete)."""
+    spec = os.environ.get("VIT_SCALING_FAULTS", "")
+    faults = {}
+    for item in filter(None, spec.split(",")):
+        name, _, step = item.partition("@")
+        if name not in ("nan", "kill_in_save") or not step.isdigit():
+            raise ValueError(f"VIT_SCALING_FAULTS item {item!r}; expected nan@STEP or "
+                             "kill_in_save@STEP")
+        faults[name] = int(step)
+    return faults
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a config resolves to on a given world size and dataset (written as plan.json)."""
+
+    total_steps: int
+    world_size: int
+    micro_batch: int
+    accumulation: int
+    steps_per_epoch: int
+    samples_per_epoch: int
+    params: int
+    macs_per_image: int
+    num_classes: int
+    image_size: int
+
+
+def prepare(cfg: TrainConfig, world_size: int):
+    """Validate data, batch layout, budget and run dir; raises ValueError before any training."""
+    if not Path(cfg.data).is_dir():
+        raise ValueError(f"data dir {cfg.data!r} does not exist")
+    info = load_dataset_info(cfg.data, verify=True)
+    micro, accum = batch_layout(cfg, world_size)
+    vit = cfg.vit(num_classes=info.num_classes, image_size=info.image_size)
+    macs = forward_macs(vit)
+    train_samples = info.split("train").num_samples
+    steps = resolve_steps(cfg, train_samples, macs)
+    per_epoch = cfg.samples_per_epoch or train_samples
+    steps_per_epoch = max(1, -(-per_epoch // cfg.batch_size))
+    plan = Plan(steps, world_size, micro, accum, steps_per_epoch, per_epoch, param_count(vit),
+                macs, info.num_classes, vit.image_size)
+    _check_run_dir(cfg)
+    return info, vit, plan
+
+
+def _check_run_dir(cfg: TrainConfig) -> None:
+    path = Path(cfg.out) / results.CONFIG_FILE
+    if not path.exists():
+        return
+    old, new = results.read_json(path), cfg.to_dict()
+    differ = sorted(k for k in set(old) | set(new)
+                    if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ)
+        raise ValueError(f"run dir {cfg.out} holds another run's config ({detail}); "
+                         "use a new --out or the same flags")
+
+
+class Run:
+    """The state of one run on one rank."""
+
+    def __init__(self, cfg: TrainConfig, info, vit, plan: Plan, where: dist.DistInfo):
+        self.cfg, self.info, self.vit, self.plan, self.where = cfg, info, vit, plan, where
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / results.CHECKPOINT_DIR
+        self.step, self.best_top1, self.last_eval = 0, None, None
+        self.meter = Meter()
+        self.stop_signal = 0
+        self.window = None  # this rank's summed loss since the last train row
+        self.faults = faults_from_env()
+
+    # -- set-up -------------------------------------------------------------------------------
+    def build(self) -> None:
+        """Process group, model, engine; resume if a complete checkpoint exists."""
+        from scaling import engine as eng
+        from scaling.model import create_model
+
+        eng.init_distributed(self.where)
+        self.device = dist.device_for(self.where)
+        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
+        model = create_model(self.vit)
+        self.engine = eng.initialize(model, self.cfg, micro=self.plan.micro_batch,
+                                     accum=self.plan.accumulation,
+                                     total_steps=self.plan.total_steps)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision,
+                                                                       torch.float32)
+        if self.where.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not (self.out / results.CONFIG_FILE).exists():
+                results.write_json(self.out / results.CONFIG_FILE, self.cfg.to_dict())
+            results.write_json(self.out / results.PLAN_FILE, dataclasses.asdict(self.plan))
+            removed = eng.remove_incomplete(self.ckpt_dir)
+            if removed:
+                log.warning("removed incomplete checkpoints %s", removed)
+        dist.barrier()
+        self.batches = Batches(self.cfg, self.info, self.plan, self.where)
+        self.window = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._resume()
+
+    def _resume(self) -> None:
+        from scaling import engine as eng
+
+        done = eng.complete_checkpoints(self.ckpt_dir)
+        if not done:
+            return
+        step, tag = done[-1]
+        client = eng.load_checkpoint(self.engine, self.ckpt_dir, tag)
+        self.step, self.best_top1 = client["step"], client.get("best_top1")
+        self.last_eval = client.get("last_eval")
+        # Totals over ranks were saved; rank 0 carries them on so all-reduces stay exact.
+        main = self.where.is_main
+        self.meter.restore(client["meter"], skipped=client["skipped"] if main else 0)
+        self.window.fill_(client["window_loss"] if main else 0.0)
+        self.meter.window_step = client["window_step"]
+        if self.where.is_main:
+            dropped = results.truncate_metrics(self.out, self.step)
+            log.info("resumed from %s (step %d; dropped %d later metric rows)", tag, step,
+                     dropped)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> None:
+        """Run optimizer steps until the budget is spent or a stop signal arrives."""
+        cfg, plan = self.cfg, self.plan
+        bar = self._progress_bar()
+        self.meter.start_window(self.meter.window_step)
+        for micro_batches, skipped in self.batches.iterate(self.step):
+            t0 = time.perf_counter()
+            self.window += self._step(micro_batches)
+            self.meter.add_compute(time.perf_counter() - t0, skipped)
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
+                self._log_train()
+            if self._should_stop():
+                self.save()
+                raise SystemExit(results.EXIT_PREEMPTED)
+            last = self.step == plan.total_steps
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
+                self.run_eval()
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not last:
+                self.save()
+        if bar is not None:
+            bar.close()
+
+    def _step(self, micro_batches) -> torch.Tensor:
+        """One optimizer step over `accumulation` micro-batches; returns the summed loss."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for images, targets in micro_batches:
+            images = images.to(self.device, self.dtype, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            logits = self.engine(images)
+            loss = F.cross_entropy(logits.float(), targets)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().double() / self.plan.accumulation
+        if self.faults.get("nan") == self.step + 1:
+            total *= float("nan")  # fault injection (tests): this step's loss is NaN
+        return total
+
+    def _log_train(self) -> None:
+        steps = self.step - self.meter.window_step
+        loss_sum, skipped = self._global_window()
+        loss = loss_sum / (steps * self.plan.world_size)
+        self.window.zero_()
+        images = steps * self.cfg.batch_size
+        flops = 6.0 * self.plan.macs_per_image * images
+        seconds = self.meter.end_window(self.step)
+        tflops = flops / max(seconds, 1e-9) / self.plan.world_size / 1e12
+        row = self._row("train", loss=loss, lr=lr_at(self.cfg, self.step - 1, self.plan.total_steps),
+                        images_per_s=images / max(seconds, 1e-9), tflops=tflops,
+                        mfu=self.meter.mfu(tflops, self.cfg.peak_tflops), mem_gb=memory_gb(),
+                        skipped_samples=int(skipped))
+        self._emit(row)
+
+    def _global_window(self) -> tuple[float, int]:
+        """(loss summed over the window and all ranks, skipped samples over all ranks); raises
+        Diverged on a NaN/inf loss, so nothing is logged or saved after a divergence."""
+        loss_sum, skipped = dist.all_reduce_sum([float(self.window), self.meter.skipped],
+                                                self.device)
+        if not math.isfinite(loss_sum):
+            raise Diverged(f"loss is {loss_sum} in the steps up to {self.step}")
+        self.meter.skipped_global = int(skipped)
+        return loss_sum, int(skipped)
+
+    def _should_stop(self) -> bool:
+        return bool(dist.all_reduce_max(self.stop_signal, self.device))
+
+    # -- evaluation, checkpoints, results ------------------------------------------------------
+    def run_eval(self) -> dict:
+        """Evaluate on the val split (all ranks) and log an eval row."""
+        self._global_window()  # a diverged model is not evaluated
+        t0 = time.perf_counter()
+        stats = evaluate(self.engine, self.batches.eval_loader(), self.device, self.dtype)
+        self.meter.add_overhead(time.perf_counter() - t0)
+        row = self._row("eval", **stats)
+        self.last_eval = {k: row[k] for k in ("top1", "top5", "loss", "step")}
+        if self.best_top1 is None or row["top1"] > self.best_top1:
+            self.best_top1 = row["top1"]
+        self._emit(row)
+        return row
+
+    def save(self) -> None:
+        """A complete checkpoint at the current step (all ranks)."""
+        from scaling import engine as eng
+
+        t0 = time.perf_counter()
+        window_loss, skipped = self._global_window()  # never checkpoint a diverged model
+        client = {"step": self.step, "best_top1": self.best_top1, "last_eval": self.last_eval,
+                  "meter": self.meter.state(), "skipped": skipped, "window_loss": window_loss,
+                  "window_step": self.meter.window_step}
+        eng.save_checkpoint(self.engine, self.ckpt_dir, self.step, client, self.cfg.keep_ckpts,
+                            crash=self.faults.get("kill_in_save") == self.step)
+        self.meter.add_overhead(time.perf_counter() - t0)
+
+    def finish(self) -> dict:
+        """Final eval, checkpoint, safetensors export and final.json."""
+        from scaling import engine as eng
+
+        if self.last_eval is None or self.last_eval["step"] != self.step:
+            self.run_eval()
+        if not eng.complete_checkpoints(self.ckpt_dir)[-1:] or \
+                eng.complete_checkpoints(self.ckpt_dir)[-1][0] != self.step:
+            self.save()
+        meta = {"vit_config": json.dumps(dataclasses.asdict(self.vit)), "step": str(self.step)}
+        eng.export_safetensors(self.engine, self.out / results.EXPORT_FILE, meta)
+        return self._final(results.STATUS_OK)
+
+    def _final(self, status: str, error: str | None = None) -> dict:
+        wall = self.meter.wall()
+        ev = self.last_eval or {}
+        final = {
+            "status": status, "final_top1": ev.get("top1"), "best_top1": self.best_top1,
+            "final_top5": ev.get("top5"), "final_loss": ev.get("loss"), "steps": self.step,
+            "images_seen": self.step * self.cfg.batch_size,
+            "total_flops": 6.0 * self.plan.macs_per_image * self.step * self.cfg.batch_size,
+            "params": self.plan.params, "macs_per_image": self.plan.macs_per_image,
+            "model": self.vit.name, "wall_hours": wall / 3600,
+            "device_hours": wall / 3600 * self.plan.world_size,
+            "world_size": self.plan.world_size, "skipped_samples": self.meter.skipped_global,
+            "overhead_fraction": self.meter.overhead_fraction(), "error": error,
+        }
+        if self.where.is_main:
+            results.write_json(self.out / results.FINAL_FILE, final)
+        return final
+
+    def _row(self, kind: str, **values) -> dict:
+        images = self.step * self.cfg.batch_size
+        return {"kind": kind, "step": self.step, "epoch": images / self.plan.samples_per_epoch,
+                "images_seen": images, "flops_seen": 6.0 * self.plan.macs_per_image * images,
+                "wall_s": self.meter.wall(), **values}
+
+    def _emit(self, row: dict) -> None:
+        if not self.where.is_main:
+            return
+        results.append_metrics(self.out, row)
+        if self._bar is None:
+            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()
+                     if k in ("step", "loss", "lr", "top1", "images_per_s", "mfu")}
+            log.info("%s %s", row["kind"], " ".join(f"{k}={v}" for k, v in shown.items()))
+
+    _bar = None
+
+    def _progress_bar(self):
+        if not (self.where.is_main and self.cfg.progress and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=self.plan.total_steps, initial=self.step, unit="step")
+        return self._bar
+
+
+def _install_signal_handlers(run: Run) -> None:
+    def handler(signum, frame):
+        run.stop_signal = signum
+        log.warning("received %s: will checkpoint and exit", signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, handler)
+
+
+def execute(run: Run) -> int:
+    """Train to the end (or to a signal) and record the outcome; returns the exit code."""
+    _install_signal_handlers(run)
+    try:
+        run.build()
+        run.train()
+        run.finish()
+        return results.EXIT_OK
+    except SystemExit as e:
+        if e.code == results.EXIT_PREEMPTED:
+            log.warning("checkpointed at step %d; rerun the same command to resume", run.step)
+        return int(e.code or 0)
+    except Diverged as e:
+        log.error("diverged: %s", e)
+        run._final(results.STATUS_DIVERGED, str(e))
+        return results.EXIT_DIVERGED
+    except Exception as e:  # noqa: BLE001 - every failure must reach final.json
+        log.exception("run failed")
+        run._final(results.STATUS_FAILED, f"{type(e).__name__}: {e}")
+        return results.EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    where = dist.dist_info()
+    logging.basicConfig(level=logging.INFO if where.is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank {where.rank}] %(levelname)s %(message)s")
+    try:
+        cfg = TrainConfig.from_args(argv)
+        info, vit, plan = prepare(cfg, where.world_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return results.EXIT_BAD_INPUT
+    final = results.read_final(cfg.out) if (Path(cfg.out) / results.FINAL_FILE).exists() else None
+    if final and final["status"] == results.STATUS_OK:
+        log.info("%s already finished (final.json status ok); nothing to do", cfg.out)
+        return results.EXIT_OK
+    return execute(Run(cfg, info, vit, plan, where))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
