@@ -1,0 +1,222 @@
+"""The sweep grid: sizes x budgets x seeds x learning rates -> validated runs with stable ids.
+
+A run id reads `<size><patch>_<budget>_<hash>` (e.g. `S16_1e18_3fa9c2`, `m1-2_3e10_0b7d41`):
+the hash covers every result-changing field of the run's TrainConfig, the world size and the
+dataset's identity, so the same grid point always maps to the same run dir and a changed recipe
+never resumes an old run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from launchers.presets import Preset
+from scaling.config import RESUMABLE_FIELDS, TrainConfig, batch_layout, resolve_steps
+from scaling.data import DatasetInfo
+from scaling.flops import forward_macs
+from scaling.model import SIZES
+
+BUDGET_TOKENS = {"flops": "", "steps": "st", "epochs": "ep", "samples": "im"}
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+GRID_FIELDS = ("model", "data", "out", "steps", "epochs", "samples", "flops", "batch_size",
+               "lr", "seed")  # set by the grid itself, not by --set
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One grid point: its id, its full TrainConfig and what the sweep needs to place it."""
+
+    run_id: str
+    model: str
+    budget: float
+    budget_kind: str
+    seed: int
+    base_lr: float
+    world_size: int
+    total_steps: int
+    cfg: TrainConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def size(self) -> str:
+        return self.model.split("/")[0]
+
+    def record(self) -> dict:
+        """The fields of job.json that describe the run (launchers.runs adds the job's)."""
+        return {"run_id": self.run_id, "model": self.model, "size": self.size,
+                "budget": self.budget, "budget_kind": self.budget_kind, "seed": self.seed,
+                "base_lr": self.base_lr, "lr": self.cfg.lr, "batch_size": self.cfg.batch_size,
+                "world_size": self.world_size, "total_steps": self.total_steps,
+                "train_args": self.cfg.to_args()}
+
+
+@dataclass(frozen=True)
+class GridOptions:
+    """What the sweep CLI varies; None means the preset's value."""
+
+    sizes: tuple[str, ...]
+    budgets: tuple[float, ...]
+    seeds: tuple[int, ...] = (0,)
+    lrs: tuple[float, ...] | None = None  # base learning rates (per 512 images)
+    batch_size: int | None = None
+    budget_kind: str | None = None
+    world_size: int = 1
+    overrides: tuple[tuple[str, str], ...] = ()  # --set FIELD=VALUE, in order
+
+
+def parse_list(text: str, kind: type, flag: str) -> tuple:
+    """'1e15,3e15' -> (1e15, 3e15); a bad item raises ValueError naming the flag and item."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{flag}: empty list {text!r}")
+    out = []
+    for item in items:
+        try:
+            value = kind(float(item)) if kind is int and "e" in item.lower() else kind(item)
+        except ValueError:
+            raise ValueError(f"{flag}: {item!r} is not a valid {kind.__name__}") from None
+        out.append(value)
+    return tuple(out)
+
+
+def resolve_size(name: str, patch: int) -> str:
+    """'S' -> 'S/<patch>', 'S/8' stays; an unknown size raises ValueError listing the valid."""
+    size, _, given = name.strip().partition("/")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r} in --sizes; valid: {list(SIZES)} "
+                         f"(optionally with a patch, e.g. S/16)")
+    if given and not given.isdigit():
+        raise ValueError(f"bad patch {given!r} in size {name!r}; expected e.g. {size}/16")
+    return f"{size}/{given or patch}"
+
+
+def node_layout(gpus: int, gpus_per_node: int) -> tuple[int, int]:
+    """(nodes, tasks per node) for `gpus` ranks, one task per GPU, whole nodes beyond one."""
+    if gpus < 1 or gpus_per_node < 1:
+        raise ValueError(f"--gpus {gpus} and --gpus-per-node {gpus_per_node} must be >= 1")
+    if gpus <= gpus_per_node:
+        return 1, gpus
+    if gpus % gpus_per_node:
+        lo = gpus // gpus_per_node * gpus_per_node
+        raise ValueError(f"--gpus {gpus} is not a whole number of nodes of --gpus-per-node "
+                         f"{gpus_per_node}; use at most {gpus_per_node} or a multiple of it "
+                         f"(e.g. {lo} or {lo + gpus_per_node})")
+    return gpus // gpus_per_node, gpus_per_node
+
+
+def budget_token(amount: float, kind: str) -> str:
+    """1e15 -> '1e15', 3.5e10 -> '3.5e10', steps 8 -> '8st' (run-id friendly)."""
+    text = f"{amount:g}".replace("e+", "e").replace("e0", "e")
+    return text + BUDGET_TOKENS[kind]
+
+
+def model_token(model: str) -> str:
+    """'S/16' -> 'S16'; 'm1/2' -> 'm1-2' (a size ending in a digit keeps the two apart)."""
+    size, patch = model.split("/")
+    return f"{size}-{patch}" if size[-1].isdigit() else f"{size}{patch}"
+
+
+def data_fingerprint(info: DatasetInfo) -> dict:
+    """What identifies a dataset independent of where it lies."""
+    return {"source": info.source, "image_size": info.image_size, "classes": info.num_classes,
+            "splits": {k: v.num_samples for k, v in sorted(info.splits.items())}}
+
+
+def config_hash(cfg: TrainConfig, world_size: int, data: dict) -> str:
+    """Six hex digits over the result-changing, non-default config fields and the layout."""
+    fields = {k: v for k, v in cfg.to_dict().items()
+              if k not in RESUMABLE_FIELDS and v is not None and v != TRAIN_FIELDS[k].default}
+    payload = json.dumps({"cfg": fields, "world_size": world_size, "data": data},
+                         sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:6]
+
+
+def to_flags(values: dict) -> list[str]:
+    """{'weight_decay': 0.05, 'progress': False} -> ['--weight-decay', '0.05', '--no-progress']."""
+    flags = []
+    for name, value in values.items():
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            flags += [f"--{flag}", str(value)]
+    return flags
+
+
+def parse_overrides(pairs: list[str]) -> tuple[tuple[str, object], ...]:
+    """--set FIELD=VALUE pairs, checked against TrainConfig's fields."""
+    out = []
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in TRAIN_FIELDS or name in GRID_FIELDS:
+            valid = sorted(set(TRAIN_FIELDS) - set(GRID_FIELDS))
+            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {valid}")
+        low = value.strip().lower()
+        out.append((name, low == "true" if low in ("true", "false") else value.strip()))
+    return tuple(out)
+
+
+def build_config(argv: list[str]) -> TrainConfig:
+    """TrainConfig from flags, turning argparse's exit into a ValueError that names the flag."""
+    parser = TrainConfig.parser()
+    parser.exit_on_error = False
+    try:
+        ns, rest = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise ValueError(f"bad training setting: {e}") from None
+    if rest:
+        raise ValueError(f"unknown training flag(s) {rest}")
+    return TrainConfig(**vars(ns))
+
+
+def _run(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: Path, model: str,
+         budget: float, seed: int, base_lr: float | None) -> RunSpec:
+    """One validated grid point."""
+    kind = opts.budget_kind or preset.budget_kind
+    batch = opts.batch_size or preset.batch_size
+    argv = ["--model", model, "--data", str(info.root), "--out", str(sweep_dir / "_pending"),
+            f"--{kind}", str(int(budget) if kind in ("steps", "samples") else budget),
+            "--batch-size", str(batch), "--lr", repr(preset.lr(base_lr, batch)),
+            "--seed", str(seed)]
+    argv += to_flags(preset.train) + to_flags(dict(opts.overrides))
+    cfg = build_config(argv)
+    vit = cfg.vit(num_classes=info.num_classes, image_size=info.image_size)
+    steps = resolve_steps(cfg, info.split("train").num_samples, forward_macs(vit))
+    batch_layout(cfg, opts.world_size)
+    run_id = "_".join([model_token(model), budget_token(budget, kind),
+                       config_hash(cfg, opts.world_size, data_fingerprint(info))])
+    cfg = dataclasses.replace(cfg, out=str(sweep_dir / run_id))
+    return RunSpec(run_id=run_id, model=model, budget=budget, budget_kind=kind, seed=seed,
+                   base_lr=preset.base_lr if base_lr is None else base_lr,
+                   world_size=opts.world_size, total_steps=steps, cfg=cfg)
+
+
+def build_grid(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: Path
+               ) -> list[RunSpec]:
+    """Every grid point, validated (a ValueError names the first bad value)."""
+    models = [resolve_size(s, preset.patch) for s in opts.sizes]
+    specs = []
+    for model in models:
+        for budget in opts.budgets:
+            if not budget > 0:
+                raise ValueError(f"--budgets: {budget:g} must be positive")
+            for seed in opts.seeds:
+                for lr in opts.lrs or (None,):
+                    try:
+                        specs.append(_run(preset, opts, info, sweep_dir, model, budget, seed, lr))
+                    except ValueError as e:
+                        raise ValueError(f"{model} at budget {budget:g}: {e}") from None
+    ids = [s.run_id for s in specs]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(f"the grid repeats run(s) {dupes}: remove duplicate sizes/budgets")
+    return specs

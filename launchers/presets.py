@@ -1,0 +1,129 @@
+"""Named sweep recipes: sizes, compute budgets and the training recipe, as functions.
+
+A preset fixes the *global* batch size; `--gpus` only splits it over ranks, so a run's results do
+not depend on how many devices trained it. The peak learning rate follows DeiT's linear scaling
+rule, lr = base_lr x batch_size / 512 (Touvron et al. 2021, Sec. 6 "Training details" and
+Table 9), with `base_lr` the rate at a global batch of 512; `--lrs` sweeps base rates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+LR_REFERENCE_BATCH = 512  # DeiT: lr = 5e-4 x batchsize / 512
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A sweep recipe; `train` holds TrainConfig fields (flag names with underscores)."""
+
+    name: str
+    description: str
+    sizes: tuple[str, ...]  # sizes of scaling.model.SIZES, without patch
+    patch: int  # patch size for sizes given without one
+    budgets: tuple[float, ...]  # in units of `budget_kind`
+    budget_kind: str = "flops"  # a TrainConfig budget field: flops, steps, epochs, samples
+    batch_size: int = 512  # global, fixed for every world size
+    base_lr: float = 5e-4  # peak lr at a global batch of LR_REFERENCE_BATCH
+    train: dict = field(default_factory=dict)
+    device: str = "cuda"  # "cpu": ranks are CPU processes (gloo), no GPUs are requested
+    gpus: int = 1  # default GPUs (ranks) per run
+    builtin_data: str | None = None  # "digits"/"shapes": made on demand when --data is absent
+    data_args: dict = field(default_factory=dict)  # scaling.data.make_builtin_shards kwargs
+    slurm: dict = field(default_factory=dict)  # defaults for launchers.slurm (time, cpus...)
+
+    def lr(self, base_lr: float | None = None, batch_size: int | None = None) -> float:
+        """Peak lr for a global batch by the linear scaling rule (DeiT)."""
+        base = self.base_lr if base_lr is None else base_lr
+        return base * (batch_size or self.batch_size) / LR_REFERENCE_BATCH
+
+    def replace(self, **changes) -> Preset:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def demo() -> Preset:
+    """CPU demo: the micro ladder on built-in data; about 5 minutes on 2 CPU cores."""
+    return Preset(
+        name="demo",
+        description="micro ViTs on built-in 8x8 digits, CPU, minutes",
+        sizes=("mu", "m1", "m2"),
+        patch=2,
+        budgets=(3e10, 1e11, 3e11),
+        batch_size=64,
+        base_lr=8e-3,  # = 1e-3 at batch 64: small models on tiny images take a high rate
+        train={"weight_decay": 0.05, "warmup_fraction": 0.1, "label_smoothing": 0.0,
+               "eval_every": 0, "ckpt_every": 0, "num_workers": 0, "precision": "fp32",
+               "zero": 0, "log_every": 10, "progress": False},
+        device="cpu",
+        gpus=1,
+        builtin_data="digits",
+        data_args={},
+        slurm={"time": 30, "cpus_per_task": 1},
+    )
+
+
+def cifar() -> Preset:
+    """CIFAR-10/100 from scratch at 32px, patch 4, DeiT-style recipe (needs --data)."""
+    return Preset(
+        name="cifar",
+        description="ViTs from scratch on CIFAR shards (make_shards --from cifar), patch 4",
+        sizes=("m3", "m4", "Ti", "S"),
+        patch=4,
+        budgets=(1e15, 3e15, 1e16, 3e16),
+        batch_size=512,
+        base_lr=1e-3,  # common from-scratch CIFAR ViT setting at batch 512
+        train={"weight_decay": 0.05, "warmup_fraction": 0.05, "label_smoothing": 0.1,
+               "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "drop_path": 0.1, "grad_clip": 0.0,
+               "precision": "bf16", "zero": 1, "eval_every": 500, "ckpt_every": 1000,
+               "num_workers": 4},
+        device="cuda",
+        gpus=1,
+        slurm={"time": 240, "cpus_per_task": 6},
+    )
+
+
+def imagenet() -> Preset:
+    """ImageNet-1k at 224px, the DeiT recipe (Touvron et al. 2021, Table 9).
+
+    DeiT-B: AdamW, batch 1024, lr 5e-4 x batch/512, cosine decay to 1e-5, 5 warmup epochs of
+    300 (a 1.7% fraction), weight decay 0.05, label smoothing 0.1, stochastic depth 0.1, mixup
+    0.8, cutmix 1.0, no gradient clipping. The ViT paper's own ImageNet recipe (Appendix B.1,
+    Table 3) uses Adam(0.9, 0.999), batch 4096, linear decay after 10k warmup steps, weight
+    decay 0.1-0.3, dropout 0.1 and clipping at norm 1; pass those with --set to compare.
+    """
+    return Preset(
+        name="imagenet",
+        description="ViT/DeiT on ImageNet-1k shards at 224px (needs --data)",
+        sizes=("Ti", "S", "B"),
+        patch=16,
+        budgets=(1e18, 3e18, 1e19, 3e19),
+        batch_size=1024,
+        base_lr=5e-4,
+        train={"image_size": 224, "weight_decay": 0.05, "warmup_fraction": 5 / 300,
+               "min_lr": 1e-5, "schedule": "cosine", "label_smoothing": 0.1, "mixup_alpha": 0.8,
+               "cutmix_alpha": 1.0, "drop_path": 0.1, "grad_clip": 0.0, "precision": "bf16",
+               "zero": 1, "eval_every": 2000, "ckpt_every": 2000, "num_workers": 8},
+        device="cuda",
+        gpus=8,
+        slurm={"time": 24 * 60, "cpus_per_task": 10},
+    )
+
+
+PRESETS: dict[str, Callable[[], Preset]] = {"demo": demo, "cifar": cifar, "imagenet": imagenet}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; a ValueError lists the valid names."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def default_preset_name() -> str:
+    """`demo` on a machine without a GPU, else `imagenet`."""
+    import torch  # late: `status` and --help need no torch
+
+    return "imagenet" if torch.cuda.is_available() else "demo"

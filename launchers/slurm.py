@@ -1,0 +1,247 @@
+"""SLURM through submitit: sbatch parameters, job arrays, and the job that requeues itself.
+
+Preemption, as verified against submitit 1.5 and SLURM 22.05 (tests/test_slurm_sweep.py):
+1. SLURM delivers the signal (`scancel --signal=USR2`, or `--signal=USR2@90` before the time
+   limit) to *every process of the job step*: each task's submitit process and its training
+   child alike (proctrack tracks descendants). TrainJob also forwards it to its child, so the
+   train CLI's handler must be idempotent (it only sets a flag).
+2. submitit's handler runs in every task; on ranks > 0 it only logs ("Not checkpointing nor
+   requeuing since I am a slave"). On rank 0 it calls `TrainJob.checkpoint()`, which waits for
+   the child to save a checkpoint and exit 75, then returns a DelayedSubmission; submitit
+   pickles it, runs `scontrol requeue <job id>` and exits. The requeued job unpickles the new
+   TrainJob and reruns the same command, which resumes from RUN_DIR/checkpoints.
+3. submitit counts a signal as a *time-out* (not a preemption) once the job ran
+   min(0.8 x time, time - 10 min), and stops requeuing after max_num_timeout time-outs; both it
+   and TrainJob stop after `max_requeues`.
+The handler runs inside the main thread's wait, so the child is waited for by a helper thread
+(a blocking Popen.wait would deadlock on its own lock when re-entered from the handler).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from launchers.runs import now, update_job
+from scaling.results import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAVE_TIMEOUT_S = 600  # upper bound on waiting for the child's checkpoint after the signal
+PREEMPT_GRACE_S = 20  # after a SIGTERM exit, how long rank 0 waits for the requeue signal
+
+
+def child_env(rank_env: dict, *, cpus: int | None) -> dict:
+    """Environment of a training child: inherited, plus the repo on PYTHONPATH and threads."""
+    env = dict(rank_env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    if cpus:  # torch would start one thread per core of the node on every rank
+        env.setdefault("OMP_NUM_THREADS", str(cpus))
+    return env
+
+
+def train_command(train_args: list[str]) -> list[str]:
+    """The command every rank runs."""
+    return [sys.executable, "-m", "scaling.train", *train_args]
+
+
+class TrainJob:
+    """The submitit callable of one run: each SLURM task runs the train CLI as a child."""
+
+    def __init__(self, run_dir: str, train_args: list[str], *, signal_name: str = "USR2",
+                 max_requeues: int = 3, requeues: int = 0, save_timeout_s: int = SAVE_TIMEOUT_S):
+        self.run_dir = str(run_dir)
+        self.train_args = list(train_args)
+        self.signal_name = signal_name
+        self.max_requeues = max_requeues
+        self.requeues = requeues
+        self.save_timeout_s = save_timeout_s
+        self._proc: subprocess.Popen | None = None
+        self._rc: int | None = None
+        self._updating = False
+
+    def __getstate__(self) -> dict:
+        """Pickle the recipe only, never the live child."""
+        state = dict(self.__dict__)
+        state.update(_proc=None, _rc=None, _updating=False)
+        return state
+
+    def __call__(self) -> dict:
+        """Run this task's rank to its end; rank 0 records the attempt in job.json."""
+        rank = int(os.environ.get("SLURM_PROCID", "0"))
+        job_id = _job_id()
+        if rank == 0:
+            self._record(job_id=job_id, attempt={"job_id": job_id, "start": now(),
+                                                 "host": socket.gethostname(),
+                                                 "requeues": self.requeues})
+        self._start(rank)
+        rc = self._wait(None)
+        if rank == 0:
+            self._record(attempt_end={"end": now(), "exit": rc})
+        if rc in (EXIT_OK, EXIT_DIVERGED) or rank != 0:
+            return {"run_dir": self.run_dir, "rank": rank, "exit": rc}
+        if rc == EXIT_PREEMPTED:
+            # SIGTERM came first (a preemption sends SIGTERM, then the requeue signal, as
+            # submitit's SlurmJob._interrupt does): give that signal time to arrive; submitit's
+            # handler then requeues and exits from inside this sleep.
+            time.sleep(PREEMPT_GRACE_S)
+        raise RuntimeError(f"training exited with code {rc} (75: stopped by SIGTERM, rerun the "
+                           f"sweep to resume); log: {self._log_path(rank)}")
+
+    def checkpoint(self, *args, **kwargs):
+        """Rank 0, from submitit's signal handler: wait for the child's checkpoint, requeue."""
+        rc = self._wait(self.save_timeout_s) if self._proc is not None else None
+        self._record(attempt_end={"end": now(), "exit": rc, "signal": self.signal_name})
+        if rc in (EXIT_OK, EXIT_DIVERGED):
+            return None  # finished just in time: nothing to resume
+        if self.requeues >= self.max_requeues:
+            self._record(requeue_refused=f"max_requeues={self.max_requeues} reached")
+            return None  # submitit then ends the job; rerunning the sweep resumes the run
+        self._record(requeues=self.requeues + 1)
+        import submitit  # late: the job side imports it anyway; keeps this module light
+
+        return submitit.helpers.DelayedSubmission(TrainJob(
+            self.run_dir, self.train_args, signal_name=self.signal_name,
+            max_requeues=self.max_requeues, requeues=self.requeues + 1,
+            save_timeout_s=self.save_timeout_s))
+
+    def _record(self, **changes) -> None:
+        """update_job, skipped when a signal handler interrupts the main thread's own update
+        (job.json's flock is not re-entrant: waiting on it there would deadlock)."""
+        if self._updating:
+            return
+        self._updating = True
+        try:
+            update_job(self.run_dir, **changes)
+        finally:
+            self._updating = False
+
+    def _log_path(self, rank: int) -> Path:
+        return Path(self.run_dir) / "logs" / f"rank{rank}.log"
+
+    def _start(self, rank: int) -> None:
+        """Start the child and a thread that reaps it; forward the preemption signal."""
+        log_path = self._log_path(rank)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0")) or None
+        with open(log_path, "a") as log:
+            log.write(f"==== {now()} job {_job_id()} rank {rank} requeues {self.requeues}\n")
+            log.flush()
+            self._proc = subprocess.Popen(train_command(self.train_args), stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                          env=child_env(dict(os.environ), cpus=cpus))
+        threading.Thread(target=self._reap, daemon=True).start()
+        signum = getattr(signal, "SIG" + self.signal_name)
+        previous = signal.getsignal(signum)
+
+        def forward(sig, frame):
+            if self._proc is not None and self._rc is None:
+                self._proc.send_signal(sig)
+            if callable(previous):
+                previous(sig, frame)  # submitit's handler: checkpoint() and requeue on rank 0
+
+        signal.signal(signum, forward)
+
+    def _reap(self) -> None:
+        self._rc = self._proc.wait()
+
+    def _wait(self, timeout: float | None) -> int | None:
+        """The child's exit code; polls so that signal handlers can run (and wait) meanwhile."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._rc is None and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.2)
+        return self._rc
+
+
+SLURM_KEYS = ("partition", "account", "qos", "time", "gpus_per_node", "cpus_per_task", "mem_gb",
+              "max_parallel", "max_requeues", "signal", "constraint", "exclude", "setup",
+              "srun_args", "additional_parameters")
+
+
+def load_slurm_yaml(path: str | os.PathLike) -> dict:
+    """SLURM settings from a YAML mapping with keys of SLURM_KEYS (flags override them)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ValueError(f"--slurm-config {path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--slurm-config {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(  # noqa: TRY004 - bad user input, reported like every other (exit 2)
+            f"--slurm-config {path}: expected a mapping, got {type(data).__name__}")
+    bad = sorted(set(data) - set(SLURM_KEYS))
+    if bad:
+        raise ValueError(f"--slurm-config {path}: unknown key(s) {bad}; valid: {list(SLURM_KEYS)}")
+    return data
+
+
+def parse_signal(text: str) -> tuple[str, int]:
+    """'USR2' -> ('USR2', 90); 'USR1@120' -> ('USR1', 120); names checked against signal."""
+    name, _, delay = str(text).upper().removeprefix("SIG").partition("@")
+    if not hasattr(signal, "SIG" + name) or name in ("KILL", "STOP"):
+        raise ValueError(f"--signal {text!r}: unknown or uncatchable signal; e.g. USR2, USR1, "
+                         "TERM, optionally with @SECONDS before the time limit (USR2@90)")
+    if delay and not delay.isdigit():
+        raise ValueError(f"--signal {text!r}: the delay after @ must be whole seconds")
+    return name, int(delay or 90)  # 90 s: submitit's default signal_delay_s
+
+
+def executor_parameters(s: dict, *, nodes: int, tasks_per_node: int, gpus: bool, name: str,
+                        count: int) -> dict:
+    """SlurmExecutor parameters (submitit's names) from merged settings `s` (SLURM_KEYS)."""
+    sig, delay = parse_signal(s.get("signal") or "USR2")
+    extra = dict(s.get("additional_parameters") or {})
+    # --signal overrides the line submitit writes from SUBMITIT_PREEMPT_SIGNAL; --requeue lets
+    # `scontrol requeue` work where the cluster's JobRequeue=0
+    extra.update(signal=f"{sig}@{delay}", requeue=True)
+    params = {"job_name": name, "nodes": nodes, "ntasks_per_node": tasks_per_node,
+                  "cpus_per_task": int(s.get("cpus_per_task") or 1), "time": int(s["time"]),
+                  "signal_delay_s": delay, "additional_parameters": extra,
+                  "array_parallelism": int(s.get("max_parallel") or max(count, 1)),
+                  # the job side of submitit reads the signal name from this variable
+                  "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={sig}",
+                         f"export PYTHONPATH={REPO_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}",
+                         *(s.get("setup") or [])]}
+    if gpus:
+        params["gpus_per_node"] = tasks_per_node  # one GPU per task
+    if s.get("mem_gb"):
+        params["mem"] = f"{int(s['mem_gb'])}GB"
+    for key in ("partition", "account", "qos", "constraint", "exclude"):
+        if s.get(key):
+            params[key] = str(s[key])
+    if s.get("srun_args"):
+        params["srun_args"] = list(s["srun_args"])
+    return params
+
+
+def sbatch_script(params: dict, folder: str | os.PathLike, count: int) -> str:
+    """The sbatch file submitit would write for `count` runs (an array when count > 1)."""
+    from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor itself calls
+
+    command = f"{sys.executable} -u -m submitit.core._submit {folder}"
+    return _make_sbatch_string(command=command, folder=folder,
+                               map_count=count if count > 1 else None, **params)
+
+
+def submit(jobs: list[TrainJob], params: dict, folder: str | os.PathLike,
+           max_requeues: int) -> list[str]:
+    """Submit the jobs as one SLURM array (a plain job when there is one); their ids."""
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=max_requeues)
+    executor.update_parameters(**params)
+    return [j.job_id for j in executor.submit_array(jobs)]
+
+
+def _job_id() -> str:
+    """SLURM job id as submitit names it: ARRAYID_TASK for array elements."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID", "?")

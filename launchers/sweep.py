@@ -1,0 +1,46 @@
+"""The sweep CLI: a grid of ViT runs (sizes x compute budgets x seeds x lrs) on SLURM or locally.
+
+    python launchers/sweep.py --preset demo                      # CPU demo, built-in data
+    python launchers/sweep.py --sizes S,B --gpus 8 --preset imagenet --data /data/in1k \\
+        --budgets 1e18,3e18 --partition gpu --time 1440 --dry-run
+    python launchers/sweep.py status [--results results]
+
+Rerunning the same command is safe: finished runs are skipped, unfinished ones resume, runs whose
+job is queued or running are left alone; failed / diverged runs are resubmitted only with
+--resubmit-failed. See docs/sweeps.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `launchers` and `scaling` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launchers.cli import parse_args, parse_status_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep (or `status`); 0 ok, 1 a failure, 2 bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["status"]:
+            from launchers.status import status
+
+            args = parse_status_args(argv[1:])
+            print(status(Path(args.results)))
+            return 0
+        from launchers.launch import run_sweep
+
+        return run_sweep(parse_args(argv))
+    except ValueError as e:  # bad input: nothing was submitted
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"sweep: failed: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Shared fixtures: the local SLURM cluster, built-in data; and the strict-skip rule of CI.
+
+With VIT_SCALING_STRICT=1 (CI sets it, see .ci/run) a skip of any test marked `slurm` or
+`multiproc` is reported as a failure: those tests must run in CI, never silently vanish.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STRICT = os.environ.get("VIT_SCALING_STRICT") == "1"
+STRICT_MARKERS = ("slurm", "multiproc")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under VIT_SCALING_STRICT=1, a skipped slurm/multiproc test fails instead."""
+    outcome = yield
+    report = outcome.get_result()
+    marked = [m for m in STRICT_MARKERS if item.get_closest_marker(m)]
+    if STRICT and marked and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (f"VIT_SCALING_STRICT=1: a test marked {marked} must not skip "
+                           f"(skip reason: {reason})")
+
+
+def sinfo_node_states() -> list[str]:
+    """Node states that `sinfo` reports, or [] when SLURM is absent or does not answer."""
+    if shutil.which("sinfo") is None:
+        return []
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True,
+                             check=False, timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return out.stdout.split() if out.returncode == 0 else []
+
+
+def _usable(states: list[str]) -> bool:
+    return any(s.rstrip("*~#$@+-^!%").startswith(("idle", "mix", "alloc")) for s in states)
+
+
+@pytest.fixture(scope="session")
+def slurm() -> dict:
+    """A running SLURM cluster: the one here, or a one-node one started by local_slurm.sh
+    (as root); skips otherwise (a failure under VIT_SCALING_STRICT=1)."""
+    if not _usable(sinfo_node_states()):
+        if os.geteuid() != 0:
+            pytest.skip("no SLURM cluster answers `sinfo` and we are not root to start one "
+                        "(sudo bash launchers/local_slurm.sh)")
+        run = subprocess.run(["bash", str(REPO / "launchers" / "local_slurm.sh")],
+                             capture_output=True, text=True, timeout=900, check=False)
+        if run.returncode != 0 or not _usable(sinfo_node_states()):
+            pytest.fail(f"launchers/local_slurm.sh could not start SLURM (exit "
+                        f"{run.returncode}):\n{run.stdout}\n{run.stderr}")
+    return {"states": sinfo_node_states()}
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory) -> str:
+    """The built-in digits shards (8x8 images, 10 classes), made once per session."""
+    from scaling.data import make_builtin_shards
+
+    return str(make_builtin_shards("digits", tmp_path_factory.mktemp("data") / "digits").root)
