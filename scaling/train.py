@@ -68,6 +68,9 @@ def prepare(cfg: TrainConfig, world_size: int):
     """Validate data, batch layout, budget and run dir; raises ValueError before any training."""
     if not Path(cfg.data).is_dir():
         raise ValueError(f"data dir {cfg.data!r} does not exist")
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no "
+                         "fp16); use bf16 or fp32 on a CPU")
     info = load_dataset_info(cfg.data, verify=True)
     micro, accum = batch_layout(cfg, world_size)
     vit = cfg.vit(num_classes=info.num_classes, image_size=info.image_size)
@@ -351,10 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return results.EXIT_BAD_INPUT
-    final = results.read_final(cfg.out) if (Path(cfg.out) / results.FINAL_FILE).exists() else None
+    final_path = Path(cfg.out) / results.FINAL_FILE
+    final = results.read_final(cfg.out) if final_path.exists() else None
     if final and final["status"] == results.STATUS_OK:
         log.info("%s already finished (final.json status ok); nothing to do", cfg.out)
         return results.EXIT_OK
+    if final and where.is_main:  # a retry of a failed/diverged run keeps the earlier outcome
+        kept = final_path.with_name(f"final.{final['status']}.{int(time.time())}.json")
+        final_path.rename(kept)
+        log.warning("retrying a %s run; its final.json is kept as %s", final["status"], kept)
     return execute(Run(cfg, info, vit, plan, where))
 
 

@@ -185,6 +185,12 @@ def test_nan_loss_stops_with_diverged_and_keeps_last_checkpoint(digits, tmp_path
     states = torch.load(ckpt / "step00000020" / "mp_rank_00_model_states.pt",
                         weights_only=False)
     assert all(torch.isfinite(v).all() for v in states["module"].values())
+    # a retry (here without the fault) resumes from the last good checkpoint, keeps the
+    # diverged outcome on record, and finishes
+    train(args)
+    assert results.read_final(out)["status"] == "ok"
+    kept = list(out.glob("final.diverged.*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["status"] == "diverged"
 
 
 @pytest.mark.multiproc
@@ -215,6 +221,8 @@ def test_zero3_export_loads_without_deepspeed(digits, tmp_path):
      "global batch size 16 is not divisible by the world size 3"),
     (["--steps", "5", "--data", "/nonexistent/shards"], {},
      "data dir '/nonexistent/shards' does not exist"),
+    pytest.param(["--steps", "5", "--precision", "fp16"], {}, "fp16 needs a GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")),
 ])
 def test_bad_input_fails_before_training(digits, tmp_path, monkeypatch, capsys, extra, env,
                                          message):
