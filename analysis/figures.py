@@ -162,7 +162,7 @@ def optimal_size_figure(frontier: pd.DataFrame, palette: dict, size_fit: dict | 
                    edgecolors="black", linewidths=0.5, zorder=4, label=model)
     if size_fit is not None:
         grid = np.logspace(np.log10(pts[col].min()), np.log10(pts[col].max()), 50)
-        ax.plot(grid, size_fit["k0"] * grid ** size_fit["k"], color=ACCENT["orange"], ls="--",
+        ax.plot(grid, F.predict_loglinear(size_fit, grid), color=ACCENT["orange"], ls="--",
                 label=rf"$N_{{opt}} \propto C^{{{size_fit['k']:.2f}}}$")
     log_axis(ax, "x")
     log_axis(ax, "y")

@@ -246,10 +246,18 @@ def extrapolation_check(compute, error, *, holdout_fraction: float = 0.2,
 
 
 def fit_loglinear(x, y) -> dict:
-    """Least-squares fit of y = k0 * x^k in log-log space (e.g. optimal params vs compute)."""
+    """Least-squares fit of y = y_ref * (x / x_ref)^k in log-log space, x_ref = geometric mean
+    of x (e.g. optimal params vs compute); returns k, y_ref, x_ref, n."""
     lx = np.log(np.asarray(x, dtype=float))
     ly = np.log(np.asarray(y, dtype=float))
     if lx.size < 2 or np.unique(lx).size < 2:
         raise ValueError(f"need at least 2 distinct x values for a log-log fit; got {lx.size}")
-    k, log_k0 = np.polyfit(lx, ly, 1)
-    return {"k": float(k), "k0": float(math.exp(log_k0)), "n": int(lx.size)}
+    # Centred x: the intercept is y at the mean x, finite however steep the slope.
+    k, log_y_ref = np.polyfit(lx - lx.mean(), ly, 1)
+    return {"k": float(k), "y_ref": float(math.exp(log_y_ref)),
+            "x_ref": float(math.exp(lx.mean())), "n": int(lx.size)}
+
+
+def predict_loglinear(params: dict, x) -> np.ndarray:
+    """Evaluate a fit_loglinear result at x."""
+    return params["y_ref"] * (np.asarray(x, dtype=float) / params["x_ref"]) ** params["k"]

@@ -55,11 +55,13 @@ def fit_frontier(frontier: pd.DataFrame, x: str, *, n_boot: int = 200, seed: int
 
 
 def optimal_size_fit(frontier: pd.DataFrame, x: str) -> dict | None:
-    """Log-log fit params_opt = k0 * C^k over frontier points, or None if undetermined."""
+    """Log-log fit params_opt ∝ C^k over frontier points; None unless at least two sizes
+    and half a decade of compute are covered (else the slope is meaningless)."""
     pts = frontier.dropna(subset=["params"])
-    if pts["params"].nunique() < 2:
+    xs = pts[x_column(x)]
+    if pts["params"].nunique() < 2 or np.log10(xs.max() / xs.min()) < 0.5:
         return None
-    return F.fit_loglinear(pts[x_column(x)], pts["params"])
+    return F.fit_loglinear(xs, pts["params"])
 
 
 def size_table(runs: pd.DataFrame, evals: pd.DataFrame, order: list[str], x: str) -> pd.DataFrame:

@@ -66,10 +66,15 @@ class _LogLabels(ticker.LogFormatterSciNotation):
         return self.fmt(x) if self.fmt else super().__call__(x, pos)
 
 
-def log_axis(ax, axis: str = "x", fmt=None) -> None:
-    """Log scale with readable ticks: decades labelled, selected minors on short ranges.
+def log_axis(ax, axis: str = "x", fmt=None, min_decades: float = 0.5) -> None:
+    """Log scale with readable ticks: decades labelled, selected minors on short ranges, and at
+    least `min_decades` shown (runs at one budget would otherwise leave no tick at all).
     `fmt` (value -> str) replaces the default 10^k labels, e.g. for percentages."""
     getattr(ax, f"set_{axis}scale")("log")
+    lo, hi = sorted(getattr(ax, f"get_{axis}lim")())
+    if 0 < lo and math.log10(hi / lo) < min_decades:
+        mid, half = math.sqrt(lo * hi), 10 ** (min_decades / 2)
+        getattr(ax, f"set_{axis}lim")(mid / half, mid * half)
     target = ax.xaxis if axis == "x" else ax.yaxis
     target.set_major_locator(ticker.LogLocator(base=10, numticks=12))
     target.set_minor_locator(ticker.LogLocator(base=10, subs=np.arange(2, 10), numticks=12))

@@ -63,8 +63,9 @@ def fit_section(result: dict, x: str, size_fit: dict | None) -> list[str]:
                    "spanning more than 10x, b or c an interval wider than the value); read the "
                    "curve as a description of the data, not a law to extrapolate.")
     if size_fit is not None:
-        out.append(f"Compute-optimal model size: params ≈ {_num(size_fit['k0'])} × "
-                   f"C^{size_fit['k']:.3f} (log-log fit over {size_fit['n']} frontier points).")
+        out.append(f"Compute-optimal model size: params ≈ {_num(size_fit['y_ref'])} × "
+                   f"(C / {_num(size_fit['x_ref'])})^{size_fit['k']:.3f} (log-log fit over "
+                   f"{size_fit['n']} frontier points).")
     return out + [""]
 
 
