@@ -191,6 +191,8 @@ def throughput_figure(bench: pd.DataFrame, order: list[str]):
     else:
         axes[1].text(0.5, 0.5, "MFU unknown\n(accelerator peak not in the table)",
                      ha="center", va="center", transform=axes[1].transAxes)
+        axes[1].set_xticks([])
+        axes[1].set_yticks([])
     axes[1].set_ylabel("Model FLOPs utilisation (%)")
     for ax, title in zip(axes, ("Training throughput", "MFU")):
         ax.set_xlabel("Model (size/patch)")

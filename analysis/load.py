@@ -260,7 +260,7 @@ def load_bench(results_dir) -> tuple[pd.DataFrame, list[Skipped]]:
             except ValueError as e:  # JSONDecodeError is a ValueError
                 _skip(skipped, f"{path}:{i}", e)
                 continue
-            rows.append({**row, "source": path.name})
+            rows.append({"impl": "unspecified", **row, "source": path.name})
     return pd.DataFrame(rows), skipped
 
 
