@@ -86,6 +86,18 @@ def _other_figures(report: dict, out: Path, formats, n_boot: int) -> None:
     report["figures"] += save_figure(fig, out, "vit_paper_table6", formats)
 
 
+def _remove_stale(report: dict, out: Path) -> None:
+    """Delete our own figure files that this run did not produce (a fit that no longer holds
+    must not survive from an earlier run); other files in `out` are left alone."""
+    names = (f"{report['metric']}_vs_{report['x']}", "scaling_law_fit", "optimal_model_size",
+             "throughput_mfu", "vit_paper_table6")
+    produced = set(report["figures"])
+    for path in (out / f"{n}.{f}" for n in names for f in FORMATS):
+        if path.exists() and path not in produced:
+            log.info("removing stale %s", path)
+            path.unlink()
+
+
 def analyse(results_dir, out_dir, *, metric: str = "error", x: str = "flops",
             formats=("png",), n_boot: int = 200, sweeps=None) -> dict:
     """Run the analysis of `results_dir` (optionally only some sweeps) and write figures, tables
@@ -110,6 +122,7 @@ def analyse(results_dir, out_dir, *, metric: str = "error", x: str = "flops",
                                "to analyse one")
     _scaling_figures(report, out, formats, n_boot)
     _other_figures(report, out, formats, n_boot)
+    _remove_stale(report, out)
     report["summary"] = out / "summary.md"
     report["summary"].write_text(render(report))
     for note in report["notes"]:

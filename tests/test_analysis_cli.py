@@ -58,7 +58,11 @@ def test_few_runs_and_no_bench_give_notes_not_crashes(tmp_path):
     write_synthetic_results(tmp_path, n_evals=2, sizes=[("mu/4", 20_000, 1e6),
                                                         ("m2/4", 80_000, 4e6)])
     write_run(tmp_path / "synth" / "live", "m2/4", None, 4e6, [], status="running")
+    stale = tmp_path / "out" / "scaling_law_fit.png"  # from an earlier, larger run
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
     report = analyse(tmp_path, tmp_path / "out", metric="top1", x="images", n_boot=10)
+    assert not stale.exists()
     names = {p.name for p in report["figures"]}
     assert names == {"top1_vs_images.png", "optimal_model_size.png", "vit_paper_table6.png"}
     summary = (tmp_path / "out" / "summary.md").read_text()
