@@ -53,7 +53,7 @@ def demo() -> Preset:
         patch=2,
         budgets=(3e10, 1e11, 3e11),
         batch_size=64,
-        base_lr=8e-3,  # = 1e-3 at batch 64: small models on tiny images take a high rate
+        base_lr=3.2e-2,  # = 4e-3 at batch 64: micro models on 8x8 images take a high rate
         train={"weight_decay": 0.05, "warmup_fraction": 0.1, "label_smoothing": 0.0,
                "eval_every": 0, "ckpt_every": 0, "num_workers": 0, "precision": "fp32",
                "zero": 0, "log_every": 10, "progress": False},
@@ -61,7 +61,7 @@ def demo() -> Preset:
         gpus=1,
         builtin_data="digits",
         data_args={},
-        slurm={"time": 30, "cpus_per_task": 1},
+        slurm={"time": 30, "cpus_per_task": 1, "max_parallel": 2},  # 2 runs on 2 cores
     )
 
 
