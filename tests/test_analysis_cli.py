@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from analysis import paper
+from analysis import paper, plot_scaling
 from analysis.report import analyse
 from analysis.synthetic import write_bench, write_run, write_synthetic_results
 
@@ -50,8 +50,14 @@ def test_cli_fails_clearly_on_empty_results(tmp_path):
     assert proc.returncode == 1
     assert "no runs under" in proc.stderr and str(tmp_path) in proc.stderr
     assert not (tmp_path / "out" / "summary.md").exists()
-    proc = _cli("--results", tmp_path, "--formats", "png,gif")
-    assert proc.returncode == 2 and "gif" in proc.stderr
+
+
+def test_bad_flags_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        plot_scaling.parse_args(["--formats", "png,gif"])
+    assert exc.value.code == 2 and "gif" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plot_scaling.parse_args(["--x", "tokens"])
 
 
 def test_few_runs_and_no_bench_give_notes_not_crashes(tmp_path):
