@@ -31,6 +31,7 @@ from scaling.results import (
     CONFIG_FILE,
     FINAL_FILE,
     METRICS_FILE,
+    PLAN_FILE,
     SchemaError,
     iter_run_dirs,
     read_final,
@@ -39,7 +40,6 @@ from scaling.results import (
 )
 
 log = logging.getLogger("analysis")
-PLAN_FILE = "plan.json"  # scaling.train's resolved plan (scaling/results.py layout)
 
 STATUS_RUNNING = "running"
 STATUS_ORDER = ("ok", STATUS_RUNNING, "failed", "diverged")
