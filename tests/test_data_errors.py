@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -182,3 +183,29 @@ def test_bench_loader_runs(good_dir, capsys):
                        "--batch-size", "8"]) == 0
     assert "images/s total" in capsys.readouterr().out
     assert bench_main(["--data", str(good_dir / "nope")]) == 2
+
+
+def test_truncated_shard_without_verification(data_dir):
+    shard = data_dir / "val-000000.tar"
+    with tarfile.open(shard) as tar:
+        cut = tar.getmembers()[2].offset_data + 10  # inside the second sample's image
+    shard.write_bytes(shard.read_bytes()[:cut])
+    info = load_dataset_info(data_dir, verify=False)
+    kw = {"image_size": 8, "batch_size": 4, "rank": 0, "world_size": 1, "num_workers": 0}
+    with pytest.raises(DataError, match=r"unreadable shard: .*val-000000\.tar"):
+        list(make_eval_loader(info, strict=True, **kw))
+    with pytest.warns(UserWarning):
+        batches = list(make_eval_loader(info, **kw))
+    assert sum(b["image"].shape[0] for b in batches) == 1
+
+
+def test_sample_without_label_is_skipped(data_dir):
+    shard = data_dir / "val-000000.tar"
+    with tarfile.open(shard) as tar:
+        cut = tar.getmembers()[1].offset  # the first sample's cls header: the tar just ends
+    shard.write_bytes(shard.read_bytes()[:cut])
+    kw = {"image_size": 8, "batch_size": 4, "rank": 0, "world_size": 1, "num_workers": 0}
+    batches = list(make_eval_loader(load_dataset_info(data_dir, verify=False), **kw))
+    assert [b["skipped"] for b in batches] == [1]
+    with pytest.raises(DataError, match=r"key val_00000000: cls=None is not a class index"):
+        list(make_eval_loader(load_dataset_info(data_dir, verify=False), strict=True, **kw))

@@ -26,26 +26,36 @@ from scaling.data.make_shards import make_builtin_shards
 
 def bench(data: str | os.PathLike, *, workers: int, batches: int, batch_size: int,
           image_size: int, mode: str = "train") -> dict:
-    """Time `batches` batches after one warm-up batch; return a result row."""
+    """Time `batches` batches after one warm-up batch; return a result row. `cpu_per_image` is
+    the CPU time of the producing processes (workers, or the main process with 0 workers) per
+    image, warm-up included, which stays meaningful on a machine shared with other jobs."""
     info = load_dataset_info(data, verify="size")
     kw = {"image_size": image_size, "batch_size": batch_size, "rank": 0, "world_size": 1,
           "num_workers": workers, "pin_memory": False}
+    cpu0 = os.times()
     if mode == "train":
         loader = make_train_loader(info, seed=0, samples_per_epoch=(batches + 1) * batch_size,
                                    **kw)
         it = loader.epoch(0)
-    else:
-        it = iter(make_eval_loader(info, **kw))
-    next(it)
+    else:  # evaluate the val split, or the train split of data made without one
+        split = "val" if "val" in info.splits else "train"
+        it = iter(make_eval_loader(info, split=split, **kw))
+    total = next(it)["image"].shape[0]
     images, start = 0, time.perf_counter()
     for _, batch in zip(range(batches), it):
         images += batch["image"].shape[0]
     seconds = time.perf_counter() - start
+    for _ in it:  # let the DataLoader join its workers, so their CPU time is counted
+        pass
+    cpu1 = os.times()
+    cpu = (cpu1.children_user + cpu1.children_system - cpu0.children_user - cpu0.children_system
+           if workers else cpu1.user + cpu1.system - cpu0.user - cpu0.system)
     rate = images / seconds
     return {"mode": mode, "workers": workers, "images": images, "seconds": round(seconds, 3),
             "images_per_s": round(rate, 1), "per_worker": round(rate / max(workers, 1), 1),
-            "source": info.source, "stored_size": info.image_size,
-            "format": info.image_format, "image_size": image_size}
+            "images_per_cpu_s": round((total + images) / cpu, 1), "source": info.source,
+            "stored_size": info.image_size, "format": info.image_format,
+            "image_size": image_size}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -73,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = a.data
         if a.generate_jpeg:
-            data = a.gen_dir or Path(tempfile.gettempdir()) / f"vit-scaling-jpeg224-{a.generate_jpeg}"
+            name = f"vit-scaling-jpeg224-{a.generate_jpeg}"
+            data = a.gen_dir or Path(tempfile.gettempdir()) / name
             make_builtin_shards("shapes", data, image_size=224, num_samples=a.generate_jpeg,
                                 val_fraction=0.0, image_format="jpg", shard_size=500,
                                 workers=os.cpu_count() or 1)
@@ -88,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         for w in (int(x) for x in a.workers.split(",")):
             r = bench(data, workers=w, batches=a.batches, batch_size=a.batch_size,
                       image_size=size, mode=a.mode)
-            print(f"workers={w}: {r['images_per_s']:8.1f} images/s total, "
-                  f"{r['per_worker']:8.1f} per worker ({r['images']} images in {r['seconds']} s)")
+            print(f"workers={w}: {r['images_per_s']:7.1f} images/s total, {r['per_worker']:7.1f} "
+                  f"per worker, {r['images_per_cpu_s']:7.1f} per CPU-second of the "
+                  f"{'workers' if w else 'main process'} ({r['images']} images in "
+                  f"{r['seconds']} s)")
     except (DataError, ValueError) as e:
         print(f"bench_loader: error: {e}", file=sys.stderr)
         return 2

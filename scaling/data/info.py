@@ -75,7 +75,8 @@ class DatasetInfo:
     def split(self, name: str) -> SplitInfo:
         """The named split; DataError lists the available ones."""
         if name not in self.splits:
-            raise DataError(f"{self.root / INFO_FILE}: no split {name!r}; has {sorted(self.splits)}")
+            raise DataError(f"{self.root / INFO_FILE}: no split {name!r}; "
+                            f"has {sorted(self.splits)}")
         return self.splits[name]
 
 

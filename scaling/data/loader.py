@@ -62,14 +62,17 @@ class _Decode:
     augment: Augment
     strict: bool
 
-    def label(self, sample: dict) -> int:
-        """The class index of a raw sample; DataError if missing or out of range."""
+    def label(self, sample: dict) -> int | None:
+        """The class index of a raw sample; None if missing or unreadable (a damaged sample:
+        DataError when strict); DataError if out of range."""
         raw = sample.get("cls")
         try:
             label = int(raw)
         except (TypeError, ValueError):
-            raise DataError(f"shard {sample.get('__url__')}, key {sample.get('__key__')}: "
-                            f"cls={raw!r} is not a class index") from None
+            if self.strict:
+                raise DataError(f"shard {sample.get('__url__')}, key {sample.get('__key__')}: "
+                                f"cls={raw!r} is not a class index") from None
+            return None
         if not 0 <= label < self.num_classes:
             raise DataError(f"shard {sample.get('__url__')}, key {sample.get('__key__')}: "
                             f"class {label} is outside [0, {self.num_classes})")
@@ -95,9 +98,16 @@ def _batch(images: list, labels: list, keys: list, skipped: int, aug: Augment) -
             "label": torch.tensor(labels, dtype=torch.int64), "skipped": skipped, "key": keys}
 
 
+def _raise_tar_error(exn: Exception) -> bool:
+    """webdataset handler for strict mode: an unreadable tar is a DataError naming the shard
+    (webdataset appends the URL to the exception's args)."""
+    raise DataError(f"unreadable shard: {exn!r}") from exn
+
+
 def _raw_samples(urls: Iterator[dict], strict: bool) -> Iterator[dict]:
-    """Tar samples (bytes, undecoded) of a stream of {"url": ...} dicts, via webdataset."""
-    handler = wds.reraise_exception if strict else wds.warn_and_continue
+    """Tar samples (bytes, undecoded) of a stream of {"url": ...} dicts, via webdataset; a
+    damaged tar (which verify=True catches up front) raises, or warns and is skipped."""
+    handler = _raise_tar_error if strict else wds.warn_and_continue
     return wds.tarfile_to_samples(handler=handler)(urls)
 
 
@@ -157,7 +167,7 @@ class _TrainStream(_Stream):
         images, labels, keys = [], [], []
         for s in raw:
             label = self.decode.label(s)
-            image = self.decode.image(s, rng)
+            image = self.decode.image(s, rng) if label is not None else None
             if image is not None:
                 images.append(image), labels.append(label), keys.append(s["__key__"])
         skipped = len(raw) - len(images)
@@ -207,7 +217,7 @@ class _EvalStream(_Stream):
         pending, images, labels, keys, skipped = None, [], [], [], 0
         for s in mine:
             label = self.decode.label(s)
-            image = self.decode.image(s, None)
+            image = self.decode.image(s, None) if label is not None else None
             if image is None:
                 skipped += 1
                 continue
@@ -225,8 +235,8 @@ class _EvalStream(_Stream):
             pending = pending[:3] + (pending[3] + skipped,)
         elif skipped:  # only corrupt samples: an empty batch carries the count
             size = self.decode.image_size
-            yield {"image": torch.empty(0, 3, size, size), "label": torch.empty(0, dtype=torch.int64),
-                   "skipped": skipped, "key": []}
+            yield {"image": torch.empty(0, 3, size, size), "skipped": skipped, "key": [],
+                   "label": torch.empty(0, dtype=torch.int64)}
         if pending:
             yield _batch(*pending, self.decode.augment)
 

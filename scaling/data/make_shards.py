@@ -124,15 +124,22 @@ def make_builtin_shards(source: str, out: str | os.PathLike, *, image_size: int 
                         image_size=image_size, image_format=image_format, quality=95,
                         seed=seed, num_samples=num_samples, shard_size=shard_size)
     out = Path(out)
+    info = _reusable(out, args)  # first without the lock: a read-only copy can be reused
+    if info is not None:
+        return info
     with _locked(out):
-        if (out / INFO_FILE).is_file():
-            try:
-                info = load_dataset_info(out, verify=True)
-                if info.args == args:
-                    return info
-            except DataError:
-                pass  # damaged or different: rebuild below
-        return _write(args, out, workers)
+        return _reusable(out, args) or _write(args, out, workers)
+
+
+def _reusable(out: Path, args: dict) -> DatasetInfo | None:
+    """The dataset in OUT if it is intact and was made with `args`, else None."""
+    if not (out / INFO_FILE).is_file():
+        return None
+    try:
+        info = load_dataset_info(out, verify=True)
+    except DataError:
+        return None  # damaged: rebuild
+    return info if info.args == args else None
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

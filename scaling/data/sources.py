@@ -103,6 +103,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
                          ("_codecs", "encode")})  # protocol-2 bytes written by Python 3
 
     def find_class(self, module: str, name: str) -> Any:
+        """Resolve only the allow-listed globals."""
         if (module, name) not in self.ALLOWED:
             raise DataError(f"CIFAR pickle refers to {module}.{name}; only numpy arrays allowed")
         return super().find_class(module, name)

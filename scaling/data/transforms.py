@@ -130,16 +130,18 @@ def _empty(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def to_tensor_batch(images: list[np.ndarray], aug: Augment) -> torch.Tensor:
-    """(H, W, 3) uint8 arrays -> normalised float32 (B, 3, H, W): one cache-friendly copy per
-    image, then one vectorised normalisation of the batch."""
+    """(H, W, 3) uint8 arrays -> normalised float32 (B, 3, H, W). Each image is converted,
+    transposed and normalised while it is in cache (2 passes over 0.6 MB, not 3 over the batch);
+    numpy reads the read-only PIL arrays without a copy or a warning."""
     h, w, _ = images[0].shape
     out = _empty((len(images), 3, h, w))
-    view = out.numpy()  # numpy copies read-only PIL arrays without a warning, and faster
+    view = out.numpy()
+    mean = (np.asarray(aug.mean, dtype=np.float32) * 255).reshape(3, 1, 1)
+    inv_std = (1 / (np.asarray(aug.std, dtype=np.float32) * 255)).reshape(3, 1, 1)
     for k, image in enumerate(images):
-        np.copyto(view[k], image.transpose(2, 0, 1))
-    mean = torch.tensor(aug.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(aug.std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
-    return out.sub_(mean).mul_(inv_std)
+        np.subtract(image.transpose(2, 0, 1), mean, out=view[k], dtype=np.float32)
+        view[k] *= inv_std
+    return out
 
 
 def _cutmix_box(h: int, w: int, lam: float, rng: np.random.Generator) -> tuple[int, ...]:
