@@ -15,7 +15,7 @@ from scaling.results import read_final, read_metrics
 pytestmark = [pytest.mark.slurm, pytest.mark.multiproc, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 # 2 micro sizes x 2 budgets, 2 ranks (SLURM tasks) per run, gloo on CPU
-GRID = ["--preset", "demo", "--sizes", "mu,m1", "--budget-kind", "steps", "--budgets", "30,150",
+GRID = ["--preset", "demo", "--sizes", "mu,m1", "--budget-kind", "steps", "--budgets", "20,240",
         "--gpus", "2", "--cluster", "slurm", "--time", "60", "--set", "log_every=5"]
 TIMEOUT_S = 420
 
@@ -27,7 +27,7 @@ def wait_for(predicate, what: str, timeout: float = TIMEOUT_S):
         value = predicate()
         if value:
             return value
-        time.sleep(1)
+        time.sleep(0.25)
     queue = subprocess.run(["squeue"], capture_output=True, text=True, check=False).stdout
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; squeue:\n{queue}")
 
@@ -68,7 +68,7 @@ def test_grid_runs_as_slurm_jobs_with_two_tasks(results, capsys):
     for run in runs:
         final, job = read_final(run), read_job(run)
         assert final["status"] == "ok" and final["world_size"] == 2, run
-        assert final["steps"] == job["total_steps"] in (30, 150)
+        assert final["steps"] == job["total_steps"] in (20, 240)
         assert job["cluster"] == "slurm" and "_" in job["job_id"]  # an array element
         assert [a["exit"] for a in job["attempts"]] == [0]
         assert (run / "logs" / "rank1.log").is_file()  # the second SLURM task trained too
@@ -82,9 +82,9 @@ def test_grid_runs_as_slurm_jobs_with_two_tasks(results, capsys):
 
 
 def test_preempted_job_requeues_and_resumes_to_the_same_result(results, digits_data, capsys):
-    (reference,) = (results / "demo").glob("mu2_150st_*")
+    (reference,) = (results / "demo").glob("mu4_240st_*")
     wait_for(lambda: (reference / "final.json").exists(), "the reference run")
-    rc, out = sweep(capsys, *GRID, "--sizes", "mu", "--budgets", "150", "--name", "preempt",
+    rc, out = sweep(capsys, *GRID, "--sizes", "mu", "--budgets", "240", "--name", "preempt",
                     "--data", digits_data, "--results", results)
     assert rc == 0, out
     run = results / "preempt" / reference.name  # same config, so the same run id
@@ -113,7 +113,7 @@ def test_rerun_submits_nothing_then_exactly_a_run_that_lost_its_final(results, d
     rc, out = sweep(capsys, *GRID, "--data", digits_data, "--results", results)
     assert rc == 0 and "nothing to submit" in out, out
     assert {r: read_job(r)["job_id"] for r in runs} == before
-    victim = next(r for r in runs if r.name.startswith("m1-2_30st_"))
+    victim = next(r for r in runs if r.name.startswith("m1-4_20st_"))
     (victim / "final.json").unlink()
     rc, out = sweep(capsys, *GRID, "--data", digits_data, "--results", results)
     assert rc == 0 and "submitted 1 run(s)" in out, out

@@ -29,12 +29,12 @@ def sweep(*argv: str) -> int:
 
 def test_grid_ids_are_stable_and_follow_the_config(digits_data, tmp_path):
     info, preset = load_dataset_info(digits_data), get_preset("demo")
-    opts = GridOptions(sizes=("mu", "m1/4"), budgets=(1e10, 3e10), seeds=(0, 1))
+    opts = GridOptions(sizes=("mu", "m1/2"), budgets=(1e10, 3e10), seeds=(0, 1))
     a = build_grid(preset, opts, info, tmp_path)
     assert [s.run_id for s in a] == [s.run_id for s in build_grid(preset, opts, info, tmp_path)]
     assert len({s.run_id for s in a}) == 8
-    assert {s.model for s in a} == {"mu/2", "m1/4"}  # demo's patch is 2; an explicit one wins
-    assert a[0].run_id.startswith("mu2_1e10_") and a[-1].run_id.startswith("m1-4_3e10_")
+    assert {s.model for s in a} == {"mu/4", "m1/2"}  # demo's patch is 4; an explicit one wins
+    assert a[0].run_id.startswith("mu4_1e10_") and a[-1].run_id.startswith("m1-2_3e10_")
     assert all(s.run_dir == tmp_path / s.run_id for s in a)
     other = build_grid(preset, GridOptions(sizes=("mu",), budgets=(1e10,), lrs=(1e-2,)), info,
                        tmp_path)
@@ -134,10 +134,10 @@ def test_status_reports_every_state(tmp_path, capsys):
 def test_local_demo_preset_end_to_end_and_idempotent(tmp_path, monkeypatch, capsys):
     """`--preset demo` with no --data makes its built-in shards and trains locally."""
     monkeypatch.setenv("VIT_SCALING_DATA", str(tmp_path / "cache"))
-    args = ["--preset", "demo", "--sizes", "mu,m1", "--budgets", "3e9", "--cluster", "local",
+    args = ["--preset", "demo", "--sizes", "mu,m1", "--budgets", "1e9", "--cluster", "local",
             "--max-parallel", "2", "--results", tmp_path / "results"]
     assert sweep(*args) == 0, capsys.readouterr()
-    assert (tmp_path / "cache" / "digits" / "dataset.json").is_file()
+    assert len(list((tmp_path / "cache").glob("digits*/dataset.json"))) == 1
     runs = sorted((tmp_path / "results" / "demo").glob("*/final.json"))
     assert len(runs) == 2
     finals = [read_final(p.parent) for p in runs]
@@ -153,7 +153,7 @@ def test_local_run_with_two_ranks(digits_data, tmp_path, capsys):
     rc = sweep("--preset", "demo", *MU, "--budgets", "8", "--gpus", "2", "--cluster", "local",
                "--data", digits_data, "--results", tmp_path)
     assert rc == 0, capsys.readouterr()
-    (run,) = (tmp_path / "demo").glob("mu2_8st_*")
+    (run,) = (tmp_path / "demo").glob("mu4_8st_*")
     final = read_final(run)
     assert final["status"] == "ok" and final["world_size"] == 2 and final["steps"] == 8
     assert (run / "logs" / "rank1.log").is_file()
@@ -166,3 +166,39 @@ def test_script_entry_point_runs_as_a_file(tmp_path):
                           "--results", str(tmp_path)], capture_output=True, text=True, check=False,
                          cwd=tmp_path, timeout=120)
     assert out.returncode == 0 and "no runs under" in out.stdout, out.stderr
+
+
+@pytest.mark.slow
+def test_diverged_run_is_reported_and_retrained_only_on_request(digits_data, tmp_path,
+                                                                  monkeypatch, capsys):
+    args = ["--preset", "demo", *MU, "--budgets", "8", "--cluster", "local", "--data",
+            digits_data, "--results", tmp_path]
+    monkeypatch.setenv("VIT_SCALING_FAULTS", "nan@3")  # the train CLI's fault injection
+    assert sweep(*args) == 0  # a diverged run is a result, not a launcher failure
+    (run,) = (tmp_path / "demo").glob("mu4_8st_*")
+    assert read_final(run)["status"] == "diverged"
+    monkeypatch.delenv("VIT_SCALING_FAULTS")
+    capsys.readouterr()
+    assert sweep(*args) == 0
+    out = capsys.readouterr().out
+    assert "diverged" in out and "--resubmit-failed" in out and "nothing to submit" in out
+    assert sweep(*args, "--resubmit-failed") == 0
+    assert read_final(run)["status"] == "ok"
+    kept = list(run.glob("final.*.json"))  # the diverged final.json is kept, renamed
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["status"] == "diverged"
+
+
+def test_strict_mode_turns_a_skipped_slurm_test_into_a_failure(tmp_path):
+    (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_marked.py").write_text(
+        "import pytest\n\n@pytest.mark.slurm\ndef test_needs_slurm():\n"
+        "    pytest.skip('no cluster')\n\ndef test_plain():\n    pytest.skip('fine')\n")
+    env = {k: v for k, v in os.environ.items() if k != "VIT_SCALING_STRICT"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)]
+    lax = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp_path,
+                         env=env, timeout=120)
+    assert lax.returncode == 0 and "2 skipped" in lax.stdout, lax.stdout
+    strict = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp_path,
+                            env={**env, "VIT_SCALING_STRICT": "1"}, timeout=120)
+    assert strict.returncode == 1 and "1 failed, 1 skipped" in strict.stdout, strict.stdout
+    assert "must not skip" in strict.stdout
