@@ -2,7 +2,7 @@
 # Install and start a one-node SLURM cluster on this host (tests, CI, demos). Idempotent.
 #
 #   sudo bash launchers/local_slurm.sh          # install if needed, start, wait for the node
-#   bash launchers/local_slurm.sh --stop        # stop slurmd, slurmctld and munged
+#   bash launchers/local_slurm.sh --stop        # stop slurmd and slurmctld (by pid file)
 #
 # Needs root and a Debian-like system (apt-get). Uses the Debian packages slurmctld, slurmd,
 # slurm-client and munge; no systemd (daemons are started directly, as in containers and CI).
@@ -33,7 +33,7 @@ node_state() { timeout 10 sinfo -h -N -n "$HOST" -o %t 2>/dev/null | head -n 1 |
 
 install_packages() {
   local missing=()
-  for cmd in slurmctld slurmd sbatch munged; do
+  for cmd in slurmctld slurmd sbatch munged pgrep; do
     command -v "$cmd" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin command -v "$cmd" >/dev/null 2>&1 \
       || missing+=("$cmd")
   done
@@ -43,7 +43,8 @@ install_packages() {
     || die "apt-get not found; install slurmctld slurmd slurm-client munge yourself"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge procps \
+    >/dev/null
 }
 
 start_munge() {
@@ -121,13 +122,23 @@ EOF
   fi
 }
 
+daemon_pid() {  # the pid of a daemon started from its pid file, if it still runs
+  local pid
+  pid=$(cat "/run/$1.pid" 2>/dev/null || true)
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+  return 0
+}
+
 stop_daemons() {
-  local name
+  local name pid
   for name in slurmd slurmctld; do
-    if pgrep -x "$name" >/dev/null; then
-      log "stopping $name"
-      pkill -x "$name" || true
-      for _ in $(seq 1 20); do pgrep -x "$name" >/dev/null || break; sleep 0.5; done
+    pid=$(daemon_pid "$name")
+    if [ -n "$pid" ]; then
+      log "stopping $name (pid $pid)"
+      kill "$pid" || true
+      for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    elif pgrep -x "$name" >/dev/null; then
+      die "$name runs without /run/$name.pid; stop it yourself, then rerun this script"
     fi
   done
 }
