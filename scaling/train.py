@@ -107,7 +107,6 @@ class Run:
         self.ckpt_dir = self.out / results.CHECKPOINT_DIR
         self.step, self.best_top1, self.last_eval = 0, None, None
         self.meter = Meter()
-        self.stop_signal = 0
         self.window = None  # this rank's summed loss since the last train row
         self.faults = faults_from_env()
 
@@ -226,7 +225,7 @@ class Run:
         return loss_sum, int(skipped)
 
     def _should_stop(self) -> bool:
-        return bool(dist.all_reduce_max(self.stop_signal, self.device))
+        return bool(dist.all_reduce_max(_STOP["signal"], self.device))
 
     # -- evaluation, checkpoints, results ------------------------------------------------------
     def run_eval(self) -> dict:
@@ -312,9 +311,15 @@ class Run:
         return self._bar
 
 
-def _install_signal_handlers(run: Run) -> None:
+_STOP = {"signal": 0}  # set by the handler; the loop checks it (all ranks agree) every step
+
+
+def _install_signal_handlers() -> None:
+    """SIGTERM (preemption, torchrun) and SIGUSR2 (SLURM's warning before a time limit) only
+    set a flag, so a signal delivered twice, or during start-up, is harmless: the run saves a
+    checkpoint at the next step boundary and exits with EXIT_PREEMPTED."""
     def handler(signum, frame):
-        run.stop_signal = signum
+        _STOP["signal"] = signum
         log.warning("received %s: will checkpoint and exit", signal.Signals(signum).name)
 
     for sig in (signal.SIGTERM, signal.SIGUSR2):
@@ -323,7 +328,6 @@ def _install_signal_handlers(run: Run) -> None:
 
 def execute(run: Run) -> int:
     """Train to the end (or to a signal) and record the outcome; returns the exit code."""
-    _install_signal_handlers(run)
     try:
         run.build()
         run.train()
@@ -345,6 +349,7 @@ def execute(run: Run) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
+    _install_signal_handlers()
     where = dist.dist_info()
     logging.basicConfig(level=logging.INFO if where.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {where.rank}] %(levelname)s %(message)s")
