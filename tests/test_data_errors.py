@@ -209,3 +209,13 @@ def test_sample_without_label_is_skipped(data_dir):
     assert [b["skipped"] for b in batches] == [1]
     with pytest.raises(DataError, match=r"key val_00000000: cls=None is not a class index"):
         list(make_eval_loader(load_dataset_info(data_dir, verify=False), strict=True, **kw))
+
+
+def test_shard_deleted_after_loading_info(data_dir):
+    info = load_dataset_info(data_dir)
+    for shard in data_dir.glob("train-*.tar"):
+        shard.unlink()
+    tl = make_train_loader(info, image_size=8, batch_size=4, rank=0, world_size=1, seed=0,
+                           num_workers=0)
+    with pytest.raises(DataError, match=r"unreadable shard: .*train-00000\d\.tar"):
+        next(tl.epoch(0))  # not an endless resampling of missing files

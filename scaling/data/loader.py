@@ -27,6 +27,7 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -98,17 +99,17 @@ def _batch(images: list, labels: list, keys: list, skipped: int, aug: Augment) -
             "label": torch.tensor(labels, dtype=torch.int64), "skipped": skipped, "key": keys}
 
 
-def _raise_tar_error(exn: Exception) -> bool:
-    """webdataset handler for strict mode: an unreadable tar is a DataError naming the shard
-    (webdataset appends the URL to the exception's args)."""
-    raise DataError(f"unreadable shard: {exn!r}") from exn
+def _tar_error(exn: Exception, *, strict: bool) -> bool:
+    """webdataset error handler: a shard that cannot be opened is a DataError; a damaged tar is
+    one too when strict, else a warning (webdataset appends the URL to the exception's args)."""
+    if strict or isinstance(exn, OSError):  # tarfile's own errors are not OSErrors
+        raise DataError(f"unreadable shard: {exn!r}") from exn
+    return wds.warn_and_continue(exn)
 
 
 def _raw_samples(urls: Iterator[dict], strict: bool) -> Iterator[dict]:
-    """Tar samples (bytes, undecoded) of a stream of {"url": ...} dicts, via webdataset; a
-    damaged tar (which verify=True catches up front) raises, or warns and is skipped."""
-    handler = _raise_tar_error if strict else wds.warn_and_continue
-    return wds.tarfile_to_samples(handler=handler)(urls)
+    """Tar samples (bytes, undecoded) of a stream of {"url": ...} dicts, via webdataset."""
+    return wds.tarfile_to_samples(handler=partial(_tar_error, strict=strict))(urls)
 
 
 def _resampled_urls(urls: list[str], rng: random.Random) -> Iterator[dict]:
