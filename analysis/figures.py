@@ -128,7 +128,10 @@ def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = 
     ax.plot(grid, _y(np.clip(F.predict(fit, grid), 0, 1), metric), color=ACCENT["orange"], lw=2,
             label=law_label(fit, boot["intervals"], boot["level"], f"C in {X_UNITS[x]}",
                             F.poorly_determined(boot)))
-    if metric == "error":
+    # The floor is drawn only where it is in view: a fitted c far below every observed error
+    # (the data show no saturation yet) would otherwise stretch the log axis over decades.
+    visible_floor = 0.25 * float(frontier["error"].min())
+    if metric == "error" and fit["c"] >= visible_floor:
         ax.axhline(fit["c"], color="grey", ls=":", lw=1, label=f"floor c = {_fmt(fit['c'])}")
     ex = result["extrapolation"]
     if ex["ok"]:
@@ -145,6 +148,8 @@ def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = 
                    edgecolors="black", linewidths=0.5, zorder=5, label=f"frontier: {model}")
     log_axis(ax, "x")
     _metric_axis(ax, metric, frontier["error"])
+    if metric == "error":
+        ax.set_ylim(bottom=max(ax.get_ylim()[0], visible_floor))
     ax.set_xlabel(X_LABELS[x])
     ax.set_title("Saturating power law on the frontier (Zhai et al. 2022)")
     legend_outside(ax, fontsize="small")

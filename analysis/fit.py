@@ -199,20 +199,31 @@ def prediction_band(boot: dict, compute) -> tuple[np.ndarray, np.ndarray]:
     return np.percentile(curves, q[0], axis=0), np.percentile(curves, q[1], axis=0)
 
 
-def pareto_frontier(compute, error) -> np.ndarray:
+def pareto_frontier(compute, error, *, rtol: float = 0.0) -> np.ndarray:
     """Indices of the compute-optimal points (lower error than every point with <= compute),
-    sorted by compute; NaN points are ignored."""
+    sorted by compute; NaN points are ignored.
+
+    With rtol > 0, compute values within a factor (1 + rtol) count as equal: a point is also
+    dominated by a slightly costlier one with lower error. Runs of one nominal budget differ by a
+    few percent in real FLOPs (whole steps), and none of them should win by being 2% cheaper.
+    """
     c = np.asarray(compute, dtype=float).ravel()
     e = np.asarray(error, dtype=float).ravel()
     if c.shape != e.shape:
         raise ValueError(f"compute has {c.size} values but error has {e.size}")
+    if not rtol >= 0:
+        raise ValueError(f"rtol must be >= 0; got {rtol!r}")
     valid = np.flatnonzero(np.isfinite(c) & np.isfinite(e))
     order = valid[np.lexsort((e[valid], c[valid]))]  # by compute, ties by error
+    cs, es = c[order], e[order]
+    # lowest error among points costing at most c_i (1 + rtol), for every i
+    reach = np.searchsorted(cs, cs * (1 + rtol), side="right") - 1
+    within = np.minimum.accumulate(es)[reach] if es.size else es
     keep, best = [], math.inf
-    for i in order:
-        if e[i] < best:
+    for i, e_i, floor in zip(order, es, within):
+        if e_i < best and e_i <= floor:
             keep.append(i)
-            best = e[i]
+            best = e_i
     return np.array(keep, dtype=int)
 
 

@@ -30,12 +30,18 @@ def usable_points(evals: pd.DataFrame, x: str) -> pd.DataFrame:
     return evals[np.isfinite(xs) & (xs > 0) & evals["top1"].notna()].copy()
 
 
+# Compute within 5% counts as equal on the frontier: a budget turns into whole steps, so runs of
+# one nominal budget spend slightly different FLOPs (see analysis.fit.pareto_frontier).
+FRONTIER_RTOL = 0.05
+
+
 def frontier_table(evals: pd.DataFrame, x: str,
-                   statuses: tuple[str, ...] = FRONTIER_STATUSES) -> pd.DataFrame:
+                   statuses: tuple[str, ...] = FRONTIER_STATUSES,
+                   rtol: float = FRONTIER_RTOL) -> pd.DataFrame:
     """The eval rows on the compute-optimal (Pareto) frontier of error vs x, sorted by x."""
     pts = usable_points(evals, x)
     pts = pts[pts["status"].isin(statuses)]
-    idx = F.pareto_frontier(pts[x_column(x)].to_numpy(), pts["error"].to_numpy())
+    idx = F.pareto_frontier(pts[x_column(x)].to_numpy(), pts["error"].to_numpy(), rtol=rtol)
     return pts.iloc[idx].reset_index(drop=True)
 
 

@@ -104,6 +104,18 @@ def test_pareto_frontier_on_hand_made_points():
         F.pareto_frontier([1, 2, 3], [0.1, 0.2])
 
 
+def test_pareto_frontier_tolerance_merges_near_equal_compute():
+    # three runs of one nominal budget 1e10 (real FLOPs 0.98e10, 1.0e10, 1.01e10), then 3e10
+    compute = [0.98e10, 1.0e10, 1.01e10, 3e10, 3.05e10]
+    error = [0.35, 0.08, 0.17, 0.05, 0.07]
+    assert F.pareto_frontier(compute, error).tolist() == [0, 1, 3]  # exact: 0.98e10 "wins"
+    assert F.pareto_frontier(compute, error, rtol=0.05).tolist() == [1, 3]
+    # a tolerance never admits a point that a cheaper point beats
+    assert F.pareto_frontier([1.0, 1.02, 2.0], [0.1, 0.2, 0.15], rtol=0.05).tolist() == [0]
+    with pytest.raises(ValueError, match="rtol"):
+        F.pareto_frontier([1.0], [0.1], rtol=-1)
+
+
 def test_extrapolation_check_predicts_held_out_points():
     out = F.extrapolation_check(COMPUTE, _noisy(6), holdout_fraction=0.2)
     assert out["ok"] and out["n_holdout"] == math.ceil(0.2 * COMPUTE.size)

@@ -199,6 +199,8 @@ def test_zero3_export_loads_without_deepspeed(digits, tmp_path):
     train([*BASE, "--model", "mu/4", "--data", digits, "--out", str(out), "--steps", "60",
            "--zero", "3", "--batch-size", "32", "--warmup-steps", "5"], nproc=2)
     final = results.read_final(out)
+    # 2 real ranks evaluated the 180 val images exactly once between them
+    assert rows(out, "eval")[-1]["num_samples"] == 180
     model = load_exported(str(out / "model.safetensors")).eval()
     assert model.config.name == "mu/4" and model.config.image_size == 16
     hits = total = 0
