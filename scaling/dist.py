@@ -115,3 +115,9 @@ def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.barrier()
+
+
+def shutdown() -> None:
+    """Tear the process group down in order before the interpreter exits (no-op without one)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

@@ -345,6 +345,8 @@ def execute(run: Run) -> int:
         log.exception("run failed")
         run._final(results.STATUS_FAILED, f"{type(e).__name__}: {e}")
         return results.EXIT_FAILED
+    finally:
+        dist.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
