@@ -114,7 +114,8 @@ def _validate(c: ViTConfig) -> None:
 _NAME = re.compile(r"^(?P<size>[A-Za-z][A-Za-z0-9]*)/(?P<patch>\d+)$")
 
 
-def vit_config(name: str, *, image_size: int = 224, num_classes: int = 1000, **overrides) -> ViTConfig:
+def vit_config(name: str, *, image_size: int = 224, num_classes: int = 1000,
+               **overrides) -> ViTConfig:
     """Decode a name like "B/16" or "mu/4" into a frozen config; keyword overrides win."""
     match = _NAME.match(name.strip()) if isinstance(name, str) else None
     if not match or match["size"] not in SIZES:

@@ -208,7 +208,8 @@ class Run:
         flops = 6.0 * self.plan.macs_per_image * images
         seconds = self.meter.end_window(self.step)
         tflops = flops / max(seconds, 1e-9) / self.plan.world_size / 1e12
-        row = self._row("train", loss=loss, lr=lr_at(self.cfg, self.step - 1, self.plan.total_steps),
+        lr = lr_at(self.cfg, self.step - 1, self.plan.total_steps)
+        row = self._row("train", loss=loss, lr=lr,
                         images_per_s=images / max(seconds, 1e-9), tflops=tflops,
                         mfu=self.meter.mfu(tflops, self.cfg.peak_tflops), mem_gb=memory_gb(),
                         skipped_samples=int(skipped))
