@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 # Ti from DeiT (Touvron et al. 2021, Table 1); S/B/L/H from the ViT paper, Table 1 (S as in DeiT);
 # M from big_vision (Zhai et al. 2022); s, g, G from "Scaling Vision Transformers" Table 2.
 # mu (big_vision's debugging size) and m1..m4 form a micro ladder up to Ti that trains on a CPU
-# in seconds to minutes; each rung is roughly 2.5-4x the compute of the one below.
+# in seconds to minutes; each rung costs roughly 2.5-4.5x the MACs of the one below.
 SIZES: dict[str, tuple[int, int, int, int]] = {
     "mu": (32, 1, 2, 128),
     "m1": (48, 2, 2, 192),
