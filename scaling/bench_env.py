@@ -1,0 +1,162 @@
+"""Where a benchmark ran and what it held: device name, software versions, peak memory, output.
+
+Peak memory of one model measured after another in the same process needs care. On a GPU,
+`torch.cuda.max_memory_allocated` counts live tensors only, so the peak while a model trains
+minus what was allocated before it was built is exactly that model's peak. On a CPU the
+resident set size is a process-wide high-water mark (`ru_maxrss` never goes down) and the
+allocator keeps freed pages for reuse, so a model built second looks smaller than it is. The
+benchmark's CPU figure is therefore allocator-level like CUDA's: the bytes of the tensors a
+model keeps between steps plus the peak one step allocates (`cpu_step_peak_bytes`). `PeakMemory`
+also gives the RSS view: it resets Linux's peak RSS (`VmHWM`, by writing "5" to
+/proc/self/clear_refs, see proc(5)) and reports the peak's increase over the resident size
+before the model was built; that figure depends on what ran before it in the process.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_OUT = "results/bench/bench.jsonl"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    return match[1].strip() if match else platform.processor() or "unknown CPU"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False,
+                             capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def versions() -> dict:
+    """Software versions that change benchmark figures."""
+    return {
+        "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()
+        if torch.cuda.is_available() else None,
+        "deepspeed": _version("deepspeed"), "transformers": _version("transformers"),
+        "vit_scaling": git_commit(),
+    }
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match[1]) if match else None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory a block of code adds to this process, in GB (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.gb, self.method = device, None, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "cuda_max_allocated_increase"
+        elif _reset_peak_rss() and _status_kib("VmRSS") is not None:
+            self._base = _status_kib("VmRSS") * 1024
+            self.method = "cpu_peak_rss_increase"
+        else:  # no /proc: the high-water mark's increase, 0 if an earlier peak was higher
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.method = "cpu_maxrss_increase"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.method == "cuda_max_allocated_increase":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.method == "cpu_peak_rss_increase":
+            peak = _status_kib("VmHWM") * 1024
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.gb = max(0, peak - self._base) / 1e9
+
+
+def cpu_step_peak_bytes(step) -> int | None:
+    """Peak bytes that one call of `step` allocates on the CPU above what it started with.
+
+    From the torch profiler's allocation events ([memory] rows: +bytes on allocation, -bytes on
+    free), summed in time order: the CPU twin of CUDA's max_memory_allocated, free of the
+    allocator caching and high-water effects of RSS. None if this torch has no such events.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None:
+        return None
+    events = sorted((e.start_ns(), e.nbytes()) for e in results.events()
+                    if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def append_rows(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """Append rows as JSON lines (one object per line); creates the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.writelines(json.dumps(row, sort_keys=False) + "\n" for row in rows)
+    return path
+
+
+def now() -> str:
+    """Local time with UTC offset, ISO 8601, for the `time` field of a row."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,56 @@
+"""The benchmark's peer: Hugging Face transformers' ViTForImageClassification, same shape as ours.
+
+Only the shape is matched (width, depth, heads, MLP, patch, resolution, classes, LayerNorm eps,
+exact GELU, q/k/v biases, no dropout), so both models hold the same parameters and do the same
+FLOPs (checked by `peer_model`); initialisation does not change speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scaling.model import ViTConfig
+
+PEERS = ("transformers",)
+
+
+def hf_config(vit: ViTConfig):
+    """A transformers ViTConfig with the shape of one of ours."""
+    from transformers import ViTConfig as HFViTConfig
+
+    if vit.pool != "cls" or vit.representation_size or not vit.num_classes:
+        raise ValueError(f"{vit.name}: the transformers peer needs pool='cls', no "
+                         "representation_size and num_classes > 0")
+    return HFViTConfig(
+        hidden_size=vit.width, num_hidden_layers=vit.depth, num_attention_heads=vit.heads,
+        intermediate_size=vit.mlp_dim, patch_size=vit.patch_size, image_size=vit.image_size,
+        num_channels=vit.in_chans, num_labels=vit.num_classes, layer_norm_eps=vit.ln_eps,
+        hidden_act="gelu", qkv_bias=True, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)
+
+
+class PeerLogits(torch.nn.Module):
+    """ViTForImageClassification returning logits, so the step calls it as it calls ours."""
+
+    def __init__(self, vit: ViTConfig):
+        super().__init__()
+        from transformers import ViTForImageClassification
+
+        # SDPA dispatches to flash / memory-efficient kernels on GPUs, as ours does.
+        self.model = ViTForImageClassification._from_config(hf_config(vit),
+                                                            attn_implementation="sdpa")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=images).logits
+
+
+def peer_model(name: str, vit: ViTConfig, ours_params: int) -> torch.nn.Module:
+    """Build the named peer; raises if its parameter count differs from ours (shape mismatch)."""
+    if name not in PEERS:
+        raise ValueError(f"unknown peer {name!r}; valid: {list(PEERS)}")
+    model = PeerLogits(vit)
+    params = sum(p.numel() for p in model.parameters())
+    if params != ours_params:
+        raise ValueError(f"{vit.name}: transformers peer has {params} parameters, ours "
+                         f"{ours_params}: the shapes differ")
+    return model
