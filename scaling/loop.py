@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import time
 from typing import Iterator
@@ -91,7 +92,7 @@ class Meter:
     """Wall time, time in training steps, and skipped samples, carried across restarts."""
 
     def __init__(self):
-        self._t0 = time.time()
+        self._t0 = process_start_time()  # interpreter start and imports count as overhead
         self._wall_before = 0.0  # wall seconds of earlier processes, up to their checkpoint
         self.compute_s = 0.0
         self.overhead_s = 0.0
@@ -135,6 +136,17 @@ class Meter:
     def restore(self, state: dict, *, skipped: int) -> None:
         self._wall_before, self._t0 = state["wall"], time.time()
         self.compute_s, self.skipped = state["compute"], skipped
+
+
+def process_start_time() -> float:
+    """Wall-clock time at which this process started (Linux /proc), else now."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        hz = os.sysconf("SC_CLK_TCK")
+        return time.time() - (uptime - ticks / hz)
+    except (OSError, ValueError, IndexError):
+        return time.time()
 
 
 def memory_gb() -> float:

@@ -151,7 +151,9 @@ class Attention(nn.Module):
         b, t, d = x.shape
         # (B, T, 3, H, Dh) -> 3 x (B, H, T, Dh); the output layout (3, heads, head_dim) matches
         # concatenating separate q, k, v projections, which keeps weight conversion a concat.
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        # Unbinding before the transpose spares autograd one gradient copy per layer.
+        qkv = self.qkv(x).view(b, t, 3, self.heads, d // self.heads)
+        q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))
         p = self.attn_dropout if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # flash / mem-efficient on GPU
         return self.proj(x.transpose(1, 2).reshape(b, t, d))
