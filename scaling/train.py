@@ -261,8 +261,8 @@ class Run:
 
         if self.last_eval is None or self.last_eval["step"] != self.step:
             self.run_eval()
-        if not eng.complete_checkpoints(self.ckpt_dir)[-1:] or \
-                eng.complete_checkpoints(self.ckpt_dir)[-1][0] != self.step:
+        saved = [step for step, _ in eng.complete_checkpoints(self.ckpt_dir)]
+        if not saved or saved[-1] != self.step:
             self.save()
         meta = {"vit_config": json.dumps(dataclasses.asdict(self.vit)), "step": str(self.step)}
         eng.export_safetensors(self.engine, self.out / results.EXPORT_FILE, meta)
