@@ -18,15 +18,10 @@ from pathlib import Path
 from launchers.grid import RunSpec
 from launchers.runs import now, pid_start, record_submission, update_job
 from launchers.slurm import REPO_ROOT, child_env, train_command
+from scaling.dist import free_port
 from scaling.results import EXIT_OK, EXIT_PREEMPTED
 
 FAIL_GRACE_S = 30  # after one rank fails, how long the others get before SIGTERM
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalRun:
@@ -39,7 +34,7 @@ class LocalRun:
 
     def start(self) -> None:
         """Record the submission and start every rank."""
-        spec, port = self.spec, _free_port()
+        spec, port = self.spec, free_port()
         job_id = f"local-{os.getpid()}-{spec.run_id}"
         record_submission(spec.run_dir, spec.record(), self.sweep, "local", job_id,
                           host=socket.gethostname(), pids=[])

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from scaling.model import ViTConfig, vit_config
+from scaling.model import ViTConfig, split_name, vit_config
 
 BUDGETS = ("steps", "epochs", "samples", "flops")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -143,7 +143,8 @@ def _validate(c: TrainConfig) -> None:
     for name in ("model", "data", "out"):
         if not getattr(c, name):
             raise ValueError(f"--{name} is required")
-    vit_config(c.model, image_size=c.image_size or 224 - 224 % _patch(c.model))  # name check
+    _, patch = split_name(c.model)
+    vit_config(c.model, image_size=c.image_size or patch)  # patch must divide a given size
     given = [b for b in BUDGETS if getattr(c, b) is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one budget of {list(BUDGETS)}, got {given or 'none'}")
@@ -172,13 +173,6 @@ def _validate(c: TrainConfig) -> None:
     if not 0 < (c.min_crop_scale or 1) <= 1 or not 0 <= c.warmup_fraction < 1:
         raise ValueError(f"min_crop_scale={c.min_crop_scale} must be in (0, 1] and "
                          f"warmup_fraction={c.warmup_fraction} in [0, 1)")
-
-
-def _patch(model: str) -> int:
-    try:
-        return int(model.split("/")[1])
-    except (IndexError, ValueError):
-        return 1  # vit_config then raises its own error naming the valid sizes
 
 
 def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -63,13 +64,12 @@ def dist_info(env: dict | None = None) -> DistInfo:
                         int(env.get("SLURM_LOCALID", 0)),
                         env.get("MASTER_ADDR") or first_host(nodelist),
                         int(env.get("MASTER_PORT") or _port_for_job(job)), "slurm")
-    return DistInfo(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(),
+    return DistInfo(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(),
                     "single")
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for a single-node rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -143,10 +145,6 @@ def load_checkpoint(engine, root: str | os.PathLike, tag: str) -> dict:
 
 
 def _rng_state() -> dict:
-    import random
-
-    import numpy as np
-
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -155,10 +153,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])

@@ -95,7 +95,6 @@ class Meter:
         self._t0 = process_start_time()  # interpreter start and imports count as overhead
         self._wall_before = 0.0  # wall seconds of earlier processes, up to their checkpoint
         self.compute_s = 0.0
-        self.overhead_s = 0.0
         self.skipped = 0  # this rank, cumulative
         self.window_step, self._window_t0 = 0, time.perf_counter()
 
@@ -107,7 +106,6 @@ class Meter:
         self.skipped += skipped
 
     def add_overhead(self, seconds: float) -> None:
-        self.overhead_s += seconds
         self._window_t0 += seconds  # eval/checkpoint time is not training throughput
 
     def start_window(self, step: int) -> None:

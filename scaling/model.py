@@ -114,9 +114,8 @@ def _validate(c: ViTConfig) -> None:
 _NAME = re.compile(r"^(?P<size>[A-Za-z][A-Za-z0-9]*)/(?P<patch>\d+)$")
 
 
-def vit_config(name: str, *, image_size: int = 224, num_classes: int = 1000,
-               **overrides) -> ViTConfig:
-    """Decode a name like "B/16" or "mu/4" into a frozen config; keyword overrides win."""
+def split_name(name: str) -> tuple[str, int]:
+    """("B", 16) for "B/16"; ValueError naming the valid sizes for anything else."""
     match = _NAME.match(name.strip()) if isinstance(name, str) else None
     if not match or match["size"] not in SIZES:
         shown = name if match is None else match["size"]
@@ -124,11 +123,17 @@ def vit_config(name: str, *, image_size: int = 224, num_classes: int = 1000,
             f"unknown ViT name {shown!r}: expected SIZE/PATCH with SIZE one of "
             f"{list(SIZES)} (e.g. 'B/16', 'Ti/4', 'mu/4')"
         )
-    width, depth, heads, mlp_dim = SIZES[match["size"]]
+    return match["size"], int(match["patch"])
+
+
+def vit_config(name: str, *, image_size: int = 224, num_classes: int = 1000,
+               **overrides) -> ViTConfig:
+    """Decode a name like "B/16" or "mu/4" into a frozen config; keyword overrides win."""
+    size, patch = split_name(name)
+    width, depth, heads, mlp_dim = SIZES[size]
     fields = dict(
-        name=f"{match['size']}/{match['patch']}", width=width, depth=depth, heads=heads,
-        mlp_dim=mlp_dim, patch_size=int(match["patch"]), image_size=image_size,
-        num_classes=num_classes,
+        name=f"{size}/{patch}", width=width, depth=depth, heads=heads, mlp_dim=mlp_dim,
+        patch_size=patch, image_size=image_size, num_classes=num_classes,
     )
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ViTConfig)}
     if unknown:

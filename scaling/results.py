@@ -110,11 +110,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file so that readers see either the old content or the new, never a torn one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left behind when the write failed
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from scaling import dist, results
 from scaling.config import RESUMABLE_FIELDS, TrainConfig, batch_layout, lr_at, resolve_steps
 from scaling.data import load_dataset_info
-from scaling.flops import forward_macs, param_count
+from scaling.flops import forward_macs, param_count, training_flops
 from scaling.loop import Batches, Meter, evaluate, memory_gb
 
 log = logging.getLogger("scaling.train")
@@ -205,7 +205,7 @@ class Run:
         loss = loss_sum / (steps * self.plan.world_size)
         self.window.zero_()
         images = steps * self.cfg.batch_size
-        flops = 6.0 * self.plan.macs_per_image * images
+        flops = training_flops(self.vit, images)
         seconds = self.meter.end_window(self.step)
         tflops = flops / max(seconds, 1e-9) / self.plan.world_size / 1e12
         lr = lr_at(self.cfg, self.step - 1, self.plan.total_steps)
@@ -275,7 +275,7 @@ class Run:
             "status": status, "final_top1": ev.get("top1"), "best_top1": self.best_top1,
             "final_top5": ev.get("top5"), "final_loss": ev.get("loss"), "steps": self.step,
             "images_seen": self.step * self.cfg.batch_size,
-            "total_flops": 6.0 * self.plan.macs_per_image * self.step * self.cfg.batch_size,
+            "total_flops": training_flops(self.vit, self.step * self.cfg.batch_size),
             "params": self.plan.params, "macs_per_image": self.plan.macs_per_image,
             "model": self.vit.name, "wall_hours": wall / 3600,
             "device_hours": wall / 3600 * self.plan.world_size,
@@ -289,7 +289,7 @@ class Run:
     def _row(self, kind: str, **values) -> dict:
         images = self.step * self.cfg.batch_size
         return {"kind": kind, "step": self.step, "epoch": images / self.plan.samples_per_epoch,
-                "images_seen": images, "flops_seen": 6.0 * self.plan.macs_per_image * images,
+                "images_seen": images, "flops_seen": training_flops(self.vit, images),
                 "wall_s": self.meter.wall(), **values}
 
     def _emit(self, row: dict) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scaling.results import atomic_write_text
+
 INFO_FILE = "dataset.json"
 FORMAT = "vit-scaling-shards/1"
 HASH_CACHE_FILE = ".sha256-cache.json"
@@ -136,12 +138,10 @@ def _read_cache(root: Path) -> dict:
 
 def _write_cache(root: Path, cache: dict) -> None:
     """Save the sha256 cache atomically; a read-only data dir just goes uncached."""
-    tmp = root / f".{HASH_CACHE_FILE}.tmp{os.getpid()}"
     try:
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        os.replace(tmp, root / HASH_CACHE_FILE)
+        atomic_write_text(root / HASH_CACHE_FILE, json.dumps(cache, indent=1, sort_keys=True))
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def _cached_sha256(shard: ShardInfo, st: os.stat_result, cache: dict) -> str:
