@@ -126,7 +126,7 @@ def bare_trainer(impl: str, model: torch.nn.Module, vit: ViTConfig, args,
                  device: torch.device) -> Trainer:
     """Plain PyTorch: bf16 autocast (fp32 master weights), torch AdamW, optional compile."""
     model = model.to(device).train()
-    fused = device.type == "cuda"  # one fused kernel for the whole update on GPUs
+    fused = dist.fused_adamw(device)  # one fused kernel for the whole update
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY,
                             fused=fused or None)
     forward = torch.compile(model) if args.compile else model
@@ -176,7 +176,7 @@ def deepspeed_trainer(impl: str, model: torch.nn.Module, vit: ViTConfig, args,
     def held() -> int:
         return sum(count_engine(ds).values()) + images.nbytes + labels.nbytes
 
-    return Trainer(impl, step, params, device.type == "cuda", held)
+    return Trainer(impl, step, params, dist.fused_adamw(device), held)
 
 
 def build(impl: str, vit: ViTConfig, args, device: torch.device) -> Trainer:
@@ -265,6 +265,10 @@ def row(vit: ViTConfig, t: Trainer, step_times: list[float], args, env: dict) ->
         "versions": env["versions"], "time": bench_env.now(),
         "engine": args.engine, "batch_per_rank": args.batch_size, "num_classes": vit.num_classes,
         "params": t.params, "macs_per_image": forward_macs(vit), "flops_per_step": flops,
+        # share of the model's MACs this implementation computes (ours: the last block works
+        # on the class token only; the peer computes every token); tflops/mfu count model FLOPs
+        "executed_macs_fraction": (forward_macs(vit, executed=True) / forward_macs(vit)
+                                   if t.impl == "ours" else 1.0),
         "peak_tflops": env["peak_tflops"], "fused_adamw": t.fused_adamw, "attention": "sdpa",
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
         "step_s_rounds": step_times, "mem_gb_per_rank": t.mem_gb, "mem_method": t.mem_method,

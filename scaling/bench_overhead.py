@@ -5,21 +5,15 @@
 
 Builds a built-in data set (scaling.data.make_builtin_shards), runs `python -m scaling.train` in
 a fresh run dir as a subprocess (as the sweep launcher does), and splits the process's wall time
-using only the run's own records (final.json, metrics.jsonl; see scaling.results):
+into the parts that the run itself measured (final.json's `overhead_breakdown_s`, see
+scaling.results: startup, build, data_wait, eval, checkpoint, export, steps, other) plus `exit`:
+the parent's clock minus final.json's wall time (tearing down the process group, interpreter
+exit).
 
-- outside_run: process start to the run's Meter starting (interpreter, torch/DeepSpeed imports,
-  config and data checks) plus process exit; the parent's clock minus final.json's wall time;
-- build: Meter start to the first step (process group, model, DeepSpeed engine, loaders): the
-  first train row's wall_s minus its window (steps x batch / images_per_s);
-- steps: time inside optimizer steps (train.py's Meter.compute_s, = (1 - overhead_fraction) x
-  wall);
-- data_wait: the rest of the train windows (waiting for batches, logging);
-- eval_save_export: everything else (evaluations, checkpoints, the safetensors export).
-
-train.py's own `overhead_fraction` covers the Meter's wall time only; `process_overhead_fraction`
-adds the time outside it. `first_window_excess_s` (not part of the sum) is how much longer the
-first logging window took than the median window: one-off start-up inside the first steps
-(first-batch latency of the loader workers, lazy kernel set-up), counted as steps/data_wait.
+train.py's own `overhead_fraction` covers process start to final.json; `process_overhead_fraction`
+adds the exit. `first_window_excess_s` (not part of the sum) is how much longer the first logging
+window took than the median window: one-off start-up inside the first steps (first-batch latency
+of the loader workers, lazy kernel set-up), counted as steps/data_wait.
 """
 
 from __future__ import annotations
@@ -60,17 +54,11 @@ def first_window_excess(metrics: list[dict], batch: int) -> float:
     return max(0.0, wins[0][1] - wins[0][0] * pace)
 
 
-def breakdown(process_s: float, final: dict, metrics: list[dict], batch: int) -> dict:
+def breakdown(process_s: float, final: dict) -> dict:
     """Seconds per part of the run (module docstring); the parts sum to process_s."""
-    wall = final["wall_hours"] * 3600
-    train = [r for r in metrics if r["kind"] == "train"]
-    windows_s = [seconds for _, seconds in windows(metrics, batch)]
-    build = train[0]["wall_s"] - windows_s[0]
-    compute = (1.0 - final["overhead_fraction"]) * wall
-    return {
-        "outside_run": process_s - wall, "build": build, "steps": compute,
-        "data_wait": sum(windows_s) - compute, "eval_save_export": wall - build - sum(windows_s),
-    }
+    parts = dict(final["overhead_breakdown_s"])
+    parts["exit"] = process_s - final["wall_hours"] * 3600
+    return parts
 
 
 def run_demo(cmd: list[str]) -> float:
@@ -104,7 +92,7 @@ def run_overhead(args) -> int:
     process_s = run_demo(cmd)
     final = results.read_final(run_dir)
     metrics = results.read_metrics(run_dir)
-    parts = breakdown(process_s, final, metrics, batch)
+    parts = breakdown(process_s, final)
     row = {
         "kind": "overhead", "model": model, "steps": steps, "batch_size": batch,
         "data": args.data, "command": shlex.join(cmd[1:]), "process_s": process_s,

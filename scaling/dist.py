@@ -88,6 +88,16 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+def fused_adamw(device: torch.device) -> bool:
+    """Whether torch has a fused (single-kernel) AdamW for this device type: CUDA, and the CPU
+    since torch 2.4 (there it is ~4x faster than the foreach update)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch without the helper: CUDA only
+        return device.type == "cuda"
+    return device.type in _get_fused_kernels_supported_devices()
+
+
 def export_env(info: DistInfo) -> None:
     """Publish the torchrun-style variables that torch.distributed and DeepSpeed read."""
     os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size),

@@ -70,7 +70,8 @@ def ds_config(cfg: TrainConfig, micro: int, accum: int) -> dict:
 def initialize(model: torch.nn.Module, cfg: TrainConfig, *, micro: int, accum: int,
                total_steps: int):
     """Wrap the model in a DeepSpeed engine with AdamW and the run's LR schedule."""
-    fused = torch.cuda.is_available()  # fused AdamW kernel on GPUs
+    # DeepSpeed moves the model to the accelerator; the optimizer runs where it lands.
+    fused = dist.fused_adamw(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
     schedule = torch.optim.lr_scheduler.LambdaLR(

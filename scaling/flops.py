@@ -43,27 +43,37 @@ def param_count(config: ViTConfig | str) -> int:
     return patch + tokens + c.depth * block + 2 * d + pre_logits + head
 
 
-def macs_breakdown(config: ViTConfig | str) -> dict[str, int]:
-    """Forward multiply-accumulates per image, by part (see the module docstring)."""
+def macs_breakdown(config: ViTConfig | str, *, executed: bool = False) -> dict[str, int]:
+    """Forward multiply-accumulates per image, by part (see the module docstring).
+
+    By default the model's FLOPs: every block on every token, as published tables count them
+    and as budgets and MFU use them. With `executed=True`, what `create_model(config)`
+    actually computes: with class-token pooling its last block computes the class token's
+    output only (keys and values of every token, one query, projection, MLP and norms for one
+    token), and the final LayerNorm runs on that token alone.
+    """
     c = _config(config)
     d, m, t = c.width, c.mlp_dim, c.num_tokens
+    q = 1 if executed and c.pool == "cls" else t  # tokens the last block computes outputs for
+    full = c.depth - 1  # blocks on every token before the last one
     feat = c.representation_size or d
     return {
         "patch_embed": c.num_patches * c.in_chans * c.patch_size**2 * d,
-        "qkv": c.depth * t * d * 3 * d,
-        "attention": c.depth * 2 * t * t * d,  # Q K^T and A V, summed over heads
-        "proj": c.depth * t * d * d,
-        "mlp": c.depth * 2 * t * d * m,
-        # two per block plus the final one; the final LN runs on every token (as in the code)
-        "layernorm": (2 * c.depth + 1) * t * d * LN_MACS_PER_ELEMENT,
+        "qkv": full * t * d * 3 * d + (q * d + t * 2 * d) * d,
+        "attention": full * 2 * t * t * d + 2 * q * t * d,  # Q K^T and A V, over heads
+        "proj": full * t * d * d + q * d * d,
+        "mlp": full * 2 * t * d * m + 2 * q * d * m,
+        # two per block plus the final one
+        "layernorm": (2 * full * t + t + q + q) * d * LN_MACS_PER_ELEMENT,
         "pre_logits": d * feat if c.representation_size else 0,
         "head": feat * c.num_classes,
     }
 
 
-def forward_macs(config: ViTConfig | str, *, include_norm: bool = True) -> int:
-    """Multiply-accumulates of one forward pass on one image."""
-    parts = macs_breakdown(config)
+def forward_macs(config: ViTConfig | str, *, include_norm: bool = True,
+                 executed: bool = False) -> int:
+    """Multiply-accumulates of one forward pass on one image (macs_breakdown's `executed`)."""
+    parts = macs_breakdown(config, executed=executed)
     if not include_norm:
         parts.pop("layernorm")
     return sum(parts.values())

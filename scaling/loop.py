@@ -89,24 +89,43 @@ class Batches:
 
 
 class Meter:
-    """Wall time, time in training steps, and skipped samples, carried across restarts."""
+    """Wall time, time in training steps, where the rest went, and skipped samples; carried
+    across restarts (a resumed run adds each process's time from its own start)."""
+
+    # Wall time outside training steps, by part (final.json's overhead_breakdown_s):
+    PARTS = (
+        "startup",     # process start to build: interpreter, imports, config and data checks
+        "build",       # process group, model, DeepSpeed engine, loaders, resuming
+        "data_wait",   # waiting for the next batch
+        "eval",        # evaluations
+        "checkpoint",  # checkpoint saves
+        "export",      # the safetensors export
+    )
 
     def __init__(self):
         self._t0 = process_start_time()  # interpreter start and imports count as overhead
         self._wall_before = 0.0  # wall seconds of earlier processes, up to their checkpoint
         self.compute_s = 0.0
+        self.parts = dict.fromkeys(self.PARTS, 0.0)
         self.skipped = 0  # this rank, cumulative
         self.window_step, self._window_t0 = 0, time.perf_counter()
 
     def wall(self) -> float:
         return self._wall_before + time.time() - self._t0
 
+    def process_s(self) -> float:
+        """Seconds since this process started."""
+        return time.time() - self._t0
+
     def add_compute(self, seconds: float, skipped: int) -> None:
         self.compute_s += seconds
         self.skipped += skipped
 
-    def add_overhead(self, seconds: float) -> None:
-        self._window_t0 += seconds  # eval/checkpoint time is not training throughput
+    def add(self, part: str, seconds: float) -> None:
+        """Count `seconds` outside training steps as `part` (one of PARTS)."""
+        self.parts[part] += seconds
+        if part in ("eval", "checkpoint", "export"):
+            self._window_t0 += seconds  # not training throughput
 
     def start_window(self, step: int) -> None:
         self.window_step, self._window_t0 = step, time.perf_counter()
@@ -119,21 +138,33 @@ class Meter:
 
     skipped_global = 0  # over all ranks, as of the last train row
 
-    def overhead_fraction(self) -> float:
+    def overhead_fraction(self, wall: float | None = None) -> float:
         """Share of wall time outside training steps (start-up, data stalls, eval, saves)."""
-        wall = self.wall()
+        wall = self.wall() if wall is None else wall
         return max(0.0, 1.0 - self.compute_s / wall) if wall > 0 else 0.0
+
+    def breakdown(self, wall: float) -> dict[str, float]:
+        """Seconds of wall time by part: PARTS, "steps", and "other" (logging, the loop's
+        all-reduces, anything unmeasured); the values sum to `wall` (a reading of wall())."""
+        parts = {**self.parts, "steps": self.compute_s}
+        parts["other"] = wall - sum(parts.values())
+        return parts
 
     def mfu(self, tflops: float, given_peak: float | None) -> float | None:
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         return mfu(tflops * 1e12, given_peak or peak_tflops(name))
 
     def state(self) -> dict:
-        return {"wall": self.wall(), "compute": self.compute_s, "skipped": self.skipped}
+        return {"wall": self.wall(), "compute": self.compute_s, "skipped": self.skipped,
+                "parts": dict(self.parts)}
 
     def restore(self, state: dict, *, skipped: int) -> None:
-        self._wall_before, self._t0 = state["wall"], time.time()
+        """Carry on from a checkpoint's state: this process's time so far (its start-up and
+        build) is added to the saved wall time; the saved run's time after it is lost."""
+        self._wall_before = state["wall"]
         self.compute_s, self.skipped = state["compute"], skipped
+        for part, seconds in state.get("parts", {}).items():
+            self.parts[part] += seconds
 
 
 def process_start_time() -> float:

@@ -30,7 +30,12 @@ the run first started, summed over restarts). Then:
 ``final_loss``, ``steps``, ``images_seen``, ``total_flops``, ``params``, ``macs_per_image``,
 ``model``, ``wall_hours``, ``device_hours`` (wall hours x world size), ``world_size``,
 ``skipped_samples``, ``overhead_fraction`` (share of wall time outside training steps), and
-``error`` (a message, for failed/diverged runs).
+``error`` (a message, for failed/diverged runs). Optional (absent in files written before it
+existed): ``overhead_breakdown_s``, the wall seconds by part, summing to wall_hours x 3600:
+``startup`` (process start to build: interpreter, imports, config and data checks), ``build``
+(process group, model, DeepSpeed engine, loaders, resuming), ``data_wait``, ``eval``,
+``checkpoint``, ``export``, ``steps`` (inside optimizer steps), ``other`` (logging, the loop's
+all-reduces); over restarts, each process's start-up and build are added.
 """
 
 from __future__ import annotations

@@ -116,6 +116,8 @@ class Run:
         from scaling import engine as eng
         from scaling.model import create_model
 
+        self.meter.add("startup", self.meter.process_s())
+        t0 = time.perf_counter()
         eng.init_distributed(self.where)
         self.device = dist.device_for(self.where)
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
@@ -137,6 +139,7 @@ class Run:
         self.batches = Batches(self.cfg, self.info, self.plan, self.where)
         self.window = torch.zeros((), dtype=torch.float64, device=self.device)
         self._resume()
+        self.meter.add("build", time.perf_counter() - t0)
 
     def _resume(self) -> None:
         from scaling import engine as eng
@@ -164,10 +167,17 @@ class Run:
         cfg, plan = self.cfg, self.plan
         bar = self._progress_bar()
         self.meter.start_window(self.meter.window_step)
-        for micro_batches, skipped in self.batches.iterate(self.step):
+        batches = self.batches.iterate(self.step)
+        while True:
             t0 = time.perf_counter()
+            item = next(batches, None)
+            t1 = time.perf_counter()
+            self.meter.add("data_wait", t1 - t0)
+            if item is None:
+                break
+            micro_batches, skipped = item
             self.window += self._step(micro_batches)
-            self.meter.add_compute(time.perf_counter() - t0, skipped)
+            self.meter.add_compute(time.perf_counter() - t1, skipped)
             self.step += 1
             if bar is not None:
                 bar.update(1)
@@ -234,7 +244,7 @@ class Run:
         self._global_window()  # a diverged model is not evaluated
         t0 = time.perf_counter()
         stats = evaluate(self.engine, self.batches.eval_loader(), self.device, self.dtype)
-        self.meter.add_overhead(time.perf_counter() - t0)
+        self.meter.add("eval", time.perf_counter() - t0)
         row = self._row("eval", **stats)
         self.last_eval = {k: row[k] for k in ("top1", "top5", "loss", "step")}
         if self.best_top1 is None or row["top1"] > self.best_top1:
@@ -253,7 +263,7 @@ class Run:
                   "window_step": self.meter.window_step}
         eng.save_checkpoint(self.engine, self.ckpt_dir, self.step, client, self.cfg.keep_ckpts,
                             crash=self.faults.get("kill_in_save") == self.step)
-        self.meter.add_overhead(time.perf_counter() - t0)
+        self.meter.add("checkpoint", time.perf_counter() - t0)
 
     def finish(self) -> dict:
         """Final eval, checkpoint, safetensors export and final.json."""
@@ -265,7 +275,9 @@ class Run:
         if not saved or saved[-1] != self.step:
             self.save()
         meta = {"vit_config": json.dumps(dataclasses.asdict(self.vit)), "step": str(self.step)}
+        t0 = time.perf_counter()
         eng.export_safetensors(self.engine, self.out / results.EXPORT_FILE, meta)
+        self.meter.add("export", time.perf_counter() - t0)
         return self._final(results.STATUS_OK)
 
     def _final(self, status: str, error: str | None = None) -> dict:
@@ -280,7 +292,8 @@ class Run:
             "model": self.vit.name, "wall_hours": wall / 3600,
             "device_hours": wall / 3600 * self.plan.world_size,
             "world_size": self.plan.world_size, "skipped_samples": self.meter.skipped_global,
-            "overhead_fraction": self.meter.overhead_fraction(), "error": error,
+            "overhead_fraction": self.meter.overhead_fraction(wall),
+            "overhead_breakdown_s": self.meter.breakdown(wall), "error": error,
         }
         if self.where.is_main:
             results.write_json(self.out / results.FINAL_FILE, final)

@@ -12,8 +12,8 @@ from datetime import datetime
 import pytest
 import torch
 
-from scaling import bench
-from scaling.bench_overhead import breakdown, first_window_excess
+from scaling import bench, bench_overhead
+from scaling.bench_overhead import first_window_excess
 from scaling.bench_zero import StorageCounter, paper_bytes, state_bytes
 from scaling.flops import param_count, training_flops
 from scaling.model import vit_config
@@ -136,15 +136,15 @@ def test_zero3_per_rank_state_matches_paper(tmp_path):
 
 
 def test_overhead_breakdown_adds_up():
-    # 100 s in the Meter, half of it in steps; windows of 640/32 = 20 s and 640/16 = 40 s.
-    final = {"wall_hours": 100 / 3600, "overhead_fraction": 0.5}
+    parts = {"startup": 3.0, "build": 2.0, "data_wait": 1.0, "eval": 4.0, "checkpoint": 0.5,
+             "export": 0.5, "steps": 88.0, "other": 1.0}
+    final = {"wall_hours": 100 / 3600, "overhead_fraction": 0.12, "overhead_breakdown_s": parts}
+    out = bench_overhead.breakdown(101.5, final)
+    assert out == pytest.approx({**parts, "exit": 1.5})
+    assert sum(out.values()) == pytest.approx(101.5)
     metrics = [{"kind": "train", "step": 10, "wall_s": 30.0, "images_per_s": 32.0},
                {"kind": "eval", "step": 10, "wall_s": 35.0},
                {"kind": "train", "step": 20, "wall_s": 75.0, "images_per_s": 16.0}]
-    parts = breakdown(110.0, final, metrics, batch=64)
-    assert parts == pytest.approx({"outside_run": 10.0, "build": 10.0, "steps": 50.0,
-                                   "data_wait": 10.0, "eval_save_export": 30.0})
-    assert sum(parts.values()) == pytest.approx(110.0)
     assert first_window_excess(metrics, 64) == 0.0  # paces 2 and 4 s/step: median 3
 
 

@@ -57,8 +57,12 @@ def test_forward_flops_equal_torch_flop_counter(name, kw):
         model(x)
     counted = counter.get_total_flops()
     assert counter.get_flop_counts()["Global"].get(torch.ops.aten.bmm, 0) == \
-        2 * batch * flops.macs_breakdown(config)["attention"]
-    assert counted == 2 * batch * flops.forward_macs(config, include_norm=False)
+        2 * batch * flops.macs_breakdown(config, executed=True)["attention"]
+    assert counted == 2 * batch * flops.forward_macs(config, include_norm=False, executed=True)
+    # the model's FLOPs count every token in every block; with class-token pooling the model
+    # computes the last block for the class token only, hence fewer executed FLOPs
+    fewer = flops.forward_macs(config) > flops.forward_macs(config, executed=True)
+    assert fewer == (config.pool == "cls")
 
 
 def test_training_flops_is_six_macs_per_image():

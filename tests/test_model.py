@@ -128,6 +128,37 @@ def test_activation_checkpointing_same_gradients():
         torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
+def _full_forward(model, x):
+    """Every block on every token (Eq. 2-3 literally), then Eq. 4 on the class token."""
+    z = model.embed(x)
+    for block in model.blocks:
+        z = block(z)
+    return model.head(model.norm(z)[:, 0])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(grad_checkpointing=True)])
+def test_class_token_only_last_block_equals_full_computation(kw):
+    """The last block computes only the class token's output; logits and every gradient equal
+    computing it for all tokens (float64, so the comparison is tight)."""
+    torch.manual_seed(0)
+    model = create_model("m2/4", image_size=16, num_classes=5, zero_init_head=False,
+                         **kw).double()
+    x, y = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 4, 2])
+    grads = []
+    for forward in (model, lambda images: _full_forward(model, images)):
+        model.zero_grad()
+        logits = forward(x)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (fast, fast_grads), (full, full_grads) = grads
+    torch.testing.assert_close(fast, full, rtol=1e-12, atol=1e-12)
+    for name, g in full_grads.items():
+        torch.testing.assert_close(fast_grads[name], g, rtol=1e-10, atol=1e-12, msg=name)
+    # every parameter of the last block still learns (q, k, v rows of the fused projection)
+    last = model.blocks[-1].attn.qkv.weight.grad.view(3, -1)
+    assert (last.abs().sum(1) > 0).all()
+
+
 def test_resize_pos_embed_keeps_class_token_and_interpolates():
     model = create_model("mu/4", image_size=16, num_classes=3)
     old = model.pos_embed.detach().clone()

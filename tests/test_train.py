@@ -89,6 +89,11 @@ def test_micro_model_learns_and_follows_schema(digits, tmp_path):
     assert final["macs_per_image"] == forward_macs(vit)
     assert final["final_top1"] == eval_rows[-1]["top1"]
     assert 0 <= final["overhead_fraction"] < 1
+    parts = final["overhead_breakdown_s"]
+    assert sum(parts.values()) == pytest.approx(final["wall_hours"] * 3600, rel=1e-9)
+    assert parts["steps"] == pytest.approx((1 - final["overhead_fraction"]) * sum(parts.values()))
+    assert min(parts.values()) >= 0 and parts["startup"] > 0 and parts["build"] > 0
+    assert parts["eval"] > 0 and parts["export"] > 0 and parts["checkpoint"] > 0
     assert json.loads((out / "config.json").read_text())["model"] == "mu/4"
     assert json.loads((out / "plan.json").read_text())["total_steps"] == 100
     # rerunning a finished run does nothing and keeps its results
@@ -150,6 +155,10 @@ def test_interrupt_and_resume_equals_uninterrupted(digits, tmp_path, sig):
     a, b = results.read_final(out), results.read_final(tmp_path / "ref")
     assert {k: a[k] for k in ("final_top1", "steps", "total_flops", "final_loss")} == \
            {k: b[k] for k in ("final_top1", "steps", "total_flops", "final_loss")}
+    # time is carried over the restart: both processes' start-up and build are in the parts
+    parts = a["overhead_breakdown_s"]
+    assert sum(parts.values()) == pytest.approx(a["wall_hours"] * 3600, rel=1e-9)
+    assert parts["checkpoint"] > 0 and parts["other"] > -1e-3
 
 
 def test_kill_during_checkpoint_write_resumes_from_previous(digits, tmp_path):
