@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 from scaling.model import ViTConfig, split_name, vit_config
 
@@ -34,16 +34,16 @@ class TrainConfig:
     model: str = _f(None, "ViT name SIZE/PATCH, e.g. B/16 or mu/4", required=True)
     data: str = _f(None, "shard directory (with dataset.json)", required=True)
     out: str = _f(None, "run directory (created; rerunning resumes)", required=True)
-    steps: Optional[int] = _f(None, "budget: optimizer steps")
-    epochs: Optional[float] = _f(None, "budget: passes over the train split")
-    samples: Optional[int] = _f(None, "budget: training images")
-    flops: Optional[float] = _f(None, "budget: training FLOPs (6 x MACs x images)")
+    steps: int | None = _f(None, "budget: optimizer steps")
+    epochs: float | None = _f(None, "budget: passes over the train split")
+    samples: int | None = _f(None, "budget: training images")
+    flops: float | None = _f(None, "budget: training FLOPs (6 x MACs x images)")
     batch_size: int = _f(128, "global batch size (micro batch x accumulation x world size)")
-    micro_batch_size: Optional[int] = _f(None, "per-rank micro batch (default: no accumulation)")
-    image_size: Optional[int] = _f(None, "input resolution (default: the dataset's)")
+    micro_batch_size: int | None = _f(None, "per-rank micro batch (default: no accumulation)")
+    image_size: int | None = _f(None, "input resolution (default: the dataset's)")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
     min_lr: float = _f(0.0, "final learning rate of the decay")
-    warmup_steps: Optional[int] = _f(None, "linear warmup steps (default: warmup_fraction)")
+    warmup_steps: int | None = _f(None, "linear warmup steps (default: warmup_fraction)")
     warmup_fraction: float = _f(0.05, "warmup as a fraction of the run when warmup_steps unset")
     schedule: str = _f("cosine", "decay after warmup", choices=SCHEDULES)
     weight_decay: float = _f(0.05, "AdamW decoupled weight decay (not on norms/biases/pos/cls)")
@@ -60,22 +60,22 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing")
     mixup_alpha: float = _f(0.0, "mixup alpha (0: off)")
     cutmix_alpha: float = _f(0.0, "cutmix alpha (0: off)")
-    min_crop_scale: Optional[float] = _f(None, "random-resized-crop smallest area fraction "
+    min_crop_scale: float | None = _f(None, "random-resized-crop smallest area fraction "
                                          "(default: the dataset's, see scaling.data.transforms)")
-    hflip: Optional[bool] = _f(None, "random horizontal flips (default: the dataset's)")
+    hflip: bool | None = _f(None, "random horizontal flips (default: the dataset's)")
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
     data_order: str = _f("sharded", "sharded: each rank reads its own shards; global: every "
                          "rank reads the global batch and keeps its slice (world-size invariant)",
                          choices=DATA_ORDERS)
-    samples_per_epoch: Optional[int] = _f(None, "images per epoch (default: train split size)")
+    samples_per_epoch: int | None = _f(None, "images per epoch (default: train split size)")
     eval_every: int = _f(0, "evaluate every N steps (0: only at the end)")
-    eval_batch_size: Optional[int] = _f(None, "per-rank eval batch (default: micro batch)")
+    eval_batch_size: int | None = _f(None, "per-rank eval batch (default: micro batch)")
     ckpt_every: int = _f(0, "checkpoint every N steps (0: only at the end and on a signal)")
     keep_ckpts: int = _f(2, "complete checkpoints kept")
     log_every: int = _f(10, "log a train row every N steps")
     num_workers: int = _f(2, "data loader workers per rank")
     strict_data: bool = _f(False, "a corrupt image is an error instead of a counted skip")
-    peak_tflops: Optional[float] = _f(None, "device peak TFLOP/s for MFU (default: table)")
+    peak_tflops: float | None = _f(None, "device peak TFLOP/s for MFU (default: table)")
     progress: bool = _f(True, "progress bar on a terminal")
 
     def __post_init__(self):
@@ -129,7 +129,7 @@ class TrainConfig:
         return p
 
     @classmethod
-    def from_args(cls, argv: Sequence[str] | None = None) -> "TrainConfig":
+    def from_args(cls, argv: Sequence[str] | None = None) -> TrainConfig:
         """Parse CLI flags; bad flags exit(2) via argparse, bad values raise ValueError."""
         return cls(**vars(cls.parser().parse_args(argv)))
 
@@ -214,7 +214,7 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     """Warmup length: warmup_steps if given, else warmup_fraction of the run."""
     if cfg.warmup_steps is not None:
         return min(cfg.warmup_steps, total_steps)
-    return int(round(cfg.warmup_fraction * total_steps))
+    return round(cfg.warmup_fraction * total_steps)
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:

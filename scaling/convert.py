@@ -8,7 +8,7 @@ as three matrices where we keep one fused projection (rows ordered q, k, v; head
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -64,7 +64,7 @@ def _from_transformers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     unused = []
     for key, value in sd.items():
-        k = key[len("vit."):] if key.startswith("vit.") else key
+        k = key.removeprefix("vit.")
         block = _HF_BLOCK_RE.match(k)
         if k in _HF_DROPPED:
             continue

@@ -79,7 +79,7 @@ def forward_macs(config: ViTConfig | str, *, include_norm: bool = True,
     return sum(parts.values())
 
 
-def training_flops(config: ViTConfig | str, images: int | float) -> float:
+def training_flops(config: ViTConfig | str, images: float) -> float:
     """FLOPs of training on `images` images: 6 x forward MACs x images (forward + backward)."""
     return 6.0 * forward_macs(config) * images
 

@@ -6,7 +6,8 @@ import dataclasses
 import os
 import resource
 import time
-from typing import Iterator
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -170,8 +171,8 @@ class Meter:
 def process_start_time() -> float:
     """Wall-clock time at which this process started (Linux /proc), else now."""
     try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        uptime = float(open("/proc/uptime").read().split()[0])
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
         hz = os.sysconf("SC_CLK_TCK")
         return time.time() - (uptime - ticks / hz)
     except (OSError, ValueError, IndexError):

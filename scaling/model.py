@@ -14,7 +14,6 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +58,7 @@ class ViTConfig:
     num_classes: int = 1000  # 0: no head, the model returns features (e.g. for a ViTModel)
     in_chans: int = 3
     pool: str = "cls"  # "cls": class token (Eq. 4); "gap": global average pool, no class token
-    representation_size: Optional[int] = None  # pre-logits Linear+tanh (paper's pre-training head)
+    representation_size: int | None = None  # pre-logits Linear+tanh (paper's pre-training head)
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth, max rate, linear over depth (DeiT)

@@ -355,7 +355,7 @@ def execute(run: Run) -> int:
         log.error("diverged: %s", e)
         run._final(results.STATUS_DIVERGED, str(e))
         return results.EXIT_DIVERGED
-    except Exception as e:  # noqa: BLE001 - every failure must reach final.json
+    except Exception as e:
         log.exception("run failed")
         run._final(results.STATUS_FAILED, f"{type(e).__name__}: {e}")
         return results.EXIT_FAILED

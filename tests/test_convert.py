@@ -5,8 +5,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from scaling.convert import ConversionError, convert_state_dict  # noqa: E402
-from scaling.model import create_model, vit_config  # noqa: E402
+from scaling.convert import ConversionError, convert_state_dict
+from scaling.model import create_model, vit_config
 
 WIDTH, DEPTH, HEADS, MLP, PATCH, IMAGE, CLASSES = 64, 3, 2, 256, 4, 16, 5
 

@@ -1,6 +1,7 @@
 """The ViT of scaling.model: sizes, shapes, options, gradients, determinism."""
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -198,5 +199,5 @@ def test_every_size_in_table_decodes():
     for size in SIZES:
         c = vit_config(f"{size}/16")
         assert isinstance(c, ViTConfig) and c.name == f"{size}/16"
-    with pytest.raises(Exception):
-        c.width = 1  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.width = 1
