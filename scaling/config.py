@@ -135,7 +135,7 @@ class TrainConfig:
 
 
 def _field_type(f: dataclasses.Field) -> type:
-    t = str(f.type).replace("Optional[", "").rstrip("]")
+    t = str(f.type).removesuffix(" | None")  # annotations are strings (postponed evaluation)
     return {"int": int, "float": float, "bool": bool, "str": str}[t]
 
 
