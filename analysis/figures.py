@@ -156,9 +156,30 @@ def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = 
     return fig
 
 
+def _size_fit_overlay(ax, size_fit: dict, grid) -> None:
+    """The per-size points the line is fitted to (each with its frontier range), and the line,
+    or a note saying why there is none."""
+    sp = size_fit["points"]
+    ax.hlines(sp["params"], sp["compute_lo"], sp["compute_hi"], color="black", lw=0.8,
+              zorder=3)
+    ax.scatter(sp["compute"], sp["params"], s=90, marker="D", facecolors="none",
+               edgecolors="black", linewidths=1.2, zorder=6,
+               label="one point per size\n(log-midpoint of its\nfrontier range)")
+    if size_fit["ok"]:
+        ax.plot(grid, F.predict_loglinear(size_fit, grid), color=ACCENT["orange"], ls="--",
+                label=rf"$N_{{opt}} \propto C^{{{size_fit['k']:.2f}}}$"
+                      f" ({size_fit['n']} sizes)")
+    else:
+        why = (f"only {size_fit['n_sizes']} size(s) on the frontier" if size_fit["n_sizes"] < 2
+               else "the sizes span too little compute")
+        ax.text(0.03, 0.97, f"no fit: {why}", transform=ax.transAxes, ha="left", va="top",
+                fontsize="small")
+
+
 def optimal_size_figure(frontier: pd.DataFrame, palette: dict, size_fit: dict | None, *,
                         x: str = "flops"):
-    """Parameter count of the compute-optimal model at each frontier point, log-log."""
+    """Parameter count of the compute-optimal model at each frontier point, log-log, with the
+    line fitted to one point per size (analysis.frontier.optimal_size_fit)."""
     col = x_column(x)
     pts = frontier.dropna(subset=["params"])
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -167,8 +188,7 @@ def optimal_size_figure(frontier: pd.DataFrame, palette: dict, size_fit: dict | 
                    edgecolors="black", linewidths=0.5, zorder=4, label=model)
     if size_fit is not None:
         grid = np.logspace(np.log10(pts[col].min()), np.log10(pts[col].max()), 50)
-        ax.plot(grid, F.predict_loglinear(size_fit, grid), color=ACCENT["orange"], ls="--",
-                label=rf"$N_{{opt}} \propto C^{{{size_fit['k']:.2f}}}$")
+        _size_fit_overlay(ax, size_fit, grid)
     log_axis(ax, "x")
     log_axis(ax, "y")
     ax.set_xlabel(X_LABELS[x])

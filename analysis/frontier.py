@@ -60,14 +60,44 @@ def fit_frontier(frontier: pd.DataFrame, x: str, *, n_boot: int = 200, seed: int
     return {"ok": True, "n": len(pts), "boot": boot, "fit": boot["fit"], "extrapolation": extrap}
 
 
-def optimal_size_fit(frontier: pd.DataFrame, x: str) -> dict | None:
-    """Log-log fit params_opt ∝ C^k over frontier points; None unless at least two sizes
-    and half a decade of compute are covered (else the slope is meaningless)."""
+# Per-size points closer than half a decade of compute leave the slope to noise.
+MIN_SIZE_DECADES = 0.5
+
+
+def size_points(frontier: pd.DataFrame, x: str) -> pd.DataFrame:
+    """One row per model size on the frontier: params, the compute range [lo, hi] of its frontier
+    points, their number, and `compute`, the log-midpoint sqrt(lo * hi) of that range.
+
+    The log-midpoint is the centre, on the log axis the line is fitted in, of the range where the
+    size is compute-optimal, however many evals fall in it; its lowest-error point would always
+    be the range's right end, where the next size takes over."""
+    col = x_column(x)
     pts = frontier.dropna(subset=["params"])
-    xs = pts[x_column(x)]
-    if pts["params"].nunique() < 2 or np.log10(xs.max() / xs.min()) < 0.5:
-        return None
-    return F.fit_loglinear(xs, pts["params"])
+    out = (pts.groupby("model", sort=False)
+           .agg(params=("params", "median"), compute_lo=(col, "min"), compute_hi=(col, "max"),
+                n_points=(col, "size"))
+           .reset_index())
+    out["compute"] = np.sqrt(out["compute_lo"].astype(float) * out["compute_hi"].astype(float))
+    return out.sort_values("compute", ignore_index=True)
+
+
+def optimal_size_fit(frontier: pd.DataFrame, x: str) -> dict:
+    """Log-log fit params_opt ∝ C^k over one point per frontier size (size_points), so a size
+    with many frontier evals weighs no more than one with a single eval. Returns the points and
+    {"ok": False, "message"} unless two sizes at least MIN_SIZE_DECADES apart are there."""
+    pts = size_points(frontier, x)
+    out = {"points": pts, "n_sizes": len(pts), "n_frontier": int(pts["n_points"].sum())}
+    if len(pts) < 2:
+        names = ", ".join(pts["model"]) or "none"
+        return {**out, "ok": False, "message": (
+            f"only {len(pts)} model size(s) on the frontier ({names}); need at least 2 sizes "
+            "to fit params_opt vs compute (no line drawn)")}
+    span = float(np.log10(pts["compute"].max() / pts["compute"].min()))
+    if span < MIN_SIZE_DECADES:
+        return {**out, "ok": False, "message": (
+            f"the {len(pts)} frontier sizes' points span {span:.2f} decades of compute; need "
+            f"at least {MIN_SIZE_DECADES} to fit params_opt vs compute (no line drawn)")}
+    return {**out, "ok": True, **F.fit_loglinear(pts["compute"], pts["params"])}
 
 
 def size_table(runs: pd.DataFrame, evals: pd.DataFrame, order: list[str], x: str) -> pd.DataFrame:

@@ -9,7 +9,8 @@ RESULTS/bench/*.jsonl, and writes to --out (default: RESULTS/figures):
   <metric>_vs_<x>.*      eval curves per run, coloured by model size, with the Pareto frontier
   scaling_law_fit.*      E = a (C + d)^(-b) + c fitted to the frontier (Zhai et al. 2022, Sec. 2.2)
                          with a bootstrap band and the hold-out extrapolation check
-  optimal_model_size.*   parameters of the compute-optimal model vs compute
+  optimal_model_size.*   params of the compute-optimal model vs compute, N_opt ∝ C^k fitted
+                         to one point per model size on the frontier
   throughput_mfu.*       images/s and MFU per size (only when benchmark rows exist)
   vit_paper_table6.*     the ViT paper's Fig. 5 redrawn from its Table 6, law fitted to ViT rows
   evals.csv, evals.parquet, runs.csv, summary.md

@@ -41,7 +41,7 @@ def sizes_section(sizes: pd.DataFrame, x: str) -> list[str]:
     return ["## Per model size", "", *_table(head, rows), ""]
 
 
-def fit_section(result: dict, x: str, size_fit: dict | None) -> list[str]:
+def fit_section(result: dict, x: str) -> list[str]:
     """Constants of the law fitted to the frontier, with bootstrap intervals."""
     out = ["## Scaling-law fit", "",
            ("E = a (C + d)^(-b) + c (Zhai et al. 2022, Sec. 2.2), fitted on log-error to the "
@@ -62,11 +62,25 @@ def fit_section(result: dict, x: str, size_fit: dict | None) -> list[str]:
         out.append(f"Poorly determined by these {fit['n']} points: {', '.join(loose)} (a or d "
                    "spanning more than 10x, b or c an interval wider than the value); read the "
                    "curve as a description of the data, not a law to extrapolate.")
-    if size_fit is not None:
-        out.append(f"Compute-optimal model size: params ≈ {_num(size_fit['y_ref'])} × "
-                   f"(C / {_num(size_fit['x_ref'])})^{size_fit['k']:.3f} (log-log fit over "
-                   f"{size_fit['n']} frontier points).")
     return out + [""]
+
+
+def size_fit_section(size_fit: dict | None, x: str) -> list[str]:
+    """params_opt ∝ C^k, fitted to one point per frontier size, and those points."""
+    out = ["## Compute-optimal model size", ""]
+    if size_fit is None:
+        return out + ["Not fitted: no parameter counts on the frontier.", ""]
+    sp = size_fit["points"]
+    rows = [[r.model, _num(r.params), r.n_points, _num(r.compute_lo), _num(r.compute_hi),
+             _num(r.compute)] for r in sp.itertuples()]
+    out += _table(["model", "params", "frontier points", f"first ({X_UNITS[x]})",
+                   f"last ({X_UNITS[x]})", "log-midpoint"], rows) + [""]
+    if not size_fit["ok"]:
+        return out + [f"Not fitted: {size_fit['message']}.", ""]
+    return out + [(f"params_opt ≈ {_num(size_fit['y_ref'])} × (C / {_num(size_fit['x_ref'])})"
+                   f"^{size_fit['k']:.3f}: least squares in log-log space over {size_fit['n']} "
+                   f"model sizes, one point each (the log-midpoint of its frontier range; "
+                   f"{size_fit['n_frontier']} frontier points in all)."), ""]
 
 
 def extrapolation_section(result: dict) -> list[str]:
@@ -124,7 +138,8 @@ def render(report: dict) -> str:
              (f"Results: `{res.results_dir}`: {len(res.runs)} runs ({counts}), "
              f"{len(res.evals)} eval points, {len(report['skipped'])} skipped files."), "",
              *sizes_section(report["sizes"], report["x"]),
-             *fit_section(report["fit"], report["x"], report["size_fit"]),
+             *fit_section(report["fit"], report["x"]),
+             *size_fit_section(report["size_fit"], report["x"]),
              *extrapolation_section(report["fit"]),
              *paper_section(report["paper_fits"]),
              *status_section(res.runs, report["skipped"]),
