@@ -60,9 +60,12 @@ def demo() -> Preset:
         batch_size=64,
         base_lr=3.2e-2,  # = 4e-3 at batch 64: micro models on 8x8 images take a high rate
         train={"weight_decay": 0.05, "warmup_fraction": 0.1, "label_smoothing": 0.0,
-               # evals every 25 steps (~0.1 s each) give each run a learning curve, so the
-               # frontier has more than one point per budget to fit the law to
-               "eval_every": 25, "ckpt_every": 0, "num_workers": 0, "precision": "fp32",
+               # evals at steps 25, 44, 79, 141, ... (4 per decade) give each run a learning
+               # curve evenly spread in log compute, so the frontier has more than one point per
+               # budget to fit the law to, at a few evals per run (an eval of the 539 val images
+               # costs about as much as 2-3 training steps)
+               "eval_every": 25, "eval_spacing": "log", "ckpt_every": 0, "num_workers": 0,
+               "precision": "fp32",
                "zero": 0, "log_every": 10, "progress": False},
         device="cpu",
         gpus=1,

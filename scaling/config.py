@@ -12,14 +12,18 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from scaling.data.memory import IN_MEMORY_CHOICES
 from scaling.model import ViTConfig, split_name, vit_config
 
 BUDGETS = ("steps", "epochs", "samples", "flops")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_ORDERS = ("sharded", "global")
+EVAL_SPACINGS = ("linear", "log")
+EVALS_PER_DECADE = 4
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_FIELDS = ("num_workers", "log_every", "progress", "out", "data", "eval_every",
+                    "eval_spacing",
                     "ckpt_every", "keep_ckpts")
 
 
@@ -67,8 +71,14 @@ class TrainConfig:
     data_order: str = _f("sharded", "sharded: each rank reads its own shards; global: every "
                          "rank reads the global batch and keeps its slice (world-size invariant)",
                          choices=DATA_ORDERS)
+    in_memory: str = _f("auto", "read the data into memory once and augment whole batches "
+                        "(auto: when the decoded train and val splits fit in 1 GiB; "
+                        "scaling.data.memory)", choices=IN_MEMORY_CHOICES)
     samples_per_epoch: int | None = _f(None, "images per epoch (default: train split size)")
     eval_every: int = _f(0, "evaluate every N steps (0: only at the end)")
+    eval_spacing: str = _f("linear", "linear: at eval_every, 2 x eval_every, ...; log: at "
+                           "eval_every x 10^(k/4), 4 per decade (even in log compute)",
+                           choices=EVAL_SPACINGS)
     eval_batch_size: int | None = _f(None, "per-rank eval batch (default: micro batch)")
     ckpt_every: int = _f(0, "checkpoint every N steps (0: only at the end and on a signal)")
     keep_ckpts: int = _f(2, "complete checkpoints kept")
@@ -166,7 +176,8 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"batch_size {c.batch_size} is not a multiple of micro_batch_size "
                          f"{c.micro_batch_size}")
     choices = {"zero": (0, 1, 2, 3), "precision": PRECISIONS, "schedule": SCHEDULES,
-               "data_order": DATA_ORDERS, "pool": ("cls", "gap")}
+               "data_order": DATA_ORDERS, "pool": ("cls", "gap"),
+               "in_memory": IN_MEMORY_CHOICES, "eval_spacing": EVAL_SPACINGS}
     for n, valid in choices.items():
         if getattr(c, n) not in valid:
             raise ValueError(f"{n}={getattr(c, n)!r}; valid: {list(valid)}")
@@ -215,6 +226,23 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     if cfg.warmup_steps is not None:
         return min(cfg.warmup_steps, total_steps)
     return round(cfg.warmup_fraction * total_steps)
+
+
+def eval_steps(cfg: TrainConfig, total_steps: int) -> set[int]:
+    """Steps after which a run evaluates, besides the last one (always evaluated).
+
+    "log" spacing puts the evaluations evenly on a log axis, which is where error-vs-compute
+    frontiers are read, and costs O(log steps) evaluations instead of O(steps).
+    """
+    if not cfg.eval_every:
+        return set()
+    if cfg.eval_spacing == "linear":
+        return set(range(cfg.eval_every, total_steps, cfg.eval_every))
+    steps, k = set(), 0
+    while (step := round(cfg.eval_every * 10 ** (k / EVALS_PER_DECADE))) < total_steps:
+        steps.add(step)
+        k += 1
+    return steps
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:

@@ -13,6 +13,7 @@ import torch
 
 from scaling import dist
 from scaling.data import make_eval_loader, make_train_loader
+from scaling.data.memory import make_memory_eval_loader, make_memory_train_loader, use_memory
 from scaling.data.transforms import default_augment, mixup_cutmix
 from scaling.flops import mfu, peak_tflops
 
@@ -23,7 +24,8 @@ class Batches:
     The loader yields one batch per optimizer step. With data_order="sharded" each rank reads
     its own resampled shards (the scalable default); with "global" every rank reads the whole
     global batch and keeps its slice, which makes the run independent of the world size (each
-    rank decodes every image: meant for small data and reproducibility checks).
+    rank decodes every image: meant for small data and reproducibility checks). Data read into
+    memory (`in_memory`, scaling.data.memory) is cut into the same global batches either way.
     """
 
     def __init__(self, cfg, info, plan, where: dist.DistInfo):
@@ -36,12 +38,16 @@ class Batches:
         self.augment = aug
         per_rank = plan.micro_batch * plan.accumulation
         shared = cfg.data_order == "global"
-        self.loader = make_train_loader(
-            info, image_size=plan.image_size, seed=cfg.seed, num_workers=cfg.num_workers,
-            batch_size=cfg.batch_size if shared else per_rank,
-            rank=0 if shared else where.rank, world_size=1 if shared else where.world_size,
-            samples_per_epoch=plan.steps_per_epoch * cfg.batch_size, strict=cfg.strict_data,
-            augment=aug)
+        self.in_memory = use_memory(info, cfg.in_memory)
+        kw = dict(image_size=plan.image_size, seed=cfg.seed,
+                  batch_size=cfg.batch_size if shared else per_rank,
+                  rank=0 if shared else where.rank, world_size=1 if shared else where.world_size,
+                  samples_per_epoch=plan.steps_per_epoch * cfg.batch_size,
+                  strict=cfg.strict_data, augment=aug)
+        if self.in_memory:
+            self.loader = make_memory_train_loader(info, **kw)
+        else:
+            self.loader = make_train_loader(info, num_workers=cfg.num_workers, **kw)
         assert self.loader.steps_per_epoch == plan.steps_per_epoch, "epoch length mismatch"
         self.slice = slice(where.rank * per_rank, (where.rank + 1) * per_rank) if shared else None
         self.count_skips = where.is_main or not shared  # global order: every rank sees them all
@@ -81,11 +87,14 @@ class Batches:
     def eval_loader(self):
         """The val split for this rank (every sample once over all ranks)."""
         if not hasattr(self, "_eval"):
-            self._eval = make_eval_loader(
-                self.info, image_size=self.plan.image_size, rank=self.where.rank,
-                world_size=self.where.world_size, num_workers=self.cfg.num_workers,
-                batch_size=self.cfg.eval_batch_size or self.plan.micro_batch,
-                strict=self.cfg.strict_data, augment=self.augment)
+            kw = dict(image_size=self.plan.image_size, rank=self.where.rank,
+                      world_size=self.where.world_size,
+                      batch_size=self.cfg.eval_batch_size or self.plan.micro_batch,
+                      strict=self.cfg.strict_data, augment=self.augment)
+            if self.in_memory:
+                self._eval = make_memory_eval_loader(self.info, **kw)
+            else:
+                self._eval = make_eval_loader(self.info, num_workers=self.cfg.num_workers, **kw)
         return self._eval
 
 

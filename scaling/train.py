@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from scaling import dist, results
-from scaling.config import RESUMABLE_FIELDS, TrainConfig, batch_layout, lr_at, resolve_steps
+from scaling.config import (
+    RESUMABLE_FIELDS,
+    TrainConfig,
+    batch_layout,
+    eval_steps,
+    lr_at,
+    resolve_steps,
+)
 from scaling.data import load_dataset_info
 from scaling.flops import forward_macs, param_count, training_flops
 from scaling.loop import Batches, Meter, evaluate, memory_gb
@@ -166,6 +173,7 @@ class Run:
         """Run optimizer steps until the budget is spent or a stop signal arrives."""
         cfg, plan = self.cfg, self.plan
         bar = self._progress_bar()
+        evals = eval_steps(cfg, plan.total_steps)
         self.meter.start_window(self.meter.window_step)
         batches = self.batches.iterate(self.step)
         while True:
@@ -187,7 +195,7 @@ class Run:
                 self.save()
                 raise SystemExit(results.EXIT_PREEMPTED)
             last = self.step == plan.total_steps
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
+            if self.step in evals:
                 self.run_eval()
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not last:
                 self.save()
@@ -387,5 +395,23 @@ def main(argv: list[str] | None = None) -> int:
     return execute(Run(cfg, info, vit, plan, where))
 
 
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown when nothing is left to clean up.
+
+    By now final.json, metrics, checkpoints and the export are closed files and the process
+    group is destroyed; tearing down the modules of torch, DeepSpeed and dynamo would still take
+    ~1 s per run on a CPU (docs/benchmarks.md). With loader worker processes still alive (a run
+    stopped mid-epoch), the normal exit shuts them down instead.
+    """
+    import multiprocessing
+
+    if multiprocessing.active_children():
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -6,12 +6,17 @@ With VIT_SCALING_STRICT=1 (CI sets it, see .ci/run) a skip of any test marked `s
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from scaling.data.writer import Encoding, Source, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 STRICT = os.environ.get("VIT_SCALING_STRICT") == "1"
@@ -69,3 +74,30 @@ def digits_data(tmp_path_factory) -> str:
     from scaling.data import make_builtin_shards
 
     return str(make_builtin_shards("digits", tmp_path_factory.mktemp("data") / "digits").root)
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    arr = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_item(item):
+    """Test source items: ('png', seed) -> a real PNG, ('bad', bytes) -> stored as is."""
+    kind, value = item
+    data = _png(value) if kind == "png" else value
+    return ("jpg" if kind == "bad" else "png", data, (8, 8)), 1
+
+
+@pytest.fixture
+def corrupt_dir(tmp_path):
+    """One val shard of 10 samples, two of them corrupt: a truncated JPEG and garbage bytes."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(buf, format="JPEG")
+    items = [("png", i) for i in range(10)]
+    items[3] = ("bad", buf.getvalue()[:200])
+    items[7] = ("bad", b"\xff\xd8 garbage, not an image")
+    source = Source("test", tuple("abc"), {"train": items, "val": items}, load_item, 8)
+    write_dataset(source, tmp_path, enc=Encoding(), shard_size=10, args={})
+    return tmp_path

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import tarfile
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from scaling.data import (
     DataError,
@@ -20,7 +17,6 @@ from scaling.data import (
 )
 from scaling.data.bench_loader import main as bench_main
 from scaling.data.make_shards import make_shards
-from scaling.data.writer import Encoding, Source, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -106,33 +102,6 @@ def test_class_out_of_range(data_dir):
                           num_workers=0)
     with pytest.raises(DataError, match=r"val-000000\.tar, key val_\d+: class \d+ is outside"):
         list(el)
-
-
-def _png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    arr = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def load_item(item):
-    """Test source items: ('png', seed) -> a real PNG, ('bad', bytes) -> stored as is."""
-    kind, value = item
-    data = _png(value) if kind == "png" else value
-    return ("jpg" if kind == "bad" else "png", data, (8, 8)), 1
-
-
-@pytest.fixture
-def corrupt_dir(tmp_path):
-    """One val shard of 10 samples, two of them corrupt: a truncated JPEG and garbage bytes."""
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (9, 9, 9)).save(buf, format="JPEG")
-    items = [("png", i) for i in range(10)]
-    items[3] = ("bad", buf.getvalue()[:200])
-    items[7] = ("bad", b"\xff\xd8 garbage, not an image")
-    source = Source("test", tuple("abc"), {"train": items, "val": items}, load_item, 8)
-    write_dataset(source, tmp_path, enc=Encoding(), shard_size=10, args={})
-    return tmp_path
 
 
 def test_corrupt_images_are_skipped_and_counted(corrupt_dir):

@@ -131,11 +131,12 @@ def _wait_for_step(out, step, proc, timeout=120):
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
-def test_interrupt_and_resume_equals_uninterrupted(digits, tmp_path, sig):
+@pytest.mark.parametrize("sig, in_memory", [(signal.SIGTERM, "off"), (signal.SIGUSR2, "on")])
+def test_interrupt_and_resume_equals_uninterrupted(digits, tmp_path, sig, in_memory):
+    """Streaming and in-memory data (scaling.data.memory) both resume exactly."""
     args = [*BASE, "--data", digits, "--steps", "200", "--log-every", "7", "--eval-every", "50",
             "--ckpt-every", "40", "--drop-path", "0.1", "--mixup-alpha", "0.2",
-            "--label-smoothing", "0.1"]
+            "--label-smoothing", "0.1", "--in-memory", in_memory]
     train([*args, "--out", str(tmp_path / "ref")])
     out = tmp_path / "int"
     proc = subprocess.Popen(_cmd([*args, "--out", str(out)]), env=_env(),

@@ -80,6 +80,12 @@ def random_resized_crop_box(width: int, height: int, rng: random.Random, scale: 
             x0 = rng.randint(0, width - w)
             y0 = rng.randint(0, height - h)
             return x0, y0, x0 + w, y0 + h
+    return fallback_crop_box(width, height, ratio)
+
+
+def fallback_crop_box(width: int, height: int, ratio: tuple) -> tuple[float, float, float, float]:
+    """RandomResizedCrop's box when no try fits: the centre crop of the aspect clamped to
+    `ratio`."""
     in_ratio = width / height
     if in_ratio < ratio[0]:
         w, h = width, round(width / ratio[0])

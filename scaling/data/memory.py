@@ -1,0 +1,236 @@
+"""In-memory loaders for small data sets: decode every image once, then batch tensors.
+
+Streaming (scaling.data.loader) decodes every sample on every visit. For the tiny images of the
+built-in data sets that costs ~0.4 ms of Python per sample (tar parsing, PNG decoding, one PIL
+crop), several times a micro model's training step: a one-minute CPU demo run spent 47 % of its
+wall time waiting for batches and 15 % evaluating (docs/benchmarks.md). A split whose decoded
+pixels fit in `MEMORY_LIMIT_BYTES` is therefore read once into a uint8 tensor per rank.
+
+- Train: epoch e is a permutation of the split drawn from (seed, epoch) (several, chained, when
+  an epoch holds more samples than the split), cut into global batches of batch_size x
+  world_size images; rank r takes its slice of each. Global batch k, augmentation included,
+  depends on (seed, epoch, k) only: a resume at step k is exact, and the run does not depend on
+  the world size (nor on data_order). The random-resized crop boxes and flips follow the
+  streaming loader's algorithm (`random_resized_crop_boxes`, vectorised), then one bilinear
+  `grid_sample` applies them to the whole batch: the sampling geometry of PIL's bilinear
+  resize with a box (output pixel centres mapped into the box), without PIL's antialiasing
+  when a crop is shrunk (crops of small images are enlarged: there the two agree to within
+  one grey level, tests/test_data_memory.py).
+- Eval: the deterministic centre crop is PIL's (`decode_crop`, as streaming), computed once;
+  rank r evaluates samples r, r + world_size, ... (every sample once over all ranks).
+- A corrupt image or label is skipped when the split is read (DataError when strict); the
+  train skips are reported once, in batch 0 of epoch 0, so a resumed run does not count them
+  twice.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from scaling.data.info import DataError, DatasetInfo
+from scaling.data.loader import DECODE_ERRORS, IMAGE_KEYS, _Decode, _raw_samples, _seed
+from scaling.data.transforms import Augment, default_augment, fallback_crop_box
+
+MEMORY_LIMIT_BYTES = 1 << 30  # decoded uint8 pixels of train + val per rank
+IN_MEMORY_CHOICES = ("auto", "on", "off")
+
+
+def decoded_bytes(info: DatasetInfo, splits: tuple[str, ...] = ("train", "val")) -> int:
+    """Estimated uint8 bytes of the named splits decoded at the data set's image size."""
+    n = sum(info.split(s).num_samples for s in splits if s in info.splits)
+    return n * 3 * info.image_size**2
+
+
+def use_memory(info: DatasetInfo, mode: str) -> bool:
+    """Whether to read the data into memory: "on", "off", or "auto" (when it fits)."""
+    if mode not in IN_MEMORY_CHOICES:
+        raise ValueError(f"in_memory={mode!r}; expected one of {IN_MEMORY_CHOICES}")
+    if mode == "auto":
+        return decoded_bytes(info) <= MEMORY_LIMIT_BYTES
+    return mode == "on"
+
+
+def read_split(info: DatasetInfo, split: str, decode: _Decode, *, crop: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
+    """(images uint8 (N, 3, H, W), labels (N,), keys, corrupt samples skipped) of a split, in
+    shard order. crop=False keeps the stored pixels (all images must share one size); True
+    applies the eval centre crop and resize to decode.image_size."""
+    images, labels, keys, skipped, shapes = [], [], [], 0, set()
+    for s in _raw_samples(({"url": u} for u in info.split(split).urls), decode.strict):
+        label = decode.label(s)
+        image = _pixels(s, decode, crop) if label is not None else None
+        if image is None:
+            skipped += 1
+            continue
+        shapes.add(image.shape)
+        images.append(image), labels.append(label), keys.append(s["__key__"])
+    if not images:
+        raise DataError(f"{info.root}: split {split!r} has no readable samples")
+    if len(shapes) > 1:
+        raise DataError(f"{info.root}: split {split!r} holds images of {len(shapes)} sizes "
+                        f"(e.g. {sorted(shapes)[:3]}); in-memory data needs one size: use "
+                        "--in-memory off")
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return pixels, torch.tensor(labels, dtype=torch.int64), keys, skipped
+
+
+def _pixels(sample: dict, decode: _Decode, crop: bool) -> np.ndarray | None:
+    """The sample's (H, W, 3) uint8 image, eval-cropped when `crop`; None if corrupt."""
+    if crop:
+        return decode.image(sample, None)
+    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    try:
+        if data is None:
+            raise ValueError(f"no image (has {sorted(k for k in sample if k[:2] != '__')})")
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    except DECODE_ERRORS as e:
+        if decode.strict:
+            raise DataError(f"corrupt image in shard {sample.get('__url__')}, key "
+                            f"{sample.get('__key__')}: {e}") from e
+        return None
+
+
+def normalize(images: torch.Tensor, aug: Augment) -> torch.Tensor:
+    """uint8 or float (B, 3, H, W) in 0..255 -> float32 normalised by the augment's mean/std."""
+    mean = torch.tensor(aug.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    std = torch.tensor(aug.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+def random_resized_crop_boxes(n: int, width: int, height: int, rng: np.random.Generator,
+                              scale: tuple, ratio: tuple, tries: int = 10) -> np.ndarray:
+    """(n, 4) crop boxes (x0, y0, x1, y1): `random_resized_crop_box`'s algorithm (10 tries at
+    a random area and log-uniform aspect, integer sizes and offsets, else the centre crop of
+    the clamped aspect), drawn for n images at once."""
+    area = width * height
+    target = area * rng.uniform(scale[0], scale[1], (n, tries))
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (n, tries)))
+    w, h = np.rint(np.sqrt(target * aspect)), np.rint(np.sqrt(target / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.argmax(axis=1)  # the first try that fits
+    found = ok[np.arange(n), first]
+    w, h = w[np.arange(n), first], h[np.arange(n), first]
+    u = rng.random((n, 2))  # uniform integer offsets in [0, width - w] and [0, height - h]
+    x0, y0 = np.floor(u[:, 0] * (width - w + 1)), np.floor(u[:, 1] * (height - h + 1))
+    fallback = np.asarray(fallback_crop_box(width, height, ratio))
+    boxes = np.stack([x0, y0, x0 + w, y0 + h], axis=1)
+    boxes[~found] = fallback
+    return boxes
+
+
+def crop_batch(images: torch.Tensor, boxes: np.ndarray, flips: np.ndarray,
+               size: int) -> torch.Tensor:
+    """Crop each image to its box (x0, y0, x1, y1 in pixel-edge coordinates), resize it to
+    size x size bilinearly, and mirror it where flips says: one grid_sample for the batch."""
+    n, _, h, w = images.shape
+    box = torch.as_tensor(np.asarray(boxes, dtype=np.float32))  # (B, 4)
+    centres = (torch.arange(size, dtype=torch.float32) + 0.5) / size  # output pixel centres
+    xs = box[:, :1] + centres * (box[:, 2:3] - box[:, :1])  # (B, size), source x
+    ys = box[:, 1:2] + centres * (box[:, 3:4] - box[:, 1:2])
+    flip = torch.as_tensor(np.asarray(flips, dtype=bool))
+    xs = torch.where(flip[:, None], xs.flip(1), xs)
+    # grid_sample with align_corners=False: -1 and 1 are the outer edges of the image
+    gx, gy = 2 * xs / w - 1, 2 * ys / h - 1
+    grid = torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)],
+                       dim=-1)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
+                         align_corners=False)
+
+
+class MemoryTrainLoader:
+    """TrainLoader's interface (`steps_per_epoch`, `epoch(e, start_step)`) over decoded images."""
+
+    num_workers = 0
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, keys: list[str], *,
+                 skipped: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 steps_per_epoch: int, image_size: int, augment: Augment):
+        self.images, self.labels, self.keys, self.skipped = images, labels, keys, skipped
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.steps_per_epoch = seed, steps_per_epoch
+        self.image_size, self.augment = image_size, augment
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        """The epoch's sample indices: chained permutations of the split, one per pass."""
+        n, need = len(self.labels), self.steps_per_epoch * self.batch_size * self.world_size
+        passes = []
+        for p in range(math.ceil(need / n)):
+            g = torch.Generator().manual_seed(_seed(self.seed, epoch, p, 3) & (2**63 - 1))
+            passes.append(torch.randperm(n, generator=g))
+        return torch.cat(passes)[:need]
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        """Batches start_step .. steps_per_epoch - 1 of `epoch` for this rank."""
+        if epoch < 0 or not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"epoch={epoch}, start_step={start_step}; expected epoch >= 0 and "
+                             f"0 <= start_step <= steps_per_epoch={self.steps_per_epoch}")
+        order, aug, (h, w) = self._order(epoch), self.augment, self.images.shape[-2:]
+        per_step = self.batch_size * self.world_size
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        for k in range(start_step, self.steps_per_epoch):
+            # the global batch and its augmentation depend on (seed, epoch, k) only
+            rng = np.random.default_rng(_seed(self.seed, epoch, k, 4))
+            boxes = random_resized_crop_boxes(per_step, w, h, rng, aug.scale, aug.ratio)
+            flips = (rng.random(per_step) < 0.5) & aug.hflip
+            idx = order[k * per_step:(k + 1) * per_step][mine]
+            images = crop_batch(self.images[idx], boxes[mine], flips[mine], self.image_size)
+            yield {"image": normalize(images, aug), "label": self.labels[idx],
+                   # every rank read the whole split: rank 0 reports its skips, once
+                   "skipped": self.skipped if (epoch, k, self.rank) == (0, 0, 0) else 0,
+                   "key": [self.keys[i] for i in idx.tolist()]}
+
+
+class MemoryEvalLoader:
+    """EvalLoader's interface: this rank's share of a split, centre-cropped once, in batches."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, keys: list[str], *,
+                 skipped: int, batch_size: int, rank: int, world_size: int, augment: Augment):
+        self.images, self.labels = images[rank::world_size], labels[rank::world_size]
+        self.keys = keys[rank::world_size]
+        self.skipped = len(range(rank, skipped, world_size))  # each skip counted on one rank
+        self.batch_size, self.augment = batch_size, augment
+        self.num_samples = len(self.labels)
+
+    def __iter__(self) -> Iterator[dict]:
+        for i, lo in enumerate(range(0, max(self.num_samples, 1), self.batch_size)):
+            sl = slice(lo, lo + self.batch_size)
+            yield {"image": normalize(self.images[sl], self.augment), "label": self.labels[sl],
+                   "skipped": self.skipped if i == 0 else 0, "key": self.keys[sl]}
+
+
+def make_memory_train_loader(info: DatasetInfo, *, image_size: int, batch_size: int, rank: int,
+                             world_size: int, seed: int, samples_per_epoch: int | None = None,
+                             strict: bool = False, augment: Augment | None = None,
+                             split: str = "train") -> MemoryTrainLoader:
+    """make_train_loader's counterpart for data read into memory (module doc)."""
+    aug = augment or default_augment(info.source)
+    decode = _Decode(image_size, info.num_classes, aug, strict)
+    images, labels, keys, skipped = read_split(info, split, decode, crop=False)
+    samples = info.split(split).num_samples if samples_per_epoch is None else samples_per_epoch
+    if samples < 1:
+        raise ValueError(f"samples_per_epoch={samples_per_epoch}; expected >= 1")
+    steps = -(-samples // (batch_size * world_size))
+    return MemoryTrainLoader(images, labels, keys, skipped=skipped, batch_size=batch_size,
+                             rank=rank, world_size=world_size, seed=seed, steps_per_epoch=steps,
+                             image_size=image_size, augment=aug)
+
+
+def make_memory_eval_loader(info: DatasetInfo, *, image_size: int, batch_size: int, rank: int,
+                            world_size: int, strict: bool = False, split: str = "val",
+                            augment: Augment | None = None) -> MemoryEvalLoader:
+    """make_eval_loader's counterpart for data read into memory (module doc)."""
+    aug = augment or default_augment(info.source)
+    decode = _Decode(image_size, info.num_classes, aug, strict)
+    images, labels, keys, skipped = read_split(info, split, decode, crop=True)
+    return MemoryEvalLoader(images, labels, keys, skipped=skipped, batch_size=batch_size,
+                            rank=rank, world_size=world_size, augment=aug)
