@@ -105,10 +105,17 @@ def export_env(info: DistInfo) -> None:
                       MASTER_PORT=str(info.master_port))
 
 
+def _group_size() -> int:
+    """World size of the default process group; 1 without one (collectives are identities)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_world_size()
+    return 1
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few numbers over all ranks (identity without a process group)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch_dist.is_available() and torch_dist.is_initialized():
+    if _group_size() > 1:
         torch_dist.all_reduce(t)
     return t.tolist()
 
@@ -116,7 +123,7 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def all_reduce_max(value: int, device: torch.device) -> int:
     """Max of an integer over all ranks (identity without a process group)."""
     t = torch.tensor([value], dtype=torch.int64, device=device)
-    if torch_dist.is_available() and torch_dist.is_initialized():
+    if _group_size() > 1:
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
     return int(t.item())
 

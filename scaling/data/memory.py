@@ -25,6 +25,7 @@ pixels fit in `MEMORY_LIMIT_BYTES` is therefore read once into a uint8 tensor pe
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Iterator
@@ -99,9 +100,15 @@ def _pixels(sample: dict, decode: _Decode, crop: bool) -> np.ndarray | None:
 
 def normalize(images: torch.Tensor, aug: Augment) -> torch.Tensor:
     """uint8 or float (B, 3, H, W) in 0..255 -> float32 normalised by the augment's mean/std."""
+    mean, inv_std = _stats(aug)
+    return (images.float() - mean) * inv_std
+
+
+@functools.lru_cache(maxsize=8)
+def _stats(aug: Augment) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(aug.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
     std = torch.tensor(aug.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    return (images.float() - mean) / std
+    return mean, 1 / std
 
 
 def random_resized_crop_boxes(n: int, width: int, height: int, rng: np.random.Generator,
@@ -130,18 +137,17 @@ def crop_batch(images: torch.Tensor, boxes: np.ndarray, flips: np.ndarray,
     """Crop each image to its box (x0, y0, x1, y1 in pixel-edge coordinates), resize it to
     size x size bilinearly, and mirror it where flips says: one grid_sample for the batch."""
     n, _, h, w = images.shape
-    box = torch.as_tensor(np.asarray(boxes, dtype=np.float32))  # (B, 4)
-    centres = (torch.arange(size, dtype=torch.float32) + 0.5) / size  # output pixel centres
+    box = np.asarray(boxes, dtype=np.float32)  # (B, 4); the grid is built in numpy (fast here)
+    centres = (np.arange(size, dtype=np.float32) + 0.5) / size  # output pixel centres
     xs = box[:, :1] + centres * (box[:, 2:3] - box[:, :1])  # (B, size), source x
     ys = box[:, 1:2] + centres * (box[:, 3:4] - box[:, 1:2])
-    flip = torch.as_tensor(np.asarray(flips, dtype=bool))
-    xs = torch.where(flip[:, None], xs.flip(1), xs)
+    xs = np.where(np.asarray(flips, dtype=bool)[:, None], xs[:, ::-1], xs)
     # grid_sample with align_corners=False: -1 and 1 are the outer edges of the image
-    gx, gy = 2 * xs / w - 1, 2 * ys / h - 1
-    grid = torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)],
-                       dim=-1)
-    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
-                         align_corners=False)
+    grid = np.empty((n, size, size, 2), dtype=np.float32)
+    grid[..., 0] = (2 * xs / w - 1)[:, None, :]
+    grid[..., 1] = (2 * ys / h - 1)[:, :, None]
+    return F.grid_sample(images.float(), torch.from_numpy(grid), mode="bilinear",
+                         padding_mode="border", align_corners=False)
 
 
 class MemoryTrainLoader:
