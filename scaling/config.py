@@ -72,8 +72,8 @@ class TrainConfig:
                          "rank reads the global batch and keeps its slice (world-size invariant)",
                          choices=DATA_ORDERS)
     in_memory: str = _f("auto", "read the data into memory once and augment whole batches "
-                        "(auto: when the decoded train and val splits fit in 1 GiB; "
-                        "scaling.data.memory)", choices=IN_MEMORY_CHOICES)
+                        "(auto: when the decoded train and val splits fit in 1 GiB and the "
+                        "run reads at least one epoch; scaling.data.memory)", choices=IN_MEMORY_CHOICES)
     samples_per_epoch: int | None = _f(None, "images per epoch (default: train split size)")
     eval_every: int = _f(0, "evaluate every N steps (0: only at the end)")
     eval_spacing: str = _f("linear", "linear: at eval_every, 2 x eval_every, ...; log: at "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import resource
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +40,7 @@ class Batches:
         self.augment = aug
         per_rank = plan.micro_batch * plan.accumulation
         shared = cfg.data_order == "global"
-        self.in_memory = use_memory(info, cfg.in_memory)
+        self.in_memory = use_memory(info, cfg.in_memory, plan.total_steps * cfg.batch_size)
         kw = dict(image_size=plan.image_size, seed=cfg.seed,
                   batch_size=cfg.batch_size if shared else per_rank,
                   rank=0 if shared else where.rank, world_size=1 if shared else where.world_size,
@@ -53,7 +55,15 @@ class Batches:
         self.count_skips = where.is_main or not shared  # global order: every rank sees them all
 
     def iterate(self, start_step: int) -> Iterator[tuple[list, int]]:
-        """(micro-batches, corrupt samples skipped) for steps start_step .. total_steps - 1."""
+        """(micro-batches, corrupt samples skipped) for steps start_step .. total_steps - 1.
+
+        In-memory batches are made one step ahead in a thread (the DataLoader's workers do
+        that for streaming): their torch and numpy work then overlaps the training step.
+        """
+        batches = self._iterate(start_step)
+        return prefetch(batches, depth=2) if self.in_memory else batches
+
+    def _iterate(self, start_step: int) -> Iterator[tuple[list, int]]:
         step, per_epoch = start_step, self.plan.steps_per_epoch
         while step < self.plan.total_steps:
             epoch, offset = divmod(step, per_epoch)
@@ -96,6 +106,29 @@ class Batches:
             else:
                 self._eval = make_eval_loader(self.info, num_workers=self.cfg.num_workers, **kw)
         return self._eval
+
+
+def prefetch(items: Iterator, depth: int) -> Iterator:
+    """Iterate `items` in a daemon thread, up to `depth` ahead; its exceptions re-raise here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                q.put((item, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((None, e))
+        q.put((done, None))
+
+    threading.Thread(target=produce, name="prefetch", daemon=True).start()
+    while True:
+        item, error = q.get()
+        if error is not None:
+            raise error
+        if item is done:
+            return
+        yield item
 
 
 class Meter:

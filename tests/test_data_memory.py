@@ -28,6 +28,9 @@ def _train(info, **kw):
 
 def test_auto_reads_small_data_into_memory_only(shapes, monkeypatch):
     assert memory.use_memory(shapes, "auto") and not memory.use_memory(shapes, "off")
+    train = shapes.split("train").num_samples  # a run shorter than one epoch streams
+    assert memory.use_memory(shapes, "auto", train) and not memory.use_memory(shapes, "auto",
+                                                                              train - 1)
     assert memory.decoded_bytes(shapes) == 60 * 3 * 8 * 8
     monkeypatch.setattr(memory, "MEMORY_LIMIT_BYTES", memory.decoded_bytes(shapes) - 1)
     assert not memory.use_memory(shapes, "auto") and memory.use_memory(shapes, "on")

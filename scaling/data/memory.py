@@ -4,7 +4,8 @@ Streaming (scaling.data.loader) decodes every sample on every visit. For the tin
 built-in data sets that costs ~0.4 ms of Python per sample (tar parsing, PNG decoding, one PIL
 crop), several times a micro model's training step: a one-minute CPU demo run spent 47 % of its
 wall time waiting for batches and 15 % evaluating (docs/benchmarks.md). A split whose decoded
-pixels fit in `MEMORY_LIMIT_BYTES` is therefore read once into a uint8 tensor per rank.
+pixels fit in `MEMORY_LIMIT_BYTES` is therefore read once into a uint8 tensor per rank, when
+the run reads the split at least once (`use_memory`).
 
 - Train: epoch e is a permutation of the split drawn from (seed, epoch) (several, chained, when
   an epoch holds more samples than the split), cut into global batches of batch_size x
@@ -49,12 +50,15 @@ def decoded_bytes(info: DatasetInfo, splits: tuple[str, ...] = ("train", "val"))
     return n * 3 * info.image_size**2
 
 
-def use_memory(info: DatasetInfo, mode: str) -> bool:
-    """Whether to read the data into memory: "on", "off", or "auto" (when it fits)."""
+def use_memory(info: DatasetInfo, mode: str, run_samples: int | None = None) -> bool:
+    """Whether to read the data into memory: "on", "off", or "auto": when it fits and the run
+    reads at least as many training samples as the split holds (reading the split costs what
+    streaming one epoch costs, so a shorter run streams)."""
     if mode not in IN_MEMORY_CHOICES:
         raise ValueError(f"in_memory={mode!r}; expected one of {IN_MEMORY_CHOICES}")
     if mode == "auto":
-        return decoded_bytes(info) <= MEMORY_LIMIT_BYTES
+        reused = run_samples is None or run_samples >= info.split("train").num_samples
+        return decoded_bytes(info) <= MEMORY_LIMIT_BYTES and reused
     return mode == "on"
 
 
