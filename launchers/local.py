@@ -1,5 +1,8 @@
 """`--cluster local`: each run as `world_size` local processes, `max_parallel` runs at a time.
 
+The processes are forked by a fork server that imported torch and DeepSpeed once for the whole
+sweep (launchers/zygote.py; VIT_SCALING_FORK_SERVER=0: `python -m scaling.train` each).
+
 Every rank gets the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT), which scaling.dist reads ahead of SLURM's. The ranks run in their own session, so
 a Ctrl-C reaches only the launcher: it then sends SIGTERM to every running rank, which saves a
@@ -15,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from launchers import zygote
 from launchers.grid import RunSpec
 from launchers.runs import now, pid_start, record_submission, update_job
 from launchers.slurm import REPO_ROOT, child_env, train_command
@@ -27,8 +31,9 @@ FAIL_GRACE_S = 30  # after one rank fails, how long the others get before SIGTER
 class LocalRun:
     """The processes of one run."""
 
-    def __init__(self, spec: RunSpec, sweep: str, threads: int):
-        self.spec, self.sweep, self.threads = spec, sweep, threads
+    def __init__(self, spec: RunSpec, sweep: str, threads: int,
+                 server: zygote.ForkServer | None = None):
+        self.spec, self.sweep, self.threads, self.server = spec, sweep, threads, server
         self.procs: list[subprocess.Popen] = []
         self.failed_at: float | None = None
 
@@ -48,6 +53,11 @@ class LocalRun:
             with open(log_path, "a") as log:
                 log.write(f"==== {now()} {job_id} rank {rank}\n")
                 log.flush()
+            if self.server is not None:  # a child of the fork server (launchers/zygote.py)
+                self.procs.append(self.server.spawn(spec.cfg.to_args(), env=env,
+                                                    cwd=str(REPO_ROOT), log=str(log_path)))
+                continue
+            with open(log_path, "a") as log:
                 self.procs.append(subprocess.Popen(
                     train_command(spec.cfg.to_args()), stdout=log, stderr=subprocess.STDOUT,
                     cwd=REPO_ROOT, env=env, start_new_session=True))
@@ -93,10 +103,14 @@ def run_local(specs: list[RunSpec], sweep: str, max_parallel: int,
             run.signal(signal.SIGTERM)  # the ranks checkpoint and exit 75
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    server = None
     try:
         while pending or running:
             while pending and len(running) < max_parallel and not stop:
-                run = LocalRun(pending.pop(0), sweep, threads)
+                if server is None and zygote.enabled():
+                    # imports torch & co. once for the sweep
+                    server = zygote.ForkServer(specs[0].run_dir.parent / "fork_server.log")
+                run = LocalRun(pending.pop(0), sweep, threads, server)
                 log(f"start {run.spec.run_id} ({run.spec.world_size} process(es), "
                     f"{run.spec.total_steps} steps)")
                 run.start()
@@ -114,6 +128,8 @@ def run_local(specs: list[RunSpec], sweep: str, max_parallel: int,
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if server is not None:
+            server.close()
     return codes
 
 
