@@ -68,8 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     eng.add_argument("--bare", dest="engine", action="store_const", const="bare",
                      help="plain PyTorch: autocast, torch AdamW (default unless --zero > 0)")
     p.add_argument("--world", type=int, default=2, help="zero-memory mode: processes")
-    p.add_argument("--data", default="shapes", choices=("digits", "shapes"),
-                   help="overhead mode: built-in data set")
+    p.add_argument("--data", default="digits", choices=("digits", "shapes"),
+                   help="overhead mode: built-in data set (the demo preset's: digits)")
+    p.add_argument("--launch", default="both", choices=("both", "fork", "process"),
+                   help="overhead mode: start the run as --cluster local does (fork), as a "
+                   "SLURM task does (process), or both")
     p.add_argument("--work-dir", help="overhead mode: data and run folder (default: a temp dir)")
     p.add_argument("--train-args", default="", help="overhead mode: extra scaling.train flags")
     p.add_argument("--out", help="JSON-lines file to append to (default: results/bench/"

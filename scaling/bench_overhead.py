@@ -1,19 +1,24 @@
 """Sweep overhead: the share of a training run's wall time spent outside optimizer steps.
 
-    python -m scaling.bench --overhead [--sizes m2/4] [--steps 100] [--batch-size 64]
-                            [--data shapes] [--train-args "--eval-every 50"]
+    python -m scaling.bench --overhead [--sizes m2/4] [--steps 4000] [--batch-size 64]
+                            [--data digits] [--launch both|fork|process] [--train-args "..."]
 
-Builds a built-in data set (scaling.data.make_builtin_shards), runs `python -m scaling.train` in
-a fresh run dir as a subprocess (as the sweep launcher does), and splits the process's wall time
-into the parts that the run itself measured (final.json's `overhead_breakdown_s`, see
-scaling.results: startup, build, data_wait, eval, checkpoint, export, steps, other) plus `exit`:
-the parent's clock minus final.json's wall time (tearing down the process group, interpreter
-exit).
+A demo run: the demo preset's recipe (launchers.presets.demo: its training flags, learning rate,
+built-in data and one torch thread, as `--cluster local` gives each of its 2 parallel runs on 2
+cores) for the largest demo size, long enough to take about a minute on a 2-core CPU. It is
+started the two ways the launchers start runs, one after the other:
 
-train.py's own `overhead_fraction` covers process start to final.json; `process_overhead_fraction`
-adds the exit. `first_window_excess_s` (not part of the sum) is how much longer the first logging
-window took than the median window: one-off start-up inside the first steps (first-batch latency
-of the loader workers, lazy kernel set-up), counted as steps/data_wait.
+- fork: as `--cluster local` does, forked by the fork server (launchers/zygote.py) that imported
+  torch and DeepSpeed once; the server's start-up is reported apart (`server_start_s`), since a
+  sweep pays it once, not per run;
+- process: as a SLURM task does, a fresh `python -m scaling.train` process.
+
+Each run's wall time is split into the parts that the run itself measured (final.json's
+`overhead_breakdown_s`, see scaling.results: startup, build, data_wait, eval, checkpoint,
+export, steps, other) plus `exit`: the launcher's clock minus final.json's wall time (tearing
+down, interpreter exit). `overhead_fraction` is train.py's (process start to final.json);
+`process_overhead_fraction` adds the exit. `first_window_excess_s` (not part of the sum) is how
+much longer the first logging window took than the median window.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from scaling import bench_env, results
 
 DEFAULT_OUT = "results/bench/overhead.jsonl"
 DEFAULT_MODEL = "m2/4"
-DEFAULT_STEPS = 100
+DEFAULT_STEPS = 4000  # about a minute for m2/4 on one core of the 2-core CPU
 DEFAULT_BATCH = 64
 
 
@@ -61,51 +66,96 @@ def breakdown(process_s: float, final: dict) -> dict:
     return parts
 
 
-def run_demo(cmd: list[str]) -> float:
-    """Run the training command; its wall seconds (raises on a failed run)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def _train_args(model: str, data: str, out: Path, steps: int, batch: int, extra: str
+                ) -> list[str]:
+    """scaling.train flags of a demo-preset run of `model` (launchers.presets.demo)."""
+    from launchers.presets import demo
+    from scaling.config import TrainConfig
+
+    preset = demo()
+    cfg = TrainConfig(model=model, data=data, out=str(out), steps=steps, batch_size=batch,
+                      lr=preset.lr(batch_size=batch), **preset.train)
+    return [*cfg.to_args(), *shlex.split(extra)]
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    return env
+
+
+def run_process(argv: list[str], log: Path) -> float:
+    """A fresh `python -m scaling.train` process; its wall seconds (raises on a failure)."""
+    cmd = [sys.executable, "-m", "scaling.train", *argv]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, env=_env(), stdout=f, stderr=subprocess.STDOUT,
+                            check=False).returncode
     seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        print(proc.stderr[-6000:], file=sys.stderr)
-        raise RuntimeError(f"the demo run exited with {proc.returncode}: {shlex.join(cmd)}")
+    if rc != 0:
+        raise RuntimeError(f"the demo run exited with {rc}: {shlex.join(cmd)} (log {log})")
+    return seconds
+
+
+def run_forked(server, argv: list[str], log: Path) -> float:
+    """The run as a child of the fork server; its wall seconds (raises on a failure)."""
+    t0 = time.perf_counter()
+    proc = server.spawn(argv, env=_env(), cwd=os.getcwd(), log=str(log))
+    while proc.poll() is None:
+        time.sleep(0.02)
+    seconds = time.perf_counter() - t0
+    if proc.poll() != 0:
+        raise RuntimeError(f"the forked demo run exited with {proc.poll()} (log {log})")
     return seconds
 
 
 def run_overhead(args) -> int:
-    """The --overhead mode: one demo run, its overhead and breakdown printed and appended."""
+    """The --overhead mode: one demo run per launch path; rows printed and appended."""
+    from launchers import zygote
+    from launchers.presets import demo
     from scaling.data import make_builtin_shards
 
     model = args.size_list[0] if args.size_list else DEFAULT_MODEL
     steps, batch = args.steps or DEFAULT_STEPS, args.batch_size or DEFAULT_BATCH
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="vit-overhead-"))
     t0 = time.perf_counter()
-    info = make_builtin_shards(args.data, work / args.data)
+    info = make_builtin_shards(args.data, work / args.data, **demo().data_args)
     data_s = time.perf_counter() - t0
-    run_dir = work / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
-    cmd = [sys.executable, "-m", "scaling.train", "--model", model, "--data", str(info.root),
-           "--out", str(run_dir), "--steps", str(steps), "--batch-size", str(batch),
-           "--no-progress", *shlex.split(args.train_args)]
-    process_s = run_demo(cmd)
-    final = results.read_final(run_dir)
-    metrics = results.read_metrics(run_dir)
-    parts = breakdown(process_s, final)
-    row = {
-        "kind": "overhead", "model": model, "steps": steps, "batch_size": batch,
-        "data": args.data, "command": shlex.join(cmd[1:]), "process_s": process_s,
-        "overhead_fraction": final["overhead_fraction"],
-        "process_overhead_fraction": 1.0 - parts["steps"] / process_s,
-        "breakdown_s": parts, "first_window_excess_s": first_window_excess(metrics, batch),
-        "data_build_s": data_s, "world_size": final["world_size"],
-        "device": bench_env.device_name(_device()), "versions": bench_env.versions(),
-        "time": bench_env.now(),
-    }
-    _print(row)
-    path = bench_env.append_rows(args.out or DEFAULT_OUT, [row])
-    print(f"row appended to {path}")
+    rows = []
+    for launch in ("fork", "process") if args.launch == "both" else (args.launch,):
+        run_dir = work / f"run-{launch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        argv = _train_args(model, str(info.root), run_dir, steps, batch, args.train_args)
+        log = work / f"{run_dir.name}.log"
+        server_s = None
+        if launch == "fork":
+            t0 = time.perf_counter()
+            server = zygote.ForkServer(work / "fork_server.log")
+            server_s = time.perf_counter() - t0
+            try:
+                process_s = run_forked(server, argv, log)
+            finally:
+                server.close()
+        else:
+            process_s = run_process(argv, log)
+        final = results.read_final(run_dir)
+        metrics = results.read_metrics(run_dir)
+        parts = breakdown(process_s, final)
+        row = {
+            "kind": "overhead", "model": model, "steps": steps, "batch_size": batch,
+            "data": args.data, "launch": launch, "server_start_s": server_s,
+            "command": shlex.join(["-m", "scaling.train", *argv]), "process_s": process_s,
+            "overhead_fraction": final["overhead_fraction"],
+            "process_overhead_fraction": 1.0 - parts["steps"] / process_s,
+            "breakdown_s": parts, "first_window_excess_s": first_window_excess(metrics, batch),
+            "data_build_s": data_s, "world_size": final["world_size"], "threads": 1,
+            "device": bench_env.device_name(_device()), "versions": bench_env.versions(),
+            "time": bench_env.now(),
+        }
+        _print(row)
+        rows.append(row)
+    path = bench_env.append_rows(args.out or DEFAULT_OUT, rows)
+    print(f"{len(rows)} row(s) appended to {path}")
     return 0
 
 
@@ -116,7 +166,9 @@ def _device():
 
 
 def _print(row: dict) -> None:
-    print(f"demo run: {row['command']}")
+    started = (f"forked by the fork server (its start-up: {row['server_start_s']:.1f} s, once "
+               "per sweep)" if row["launch"] == "fork" else "a fresh process")
+    print(f"demo run, {started}: {row['command']}")
     print(f"process wall {row['process_s']:.1f} s; train.py overhead_fraction "
           f"{row['overhead_fraction']:.3f}; of the whole process "
           f"{row['process_overhead_fraction']:.3f}")

@@ -155,12 +155,16 @@ def test_first_window_excess_is_startup_beyond_median_pace():
 
 
 @pytest.mark.slow
-def test_overhead_mode_runs_a_demo(tmp_path):
+def test_overhead_mode_runs_a_demo_both_ways(tmp_path):
     out = tmp_path / "overhead.jsonl"
-    run_cli(["--overhead", "--sizes", "mu/4", "--steps", "10", "--batch-size", "32", "--data",
+    run_cli(["--overhead", "--sizes", "mu/4", "--steps", "30", "--batch-size", "32", "--data",
              "digits", "--work-dir", str(tmp_path), "--train-args", "--log-every 5",
              "--out", str(out)])
-    (row,) = read_rows(out)
-    assert row["kind"] == "overhead" and 0 <= row["overhead_fraction"] < 1
-    assert sum(row["breakdown_s"].values()) == pytest.approx(row["process_s"], rel=1e-9)
-    assert row["breakdown_s"]["steps"] > 0 and row["process_overhead_fraction"] >= 0
+    rows = read_rows(out)
+    assert [r["launch"] for r in rows] == ["fork", "process"]
+    for row in rows:
+        assert row["kind"] == "overhead" and 0 <= row["overhead_fraction"] < 1
+        assert sum(row["breakdown_s"].values()) == pytest.approx(row["process_s"], rel=1e-9)
+        assert row["breakdown_s"]["steps"] > 0 and row["process_overhead_fraction"] >= 0
+        assert "--eval-spacing log" in row["command"]  # the demo preset's recipe
+    assert rows[0]["server_start_s"] > 0 and rows[1]["server_start_s"] is None
