@@ -172,7 +172,11 @@ def _print(row: dict) -> None:
     print(f"process wall {row['process_s']:.1f} s; train.py overhead_fraction "
           f"{row['overhead_fraction']:.3f}; of the whole process "
           f"{row['process_overhead_fraction']:.3f}")
-    for name, seconds in row["breakdown_s"].items():
+    order = ("startup", "build", "steps", "data_wait", "eval", "checkpoint", "export", "other",
+             "exit")  # a run's time line; any other part after them
+    parts = row["breakdown_s"]
+    for name in sorted(parts, key=lambda n: order.index(n) if n in order else len(order)):
+        seconds = parts[name]
         print(f"  {name:>17} {seconds:8.2f} s  {seconds / row['process_s']:6.1%}")
     print(f"  of which the first log window's excess over the median pace: "
           f"{row['first_window_excess_s']:.2f} s")
