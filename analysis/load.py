@@ -240,8 +240,13 @@ def select_sweeps(res: Results, sweeps) -> Results:
         drop=True), res.runs[keep].reset_index(drop=True), res.skipped)
 
 
+# Rows of scaling.bench's other modes (docs/benchmarks.md), valid but not throughput rows.
+OTHER_BENCH_KINDS = ("zero_memory", "overhead")
+
+
 def load_bench(results_dir) -> tuple[pd.DataFrame, list[Skipped]]:
-    """Benchmark rows from RESULTS/bench/*.jsonl (empty frame if none); bad lines are skipped."""
+    """Throughput rows from RESULTS/bench/*.jsonl (empty frame if none); bad lines are skipped
+    and reported, rows of the other benchmark modes are left out."""
     rows, skipped = [], []
     for path in sorted((Path(results_dir) / "bench").glob("*.jsonl")):
         try:
@@ -254,6 +259,8 @@ def load_bench(results_dir) -> tuple[pd.DataFrame, list[Skipped]]:
                 continue
             try:
                 row = json.loads(line)
+                if isinstance(row, dict) and row.get("kind") in OTHER_BENCH_KINDS:
+                    continue
                 if not isinstance(row, dict) or "model" not in row or "images_per_s" not in row:
                     raise ValueError("expected an object with 'model' and 'images_per_s'")
                 parse_model_name(row["model"])

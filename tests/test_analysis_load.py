@@ -168,6 +168,12 @@ def test_load_bench(tmp_path):
     assert len(bench) == 2 * len(SIZES)
     assert [s.path for s in skipped] == [f"{path}:{2 * len(SIZES) + i}" for i in (1, 2)]
     assert isinstance(bench["images_per_s"], pd.Series) and np.all(bench["images_per_s"] > 0)
+    # rows of the benchmark's other modes are valid rows, left out without a warning
+    (tmp_path / "bench" / "zero_memory.jsonl").write_text(
+        json.dumps({"kind": "zero_memory", "model": "Ti/16", "zero": 3}) + "\n"
+        + json.dumps({"kind": "overhead", "model": "m2/4", "steps": 10}) + "\n")
+    again, skipped_again = load_bench(tmp_path)
+    assert len(again) == len(bench) and len(skipped_again) == len(skipped)
 
 
 def test_select_sweeps(tmp_path):
