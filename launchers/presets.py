@@ -53,10 +53,10 @@ def demo() -> Preset:
         # 4x4 patches: 4 tokens per 8x8 digit. These learn several times faster per step than
         # 2x2 patches (16 tokens) on CPU, so the larger rungs catch up within minutes.
         patch=4,
-        # mu gets 362 / 1086 / 3621 steps, m2 33 / 101 / 337: mu wins the two smaller budgets,
-        # m1 and m2 overtake it at the largest (measured table in docs/sweeps.md); 3e9 adds a
-        # cheap low-compute point for the frontier
-        budgets=(3e9, 1e10, 3e10, 1e11),
+        # mu gets 108 / 362 / 1086 / 3621 / 10863 steps, m2 10 / 33 / 101 / 337 / 1011: mu wins
+        # the smaller budgets, m1 and m2 overtake it at the larger ones (measured table in
+        # docs/sweeps.md); 3e11 gives runs of about a minute, the longest ones
+        budgets=(3e9, 1e10, 3e10, 1e11, 3e11),
         batch_size=64,
         base_lr=3.2e-2,  # = 4e-3 at batch 64: micro models on 8x8 images take a high rate
         train={"weight_decay": 0.05, "warmup_fraction": 0.1, "label_smoothing": 0.0,
