@@ -103,13 +103,16 @@ def run_local(specs: list[RunSpec], sweep: str, max_parallel: int,
             run.signal(signal.SIGTERM)  # the ranks checkpoint and exit 75
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    server = None
+    server, fork = None, zygote.enabled()
     try:
         while pending or running:
             while pending and len(running) < max_parallel and not stop:
-                if server is None and zygote.enabled():
-                    # imports torch & co. once for the sweep
-                    server = zygote.ForkServer(specs[0].run_dir.parent / "fork_server.log")
+                if server is None and fork:  # imports torch & co. once for the sweep
+                    try:
+                        server = zygote.ForkServer(specs[0].run_dir.parent / "fork_server.log")
+                    except RuntimeError as e:
+                        log(f"no fork server ({e}); each rank starts as a process")
+                        fork = False
                 run = LocalRun(pending.pop(0), sweep, threads, server)
                 log(f"start {run.spec.run_id} ({run.spec.world_size} process(es), "
                     f"{run.spec.total_steps} steps)")

@@ -70,10 +70,14 @@ def serve() -> None:
     os.dup2(2, 1)
     os.environ["OMP_NUM_THREADS"] = "1"  # no op runs here; children set their own
     import deepspeed  # noqa: F401 - imported once here, inherited by every child
-    import torch._dynamo  # noqa: F401 - what every torch optimizer imports on first use
+    import torch._dynamo  # what every torch optimizer imports on first use
 
-    import scaling.engine
+    import scaling.engine  # the trainer and its DeepSpeed engine, inherited by every child
     import scaling.train  # noqa: F401
+
+    if torch.cuda.is_initialized():  # a forked child could not use CUDA
+        print("fork server: CUDA was initialised by the imports; not forking", file=sys.stderr)
+        sys.exit(3)
 
     def say(message: dict) -> None:
         out.write(json.dumps(message) + "\n")

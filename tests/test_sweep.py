@@ -149,7 +149,10 @@ def test_local_demo_preset_end_to_end_and_idempotent(tmp_path, monkeypatch, caps
 
 
 @pytest.mark.multiproc
-def test_local_run_with_two_ranks(digits_data, tmp_path, capsys):
+@pytest.mark.parametrize("fork_server", ["1", "0"])
+def test_local_run_with_two_ranks(digits_data, tmp_path, capsys, monkeypatch, fork_server):
+    """Both ways of starting ranks: forked by launchers/zygote.py, or `python -m`."""
+    monkeypatch.setenv("VIT_SCALING_FORK_SERVER", fork_server)
     rc = sweep("--preset", "demo", *MU, "--budgets", "8", "--gpus", "2", "--cluster", "local",
                "--data", digits_data, "--results", tmp_path)
     assert rc == 0, capsys.readouterr()
@@ -159,6 +162,25 @@ def test_local_run_with_two_ranks(digits_data, tmp_path, capsys):
     assert (run / "logs" / "rank1.log").is_file()
     job = json.loads((run / "job.json").read_text())
     assert job["attempts"][-1]["exit"] == 0 and len(job["pids"]) == 2
+    assert (tmp_path / "demo" / "fork_server.log").exists() == (fork_server == "1")
+
+
+def test_sweep_runs_without_a_fork_server_that_cannot_start(digits_data, tmp_path, capsys,
+                                                            monkeypatch):
+    """A server that cannot start (e.g. CUDA initialised by an import, which a fork cannot
+    inherit) is reported, and the ranks start as processes."""
+    from launchers import zygote
+
+    def refuse(log):
+        raise RuntimeError("the fork server did not start (exit 3)")
+
+    monkeypatch.setattr(zygote, "ForkServer", refuse)
+    rc = sweep("--preset", "demo", *MU, "--budgets", "8", "--cluster", "local", "--data",
+               digits_data, "--results", tmp_path)
+    out = capsys.readouterr().out
+    assert rc == 0 and "no fork server (the fork server did not start (exit 3))" in out
+    (run,) = (tmp_path / "demo").glob("mu4_8st_*")
+    assert read_final(run)["status"] == "ok"
 
 
 def test_script_entry_point_runs_as_a_file(tmp_path):
