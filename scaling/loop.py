@@ -15,7 +15,12 @@ import torch
 
 from scaling import dist
 from scaling.data import make_eval_loader, make_train_loader
-from scaling.data.memory import make_memory_eval_loader, make_memory_train_loader, use_memory
+from scaling.data.memory import (
+    MixedSizes,
+    make_memory_eval_loader,
+    make_memory_train_loader,
+    use_memory,
+)
 from scaling.data.transforms import default_augment, mixup_cutmix
 from scaling.flops import mfu, peak_tflops
 
@@ -46,9 +51,15 @@ class Batches:
                   rank=0 if shared else where.rank, world_size=1 if shared else where.world_size,
                   samples_per_epoch=plan.steps_per_epoch * cfg.batch_size,
                   strict=cfg.strict_data, augment=aug)
+        self.loader = None
         if self.in_memory:
-            self.loader = make_memory_train_loader(info, **kw)
-        else:
+            try:
+                self.loader = make_memory_train_loader(info, **kw)
+            except MixedSizes:
+                if cfg.in_memory == "on":
+                    raise
+                self.in_memory = False  # auto: images of several sizes are streamed
+        if self.loader is None:
             self.loader = make_train_loader(info, num_workers=cfg.num_workers, **kw)
         assert self.loader.steps_per_epoch == plan.steps_per_epoch, "epoch length mismatch"
         self.slice = slice(where.rank * per_rank, (where.rank + 1) * per_rank) if shared else None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from PIL import Image
 from scaling.data import DataError, load_dataset_info, make_eval_loader, memory
 from scaling.data.make_shards import make_shards
 from scaling.data.transforms import random_resized_crop_box
+from scaling.data.writer import Encoding, Source, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +126,29 @@ def test_corrupt_samples_are_skipped_once_or_named_when_strict(corrupt_dir):
                                         r"train_00000003"):
         memory.make_memory_train_loader(info, image_size=8, batch_size=4, rank=0, world_size=1,
                                         seed=0, strict=True)
+
+
+def _mixed_item(item):
+    """Test items: (size, label) -> a size x size PNG."""
+    size, label = item
+    return Image.new("RGB", (size, size), (label * 40, 0, 0)), label
+
+
+def test_images_of_several_sizes_are_streamed_under_auto(tmp_path):
+    items = [(8 if i % 2 else 12, i % 3) for i in range(12)]
+    source = Source("mixed", tuple("abc"), {"train": items, "val": items[:6]}, _mixed_item, 0)
+    write_dataset(source, tmp_path / "d", enc=Encoding(), shard_size=6, args={})
+    info = load_dataset_info(tmp_path / "d")
+    with pytest.raises(memory.MixedSizes, match=r"split 'train' holds images of 2 sizes"):
+        _train(info)
+
+    def train(mode):
+        cmd = [sys.executable, "-m", "scaling.train", "--model", "mu/4", "--image-size", "8",
+               "--data", str(tmp_path / "d"), "--out", str(tmp_path / mode), "--steps", "4",
+               "--batch-size", "6", "--num-workers", "0", "--no-progress", "--in-memory", mode]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
+
+    auto = train("auto")
+    assert auto.returncode == 0, auto.stderr[-3000:]  # streamed instead
+    forced = train("on")
+    assert forced.returncode != 0 and "holds images of 2 sizes" in forced.stderr

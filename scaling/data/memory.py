@@ -40,6 +40,11 @@ from scaling.data.info import DataError, DatasetInfo
 from scaling.data.loader import DECODE_ERRORS, IMAGE_KEYS, _Decode, _raw_samples, _seed
 from scaling.data.transforms import Augment, default_augment, fallback_crop_box
 
+
+class MixedSizes(DataError):
+    """A split whose stored images differ in size: it cannot be one tensor (stream it)."""
+
+
 MEMORY_LIMIT_BYTES = 1 << 30  # decoded uint8 pixels of train + val per rank
 IN_MEMORY_CHOICES = ("auto", "on", "off")
 
@@ -79,7 +84,7 @@ def read_split(info: DatasetInfo, split: str, decode: _Decode, *, crop: bool
     if not images:
         raise DataError(f"{info.root}: split {split!r} has no readable samples")
     if len(shapes) > 1:
-        raise DataError(f"{info.root}: split {split!r} holds images of {len(shapes)} sizes "
+        raise MixedSizes(f"{info.root}: split {split!r} holds images of {len(shapes)} sizes "
                         f"(e.g. {sorted(shapes)[:3]}); in-memory data needs one size: use "
                         "--in-memory off")
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
