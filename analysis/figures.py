@@ -198,10 +198,30 @@ def optimal_size_figure(frontier: pd.DataFrame, palette: dict, size_fit: dict | 
     return fig
 
 
+# What makes two benchmark rows comparable (besides the model): the same machine and settings.
+BENCH_CONFIG = ("device", "precision", "compile", "batch_size", "image_size", "engine", "zero",
+                "world_size")
+
+
+def comparable_latest(bench: pd.DataFrame) -> pd.DataFrame:
+    """Per model, the rows of one configuration: the one of the most recent "ours" row (of any
+    row when there is none), each implementation's latest row in it. Picking rows per
+    implementation independently could set ours measured on 2 threads against a peer measured
+    on 1, or a new measurement against an old one."""
+    cols = [c for c in BENCH_CONFIG if c in bench.columns]
+    rows = bench.assign(**{c: bench[c].astype(str) for c in cols})  # NaN-safe grouping keys
+    if "time" in rows.columns:
+        rows = rows.sort_values("time", kind="stable")
+    latest = rows.groupby(["model", *cols, "impl"], as_index=False).tail(1)
+    lead = latest[latest["impl"] == "ours"] if (latest["impl"] == "ours").any() else latest
+    configs = lead.groupby("model", as_index=False).tail(1)[["model", *cols]]
+    return latest.merge(configs, on=["model", *cols])
+
+
 def throughput_figure(bench: pd.DataFrame, order: list[str]):
-    """Best images/s and its MFU per model size (and implementation) from benchmark rows."""
-    best = (bench.sort_values("images_per_s", ascending=False)
-            .groupby(["model", "impl"], as_index=False).head(1))
+    """Images/s and MFU per model size and implementation, each model's bars from one
+    benchmark configuration, its latest (`comparable_latest`)."""
+    best = comparable_latest(bench)
     known = [m for m in order if m in set(best["model"])]
     models = known + sorted(set(best["model"]) - set(known))
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0), constrained_layout=True)

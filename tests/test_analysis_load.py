@@ -195,3 +195,24 @@ def test_plan_json_supplies_params_of_unfinished_runs(tmp_path):
     row = res.evals.iloc[0]
     assert row["params"] == 12345 and row["status"] == "running"
     assert row["device_hours"] == pytest.approx(10.0 / 3600 * 2)  # wall_s x world_size
+
+
+def test_throughput_bars_of_a_model_come_from_one_configuration():
+    from analysis.figures import comparable_latest
+
+    def row(impl, ips, device, time):
+        return {"model": "S/16", "impl": impl, "images_per_s": ips, "device": device,
+                "precision": "fp32", "compile": False, "batch_size": 8, "time": time}
+
+    bench = pd.DataFrame([
+        row("ours", 4.6, "cpu (2 threads)", "2026-01-01T00:00:00"),   # older, faster setting
+        row("transformers", 4.8, "cpu (2 threads)", "2026-01-01T00:00:01"),
+        row("transformers", 2.4, "cpu (1 threads)", "2026-01-02T00:00:00"),
+        row("ours", 2.6, "cpu (1 threads)", "2026-01-02T00:00:01"),
+        row("ours", 2.8, "cpu (1 threads)", "2026-01-03T00:00:00"),  # latest of that setting
+        row("transformers", 2.5, "cpu (1 threads)", "2026-01-03T00:00:01"),
+    ])
+    got = comparable_latest(bench).set_index("impl")
+    assert set(got["device"]) == {"cpu (1 threads)"}
+    assert got.loc["ours", "images_per_s"] == 2.8
+    assert got.loc["transformers", "images_per_s"] == 2.5
