@@ -53,14 +53,13 @@ class LocalRun:
             with open(log_path, "a") as log:
                 log.write(f"==== {now()} {job_id} rank {rank}\n")
                 log.flush()
-            if self.server is not None:  # a child of the fork server (launchers/zygote.py)
-                self.procs.append(self.server.spawn(spec.cfg.to_args(), env=env,
-                                                    cwd=str(REPO_ROOT), log=str(log_path)))
-                continue
-            with open(log_path, "a") as log:
-                self.procs.append(subprocess.Popen(
-                    train_command(spec.cfg.to_args()), stdout=log, stderr=subprocess.STDOUT,
-                    cwd=REPO_ROOT, env=env, start_new_session=True))
+                if self.server is not None:  # a child of the fork server (launchers/zygote.py)
+                    self.procs.append(self.server.spawn(spec.cfg.to_args(), env=env,
+                                                        cwd=str(REPO_ROOT), log=str(log_path)))
+                else:
+                    self.procs.append(subprocess.Popen(
+                        train_command(spec.cfg.to_args()), stdout=log, stderr=subprocess.STDOUT,
+                        cwd=REPO_ROOT, env=env, start_new_session=True))
         update_job(spec.run_dir, pids=[[p.pid, pid_start(p.pid)] for p in self.procs],
                    attempt={"job_id": job_id, "start": now(), "host": socket.gethostname()})
 

@@ -26,10 +26,11 @@ import sys
 import threading
 
 
-def _child(request: dict) -> None:
+def _child(request: dict, protocol_fd: int) -> None:
     """In the forked child: become the rank's process, train, and never return."""
     code = 1
     try:
+        os.close(protocol_fd)  # the server's reports only: the launcher sees EOF when it ends
         os.setsid()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_DFL)
@@ -41,6 +42,8 @@ def _child(request: dict) -> None:
         os.dup2(null, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
+        os.close(log)
+        os.close(null)
         sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own fds
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
@@ -95,7 +98,7 @@ def serve() -> None:
             request = json.loads(line)
             pid = os.fork()
             if pid == 0:
-                _child(request)
+                _child(request, out.fileno())
             children.add(pid)
             say({"id": request["id"], "pid": pid})
         while children:

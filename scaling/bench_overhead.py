@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from scaling import bench_env, results
+from scaling.dist import fresh_env
 
 DEFAULT_OUT = "results/bench/overhead.jsonl"
 DEFAULT_MODEL = "m2/4"
@@ -79,10 +80,7 @@ def _train_args(model: str, data: str, out: Path, steps: int, batch: int, extra:
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+    return fresh_env(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # one thread: demo preset
 
 
 def run_process(argv: list[str], log: Path) -> float:

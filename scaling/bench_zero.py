@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -208,6 +207,7 @@ def state_bytes(by_kind: dict[str, int]) -> int:
 def run_zero_memory(args) -> int:
     """The --zero-memory mode: launch the worker on args.world ranks, print, append rows."""
     from scaling import bench_env
+    from scaling.dist import fresh_env
 
     batch = args.batch_size or 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -217,8 +217,8 @@ def run_zero_memory(args) -> int:
                "--sizes", ",".join(args.size_list), "--image-size", str(args.image_size),
                "--num-classes", str(args.num_classes), "--batch-size", str(batch),
                "--json", str(out)]
-        proc = subprocess.run(cmd, env=_worker_env(), capture_output=True, text=True,
-                              check=False)
+        env = fresh_env(OMP_NUM_THREADS="1")  # 2 ranks share the cores
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not out.exists():
             print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n", file=sys.stderr)
             print(f"error: the ZeRO memory workers exited with {proc.returncode}",
@@ -235,13 +235,6 @@ def run_zero_memory(args) -> int:
 
 
 DEFAULT_OUT = "results/bench/zero_memory.jsonl"
-
-
-def _worker_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # 2 ranks share the cores
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def zero_row(found: dict, batch: int, image_size: int, env: dict) -> dict:

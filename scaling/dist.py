@@ -98,11 +98,23 @@ def fused_adamw(device: torch.device) -> bool:
     return device.type in _get_fused_kernels_supported_devices()
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def export_env(info: DistInfo) -> None:
-    """Publish the torchrun-style variables that torch.distributed and DeepSpeed read."""
+    """Publish the torchrun-style variables (LAUNCHER_VARS) that torch.distributed and
+    DeepSpeed read."""
     os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size),
                       LOCAL_RANK=str(info.local_rank), MASTER_ADDR=info.master_addr,
                       MASTER_PORT=str(info.master_port))
+
+
+def fresh_env(**extra: str) -> dict:
+    """This process's environment without LAUNCHER_VARS, plus `extra`: for launching a new,
+    independent run (which must not join this process's group)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(extra)
+    return env
 
 
 def _group_size() -> int:

@@ -192,9 +192,9 @@ class Meter:
 
     skipped_global = 0  # over all ranks, as of the last train row
 
-    def overhead_fraction(self, wall: float | None = None) -> float:
-        """Share of wall time outside training steps (start-up, data stalls, eval, saves)."""
-        wall = self.wall() if wall is None else wall
+    def overhead_fraction(self, wall: float) -> float:
+        """Share of `wall` (a reading of wall()) outside training steps (start-up, data
+        stalls, eval, saves)."""
         return max(0.0, 1.0 - self.compute_s / wall) if wall > 0 else 0.0
 
     def breakdown(self, wall: float) -> dict[str, float]:

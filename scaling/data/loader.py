@@ -22,6 +22,7 @@ samples by index modulo (ranks x workers) instead. Every sample is seen once, no
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import random
@@ -81,11 +82,22 @@ class _Decode:
 
     def image(self, sample: dict, rng: random.Random | None) -> np.ndarray | None:
         """The cropped uint8 image, or None for a corrupt one (DataError when strict)."""
+        return self._decoded(sample, lambda data: decode_crop(data, self.image_size, rng=rng,
+                                                              aug=self.augment))
+
+    def stored_image(self, sample: dict) -> np.ndarray | None:
+        """The (H, W, 3) uint8 image as stored, uncropped; None for a corrupt one."""
+        return self._decoded(sample, lambda data: np.asarray(
+            Image.open(io.BytesIO(data)).convert("RGB")))
+
+    def _decoded(self, sample: dict, decode) -> np.ndarray | None:
+        """decode(the sample's image bytes); None when they are missing or do not decode
+        (DataError naming shard and key when strict)."""
         data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         try:
             if data is None:
                 raise ValueError(f"no image (has {sorted(k for k in sample if k[:2] != '__')})")
-            return decode_crop(data, self.image_size, rng=rng, aug=self.augment)
+            return decode(data)
         except DECODE_ERRORS as e:
             if self.strict:
                 raise DataError(f"corrupt image in shard {sample.get('__url__')}, key "
@@ -262,6 +274,11 @@ def _check(batch_size: int, rank: int, world_size: int, num_workers: int, image_
         raise ValueError(f"rank={rank}, world_size={world_size}; expected 0 <= rank < world_size")
 
 
+def epoch_steps(samples: int, batch_size: int, world_size: int) -> int:
+    """Steps of an epoch of `samples` images: rounded up (open_clip does that, too)."""
+    return -(-samples // (batch_size * world_size))
+
+
 def _info(info: DatasetInfo | str | os.PathLike) -> DatasetInfo:
     """Accept a DatasetInfo or a data dir (checked by size, not hash)."""
     return info if isinstance(info, DatasetInfo) else load_dataset_info(info, verify="size")
@@ -319,7 +336,7 @@ def make_train_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int,
     if samples < 1 or shuffle_buffer < 1:
         raise ValueError(f"samples_per_epoch={samples_per_epoch}, shuffle_buffer="
                          f"{shuffle_buffer}; expected >= 1")
-    steps = -(-samples // (batch_size * world_size))  # open_clip rounds the epoch up, too
+    steps = epoch_steps(samples, batch_size, world_size)
     shuffle_buffer = min(shuffle_buffer, sp.num_samples)  # a bigger buffer only holds repeats
     decode = _Decode(image_size, info.num_classes, augment or default_augment(info.source), strict)
     return TrainLoader(sp.urls, decode, batch_size=batch_size, steps_per_epoch=steps, rank=rank,

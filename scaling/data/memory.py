@@ -27,17 +27,16 @@ the run reads the split at least once (`use_memory`).
 from __future__ import annotations
 
 import functools
-import io
 import math
+import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from scaling.data.info import DataError, DatasetInfo
-from scaling.data.loader import DECODE_ERRORS, IMAGE_KEYS, _Decode, _raw_samples, _seed
+from scaling.data.loader import _check, _Decode, _info, _raw_samples, _seed, epoch_steps
 from scaling.data.transforms import Augment, default_augment, fallback_crop_box
 
 
@@ -73,9 +72,10 @@ def read_split(info: DatasetInfo, split: str, decode: _Decode, *, crop: bool
     shard order. crop=False keeps the stored pixels (all images must share one size); True
     applies the eval centre crop and resize to decode.image_size."""
     images, labels, keys, skipped, shapes = [], [], [], 0, set()
+    pixels = (lambda sample: decode.image(sample, None)) if crop else decode.stored_image
     for s in _raw_samples(({"url": u} for u in info.split(split).urls), decode.strict):
         label = decode.label(s)
-        image = _pixels(s, decode, crop) if label is not None else None
+        image = pixels(s) if label is not None else None
         if image is None:
             skipped += 1
             continue
@@ -85,26 +85,10 @@ def read_split(info: DatasetInfo, split: str, decode: _Decode, *, crop: bool
         raise DataError(f"{info.root}: split {split!r} has no readable samples")
     if len(shapes) > 1:
         raise MixedSizes(f"{info.root}: split {split!r} holds images of {len(shapes)} sizes "
-                        f"(e.g. {sorted(shapes)[:3]}); in-memory data needs one size: use "
-                        "--in-memory off")
+                         f"(e.g. {sorted(shapes)[:3]}); in-memory data needs one size: use "
+                         "--in-memory off")
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return pixels, torch.tensor(labels, dtype=torch.int64), keys, skipped
-
-
-def _pixels(sample: dict, decode: _Decode, crop: bool) -> np.ndarray | None:
-    """The sample's (H, W, 3) uint8 image, eval-cropped when `crop`; None if corrupt."""
-    if crop:
-        return decode.image(sample, None)
-    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-    try:
-        if data is None:
-            raise ValueError(f"no image (has {sorted(k for k in sample if k[:2] != '__')})")
-        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    except DECODE_ERRORS as e:
-        if decode.strict:
-            raise DataError(f"corrupt image in shard {sample.get('__url__')}, key "
-                            f"{sample.get('__key__')}: {e}") from e
-        return None
 
 
 def normalize(images: torch.Tensor, aug: Augment) -> torch.Tensor:
@@ -223,27 +207,31 @@ class MemoryEvalLoader:
                    "skipped": self.skipped if i == 0 else 0, "key": self.keys[sl]}
 
 
-def make_memory_train_loader(info: DatasetInfo, *, image_size: int, batch_size: int, rank: int,
+def make_memory_train_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int, batch_size: int, rank: int,
                              world_size: int, seed: int, samples_per_epoch: int | None = None,
                              strict: bool = False, augment: Augment | None = None,
                              split: str = "train") -> MemoryTrainLoader:
     """make_train_loader's counterpart for data read into memory (module doc)."""
-    aug = augment or default_augment(info.source)
-    decode = _Decode(image_size, info.num_classes, aug, strict)
-    images, labels, keys, skipped = read_split(info, split, decode, crop=False)
+    _check(batch_size, rank, world_size, 0, image_size)
+    info = _info(info)
     samples = info.split(split).num_samples if samples_per_epoch is None else samples_per_epoch
     if samples < 1:
         raise ValueError(f"samples_per_epoch={samples_per_epoch}; expected >= 1")
-    steps = -(-samples // (batch_size * world_size))
+    aug = augment or default_augment(info.source)
+    decode = _Decode(image_size, info.num_classes, aug, strict)
+    images, labels, keys, skipped = read_split(info, split, decode, crop=False)
+    steps = epoch_steps(samples, batch_size, world_size)
     return MemoryTrainLoader(images, labels, keys, skipped=skipped, batch_size=batch_size,
                              rank=rank, world_size=world_size, seed=seed, steps_per_epoch=steps,
                              image_size=image_size, augment=aug)
 
 
-def make_memory_eval_loader(info: DatasetInfo, *, image_size: int, batch_size: int, rank: int,
+def make_memory_eval_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int, batch_size: int, rank: int,
                             world_size: int, strict: bool = False, split: str = "val",
                             augment: Augment | None = None) -> MemoryEvalLoader:
     """make_eval_loader's counterpart for data read into memory (module doc)."""
+    _check(batch_size, rank, world_size, 0, image_size)
+    info = _info(info)
     aug = augment or default_augment(info.source)
     decode = _Decode(image_size, info.num_classes, aug, strict)
     images, labels, keys, skipped = read_split(info, split, decode, crop=True)
