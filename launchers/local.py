@@ -23,7 +23,7 @@ from launchers.grid import RunSpec
 from launchers.runs import now, pid_start, record_submission, update_job
 from launchers.slurm import REPO_ROOT, child_env, train_command
 from scaling.dist import free_port
-from scaling.results import EXIT_OK, EXIT_PREEMPTED
+from scaling.results import EXIT_OK, EXIT_PREEMPTED, rank_log_path
 
 FAIL_GRACE_S = 30  # after one rank fails, how long the others get before SIGTERM
 
@@ -48,7 +48,7 @@ class LocalRun:
             env.update(RANK=str(rank), WORLD_SIZE=str(spec.world_size), LOCAL_RANK=str(rank),
                        LOCAL_WORLD_SIZE=str(spec.world_size), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port), OMP_NUM_THREADS=str(self.threads))
-            log_path = spec.run_dir / "logs" / f"rank{rank}.log"
+            log_path = rank_log_path(spec.run_dir, rank)
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a") as log:
                 log.write(f"==== {now()} {job_id} rank {rank}\n")
@@ -137,7 +137,7 @@ def run_local(specs: list[RunSpec], sweep: str, max_parallel: int,
 
 def log_tail(run_dir: Path, rank: int = 0, lines: int = 20) -> str:
     """The last lines of a rank's log (for error reports)."""
-    path = run_dir / "logs" / f"rank{rank}.log"
+    path = rank_log_path(run_dir, rank)
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from launchers.runs import now, update_job
-from scaling.results import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
+from scaling.results import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, rank_log_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAVE_TIMEOUT_S = 600  # upper bound on waiting for the child's checkpoint after the signal
@@ -123,7 +123,7 @@ class TrainJob:
             self._updating = False
 
     def _log_path(self, rank: int) -> Path:
-        return Path(self.run_dir) / "logs" / f"rank{rank}.log"
+        return rank_log_path(self.run_dir, rank)
 
     def _start(self, rank: int) -> None:
         """Start the child and a thread that reaps it; forward the preemption signal."""

@@ -52,6 +52,7 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_FILE = "final.json"
 JOB_FILE = "job.json"
 PLAN_FILE = "plan.json"
+LOG_DIR = "logs"
 EXPORT_FILE = "model.safetensors"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -192,6 +193,11 @@ def read_final(run_dir: str | os.PathLike) -> dict | None:
     if not path.exists():
         return None
     return validate_final(read_json(path))
+
+
+def rank_log_path(run_dir: str | os.PathLike, rank: int) -> Path:
+    """RUN_DIR/logs/rank{rank}.log: where a rank's stdout and stderr go (all attempts append)."""
+    return Path(run_dir) / LOG_DIR / f"rank{rank}.log"
 
 
 def iter_run_dirs(results_dir: str | os.PathLike) -> Iterator[Path]:
