@@ -3,8 +3,20 @@
 Reads the layout defined in scaling/results.py (``RESULTS/<sweep>/<run_id>/config.json``,
 ``metrics.jsonl``, ``final.json``) through its helpers and never parses logs. Nothing is dropped
 silently: runs that are still going (no final.json) get status "running", failed and diverged
-runs keep their status, and a file that cannot be read is logged with its path, skipped, and
-listed in ``Results.skipped``.
+runs keep their status, and a file or metrics line that cannot be used is logged with its path
+(``path:line`` for a line) and the reason, skipped, and listed in ``Results.skipped``.
+
+What is skipped (analysis/README.md, "What the loader skips"):
+- a run whose config.json or final.json is unreadable or breaks the schema, or whose final.json
+  holds a NaN or out-of-range ``final_top1`` / ``best_top1`` / ``final_top5`` (not a fraction in
+  [0, 1], or best below final): its status and numbers cannot be trusted, so the whole run;
+- a metrics line that is not JSON, not an object, not UTF-8, or breaks the row schema
+  (including a torn last line: a kill mid-append, rewritten by a resumed run);
+- an eval line whose ``top1`` or ``top5`` is null/NaN or outside [0, 1], whose top-5 is below its
+  top-1, whose ``num_samples`` is null, zero, negative or fractional, or whose ``step`` is not a
+  whole number >= 0;
+- duplicate eval steps: exact copies of one eval row are kept once (the copies are skipped);
+  rows of one step that disagree are all skipped, since nothing tells which of them is right.
 
 Derived columns, and how they are approximated:
 - ``params``, ``macs_per_image``: from final.json, else from plan.json (written when a run
@@ -21,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +49,7 @@ from scaling.results import (
     iter_run_dirs,
     read_final,
     read_json,
-    read_metrics,
+    validate_row,
 )
 
 log = logging.getLogger("analysis")
@@ -61,10 +74,11 @@ class NoResultsError(ValueError):
 
 @dataclass
 class Skipped:
-    """A file (or line, as ``path:line``) that could not be read, and why."""
+    """A file (or line: ``path`` is ``file:line`` and ``line`` its number) left out, and why."""
 
     path: str
     reason: str
+    line: int | None = None
 
 
 @dataclass
@@ -78,8 +92,14 @@ class Results:
 
     @property
     def n_skipped(self) -> int:
-        """How many files (or metric lines) were skipped."""
+        """How many files and metric lines were skipped."""
         return len(self.skipped)
+
+
+def count_skipped(skipped: list[Skipped]) -> tuple[int, int]:
+    """(skipped files, skipped lines) of a list of Skipped."""
+    lines = sum(s.line is not None for s in skipped)
+    return len(skipped) - lines, lines
 
 
 def parse_model_name(name: str) -> tuple[str, int]:
@@ -90,22 +110,138 @@ def parse_model_name(name: str) -> tuple[str, int]:
     return size, int(patch)
 
 
-def _skip(skipped: list[Skipped], path, reason) -> None:
-    """Record and log a skipped file."""
-    log.warning("skipping %s: %s", path, reason)
-    skipped.append(Skipped(str(path), str(reason)))
+def _skip(skipped: list[Skipped], path, reason, line: int | None = None) -> None:
+    """Record and log a skipped file, or line `line` of file `path`."""
+    where = str(path) if line is None else f"{path}:{line}"
+    reason = str(reason).replace("\n", "\\n")  # one line per skipped item, always
+    log.warning("skipping %s: %s", where, reason)
+    skipped.append(Skipped(where, reason, line))
+
+
+def _reason(path, e: Exception) -> str:
+    """The message of a read error without the path that the caller already names."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text ({e})"
+    return str(e).removeprefix(f"{path}: ")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fraction_problem(name: str, v, *, allow_null: bool) -> str | None:
+    """Why `v` is not a fraction in [0, 1] (None if it is)."""
+    if v is None:
+        return None if allow_null else f"{name} is null (a NaN or inf is written as null)"
+    if not _is_number(v):
+        return f"{name}={v!r} is not a number"
+    if math.isnan(v):
+        return f"{name} is NaN"
+    if not 0.0 <= v <= 1.0:
+        return f"{name}={v!r} is outside [0, 1]"
+    return None
+
+
+# A top-5 hit includes the top-1 hit, so top5 >= top1; this allows for rounding only.
+TOP_TOL = 1e-9
+
+
+def eval_row_problem(row: dict) -> str | None:
+    """Why a schema-valid eval row cannot be used (None when it can): see the module docstring."""
+    step = row["step"]
+    if not _is_number(step) or not math.isfinite(step) or step < 0 or step != int(step):
+        return f"step={step!r} is not a whole number >= 0"
+    for name in ("top1", "top5"):
+        problem = _fraction_problem(name, row[name], allow_null=False)
+        if problem:
+            return problem
+    if row["top5"] < row["top1"] - TOP_TOL:
+        return f"top5={row['top5']!r} is below top1={row['top1']!r}"
+    n = row["num_samples"]
+    if n is None:
+        return "num_samples is null"
+    if not _is_number(n) or not math.isfinite(n) or n != int(n) or n <= 0:
+        return f"num_samples={n!r} is not a positive count of images"
+    return None
+
+
+def final_problem(final: dict) -> str | None:
+    """Why a schema-valid final.json cannot be trusted (None when it can). Null top-1/top-5 are
+    allowed: a run that failed before its first eval has none."""
+    for name in ("final_top1", "best_top1", "final_top5"):
+        problem = _fraction_problem(name, final[name], allow_null=True)
+        if problem:
+            return problem
+    best, last = final["best_top1"], final["final_top1"]
+    if best is not None and last is not None and best < last - TOP_TOL:
+        return f"best_top1={best!r} is below final_top1={last!r}"
+    return None
+
+
+def _parse_lines(path: Path, data: bytes, skipped: list[Skipped]) -> list[tuple[int, dict]]:
+    """(line number, row) of every schema-valid line; the others are skipped, each named."""
+    lines = data.splitlines()
+    rows = []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise SchemaError(f"expected a JSON object, got {type(row).__name__}")
+            rows.append((i, validate_row(row)))
+        except UnicodeDecodeError as e:
+            _skip(skipped, path, f"not UTF-8 text ({e})", i)
+        except json.JSONDecodeError as e:
+            torn = " (torn last line: an interrupted append)" if i == len(lines) else ""
+            _skip(skipped, path, f"not valid JSON{torn}: {e}", i)
+        except SchemaError as e:
+            _skip(skipped, path, e, i)
+    return rows
 
 
 def _read_metrics(run_dir: Path, skipped: list[Skipped]) -> list[dict]:
-    """Metrics rows of a run; malformed lines are reported and skipped, valid ones kept."""
-    try:
-        return read_metrics(run_dir, strict=True)
-    except (SchemaError, OSError, UnicodeDecodeError) as e:
-        _skip(skipped, run_dir / METRICS_FILE, f"malformed lines skipped (first: {e})")
-    try:
-        return read_metrics(run_dir, strict=False)
-    except (OSError, UnicodeDecodeError):
+    """The usable eval rows of a run, by the rules of the module docstring; every line left
+    out is reported and counted once, naming file, line and reason."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
         return []
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        _skip(skipped, path, e)
+        return []
+    by_step: dict[int, list[tuple[int, dict]]] = defaultdict(list)
+    for i, row in _parse_lines(path, data, skipped):
+        if row["kind"] != "eval":
+            continue
+        problem = eval_row_problem(row)
+        if problem and problem.startswith("step="):
+            _skip(skipped, path, problem, i)
+        else:
+            by_step[int(row["step"])].append((i, row))
+    kept = []
+    for step, group in sorted(by_step.items()):
+        texts = [json.dumps(row, sort_keys=True) for _, row in group]
+        if len(set(texts)) > 1:  # one step, different numbers: none of them can be trusted
+            where = ", ".join(str(i) for i, _ in group)
+            for i, row in group:
+                problem = eval_row_problem(row)
+                _skip(skipped, path, problem or (
+                    f"eval step {step} is logged {len(group)} times with different values "
+                    f"(lines {where}): none of them is kept"), i)
+            continue
+        first, row = group[0]
+        problem = eval_row_problem(row)
+        for i, _ in group:
+            if problem:
+                _skip(skipped, path, problem, i)
+            elif i != first:
+                _skip(skipped, path, f"exact copy of the eval row of step {step} on line "
+                                     f"{first} (kept once)", i)
+        if not problem:
+            kept.append(row)
+    return kept
 
 
 def _read_plan(run_dir: Path, skipped: list[Skipped]) -> dict:
@@ -116,7 +252,7 @@ def _read_plan(run_dir: Path, skipped: list[Skipped]) -> dict:
     try:
         plan = read_json(path)
     except (SchemaError, OSError, UnicodeDecodeError) as e:
-        _skip(skipped, path, e)
+        _skip(skipped, path, _reason(path, e))
         return {}
     return {k: plan[k] for k in ("params", "macs_per_image", "world_size") if k in plan}
 
@@ -127,15 +263,20 @@ def _read_run(run_dir: Path, skipped: list[Skipped]) -> tuple[dict, list[dict]] 
         config = read_json(run_dir / CONFIG_FILE)
         size, patch = parse_model_name(config.get("model"))
     except (SchemaError, OSError, UnicodeDecodeError, ValueError) as e:
-        _skip(skipped, run_dir / CONFIG_FILE, e)
+        path = run_dir / CONFIG_FILE
+        _skip(skipped, path, f"{_reason(path, e)}; run skipped")
         return None
+    path = run_dir / FINAL_FILE
     try:
         final = read_final(run_dir)
+        problem = final_problem(final) if final is not None else None
+        if problem:
+            raise SchemaError(problem)
     except (SchemaError, OSError, UnicodeDecodeError) as e:
-        # Without a readable final.json the run's status is unknown: skip it rather than guess.
-        _skip(skipped, run_dir / FINAL_FILE, e)
+        # Without a trustworthy final.json the run's status is unknown: skip it, never guess.
+        _skip(skipped, path, f"{_reason(path, e)}; run skipped")
         return None
-    evals = [r for r in _read_metrics(run_dir, skipped) if r["kind"] == "eval"]
+    evals = _read_metrics(run_dir, skipped)
     plan = _read_plan(run_dir, skipped)
     final = {**plan, **{k: v for k, v in (final or {}).items() if v is not None}}
     run = {
@@ -223,6 +364,7 @@ def load_results(results_dir) -> Results:
     for frame in (run_df, eval_df):  # config values: numbers, so the parquet columns are typed
         for col in ("seed", "lr", "batch_size"):
             frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    run_df["final_top1"] = run_df["final_top1"].astype(float)  # null (no eval) -> NaN
     eval_df["is_final"] = eval_df["is_final"].astype(bool)
     return Results(root, eval_df, run_df, skipped)
 
@@ -265,7 +407,7 @@ def load_bench(results_dir) -> tuple[pd.DataFrame, list[Skipped]]:
                     raise ValueError("expected an object with 'model' and 'images_per_s'")
                 parse_model_name(row["model"])
             except ValueError as e:  # JSONDecodeError is a ValueError
-                _skip(skipped, f"{path}:{i}", e)
+                _skip(skipped, path, e, i)
                 continue
             rows.append({"impl": "unspecified", **row, "source": path.name})
     return pd.DataFrame(rows), skipped

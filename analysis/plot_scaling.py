@@ -26,7 +26,7 @@ from pathlib import Path
 
 import matplotlib
 
-from analysis.load import NoResultsError
+from analysis.load import NoResultsError, count_skipped
 from analysis.report import METRICS, analyse
 from analysis.style import FORMATS, X_COLUMNS
 
@@ -77,7 +77,8 @@ def main(argv=None) -> int:
         return 1
     for path in report["figures"] + report["tables"] + [report["summary"]]:
         print(path)
-    print(f"{len(report['skipped'])} skipped files; {len(report['notes'])} notes "
+    files, lines = count_skipped(report["skipped"])
+    print(f"{files} skipped files, {lines} skipped lines; {len(report['notes'])} notes "
           f"(see {report['summary']})")
     return 0
 

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 
 from analysis import fit as F
-from analysis.load import status_counts
+from analysis.load import count_skipped, status_counts
 from analysis.style import X_UNITS
 
 # A rough guide for reading the hold-out error, not a statistical test.
@@ -125,7 +125,9 @@ def status_section(runs: pd.DataFrame, skipped: list) -> list[str]:
     bad = runs[runs["status"].isin(["failed", "diverged"])]
     for r in bad.itertuples():
         out.append(f"- {r.status}: `{r.run}` ({r.model}): {r.message or 'no message'}")
-    out += ["", f"Skipped files: {len(skipped)}"]
+    files, lines = count_skipped(skipped)
+    out += ["", (f"Skipped files: {files}; skipped lines: {lines} (left out of every figure "
+                 "and table; rules: analysis/README.md, \"What the loader skips\")")]
     out += [f"- `{s.path}`: {s.reason}" for s in skipped]
     return out + [""]
 
@@ -134,9 +136,11 @@ def render(report: dict) -> str:
     """The whole summary.md for a report dict built by analysis.report.analyse."""
     res = report["results"]
     counts = ", ".join(f"{k} {v}" for k, v in status_counts(res.runs).items())
+    files, skipped_lines = count_skipped(report["skipped"])
     lines = ["# Scaling analysis", "",
              (f"Results: `{res.results_dir}`: {len(res.runs)} runs ({counts}), "
-             f"{len(res.evals)} eval points, {len(report['skipped'])} skipped files."), "",
+             f"{len(res.evals)} eval points, {files} skipped files, {skipped_lines} skipped "
+             "lines."), "",
              *sizes_section(report["sizes"], report["x"]),
              *fit_section(report["fit"], report["x"]),
              *size_fit_section(report["size_fit"], report["x"]),

@@ -72,9 +72,11 @@ def test_load_keeps_and_marks_every_status(results, caplog):
     assert runs.loc["failed", "status"] == "failed"
     assert runs.loc["diverged", "message"] == "loss is NaN at step 2"
     assert status_counts(res.runs) == {"ok": 6, "running": 1, "failed": 1, "diverged": 1}
-    # one row per eval point, running/diverged rows included (the NaN top-1 too)
-    assert len(res.evals) == 5 * 6 + 2 + 2 + 1 + 2
-    assert res.evals.loc[res.evals["run_id"] == "diverged", "top1"].isna().sum() == 1
+    # one row per eval point, running/diverged rows included; the diverged run's NaN top-1
+    # row is skipped (a skipped line, never plotted), its valid row kept
+    assert len(res.evals) == 5 * 6 + 2 + 1 + 1 + 2
+    assert res.evals["top1"].notna().all()
+    assert res.runs.set_index("run_id").loc["diverged", "n_evals"] == 1
     # final points only for finished runs; a running run's last eval is not "final"
     assert not res.evals.loc[res.evals["run_id"] == "running", "is_final"].any()
     assert res.evals.groupby("run")["is_final"].sum().max() == 1
@@ -88,9 +90,10 @@ def test_malformed_files_are_reported_and_skipped(results, caplog):
     with caplog.at_level(logging.WARNING, logger="analysis"):
         res = load_results(root)
     paths = sorted(s.path for s in res.skipped)
-    assert res.n_skipped == 3
-    assert paths == sorted(str(root / "broken" / p) for p in (
-        "bad_config/config.json", "bad_final/final.json", "bad_line/metrics.jsonl"))
+    assert res.n_skipped == 4
+    assert paths == sorted([*(str(root / "broken" / p) for p in (
+        "bad_config/config.json", "bad_final/final.json", "bad_line/metrics.jsonl:2")),
+        str(root / "synth" / "diverged" / "metrics.jsonl:2")])  # its top-1 is null
     for path in paths:
         assert path in caplog.text
     # the run with a bad metrics line keeps its valid rows; the other two are skipped whole
