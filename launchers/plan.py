@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from launchers.grid import RunSpec, budget_token
 from launchers.runs import progress, read_job, run_state, squeue_states
-from scaling.results import CONFIG_FILE, FINAL_FILE, read_json
+from scaling.results import check_config, set_aside_final  # noqa: F401 (launch.py uses it)
 
 # state -> action; failed / diverged are submitted again only with --resubmit-failed
 ACTIONS = {"new": "submit", "preempted": "resume", "done": "skip", "queued": "skip (queued)",
@@ -45,17 +42,10 @@ def needs_squeue(specs: list[RunSpec]) -> bool:
 
 def check_same_config(spec: RunSpec) -> None:
     """A run dir whose config.json differs (other than in resumable fields) is an error."""
-    path = spec.run_dir / CONFIG_FILE
-    if not path.exists():
-        return
-    from scaling.config import RESUMABLE_FIELDS
+    from scaling.config import RESUMABLE_FIELDS, TrainConfig
 
-    old = read_json(path)
-    new = spec.cfg.to_dict()
-    diff = sorted(k for k in new if k not in RESUMABLE_FIELDS and old.get(k, new[k]) != new[k])
-    if diff:
-        raise ValueError(f"run dir {spec.run_dir} holds a different config (fields {diff}); "
-                         "it is not this grid point's run: move it away or use another --name")
+    check_config(spec.run_dir, spec.cfg.to_dict(), resumable=RESUMABLE_FIELDS,
+                 defaults=TrainConfig.defaults())
 
 
 def plan(specs: list[RunSpec], resubmit_failed: bool) -> list[Planned]:
@@ -70,14 +60,3 @@ def plan(specs: list[RunSpec], resubmit_failed: bool) -> list[Planned]:
             action = "resubmit"
         out.append(Planned(spec, state, action))
     return out
-
-
-def set_aside_final(run_dir: Path) -> Path | None:
-    """Rename a failed/diverged run's final.json (kept, never deleted) so the run can rerun."""
-    final = run_dir / FINAL_FILE
-    if not final.exists():
-        return None
-    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-    target = run_dir / f"final.{stamp}.{os.getpid()}.json"
-    final.rename(target)
-    return target

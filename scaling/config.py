@@ -106,6 +106,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def defaults(cls) -> dict:
+        """{field: default} (None for required fields)."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
     def to_args(self) -> list[str]:
         """CLI flags that rebuild this config with from_args (defaults omitted)."""
         args = []
@@ -149,10 +154,25 @@ def _field_type(f: dataclasses.Field) -> type:
     return {"int": int, "float": float, "bool": bool, "str": str}[t]
 
 
+# Fields whose valid values are a fraction in [0, 1): momentum coefficients (AdamW needs
+# beta < 1), probabilities, and the smoothing mass moved off the true class.
+FRACTIONS = ("beta1", "beta2", "label_smoothing", "dropout", "drop_path", "warmup_fraction")
+
+
 def _validate(c: TrainConfig) -> None:
     for name in ("model", "data", "out"):
         if not getattr(c, name):
             raise ValueError(f"--{name} is required")
+    inf = [f"--{f.name.replace('_', '-')} {getattr(c, f.name)}" for f in dataclasses.fields(c)
+           if isinstance(getattr(c, f.name), float) and not math.isfinite(getattr(c, f.name))]
+    if inf:
+        raise ValueError(f"{', '.join(inf)}: must be a finite number")
+    frac = [f"--{n.replace('_', '-')} {getattr(c, n)}" for n in FRACTIONS
+            if not 0 <= getattr(c, n) < 1]
+    if frac:
+        raise ValueError(f"{', '.join(frac)}: must be in [0, 1)")
+    if c.min_lr > c.lr:
+        raise ValueError(f"--min-lr {c.min_lr} is above the peak --lr {c.lr}")
     _, patch = split_name(c.model)
     vit_config(c.model, image_size=c.image_size or patch)  # patch must divide a given size
     given = [b for b in BUDGETS if getattr(c, b) is not None]
@@ -181,9 +201,8 @@ def _validate(c: TrainConfig) -> None:
     for n, valid in choices.items():
         if getattr(c, n) not in valid:
             raise ValueError(f"{n}={getattr(c, n)!r}; valid: {list(valid)}")
-    if not 0 < (c.min_crop_scale or 1) <= 1 or not 0 <= c.warmup_fraction < 1:
-        raise ValueError(f"min_crop_scale={c.min_crop_scale} must be in (0, 1] and "
-                         f"warmup_fraction={c.warmup_fraction} in [0, 1)")
+    if not 0 < (c.min_crop_scale or 1) <= 1:
+        raise ValueError(f"--min-crop-scale {c.min_crop_scale}: must be in (0, 1]")
 
 
 def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:

@@ -43,6 +43,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -148,9 +152,13 @@ def read_json(path: str | os.PathLike) -> dict:
 def append_metrics(run_dir: str | os.PathLike, row: dict) -> None:
     """Append one validated row to RUN_DIR/metrics.jsonl (rank 0 only)."""
     row = validate_row({k: _clean(v) for k, v in row.items()})
-    with open(Path(run_dir) / METRICS_FILE, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+    except OSError as e:  # name the file: a bare "[Errno 28] No space left on device" does not
+        raise OSError(e.errno, f"{e.strerror} (appending to {path})") from None
 
 
 def read_metrics(run_dir: str | os.PathLike, *, strict: bool = True) -> list[dict]:
@@ -174,17 +182,25 @@ def read_metrics(run_dir: str | os.PathLike, *, strict: bool = True) -> list[dic
     return rows
 
 
-def truncate_metrics(run_dir: str | os.PathLike, step: int) -> int:
-    """Drop rows logged after `step` (a resume from an older checkpoint re-runs those steps, and
-    no step may be counted twice). Returns the number of rows dropped."""
+def truncate_metrics(run_dir: str | os.PathLike, step: int, rows: int | None = None) -> int:
+    """Keep the first `rows` rows (all when None) logged up to `step`, drop the rest and a torn
+    last line; returns the rows dropped.
+
+    Every (re)start calls this before its first append, with the step of the checkpoint it
+    resumes from (0 without one) and the number of rows that existed when it was saved: the
+    rows of a lost attempt are re-run, and no (kind, step) may be counted twice, not even an
+    eval at the checkpoint's own step logged after the save. A torn line (a kill mid-append) is
+    removed, so an append never follows it.
+    """
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return 0
-    rows = read_metrics(run_dir, strict=True)
-    kept = [r for r in rows if r["step"] <= step]
-    if len(kept) != len(rows) or path.read_text().count("\n") != len(rows):
-        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-    return len(rows) - len(kept)
+    found = read_metrics(run_dir, strict=True)
+    kept = [r for r in found if r["step"] <= step][:rows]
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+    if text != path.read_text():
+        atomic_write_text(path, text)
+    return len(found) - len(kept)
 
 
 def read_final(run_dir: str | os.PathLike) -> dict | None:
@@ -204,3 +220,197 @@ def iter_run_dirs(results_dir: str | os.PathLike) -> Iterator[Path]:
     """Every directory below results_dir that holds a config.json (a run), sorted."""
     root = Path(results_dir)
     yield from sorted(p.parent for p in root.rglob(CONFIG_FILE) if p.is_file())
+
+
+# -- the rules of a run directory, shared by training and the launchers -------------------------
+
+def check_config(run_dir: str | os.PathLike, new: dict, *, resumable: tuple[str, ...],
+                 defaults: dict) -> None:
+    """Raise ValueError when RUN_DIR/config.json is another run's config.
+
+    Fields in `resumable` may differ (they do not change results). A field missing from an old
+    config.json (written before the field existed) counts as its default, which is what that
+    run used; a field the old config has and `new` lacks must match a missing one (None).
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        return
+    old = read_json(path)
+    differ = sorted(k for k in set(old) | set(new) if k not in resumable
+                    and old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
+    if differ:
+        detail = ", ".join(f"{k}: {old.get(k, defaults.get(k))!r} -> {new.get(k)!r}"
+                           for k in differ)
+        raise ValueError(f"run dir {run_dir} holds another run's config ({detail}); "
+                         "use a new --out (or --name) or the same flags")
+
+
+def check_readable(run_dir: str | os.PathLike) -> None:
+    """Raise SchemaError (a ValueError) naming the file when a run dir's final.json or a
+    metrics line other than a torn last one is corrupt: such a dir is repaired by a person,
+    never overwritten by a rerun."""
+    run_dir = Path(run_dir)
+    if (run_dir / FINAL_FILE).exists():
+        read_final(run_dir)
+    read_metrics(run_dir, strict=True)
+
+
+def set_aside_final(run_dir: str | os.PathLike) -> Path | None:
+    """Rename a failed/diverged run's final.json to final.STATUS.STAMP.PID.json (kept, never
+    deleted) so that the run can be retried; returns the new path, or None when absent."""
+    final = Path(run_dir) / FINAL_FILE
+    if not final.exists():
+        return None
+    try:
+        status = read_json(final).get("status", "unknown")
+    except SchemaError:
+        status = "unreadable"
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = final.with_name(f"final.{status}.{stamp}.{os.getpid()}.json")
+    final.rename(target)
+    return target
+
+
+def check_writable(run_dir: str | os.PathLike) -> None:
+    """Raise ValueError unless RUN_DIR is (or can be made) a directory this process can write:
+    checked by creating it and writing a probe file, since permission bits say nothing to root
+    or on a read-only mount."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} exists and is not a directory")
+    probe = run_dir / f".probe.{socket.gethostname()}.{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {run_dir} is not writable ({e.strerror})") from None
+
+
+# -- one process owns a run directory ---------------------------------------------------------
+
+LOCK_FILE = ".run.lock"
+HEARTBEAT_S = 10.0  # the holder touches the lock this often ...
+STALE_AFTER_S = 120.0  # ... so one untouched this long has no live holder (any host)
+
+
+class RunDirInUse(ValueError):
+    """Another live process owns the run directory."""
+
+
+def pid_start(pid: int) -> int | None:
+    """Start time of a process in clock ticks since boot (tells a reused pid apart); None when
+    there is no such (non-zombie) process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def _identity() -> dict:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "pid_start": pid_start(pid),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex}
+
+
+class RunLock:
+    """Exclusive ownership of a run dir by one process (rank 0 of the run), for its lifetime.
+
+    Why a lock file and not flock(2): on Lustre mounted without `flock` (or with `localflock`)
+    and on some NFS set-ups flock fails or is node-local, so two nodes could both "hold" it.
+    The lock is created with link(2) from a complete temporary file, atomic on local file
+    systems, NFSv3+ and Lustre alike, so its content is never torn. A holder is dead, and its
+    lock stale, when (a) it is on this host and its pid is gone or reused, (b) it is an earlier
+    incarnation of this same SLURM job (a requeue keeps the job id, bumps the restart count), or
+    (c) it is elsewhere and has not touched the lock for STALE_AFTER_S (a heartbeat thread
+    touches it every HEARTBEAT_S; this assumes host clocks within a minute of each other).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.me = _identity()
+        self.lost = False  # set by the heartbeat when someone else took the lock over
+        self._stop = threading.Event()
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise RunDirInUse naming its live holder."""
+        tmp = self.path.with_name(f"{LOCK_FILE}.{self.me['token']}")
+        tmp.write_text(json.dumps(self.me) + "\n")
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                    break
+                except FileExistsError:
+                    self._take_over_if_stale()
+            else:
+                raise RunDirInUse(f"run dir {self.path.parent} is being taken over by another "
+                                  "process; try again")
+        finally:
+            tmp.unlink(missing_ok=True)
+        threading.Thread(target=self._heartbeat, name="run-lock", daemon=True).start()
+        return self
+
+    def release(self) -> None:
+        """Give the lock up (only if it is still ours)."""
+        self._stop.set()
+        if self._holder_token() == self.me["token"]:
+            self.path.unlink(missing_ok=True)
+
+    def _holder(self) -> tuple[dict | None, float]:
+        try:
+            return json.loads(self.path.read_text()), self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None, time.time()
+        except (OSError, ValueError):
+            return {}, self.path.stat().st_mtime  # unreadable: judged by its age alone
+
+    def _holder_token(self) -> str | None:
+        holder, _ = self._holder()
+        return (holder or {}).get("token")
+
+    def _take_over_if_stale(self) -> None:
+        holder, mtime = self._holder()
+        if holder is None:
+            return  # released meanwhile: link again
+        if not _stale(holder, mtime, self.me):
+            raise RunDirInUse(f"run dir {self.path.parent} in use by PID {holder.get('pid')} "
+                              f"on {holder.get('host')} (since {holder.get('since')}); "
+                              f"if that process is gone, remove {self.path}")
+        # Break it under a second lock so that two processes finding it stale at once cannot
+        # each remove the other's fresh lock.
+        breaker = self.path.with_name(LOCK_FILE + ".break")
+        try:
+            fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if time.time() - breaker.stat().st_mtime > STALE_AFTER_S:
+                breaker.unlink(missing_ok=True)  # its owner died while breaking
+            return
+        try:
+            if self._holder()[0] == holder:
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+            breaker.unlink(missing_ok=True)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            if self._holder_token() != self.me["token"]:
+                self.lost = True
+                return
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # a transient error; the next beat retries
+
+
+def _stale(holder: dict, mtime: float, me: dict) -> bool:
+    """Whether the holder of a lock is surely dead (see RunLock)."""
+    if holder.get("host") == me["host"] and "pid" in holder:
+        return pid_start(holder["pid"]) != holder.get("pid_start")
+    if holder.get("slurm_job") and holder.get("slurm_job") == me["slurm_job"]:
+        return holder.get("slurm_restart") != me["slurm_restart"]
+    return time.time() - mtime > STALE_AFTER_S

@@ -8,10 +8,12 @@ final.json. Exit codes are in scaling.results (0 ok, 2 bad input, 3 diverged, 75
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -40,17 +42,21 @@ class Diverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+FAULTS = ("nan", "kill_in_save", "eval_error")
+
+
 def faults_from_env() -> dict[str, int]:
     """Fault injection for tests, e.g. VIT_SCALING_FAULTS="nan@7,kill_in_save@10": make step
     7's loss NaN; SIGKILL this process inside the checkpoint save of step 10 (after DeepSpeed
-    wrote its files, before the checkpoint is marked complete)."""
+    wrote its files, before the checkpoint is marked complete); eval_error@N raises in the
+    evaluation after step N."""
     spec = os.environ.get("VIT_SCALING_FAULTS", "")
     faults = {}
     for item in filter(None, spec.split(",")):
         name, _, step = item.partition("@")
-        if name not in ("nan", "kill_in_save") or not step.isdigit():
-            raise ValueError(f"VIT_SCALING_FAULTS item {item!r}; expected nan@STEP or "
-                             "kill_in_save@STEP")
+        if name not in FAULTS or not step.isdigit():
+            raise ValueError(f"VIT_SCALING_FAULTS item {item!r}; expected NAME@STEP with NAME "
+                             f"in {FAULTS}")
         faults[name] = int(step)
     return faults
 
@@ -79,6 +85,10 @@ def prepare(cfg: TrainConfig, world_size: int):
         raise ValueError("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no "
                          "fp16); use bf16 or fp32 on a CPU")
     info = load_dataset_info(cfg.data, verify=True)
+    if "val" not in info.splits or not info.split("val").num_samples:
+        raise ValueError(f"dataset {cfg.data} has no val split (splits: {sorted(info.splits)}); "
+                         "every run evaluates on it: rebuild it with a val split "
+                         "(make_shards --val-fraction > 0)")
     micro, accum = batch_layout(cfg, world_size)
     vit = cfg.vit(num_classes=info.num_classes, image_size=info.image_size)
     macs = forward_macs(vit)
@@ -88,21 +98,40 @@ def prepare(cfg: TrainConfig, world_size: int):
     steps_per_epoch = max(1, -(-per_epoch // cfg.batch_size))
     plan = Plan(steps, world_size, micro, accum, steps_per_epoch, per_epoch, param_count(vit),
                 macs, info.num_classes, vit.image_size)
-    _check_run_dir(cfg)
+    results.check_writable(cfg.out)
+    results.check_readable(cfg.out)
+    results.check_config(cfg.out, cfg.to_dict(), resumable=RESUMABLE_FIELDS,
+                         defaults=TrainConfig.defaults())
     return info, vit, plan
 
 
-def _check_run_dir(cfg: TrainConfig) -> None:
-    path = Path(cfg.out) / results.CONFIG_FILE
-    if not path.exists():
-        return
-    old, new = results.read_json(path), cfg.to_dict()
-    differ = sorted(k for k in set(old) | set(new)
-                    if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
-    if differ:
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ)
-        raise ValueError(f"run dir {cfg.out} holds another run's config ({detail}); "
-                         "use a new --out or the same flags")
+class DiskFull(RuntimeError):
+    """A write failed for want of space; the message names the path and what was kept."""
+
+    @classmethod
+    def check(cls, error: Exception, what: str, ckpt_dir: Path) -> Exception:
+        """`error` turned into a DiskFull when the disk under ckpt_dir is full (a partial
+        checkpoint removed, the last complete one kept), else `error` itself. torch.save on a
+        full disk raises RuntimeError("... iostream error"), without errno, hence the check of
+        the free space."""
+        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+        try:
+            full = full or shutil.disk_usage(ckpt_dir).free < (1 << 20)
+        except OSError:
+            pass
+        if not full:
+            return error
+        from scaling import engine as eng
+
+        eng.remove_incomplete(ckpt_dir)
+        done = eng.complete_checkpoints(ckpt_dir)
+        kept = f"{ckpt_dir / done[-1][1]} kept" if done else "none"
+        return cls(f"no space left on device (ENOSPC) {what}; last complete checkpoint: "
+                   f"{kept}. Free space and rerun to resume")
+
+
+class RunDirRefused(RuntimeError):
+    """The run dir belongs to another live process: exit 2, nothing written to it."""
 
 
 class Run:
@@ -127,6 +156,7 @@ class Run:
         t0 = time.perf_counter()
         eng.init_distributed(self.where)
         self.device = dist.device_for(self.where)
+        self._own_run_dir()
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
         model = create_model(self.vit)
         self.engine = eng.initialize(model, self.cfg, micro=self.plan.micro_batch,
@@ -142,31 +172,52 @@ class Run:
             removed = eng.remove_incomplete(self.ckpt_dir)
             if removed:
                 log.warning("removed incomplete checkpoints %s", removed)
+            kept = results.set_aside_final(self.out)  # a retry keeps the earlier outcome
+            if kept:
+                log.warning("retrying a failed/diverged run; its final.json is kept as %s",
+                            kept.name)
         dist.barrier()
         self.batches = Batches(self.cfg, self.info, self.plan, self.where)
         self.window = torch.zeros((), dtype=torch.float64, device=self.device)
         self._resume()
         self.meter.add("build", time.perf_counter() - t0)
 
+    def _own_run_dir(self) -> None:
+        """Rank 0 takes the run dir's lock; every rank stops (RunDirRefused) if it could not."""
+        refused = None
+        if self.where.is_main:
+            try:
+                self.lock = results.RunLock(self.out).acquire()
+            except results.RunDirInUse as e:
+                refused = str(e)
+        if dist.all_reduce_max(int(refused is not None), self.device):
+            raise RunDirRefused(refused or "rank 0 could not take the run dir's lock")
+
+    lock = None
+    rows_logged = 0  # rank 0: rows in metrics.jsonl, saved with each checkpoint
+
     def _resume(self) -> None:
         from scaling import engine as eng
 
         done = eng.complete_checkpoints(self.ckpt_dir)
-        if not done:
-            return
-        step, tag = done[-1]
-        client = eng.load_checkpoint(self.engine, self.ckpt_dir, tag)
-        self.step, self.best_top1 = client["step"], client.get("best_top1")
-        self.last_eval = client.get("last_eval")
-        # Totals over ranks were saved; rank 0 carries them on so all-reduces stay exact.
-        main = self.where.is_main
-        self.meter.restore(client["meter"], skipped=client["skipped"] if main else 0)
-        self.window.fill_(client["window_loss"] if main else 0.0)
-        self.meter.window_step = client["window_step"]
-        if self.where.is_main:
-            dropped = results.truncate_metrics(self.out, self.step)
-            log.info("resumed from %s (step %d; dropped %d later metric rows)", tag, step,
-                     dropped)
+        if done:
+            tag = done[-1][1]
+            client = eng.load_checkpoint(self.engine, self.ckpt_dir, tag)
+            self.step, self.best_top1 = client["step"], client.get("best_top1")
+            self.last_eval = client.get("last_eval")
+            # Totals over ranks were saved; rank 0 carries them on so all-reduces stay exact.
+            main = self.where.is_main
+            self.meter.restore(client["meter"], skipped=client["skipped"] if main else 0)
+            self.window.fill_(client["window_loss"] if main else 0.0)
+            self.meter.window_step = client["window_step"]
+        if self.where.is_main:  # a start without a checkpoint re-runs from step 0
+            rows = client.get("metrics_rows") if done else 0
+            dropped = results.truncate_metrics(self.out, self.step, rows)
+            self.rows_logged = len(results.read_metrics(self.out))
+            if done or dropped:
+                log.info("%s (step %d; dropped %d later metric rows of a lost attempt)",
+                         f"resumed from {done[-1][1]}" if done else "no complete checkpoint: "
+                         "starting over", self.step, dropped)
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> None:
@@ -250,6 +301,8 @@ class Run:
     def run_eval(self) -> dict:
         """Evaluate on the val split (all ranks) and log an eval row."""
         self._global_window()  # a diverged model is not evaluated
+        if self.faults.get("eval_error") == self.step:
+            raise RuntimeError(f"injected eval failure at step {self.step}")
         t0 = time.perf_counter()
         stats = evaluate(self.engine, self.batches.eval_loader(), self.device, self.dtype)
         self.meter.add("eval", time.perf_counter() - t0)
@@ -268,27 +321,36 @@ class Run:
         window_loss, skipped = self._global_window()  # never checkpoint a diverged model
         client = {"step": self.step, "best_top1": self.best_top1, "last_eval": self.last_eval,
                   "meter": self.meter.state(), "skipped": skipped, "window_loss": window_loss,
-                  "window_step": self.meter.window_step}
-        eng.save_checkpoint(self.engine, self.ckpt_dir, self.step, client, self.cfg.keep_ckpts,
-                            crash=self.faults.get("kill_in_save") == self.step)
+                  "window_step": self.meter.window_step, "metrics_rows": self.rows_logged}
+        error = None
+        try:
+            eng.save_checkpoint(self.engine, self.ckpt_dir, self.step, client,
+                                self.cfg.keep_ckpts,
+                                crash=self.faults.get("kill_in_save") == self.step)
+        except (OSError, RuntimeError) as e:
+            error = DiskFull.check(e, f"writing a checkpoint under {self.ckpt_dir}",
+                                   self.ckpt_dir)
+        if error is not None:  # raised out here, so the frames holding the partial files'
+            raise error  # handles (in the save's traceback) are gone and their space is freed
         self.meter.add("checkpoint", time.perf_counter() - t0)
 
     def finish(self) -> dict:
-        """Final eval, checkpoint, safetensors export and final.json."""
+        """Checkpoint (before anything that can still fail), final eval, export, final.json."""
         from scaling import engine as eng
 
-        if self.last_eval is None or self.last_eval["step"] != self.step:
-            self.run_eval()
         saved = [step for step, _ in eng.complete_checkpoints(self.ckpt_dir)]
         if not saved or saved[-1] != self.step:
             self.save()
+        if self.last_eval is None or self.last_eval["step"] != self.step:
+            self.run_eval()
         meta = {"vit_config": json.dumps(dataclasses.asdict(self.vit)), "step": str(self.step)}
         t0 = time.perf_counter()
         eng.export_safetensors(self.engine, self.out / results.EXPORT_FILE, meta)
         self.meter.add("export", time.perf_counter() - t0)
-        return self._final(results.STATUS_OK)
+        return self.record_final(results.STATUS_OK)
 
-    def _final(self, status: str, error: str | None = None) -> dict:
+    def record_final(self, status: str, error: str | None = None) -> dict:
+        """final.json, written by rank 0 only while it owns the run dir."""
         wall = self.meter.wall()
         ev = self.last_eval or {}
         final = {
@@ -303,8 +365,11 @@ class Run:
             "overhead_fraction": self.meter.overhead_fraction(wall),
             "overhead_breakdown_s": self.meter.breakdown(wall), "error": error,
         }
-        if self.where.is_main:
-            results.write_json(self.out / results.FINAL_FILE, final)
+        if self.where.is_main and self.lock is not None:
+            try:
+                results.write_json(self.out / results.FINAL_FILE, final)
+            except OSError as e:
+                log.error("could not write %s: %s", self.out / results.FINAL_FILE, e)
         return final
 
     def _row(self, kind: str, **values) -> dict:
@@ -316,7 +381,11 @@ class Run:
     def _emit(self, row: dict) -> None:
         if not self.where.is_main:
             return
-        results.append_metrics(self.out, row)
+        try:
+            results.append_metrics(self.out, row)
+        except OSError as e:
+            raise DiskFull.check(e, str(e), self.ckpt_dir) from None
+        self.rows_logged += 1
         if self._bar is None:
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()
                      if k in ("step", "loss", "lr", "top1", "images_per_s", "mfu")}
@@ -359,15 +428,24 @@ def execute(run: Run) -> int:
         if e.code == results.EXIT_PREEMPTED:
             log.warning("checkpointed at step %d; rerun the same command to resume", run.step)
         return int(e.code or 0)
+    except RunDirRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return results.EXIT_BAD_INPUT
     except Diverged as e:
         log.error("diverged: %s", e)
-        run._final(results.STATUS_DIVERGED, str(e))
+        run.record_final(results.STATUS_DIVERGED, str(e))
         return results.EXIT_DIVERGED
+    except DiskFull as e:
+        log.error("%s", e)
+        run.record_final(results.STATUS_FAILED, str(e))
+        return results.EXIT_FAILED
     except Exception as e:
         log.exception("run failed")
-        run._final(results.STATUS_FAILED, f"{type(e).__name__}: {e}")
+        run.record_final(results.STATUS_FAILED, f"{type(e).__name__}: {e}")
         return results.EXIT_FAILED
     finally:
+        if run.lock is not None:
+            run.lock.release()
         dist.shutdown()
 
 
@@ -383,15 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return results.EXIT_BAD_INPUT
-    final_path = Path(cfg.out) / results.FINAL_FILE
-    final = results.read_final(cfg.out) if final_path.exists() else None
+    final = results.read_final(cfg.out)
     if final and final["status"] == results.STATUS_OK:
         log.info("%s already finished (final.json status ok); nothing to do", cfg.out)
         return results.EXIT_OK
-    if final and where.is_main:  # a retry of a failed/diverged run keeps the earlier outcome
-        kept = final_path.with_name(f"final.{final['status']}.{int(time.time())}.json")
-        final_path.rename(kept)
-        log.warning("retrying a %s run; its final.json is kept as %s", final["status"], kept)
     return execute(Run(cfg, info, vit, plan, where))
 
 

@@ -1,7 +1,7 @@
 """Shared fixtures: the local SLURM cluster, built-in data; and the strict-skip rule of CI.
 
-With VIT_SCALING_STRICT=1 (CI sets it, see .ci/run) a skip of any test marked `slurm` or
-`multiproc` is reported as a failure: those tests must run in CI, never silently vanish.
+With VIT_SCALING_STRICT=1 (CI sets it, see .ci/run) a skip of any test marked `slurm`,
+`multiproc` or `mount` is reported as a failure: those tests must run in CI, never silently vanish.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from scaling.data.writer import Encoding, Source, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 STRICT = os.environ.get("VIT_SCALING_STRICT") == "1"
-STRICT_MARKERS = ("slurm", "multiproc")
+STRICT_MARKERS = ("slurm", "multiproc", "mount")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -101,3 +101,26 @@ def corrupt_dir(tmp_path):
     source = Source("test", tuple("abc"), {"train": items, "val": items}, load_item, 8)
     write_dataset(source, tmp_path, enc=Encoding(), shard_size=10, args={})
     return tmp_path
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a fresh tmpfs of `size` (e.g. "320k") as root, unmounted afterwards; a
+    real file system that really fills up or is really read-only. Skips when not root (a
+    failure under VIT_SCALING_STRICT=1 for tests marked `mount`)."""
+    mounted = []
+
+    def mount(size: str, *options: str) -> Path:
+        path = tmp_path / f"tmpfs{len(mounted)}"
+        path.mkdir()
+        opts = ",".join((f"size={size}", *options))
+        run = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                             capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs (root needed): {run.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
