@@ -17,16 +17,18 @@ per image), per device, and MFU uses the device's bf16 peak. Rows follow docs/ar
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from scaling import bench_env, dist
+from scaling import bench_env, bench_overhead, bench_zero, dist
 from scaling.bench_peer import PEERS, peer_model
 from scaling.bench_zero import StorageCounter, count_engine
 from scaling.flops import forward_macs, mfu, param_count, peak_tflops, training_flops
@@ -36,9 +38,16 @@ LR = 1e-4  # any small rate: the benchmark measures speed, not learning
 WEIGHT_DECAY = 0.05
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (exit 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The CLI; bad values exit with code 2 (argparse)."""
-    p = argparse.ArgumentParser(prog="python -m scaling.bench", description=__doc__.split("\n")[0])
+    """The CLI; a bad value exits with code 2 and one line naming the flag, before any work."""
+    p = _Parser(prog="python -m scaling.bench", description=__doc__.split("\n")[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--zero-memory", action="store_true",
                       help="per-rank ZeRO 0-3 model state vs the ZeRO paper (2 gloo processes)")
@@ -89,6 +98,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--zero {args.zero} needs DeepSpeed: drop --bare")
     if not args.overhead and not args.sizes:
         p.error("--sizes is required (e.g. --sizes Ti/16,S/16)")
+    _check_sizes(p, args)
     for name in ("batch_size", "steps", "rounds", "image_size", "num_classes", "world",
                  "threads"):
         value = getattr(args, name)
@@ -96,12 +106,41 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
-    args.size_list = [s.strip() for s in (args.sizes or "").split(",") if s.strip()]
     for name in args.size_list:
         try:
             vit_config(name, image_size=args.image_size, num_classes=args.num_classes)
         except ValueError as e:
-            p.error(str(e))
+            p.error(f"--sizes: {e}")
+    try:
+        shlex.split(args.train_args)
+    except ValueError as e:
+        p.error(f"--train-args {args.train_args!r} cannot be split into flags ({e})")
+    if args.work_dir and Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
+        p.error(f"--work-dir {args.work_dir} exists and is not a directory")
+    default = (bench_zero.DEFAULT_OUT if args.zero_memory else
+               bench_overhead.DEFAULT_OUT if args.overhead else bench_env.DEFAULT_OUT)
+    try:  # before any work: an hour of benchmarking must not end in an unwritable file
+        bench_env.check_out(args.out or default, "--out" if args.out else "the default --out")
+    except ValueError as e:
+        p.error(str(e))
+
+
+def _check_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """args.size_list from --sizes: a comma-separated list naming each model once."""
+    args.size_list = []
+    if args.sizes is None:
+        return
+    names = [s.strip() for s in args.sizes.split(",")]
+    if not any(names):
+        p.error(f"--sizes {args.sizes!r} names no model (e.g. --sizes Ti/16,S/16)")
+    if "" in names:
+        p.error(f"--sizes {args.sizes!r} has an empty entry (a stray comma?)")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        p.error(f"--sizes names {', '.join(twice)} more than once")
+    if args.overhead and len(names) > 1:
+        p.error(f"--overhead runs one model; --sizes names {len(names)}: {args.sizes}")
+    args.size_list = names
 
 
 @dataclass
@@ -312,13 +351,15 @@ def throughput(args) -> int:
     name = bench_env.device_name(device)
     env = {"device": name, "versions": bench_env.versions(), "world_size": where.world_size,
            "peak_tflops": args.peak_tflops or peak_tflops(name if device.type == "cuda" else None)}
+    written = 0
     for size in args.size_list:
         rows = run_size(size, args, device, env)
         if where.is_main:
             _print(rows)
             bench_env.append_rows(args.out or bench_env.DEFAULT_OUT, rows)
+            written += len(rows)
     if where.is_main:
-        print(f"rows appended to {args.out or bench_env.DEFAULT_OUT}")
+        print(f"{written} rows appended to {args.out or bench_env.DEFAULT_OUT}")
     return 0
 
 

@@ -148,6 +148,45 @@ def cpu_step_peak_bytes(step) -> int | None:
     return peak
 
 
+def check_out(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Raise ValueError, one line naming `flag`, unless rows can be appended to `path`: not a
+    directory, under a folder that exists or can be made, where a file can be written. Checked
+    by writing (a probe file, or opening an existing file for appending), since permission bits
+    say nothing to root or on a read-only mount; whatever the check creates, it removes."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give the JSON-lines file to append to")
+    if path.exists():
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as e:
+            raise ValueError(f"{flag} {path} cannot be appended to ({e.strerror})") from None
+        return path
+    missing, folder = [], path.parent
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path} cannot be created: {folder} is not a directory")
+    probe = path.with_name(f".{path.name}.probe{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be written ({e.strerror})") from None
+    finally:
+        for leftover in (probe, *missing):  # the probe, then the folders made, deepest first
+            try:
+                if leftover.is_dir():
+                    leftover.rmdir()
+                else:
+                    leftover.unlink(missing_ok=True)
+            except OSError:
+                pass  # another rank removed it, or it is in use: harmless
+    return path
+
+
 def append_rows(path: str | os.PathLike, rows: list[dict]) -> Path:
     """Append rows as JSON lines (one object per line); creates the folder."""
     path = Path(path)
