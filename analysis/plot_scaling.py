@@ -14,7 +14,7 @@ RESULTS/bench/*.jsonl, and writes to --out (default: RESULTS/figures):
   throughput_mfu.*       images/s and MFU per size (only when benchmark rows exist)
   vit_paper_table6.*     the ViT paper's Fig. 5 redrawn from its Table 6, law fitted to ViT rows
   evals.csv, evals.parquet, runs.csv, summary.md
-Exit status: 0 on success, 1 when there is no readable run, 2 on bad flags.
+Exit status: 0 on success, 1 when there is no readable run, 2 on bad flags (one line).
 """
 
 from __future__ import annotations
@@ -31,10 +31,27 @@ from analysis.report import METRICS, analyse
 from analysis.style import FORMATS, X_COLUMNS
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (exit 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why --out cannot be the output folder (None when it can be made or is one)."""
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"--out {out}: {folder} exists and is not a directory"
+    return None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=Path("results"),
                    help="results directory holding <sweep>/<run>/ dirs (default: results)")
     p.add_argument("--out", type=Path, default=None,
@@ -58,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--formats {bad or args.formats} not supported; choose from {','.join(FORMATS)}")
     if args.n_boot < 10:
         p.error(f"--n-boot must be at least 10; got {args.n_boot}")
+    problem = _out_problem(args.out if args.out is not None else args.results / "figures")
+    if problem:
+        p.error(problem)
     return args
 
 

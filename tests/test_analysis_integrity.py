@@ -329,3 +329,17 @@ def test_cli_summary_holds_no_invalid_number_and_counts_skips(tmp_path):
     runs = pd.read_csv(out / "runs.csv")
     assert runs["final_top1"].between(0, 1).all() and runs["best_top1"].between(0, 1).all()
     assert re.search(r"\| L/16 \| 1 \(1\) \|", summary)
+
+
+def test_cli_out_that_is_a_file_fails_before_reading(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for out in (afile, afile / "figures"):
+        proc = subprocess.run([sys.executable, "analysis/plot_scaling.py", "--results",
+                               str(tmp_path / "missing"), "--out", str(out)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 2 and proc.stdout == ""  # 2 (a bad flag), not 1 (no results)
+        expected = (f"plot_scaling.py: error: --out {out}: {afile} exists and is not a "
+                    "directory (see --help)")
+        assert proc.stderr.splitlines() == [expected]
+    assert afile.read_text() == "keep"
