@@ -12,8 +12,13 @@ Run directory (``RUN_DIR``)::
     metrics.jsonl       one JSON object per line, appended by rank 0 (schema below)
     final.json          written once when the run ends (schema below); absent while running
     checkpoints/        DeepSpeed checkpoints, one folder per step; ``latest`` names the newest
-    model.safetensors   the final weights, loadable by ``scaling.model.create_model`` alone
+    model.safetensors   the final weights, loadable without DeepSpeed by
+                        ``scaling.model.load_exported``
     job.json            written by launchers/sweep.py: job id, submission time, requeues
+    logs/rank{r}.log    each rank's stdout and stderr under the launchers (rank_log_path)
+    .run.lock           held by rank 0 of the one process group training here (RunLock)
+    final.STATUS.STAMP.PID.json   a failed/diverged outcome set aside by a retry
+                        (set_aside_final); every attempt's outcome is kept
 
 ``metrics.jsonl`` rows all carry ``kind`` ("train" or "eval"), ``step`` (optimizer steps done),
 ``epoch`` (float, images_seen / samples_per_epoch), ``images_seen``, ``flops_seen`` (analytic
@@ -36,6 +41,12 @@ existed): ``overhead_breakdown_s``, the wall seconds by part, summing to wall_ho
 (process group, model, DeepSpeed engine, loaders, resuming), ``data_wait``, ``eval``,
 ``checkpoint``, ``export``, ``steps`` (inside optimizer steps), ``other`` (logging, the loop's
 all-reduces); over restarts, each process's start-up and build are added.
+
+Rules every writer follows (the failure model, docs/architecture.md): one process group owns a
+run dir at a time (RunLock); each (re)start first truncates metrics.jsonl to the rows saved with
+the checkpoint it resumes from, or to none without one (truncate_metrics), so no (kind, step) is
+ever counted twice; a run dir with another config (check_config) or a corrupt final.json or
+metrics line (check_readable) is refused, never overwritten.
 """
 
 from __future__ import annotations

@@ -42,14 +42,14 @@ class Diverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-FAULTS = ("nan", "kill_in_save", "eval_error")
+FAULTS = ("nan", "kill_in_save", "eval_error", "sigterm")
 
 
 def faults_from_env() -> dict[str, int]:
     """Fault injection for tests, e.g. VIT_SCALING_FAULTS="nan@7,kill_in_save@10": make step
     7's loss NaN; SIGKILL this process inside the checkpoint save of step 10 (after DeepSpeed
     wrote its files, before the checkpoint is marked complete); eval_error@N raises in the
-    evaluation after step N."""
+    evaluation after step N; sigterm@N sends this process SIGTERM right after step N."""
     spec = os.environ.get("VIT_SCALING_FAULTS", "")
     faults = {}
     for item in filter(None, spec.split(",")):
@@ -226,6 +226,8 @@ class Run:
         bar = self._progress_bar()
         evals = eval_steps(cfg, plan.total_steps)
         self.meter.start_window(self.meter.window_step)
+        if self.step in evals and (self.last_eval or {}).get("step") != self.step:
+            self.run_eval()  # a stop signal at an eval step saved before evaluating
         batches = self.batches.iterate(self.step)
         while True:
             t0 = time.perf_counter()
@@ -238,6 +240,8 @@ class Run:
             self.window += self._step(micro_batches)
             self.meter.add_compute(time.perf_counter() - t1, skipped)
             self.step += 1
+            if self.faults.get("sigterm") == self.step:
+                os.kill(os.getpid(), signal.SIGTERM)  # fault injection: a real signal, here
             if bar is not None:
                 bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == plan.total_steps:

@@ -331,3 +331,14 @@ def test_set_aside_final_keeps_every_outcome(tmp_path):
     kept = results.set_aside_final(tmp_path)
     assert kept.name.startswith("final.diverged.") and kept.name.endswith(f".{os.getpid()}.json")
     assert not (tmp_path / results.FINAL_FILE).exists()
+
+
+def test_stop_signal_at_an_eval_step_loses_no_eval(digits, tmp_path):
+    out = tmp_path / "run"
+    args = ("--steps", "60", "--log-every", "10", "--eval-every", "30")
+    first = train(digits, out, *args, faults="sigterm@30")  # saved before evaluating step 30
+    assert first.returncode == results.EXIT_PREEMPTED
+    assert ("eval", 30) not in keys(out)
+    run = train(digits, out, *args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_each_once(out, range(10, 61, 10), [30, 60])
