@@ -108,6 +108,8 @@ def _clean(value: Any) -> Any:
 
 def validate_row(row: dict) -> dict:
     """Check one metrics row against the schema; return it unchanged or raise SchemaError."""
+    if not isinstance(row, dict):
+        raise SchemaError(f"metrics row is a JSON {type(row).__name__}, not an object")
     kind = row.get("kind")
     keys = {"train": TRAIN_KEYS, "eval": EVAL_KEYS}.get(kind)
     if keys is None:

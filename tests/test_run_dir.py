@@ -342,3 +342,25 @@ def test_stop_signal_at_an_eval_step_loses_no_eval(digits, tmp_path):
     run = train(digits, out, *args)
     assert run.returncode == 0, run.stderr[-3000:]
     assert_each_once(out, range(10, 61, 10), [30, 60])
+
+
+@pytest.mark.multiproc
+def test_two_rank_run_on_a_locked_dir_stops_on_every_rank(digits, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        me = results.RunLock(out).me
+        _holder(out, host=me["host"], pid=sleeper.pid, pid_start=results.pid_start(sleeper.pid))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "scaling.train", *FAST, "--data", digits,
+               "--out", str(out), "--steps", "5"]
+        run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300,
+                             check=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert run.returncode != 0
+    assert run.stderr.count(f"in use by PID {sleeper.pid}") == 1  # rank 0 names the holder
+    assert "rank 0 could not take the run dir's lock" in run.stderr  # rank 1 stops too
+    assert sorted(p.name for p in out.iterdir()) == [results.LOCK_FILE]  # nothing written
