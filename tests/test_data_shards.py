@@ -208,17 +208,17 @@ def test_killed_shard_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_build_leaves_no_dataset_json(tmp_path):
-    make_shards("shapes", tmp_path, num_samples=20, image_size=8)
+def test_failed_build_keeps_the_previous_dataset(tmp_path):
+    out = tmp_path / "out"
+    before = make_shards("shapes", out, num_samples=20, image_size=8)
     bad = tmp_path / "bad"
     (bad / "a").mkdir(parents=True)
     (bad / "a" / "x.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="x.png"):
-        make_shards("imagefolder", tmp_path, src=str(bad), image_format="png")
-    assert not (tmp_path / "dataset.json").exists()  # the old one went first
-    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
-    with pytest.raises(DataError, match="no dataset.json"):
-        load_dataset_info(tmp_path)
+        make_shards("imagefolder", out, src=str(bad), image_format="png")
+    after = load_dataset_info(out, verify=True)  # still there, intact, hashes match
+    assert after.source == "shapes" and after.splits == before.splits
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.make_shards.lock", "bad", "out"]
 
 
 def test_cli(tmp_path, capsys):

@@ -6,8 +6,14 @@ docs/architecture.md, "Data contract"; each shard entry also carries ``bytes``, 
 shard is reported with its path instead of surfacing as a crash hours into a run.
 
 Hashing a 150 GB ImageNet copy takes minutes, so sha256 results are cached in
-``DIR/.sha256-cache.json`` keyed by (size, mtime_ns): a shard is hashed once per change, and
-``verify="size"`` skips hashing altogether (existence and byte size only).
+``DIR/.sha256-cache.json`` keyed by (size, mtime_ns, inode, ctime_ns): a shard is hashed once per
+change, and ``verify="size"`` skips hashing altogether (existence and byte size only). ctime is
+in the key because an in-place edit that restores size and mtime (``os.utime``) cannot restore
+it: the kernel sets ctime on every write and every utime.
+
+Shard entries written since labels were checked at write time also record ``label_min`` and
+``label_max``; a dataset whose recorded labels fall outside ``[0, num_classes)`` is rejected when
+it is parsed, before any shard is read.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class ShardInfo:
     num_samples: int
     sha256: str
     bytes: int | None = None
+    label_min: int | None = None  # the writer's checked label range (absent in older data)
+    label_max: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,8 +82,12 @@ class DatasetInfo:
         """Number of classes (labels are 0 .. num_classes - 1)."""
         return len(self.classes)
 
+    def has_split(self, name: str) -> bool:
+        """Whether the split exists and holds samples (e.g. no "val" after --val-fraction 0)."""
+        return name in self.splits and self.splits[name].num_samples > 0
+
     def split(self, name: str) -> SplitInfo:
-        """The named split; DataError lists the available ones."""
+        """The named split; DataError (a ValueError) lists the available ones."""
         if name not in self.splits:
             raise DataError(f"{self.root / INFO_FILE}: no split {name!r}; "
                             f"has {sorted(self.splits)}")
@@ -96,7 +108,7 @@ def _parse_split(root: Path, name: str, raw: dict) -> SplitInfo:
     try:
         shards = tuple(
             ShardInfo(s["name"], root / s["name"], int(s["num_samples"]), s["sha256"],
-                      s.get("bytes"))
+                      s.get("bytes"), _opt_int(s.get("label_min")), _opt_int(s.get("label_max")))
             for s in raw["shards"]
         )
         num_samples = int(raw["num_samples"])
@@ -107,6 +119,23 @@ def _parse_split(root: Path, name: str, raw: dict) -> SplitInfo:
         raise DataError(f"{root / INFO_FILE}: split {name!r} says num_samples={num_samples} "
                         f"but its shards hold {total}")
     return SplitInfo(name, num_samples, shards)
+
+
+def _opt_int(value: Any) -> int | None:
+    """An optional integer field of dataset.json."""
+    return None if value is None else int(value)
+
+
+def _check_labels(path: Path, splits: dict[str, SplitInfo], num_classes: int) -> None:
+    """Recorded per-shard label ranges must lie in [0, num_classes): a dataset.json edited to
+    fewer classes (or shards from another dataset) fails here, not hours into a run."""
+    for split in splits.values():
+        for s in split.shards:
+            lo, hi = s.label_min, s.label_max
+            if (lo is not None and lo < 0) or (hi is not None and hi >= num_classes):
+                raise DataError(f"{path}: shard {s.name} (split {split.name!r}) records labels "
+                                f"{lo}..{hi}, outside [0, {num_classes}) for {num_classes} "
+                                f"classes")
 
 
 def parse_dataset_info(root: Path, raw: dict) -> DatasetInfo:
@@ -122,6 +151,7 @@ def parse_dataset_info(root: Path, raw: dict) -> DatasetInfo:
         raise DataError(f"{path}: num_classes={raw.get('num_classes')!r} does not match "
                         f"{len(classes)} classes")
     splits = {n: _parse_split(root, n, s) for n, s in raw["splits"].items()}
+    _check_labels(path, splits, len(classes))
     return DatasetInfo(root=root, source=str(raw["source"]), image_size=int(raw["image_size"]),
                        image_format=str(raw.get("image_format", "")), classes=classes,
                        splits=splits, args=dict(raw.get("args", {})),
@@ -144,13 +174,22 @@ def _write_cache(root: Path, cache: dict) -> None:
         pass
 
 
+def cache_entry(st: os.stat_result, digest: str) -> dict:
+    """A hash cache entry: the digest and the stat fields it is valid for (module doc). The
+    writer seeds the cache with these, so the two must agree."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino,
+            "ctime_ns": st.st_ctime_ns, "sha256": digest}
+
+
 def _cached_sha256(shard: ShardInfo, st: os.stat_result, cache: dict) -> str:
-    """sha256 of a shard, reusing the cached value while (size, mtime_ns) are unchanged."""
+    """sha256 of a shard, reusing the cached value while its stat key is unchanged (an entry
+    of an older format, without inode and ctime, never matches: one re-hash)."""
     entry = cache.get(shard.name)
-    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+    key = {k: v for k, v in cache_entry(st, "").items() if k != "sha256"}
+    if entry and "sha256" in entry and all(entry.get(k) == v for k, v in key.items()):
         return entry["sha256"]
     digest = sha256_file(shard.path)
-    cache[shard.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    cache[shard.name] = cache_entry(st, digest)
     return digest
 
 

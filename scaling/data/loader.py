@@ -16,6 +16,9 @@ raw tar samples (no decoding), and augments each batch with a seed of its global
 `skipped`, and its slot refilled from the same batch, so every batch consumes exactly
 `batch_size` raw samples and resume stays exact even on damaged data.
 
+Every full read of a shard is counted against dataset.json (shardread.py): a shard that ends
+early (a damaged tar header) or cannot be read raises DataError naming it, strict or not.
+
 Evaluation splits the val shards over ranks (and workers); with fewer shards than ranks it splits
 samples by index modulo (ranks x workers) instead. Every sample is seen once, none padded.
 """
@@ -28,7 +31,6 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -36,7 +38,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from scaling.data.info import DataError, DatasetInfo, load_dataset_info
+from scaling.data.info import DataError, DatasetInfo, SplitInfo, load_dataset_info
+from scaling.data.shardread import checked_samples
 from scaling.data.transforms import Augment, decode_crop, default_augment, to_tensor_batch
 
 IMAGE_KEYS = ("jpg", "jpeg", "png")
@@ -111,23 +114,15 @@ def _batch(images: list, labels: list, keys: list, skipped: int, aug: Augment) -
             "label": torch.tensor(labels, dtype=torch.int64), "skipped": skipped, "key": keys}
 
 
-def _tar_error(exn: Exception, *, strict: bool) -> bool:
-    """webdataset error handler: a shard that cannot be opened is a DataError; a damaged tar is
-    one too when strict, else a warning (webdataset appends the URL to the exception's args)."""
-    if strict or isinstance(exn, OSError):  # tarfile's own errors are not OSErrors
-        raise DataError(f"unreadable shard: {exn!r}") from exn
-    return wds.warn_and_continue(exn)
+def shard_counts(split: SplitInfo) -> dict[str, int]:
+    """url -> the sample count dataset.json lists, for the checked shard reader."""
+    return {str(s.path): s.num_samples for s in split.shards}
 
 
-def _raw_samples(urls: Iterator[dict], strict: bool) -> Iterator[dict]:
-    """Tar samples (bytes, undecoded) of a stream of {"url": ...} dicts, via webdataset."""
-    return wds.tarfile_to_samples(handler=partial(_tar_error, strict=strict))(urls)
-
-
-def _resampled_urls(urls: list[str], rng: random.Random) -> Iterator[dict]:
+def _resampled_urls(urls: list[str], rng: random.Random) -> Iterator[str]:
     """Shards drawn with replacement, forever (webdataset/open_clip ResampledShards)."""
     while True:
-        yield {"url": urls[rng.randrange(len(urls))]}
+        yield urls[rng.randrange(len(urls))]
 
 
 class _Stream(IterableDataset):
@@ -148,10 +143,11 @@ class _Stream(IterableDataset):
 class _TrainStream(_Stream):
     """One rank's training batches for one epoch; each worker makes its share (see module doc)."""
 
-    def __init__(self, urls: list[str], decode: _Decode, *, batch_size: int, steps: int,
+    def __init__(self, counts: dict[str, int], decode: _Decode, *, batch_size: int, steps: int,
                  rank: int, seed: int, epoch: int, start_step: int, shuffle_buffer: int):
         super().__init__()
-        self.urls, self.decode, self.batch_size, self.steps = urls, decode, batch_size, steps
+        self.counts, self.urls = counts, list(counts)
+        self.decode, self.batch_size, self.steps = decode, batch_size, steps
         self.rank, self.seed, self.epoch, self.start_step = rank, seed, epoch, start_step
         self.shuffle_buffer = shuffle_buffer
 
@@ -159,7 +155,7 @@ class _TrainStream(_Stream):
         """Worker v's infinite stream of raw samples: resampled shards through a buffer."""
         shard_rng = random.Random(_seed(self.seed, self.epoch, self.rank, v, 0))
         sample_rng = random.Random(_seed(self.seed, self.epoch, self.rank, v, 1))
-        raw = _raw_samples(_resampled_urls(self.urls, shard_rng), self.decode.strict)
+        raw = checked_samples(_resampled_urls(self.urls, shard_rng), self.counts)
         initial = min(SHUFFLE_INITIAL, self.shuffle_buffer)
         return wds.shuffle(self.shuffle_buffer, initial, rng=sample_rng)(raw)
 
@@ -225,7 +221,7 @@ class _EvalStream(_Stream):
         urls, mod, res = _eval_plan(self.urls, self.rank, self.world_size, wid, nw)
         if not urls:
             return
-        raw = _raw_samples(({"url": u} for u in urls), self.decode.strict)
+        raw = checked_samples(urls, dict(zip(self.urls, self.counts)))
         mine = (s for i, s in enumerate(raw) if i % mod == res)
         pending, images, labels, keys, skipped = None, [], [], [], 0
         for s in mine:
@@ -287,12 +283,12 @@ def _info(info: DatasetInfo | str | os.PathLike) -> DatasetInfo:
 class TrainLoader:
     """Resampled training epochs of `steps_per_epoch` batches for one rank (see module doc)."""
 
-    def __init__(self, urls: list[str], decode: _Decode, *, batch_size: int, steps_per_epoch: int,
-                 rank: int, seed: int, num_workers: int, shuffle_buffer: int,
-                 pin_memory: bool | None):
+    def __init__(self, counts: dict[str, int], decode: _Decode, *, batch_size: int,
+                 steps_per_epoch: int, rank: int, seed: int, num_workers: int,
+                 shuffle_buffer: int, pin_memory: bool | None):
         self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
         self.num_workers, self._pin = num_workers, pin_memory
-        self._kw = {"urls": urls, "decode": decode, "batch_size": batch_size,
+        self._kw = {"counts": counts, "decode": decode, "batch_size": batch_size,
                     "steps": steps_per_epoch, "rank": rank, "seed": seed,
                     "shuffle_buffer": shuffle_buffer}
 
@@ -339,9 +335,9 @@ def make_train_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int,
     steps = epoch_steps(samples, batch_size, world_size)
     shuffle_buffer = min(shuffle_buffer, sp.num_samples)  # a bigger buffer only holds repeats
     decode = _Decode(image_size, info.num_classes, augment or default_augment(info.source), strict)
-    return TrainLoader(sp.urls, decode, batch_size=batch_size, steps_per_epoch=steps, rank=rank,
-                       seed=seed, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-                       pin_memory=pin_memory)
+    return TrainLoader(shard_counts(sp), decode, batch_size=batch_size, steps_per_epoch=steps,
+                       rank=rank, seed=seed, num_workers=num_workers,
+                       shuffle_buffer=shuffle_buffer, pin_memory=pin_memory)
 
 
 def make_eval_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int, batch_size: int,

@@ -6,6 +6,10 @@
 
 Launchers call `make_builtin_shards("digits" | "shapes", out, ...)`, which reuses an existing
 dataset with the same arguments and serialises concurrent callers with a file lock.
+
+A build goes into a staging sibling of OUT and replaces OUT only when complete (writer.py): a
+failed rebuild leaves the previous dataset usable. The lock is a sibling file too
+(``.OUT.make_shards.lock``), since OUT itself is replaced.
 """
 
 from __future__ import annotations
@@ -20,12 +24,18 @@ from pathlib import Path
 
 from scaling.data import sources
 from scaling.data.info import INFO_FILE, DataError, DatasetInfo, load_dataset_info
-from scaling.data.writer import Encoding, Source, write_dataset
+from scaling.data.writer import (
+    Encoding,
+    Source,
+    check_out_dir,
+    remove_stale_builds,
+    write_dataset,
+)
 
 SOURCES = ("imagefolder", "cifar", "digits", "shapes")
 BUILTIN = ("digits", "shapes")
 FORMATS = ("png", "jpg")
-LOCK_FILE = ".make_shards.lock"
+LOCK_SUFFIX = ".make_shards.lock"  # the lock of OUT is PARENT/.OUT.make_shards.lock
 
 
 def _source_args(source: str, *, src: str | None, val_src: str | None, val_fraction: float,
@@ -40,6 +50,9 @@ def _source_args(source: str, *, src: str | None, val_src: str | None, val_fract
     native = {"cifar": 32, "digits": 8}.get(source)
     if native and image_size not in (None, native):
         raise ValueError(f"image_size={image_size}: {source} images are {native}px as stored")
+    _check_sizes(source, image_size, num_samples, shard_size)
+    if source != "cifar" and not val_src and not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction}; expected 0 <= F < 1")
     if val_src and source != "imagefolder":
         raise ValueError(f"val_src={val_src!r} only applies to imagefolder")
     if num_samples is not None and source != "shapes":
@@ -62,6 +75,28 @@ def _source_args(source: str, *, src: str | None, val_src: str | None, val_fract
     }
 
 
+def _check_sizes(source: str, image_size: int | None, num_samples: int | None,
+                 shard_size: int) -> None:
+    """Range checks of the integer flags (before any work)."""
+    least = 4 if source == "shapes" else 0  # imagefolder: 0 keeps the originals
+    if image_size is not None and image_size < least:
+        raise ValueError(f"image_size={image_size}; expected >= {least}"
+                         + (" (0 keeps the originals)" if least == 0 else ""))
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(f"num_samples={num_samples}; expected >= 1")
+    if shard_size < 1:
+        raise ValueError(f"shard_size={shard_size}; expected >= 1")
+
+
+def _check_out(out: Path, workers: int) -> Path:
+    """Validate OUT and the worker count before any work; OUT resolved (symlinks followed)."""
+    if workers < 1:
+        raise ValueError(f"workers={workers}; expected >= 1")
+    out = out.expanduser().resolve()
+    check_out_dir(out)
+    return out
+
+
 def _build_source(a: dict) -> Source:
     """The Source object for validated arguments."""
     if a["source"] == "imagefolder":
@@ -78,11 +113,13 @@ def _build_source(a: dict) -> Source:
 
 @contextmanager
 def _locked(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on OUT while writing, so concurrent ranks build it only once."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK_FILE, "a") as f:
+    """Hold an exclusive lock on OUT while writing, so concurrent ranks build it only once; the
+    holder is the only builder of OUT, so it may delete the staging dirs killed builds left."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}{LOCK_SUFFIX}"), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
+            remove_stale_builds(out)
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
@@ -97,14 +134,15 @@ def make_shards(source: str, out: str | os.PathLike, *, src: str | None = None,
     args = _source_args(source, src=src, val_src=val_src, val_fraction=val_fraction,
                         image_size=image_size, image_format=image_format, quality=quality,
                         seed=seed, num_samples=num_samples, shard_size=shard_size)
-    out = Path(out)
+    out = _check_out(Path(out), workers)
+    built = _build_source(args)  # lists / reads the input: its errors come before any write
     with _locked(out):
-        return _write(args, out, workers)
+        return _write(args, out, workers, built)
 
 
-def _write(args: dict, out: Path, workers: int) -> DatasetInfo:
-    """Build the source and write it (caller holds the lock)."""
-    source = _build_source(args)
+def _write(args: dict, out: Path, workers: int, source: Source | None = None) -> DatasetInfo:
+    """Build the source (unless given) and write it (caller holds the lock)."""
+    source = source or _build_source(args)
     fmt = args["image_format"]
     cap = args["image_size"] if args["source"] == "imagefolder" else 0
     enc = Encoding(image_format=fmt, quality=args["quality"], max_size=cap)
@@ -123,10 +161,12 @@ def make_builtin_shards(source: str, out: str | os.PathLike, *, image_size: int 
     args = _source_args(source, src=None, val_src=None, val_fraction=val_fraction,
                         image_size=image_size, image_format=image_format, quality=95,
                         seed=seed, num_samples=num_samples, shard_size=shard_size)
-    out = Path(out)
-    info = _reusable(out, args)  # first without the lock: a read-only copy can be reused
-    if info is not None:
+    if workers < 1:
+        raise ValueError(f"workers={workers}; expected >= 1")
+    info = _reusable(Path(out).expanduser().resolve(), args)  # first without the lock: a
+    if info is not None:                                     # read-only copy can be reused
         return info
+    out = _check_out(Path(out), workers)  # a rebuild replaces OUT: it must hold only data
     with _locked(out):
         return _reusable(out, args) or _write(args, out, workers)
 

@@ -21,7 +21,8 @@ the run reads the split at least once (`use_memory`).
   rank r evaluates samples r, r + world_size, ... (every sample once over all ranks).
 - A corrupt image or label is skipped when the split is read (DataError when strict); the
   train skips are reported once, in batch 0 of epoch 0, so a resumed run does not count them
-  twice.
+  twice. The split is read once, so that read is where each shard's sample count is checked
+  against dataset.json (shardread.py): a short shard raises DataError naming it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from scaling.data.info import DataError, DatasetInfo
-from scaling.data.loader import _check, _Decode, _info, _raw_samples, _seed, epoch_steps
+from scaling.data.loader import _check, _Decode, _info, _seed, epoch_steps, shard_counts
+from scaling.data.shardread import checked_samples
 from scaling.data.transforms import Augment, default_augment, fallback_crop_box
 
 
@@ -73,7 +75,8 @@ def read_split(info: DatasetInfo, split: str, decode: _Decode, *, crop: bool
     applies the eval centre crop and resize to decode.image_size."""
     images, labels, keys, skipped, shapes = [], [], [], 0, set()
     pixels = (lambda sample: decode.image(sample, None)) if crop else decode.stored_image
-    for s in _raw_samples(({"url": u} for u in info.split(split).urls), decode.strict):
+    sp = info.split(split)
+    for s in checked_samples(sp.urls, shard_counts(sp)):
         label = decode.label(s)
         image = pixels(s) if label is not None else None
         if image is None:
@@ -207,9 +210,10 @@ class MemoryEvalLoader:
                    "skipped": self.skipped if i == 0 else 0, "key": self.keys[sl]}
 
 
-def make_memory_train_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int, batch_size: int, rank: int,
-                             world_size: int, seed: int, samples_per_epoch: int | None = None,
-                             strict: bool = False, augment: Augment | None = None,
+def make_memory_train_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int,
+                             batch_size: int, rank: int, world_size: int, seed: int,
+                             samples_per_epoch: int | None = None, strict: bool = False,
+                             augment: Augment | None = None,
                              split: str = "train") -> MemoryTrainLoader:
     """make_train_loader's counterpart for data read into memory (module doc)."""
     _check(batch_size, rank, world_size, 0, image_size)
@@ -226,9 +230,9 @@ def make_memory_train_loader(info: DatasetInfo | str | os.PathLike, *, image_siz
                              image_size=image_size, augment=aug)
 
 
-def make_memory_eval_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int, batch_size: int, rank: int,
-                            world_size: int, strict: bool = False, split: str = "val",
-                            augment: Augment | None = None) -> MemoryEvalLoader:
+def make_memory_eval_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int,
+                            batch_size: int, rank: int, world_size: int, strict: bool = False,
+                            split: str = "val", augment: Augment | None = None) -> MemoryEvalLoader:
     """make_eval_loader's counterpart for data read into memory (module doc)."""
     _check(batch_size, rank, world_size, 0, image_size)
     info = _info(info)

@@ -21,9 +21,11 @@ from PIL import Image
 
 from scaling.data import shapes
 from scaling.data.info import DataError
+from scaling.data.modes import to_rgb
 from scaling.data.writer import Source
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+OPEN_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 CIFAR_ARCHIVES = ("cifar-10-python.tar.gz", "cifar-100-python.tar.gz")
 
 
@@ -45,19 +47,26 @@ def load_array(item: tuple[np.ndarray, int]) -> tuple[Image.Image, int]:
 
 
 def load_file(item: tuple[str, int], *, image_format: str, max_size: int) -> tuple[Any, int]:
-    """(path, label) -> (image, label); keeps the original bytes when they need no re-encoding."""
+    """(path, label) -> (image, label); keeps the original bytes when they need no re-encoding
+    (e.g. ImageNet JPEGs as is: no generation loss), after decoding them in full."""
     path, label = item
     data = Path(path).read_bytes()
     try:
         image = Image.open(io.BytesIO(data))
         fmt = {"JPEG": "jpg", "PNG": "png"}.get(image.format)
-        if fmt == image_format and image.mode == "RGB" and (
-                not max_size or min(image.size) <= max_size):
-            return (fmt, data, image.size), label  # e.g. ImageNet JPEGs as is: no generation loss
+        if fmt == image_format and image.mode == "RGB" and "transparency" not in image.info \
+                and (not max_size or min(image.size) <= max_size):
+            size = image.size
+            # Decoding is the only check that finds a truncated body behind an intact header
+            # (verify() reads headers). The bytes are kept, so decode as small as libjpeg can
+            # (1/8 scale, `draft`): it still reads every entropy-coded byte.
+            image.draft("RGB", (1, 1))
+            image.load()
+            return (fmt, data, size), label
         image.load()
-    except (OSError, SyntaxError, ValueError) as e:
+        return to_rgb(image), label
+    except OPEN_ERRORS as e:  # DataError (from to_rgb) is a ValueError
         raise DataError(f"{path}: not a readable image ({e})") from e
-    return image, label
 
 
 def _list_tree(root: Path, classes: tuple[str, ...] | None) -> tuple[tuple[str, ...], list]:
@@ -71,12 +80,16 @@ def _list_tree(root: Path, classes: tuple[str, ...] | None) -> tuple[tuple[str, 
     if unknown:
         raise DataError(f"{root}: class folders {unknown[:5]} are not training classes")
     index = {c: i for i, c in enumerate(classes)}
-    items = [(str(p), index[c]) for c in names for p in sorted((root / c).rglob("*"))
-             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    if not items:
+    per_class = {c: [(str(p), index[c]) for p in sorted((root / c).rglob("*"))
+                     if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()] for c in names}
+    if not any(per_class.values()):
         raise DataError(f"image folder {root} holds no {'/'.join(IMAGE_SUFFIXES)} files in "
                         f"class subfolders")
-    return classes, items
+    empty = [c for c in names if not per_class[c]]
+    if empty:  # an error, not a warning: the class would get an output but never a sample
+        raise DataError(f"image folder {root} holds no {'/'.join(IMAGE_SUFFIXES)} files in "
+                        f"{len(empty)} class folder(s): {empty[:5]}; remove or fill them")
+    return classes, [it for c in names for it in per_class[c]]
 
 
 def imagefolder(src: str, *, val_src: str | None, val_fraction: float, seed: int,
@@ -126,6 +139,16 @@ def _cifar_arrays(batches: list[dict], label_key: bytes) -> tuple[np.ndarray, np
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
+def _check_label_range(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """All labels in [0, num_classes), else a one-line summary (not the whole array)."""
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        values = np.unique(bad)
+        shown = ", ".join(str(v) for v in values[:5]) + (", ..." if values.size > 5 else "")
+        raise DataError(f"{where}: {bad.size} of {labels.size} labels outside "
+                        f"[0, {num_classes}) (values {shown}; range {bad.min()}..{bad.max()})")
+
+
 def _find_cifar(src: str) -> Path:
     """The archive itself, or the one CIFAR archive inside a directory."""
     path = Path(src)
@@ -164,6 +187,7 @@ def cifar(src: str, *, seed: int) -> Source:
     split_items = {}
     for split, batches in (("train", train_b), ("val", test_b)):
         images, labels = _cifar_arrays(batches, key)
+        _check_label_range(labels, len(classes), f"{path}: split {split!r}")
         order = rng.permutation(len(labels)) if split == "train" else range(len(labels))
         split_items[split] = [(images[i], int(labels[i])) for i in order]
     return Source(f"cifar{len(classes)}", classes, split_items, load_array, 32)

@@ -3,8 +3,14 @@
 A source gives, per split, a list of picklable items and one module-level `load` function that
 turns an item into a PIL image (or already-encoded bytes) and a label. The writer cuts the item
 list into shards, encodes them (in a process pool when asked) and writes each shard to a temporary
-name, fsyncs it and renames it; `dataset.json` is written last, the same way. A killed writer
-therefore leaves no complete-looking shard and no `dataset.json` pointing at missing shards.
+name, fsyncs it and renames it; `dataset.json` is written last, the same way.
+
+The whole dataset is built in a hidden sibling directory (``.OUT.build-TOKEN``) and swapped in
+for OUT only when complete (one atomic `renameat2(RENAME_EXCHANGE)` where the file system has
+it, else two renames), so a build that fails or is killed leaves the previous dataset in OUT
+intact and usable. Because the swap replaces the whole directory, OUT must hold nothing but a
+dataset (`check_out_dir`); a killed build's sibling is removed by the next locked build
+(`remove_stale_builds`).
 
 Tar members get fixed metadata (mtime 0, uid 0, mode 0o444), so a shard's sha256 depends only on
 its samples: the same arguments and seed give byte-identical shards.
@@ -12,12 +18,16 @@ its samples: the same arguments and seed give byte-identical shards.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import io
 import json
 import os
 import re
+import shutil
 import tarfile
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,11 +37,14 @@ from typing import Any
 
 from PIL import Image
 
-from scaling.data.info import FORMAT, HASH_CACHE_FILE, INFO_FILE, DataError
+from scaling.data.info import FORMAT, HASH_CACHE_FILE, INFO_FILE, DataError, cache_entry
+from scaling.data.modes import to_rgb
 from scaling.results import atomic_write_text
 
 SPLITS = ("train", "val")
 SHARD_RE = re.compile(r"^(train|val)-\d{6}\.tar$")
+OLD_LOCK_FILE = ".make_shards.lock"  # lived inside OUT before builds were swapped in
+STAGING = (".build-", ".old-")  # sibling name parts: .OUT.build-TOKEN, .OUT.old-TOKEN
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,7 @@ def encode_image(image: Any, enc: Encoding) -> tuple[str, bytes, tuple[int, int]
     """Encode a PIL image (or pass through (ext, bytes, size)) as (ext, bytes, (w, h))."""
     if isinstance(image, tuple):  # already encoded in the right format and size: keep the bytes
         return image
-    image = image.convert("RGB") if image.mode != "RGB" else image
+    image = to_rgb(image)  # 16-bit grey scaled, transparency flattened (modes.py)
     if enc.max_size and min(image.size) > enc.max_size:
         w, h = image.size
         s = enc.max_size / min(w, h)
@@ -106,35 +119,109 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _item_name(item: Any, index: int) -> str:
+    """A short name of a source item for errors: its index, and its leading string (an
+    imagefolder path) if it has one; never an array (CIFAR items hold the pixels)."""
+    if isinstance(item, tuple) and item and isinstance(item[0], str):
+        return f"item {index} ({item[0][:200]})"
+    return f"item {index}"
+
+
 def _shard_job(job: tuple) -> dict:
     """Encode and write one shard (runs in a pool worker); return its dataset.json entry."""
     out, name, split, start, items, load, enc, num_classes = job
-    short_sides = [0]
+    short_sides, labels = [0], []
 
     def samples():
         for i, item in enumerate(items):
             image, label = load(item)
-            if not 0 <= int(label) < num_classes:
-                raise DataError(f"{name}: label {label} of item {str(item)[:80]} is outside "
-                                f"[0, {num_classes})")
+            label = int(label)
+            if not 0 <= label < num_classes:
+                raise DataError(f"{name}: label {label} of {_item_name(item, start + i)} of "
+                                f"split {split!r} is outside [0, {num_classes})")
             ext, data, size = encode_image(image, enc)
             short_sides.append(min(size))
+            labels.append(label)
             yield f"{split}_{start + i:08d}", ext, data, label
 
     n, digest, size = write_shard(Path(out) / name, samples())
+    # the checked range goes into dataset.json, so verification can reject a dataset.json whose
+    # classes no longer cover its labels without reading a shard
     return {"name": name, "num_samples": n, "sha256": digest, "bytes": size,
-            "_short_side": max(short_sides)}
+            "label_min": min(labels), "label_max": max(labels), "_short_side": max(short_sides)}
 
 
-def clear_outputs(out: Path) -> None:
-    """Remove dataset.json first (so nothing points at shards being replaced), then old shards
-    and their hash cache."""
-    (out / INFO_FILE).unlink(missing_ok=True)
-    (out / HASH_CACHE_FILE).unlink(missing_ok=True)
-    for p in out.iterdir():
-        if SHARD_RE.match(p.name) or (p.name.startswith(".") and ".tmp" in p.name):
-            p.unlink(missing_ok=True)
-    _fsync_dir(out)
+def _is_dataset_file(name: str) -> bool:
+    """Whether a file name is one a build writes (and a rebuild may therefore replace)."""
+    return (name in (INFO_FILE, HASH_CACHE_FILE, OLD_LOCK_FILE) or bool(SHARD_RE.match(name))
+            or (name.startswith(".") and ".tmp" in name))
+
+
+def check_out_dir(out: Path) -> None:
+    """OUT must be absent, or a directory holding only dataset files: a rebuild replaces the
+    whole directory, and must not take anything else with it."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a directory")
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not _is_dataset_file(p.name))
+    if foreign:
+        raise DataError(f"--out {out} holds {len(foreign)} entries that are not part of a "
+                        f"dataset (e.g. {foreign[:3]}); a rebuild replaces the whole "
+                        f"directory: use a new or empty one")
+
+
+def remove_stale_builds(out: Path) -> list[Path]:
+    """Delete the staging siblings of OUT that killed builds left; only call it holding the
+    build lock of OUT (make_shards), so that no live build's directory is removed."""
+    if not out.parent.is_dir():
+        return []
+    stale = [p for p in out.parent.iterdir()
+             if any(p.name.startswith(f".{out.name}{tag}") for tag in STAGING)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def _staging(out: Path, tag: str) -> Path:
+    """A fresh sibling name for OUT (unique across hosts sharing a file system)."""
+    return out.with_name(f".{out.name}{tag}{uuid.uuid4().hex[:12]}")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the
+    C library or file system lacks it (e.g. NFS), so the caller falls back to renames."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_by_renames(new: Path, out: Path) -> None:
+    """Move OUT aside, NEW into place, delete the old one: the fallback swap, with a window of
+    two renames in which OUT is absent."""
+    old = _staging(out, STAGING[1])
+    os.rename(out, old)
+    os.rename(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Make the complete build NEW the directory OUT; the old OUT (if any) is deleted."""
+    if not out.exists():
+        os.rename(new, out)
+    elif _exchange(new, out):
+        shutil.rmtree(new, ignore_errors=True)  # NEW now holds the previous dataset
+    else:
+        replace_by_renames(new, out)
+    _fsync_dir(out.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -148,10 +235,8 @@ def _fsync_dir(path: Path) -> None:
 
 def _seed_hash_cache(out: Path, entries: list[dict]) -> None:
     """Record the hashes just computed, so the first verify=True load need not re-hash."""
-    cache = {}
-    for e in entries:
-        st = (out / e["name"]).stat()
-        cache[e["name"]] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": e["sha256"]}
+    # the files keep inode and ctime when their directory is renamed into place
+    cache = {e["name"]: cache_entry((out / e["name"]).stat(), e["sha256"]) for e in entries}
     atomic_write_text(out / HASH_CACHE_FILE, json.dumps(cache, indent=1, sort_keys=True))
 
 
@@ -169,14 +254,30 @@ def _jobs(source: Source, out: Path, enc: Encoding, shard_size: int) -> list[tup
 
 def write_dataset(source: Source, out: str | os.PathLike, *, enc: Encoding, shard_size: int,
                   args: dict, workers: int = 1) -> dict:
-    """Write all shards of a source, then dataset.json; return the dataset.json payload."""
+    """Write all shards of a source and dataset.json into a staging sibling of OUT, then swap
+    it in (module doc); return the dataset.json payload. On failure OUT is untouched."""
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size}; expected >= 1")
     if not source.items.get("train"):
         raise DataError(f"source {source.name!r} ({args.get('src')}) has no training samples")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    clear_outputs(out)
+    out = Path(out).resolve()  # a symlinked OUT: swap the directory it points to
+    check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = _staging(out, STAGING[0])
+    build.mkdir()
+    try:
+        payload = _write_all(source, build, enc, shard_size, args, workers)
+        if out.is_dir():  # keep the permissions of the directory being replaced
+            os.chmod(build, out.stat().st_mode & 0o7777)
+        _swap_in(build, out)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)  # a failed build: its partial shards
+    return payload
+
+
+def _write_all(source: Source, out: Path, enc: Encoding, shard_size: int, args: dict,
+               workers: int) -> dict:
+    """Encode every shard into the (empty) directory OUT, then write dataset.json."""
     jobs = _jobs(source, out, enc, shard_size)
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
