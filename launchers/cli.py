@@ -56,8 +56,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Sweep flags."""
-    return _parser().parse_args(argv)
+    """Sweep flags; an empty value (`--sizes ''`) is an error, never "the default"."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if isinstance(value, str) and not value.strip() and action.option_strings:
+            flag = action.option_strings[0]
+            raise ValueError(f"{flag} {value!r} is empty: give a value or leave {flag} out")
+    name = args.name
+    if name is not None and ("/" in name or name.strip() in (".", "..")):
+        raise ValueError(f"--name {name!r} must be a plain directory name (no '/', '.', '..')")
+    return args
 
 
 def parse_status_args(argv: list[str]) -> argparse.Namespace:

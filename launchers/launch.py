@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 from launchers import slurm
@@ -14,10 +20,10 @@ from launchers.grid import GridOptions, build_grid, node_layout, parse_list, par
 from launchers.local import log_tail, run_local
 from launchers.plan import Planned, plan, set_aside_final
 from launchers.presets import Preset, default_preset_name, get_preset
-from launchers.runs import record_submission
+from launchers.runs import Claims, claim_holder, record_submission
 from launchers.status import format_table
 from scaling.data import DatasetInfo, load_dataset_info, make_builtin_shards
-from scaling.results import EXIT_DIVERGED, EXIT_OK
+from scaling.results import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
 
 PLAN_COLUMNS = ("run", "size", "budget", "seed", "lr", "ranks", "steps", "state", "action")
 DEFAULTS = {"gpus_per_node": 8, "max_requeues": 3, "signal": "USR2@90"}
@@ -72,20 +78,66 @@ def pick_cluster(choice: str, dry_run: bool) -> str:
 
 
 def grid_options(args: argparse.Namespace, preset: Preset, world_size: int) -> GridOptions:
-    """The grid the flags ask for, preset values where a flag is absent."""
+    """The grid the flags ask for, preset values where a flag is absent (an empty list, `''`
+    or `,`, is an error: it must not silently mean the preset's grid, or no grid)."""
     return GridOptions(
-        sizes=tuple(s for s in (args.sizes or ",".join(preset.sizes)).split(",") if s.strip()),
-        budgets=parse_list(args.budgets, float, "--budgets") if args.budgets else preset.budgets,
+        sizes=parse_list(args.sizes, str, "--sizes") if args.sizes is not None
+        else preset.sizes,
+        budgets=parse_list(args.budgets, float, "--budgets") if args.budgets is not None
+        else preset.budgets,
         seeds=parse_list(args.seeds, int, "--seeds"),
-        lrs=parse_list(args.lrs, float, "--lrs") if args.lrs else None,
+        lrs=parse_list(args.lrs, float, "--lrs") if args.lrs is not None else None,
         batch_size=args.batch_size, budget_kind=args.budget_kind, world_size=world_size,
         overrides=parse_overrides(args.set))
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold Ctrl-C / SIGTERM until the block ends: a job that sbatch accepted must get into
+    job.json, or the next sweep would submit its run a second time."""
+    got: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum))
+           for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if got:
+        raise KeyboardInterrupt(got[0])
+
+
+def sbatch(jobs: list[slurm.TrainJob], params: dict, folder: Path, max_requeues: int
+           ) -> list[str]:
+    """slurm.submit; when sbatch refuses the array, the submission's own submitit folder
+    (pickles, script) is removed, so a failed submission leaves nothing behind."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    noise = io.StringIO()  # submitit prints sbatch's stderr itself; it is in our one line
+    try:
+        with contextlib.redirect_stderr(noise):
+            ids = slurm.submit(jobs, params, folder, max_requeues)
+    except (FailedJobError, OSError) as e:  # sbatch exited non-zero, or could not run
+        shutil.rmtree(folder.parent, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.parent.parent.rmdir()  # _submitit, when no earlier submission is in it
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise RuntimeError(f"sbatch failed, no run was submitted: {detail}") from None
+    except FailedSubmissionError as e:  # a job may exist: its pickles stay
+        detail = " ".join(str(e).split())
+        raise RuntimeError(f"sbatch answered without a job id ({detail}); check squeue for "
+                           f"job {params['job_name']} before rerunning") from None
+    sys.stderr.write(noise.getvalue())
+    return ids
+
+
 def submit_slurm(todo: list[Planned], s: dict, layout: tuple[int, int], gpus: bool,
-                 sweep_dir: Path, dry_run: bool) -> int:
-    """Submit the runs as one array (or print its sbatch script)."""
-    folder = sweep_dir / "_submitit" / "%j"
+                 sweep_dir: Path, dry_run: bool, claims: Claims | None) -> int:
+    """Submit the runs as one array (or print its sbatch script); each run's claim is released
+    once job.json holds its job id."""
+    # a folder per submission: a failed one is removed without touching another sweep's files
+    stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    folder = sweep_dir / "_submitit" / stamp / "%j"
     params = slurm.executor_parameters(s, nodes=layout[0], tasks_per_node=layout[1], gpus=gpus,
                                        name=f"vit-{sweep_dir.name}", count=len(todo))
     if dry_run:
@@ -97,31 +149,76 @@ def submit_slurm(todo: list[Planned], s: dict, layout: tuple[int, int], gpus: bo
     sig = slurm.parse_signal(s["signal"])[0]
     jobs = [slurm.TrainJob(str(p.spec.run_dir), p.spec.cfg.to_args(), signal_name=sig,
                            max_requeues=int(s["max_requeues"])) for p in todo]
-    ids = slurm.submit(jobs, params, folder, int(s["max_requeues"]))
-    for p, job_id in zip(todo, ids):
-        record_submission(p.spec.run_dir, p.spec.record(), sweep_dir.name, "slurm", job_id,
-                          submitit_folder=str(folder.parent))
+    with signals_deferred():
+        ids = sbatch(jobs, params, folder, int(s["max_requeues"]))
+        for p, job_id in zip(todo, ids):
+            record_submission(p.spec.run_dir, p.spec.record(), sweep_dir.name, "slurm", job_id,
+                              submitit_folder=str(folder.parent))
+            claims.release(p.spec.run_dir)
     print(f"submitted {len(ids)} run(s) to SLURM: {', '.join(ids)}")
     print(f"follow with: python launchers/sweep.py status --results {sweep_dir.parent}")
     return 0
 
 
-def run_locally(todo: list[Planned], s: dict, sweep_dir: Path, dry_run: bool) -> int:
-    """Run the runs here, `max_parallel` at a time; 1 if any failed."""
+def run_locally(todo: list[Planned], s: dict, sweep_dir: Path, dry_run: bool,
+                claims: Claims | None) -> int:
+    """Run the runs here, `max_parallel` at a time; 1 if any failed. Stopped by Ctrl-C (or
+    SIGTERM), the runs checkpoint and the sweep raises KeyboardInterrupt (exit 130 / 143)."""
     if dry_run:
         for p in todo:
             print(f"# {p.spec.run_id} ({p.spec.world_size} process(es)): "
                   f"{shlex.join(slurm.train_command(p.spec.cfg.to_args()))}")
         return 0
-    codes = run_local([p.spec for p in todo], sweep_dir.name, int(s.get("max_parallel") or 1))
-    bad = {run: rc for run, rc in codes.items() if rc not in (EXIT_OK, EXIT_DIVERGED)}
+    codes, stopped = run_local([p.spec for p in todo], sweep_dir.name,
+                               int(s.get("max_parallel") or 1), claims=claims)
+    # after a stop, a checkpointed run (75) or one killed before it could catch the signal
+    # (-N) is interrupted, not failed: the next sweep resumes it
+    bad = {run: rc for run, rc in codes.items() if rc not in (EXIT_OK, EXIT_DIVERGED)
+           and not (stopped and (rc == EXIT_PREEMPTED or rc < 0))}
     for run, rc in bad.items():
         print(f"\n{run} exited {rc}; last lines of its log:\n{log_tail(sweep_dir / run)}")
+    if stopped:
+        raise KeyboardInterrupt(stopped)
     return 1 if bad else 0
 
 
+def claim_runs(planned: list[Planned], claims: Claims, resubmit_failed: bool) -> list[Planned]:
+    """Claim every run this sweep would submit, then classify those again: a run another sweep
+    claimed first is left to it, one it submitted (or finished) meanwhile is skipped."""
+    lost = {}
+    for p in planned:
+        if p.submits:
+            holder = claims.take(p.spec.run_dir, sweep=p.spec.run_dir.parent.name,
+                                 model=p.spec.model, budget=p.spec.budget,
+                                 budget_kind=p.spec.budget_kind)
+            if holder is not None:
+                lost[p.spec.run_id] = holder
+    mine = [p.spec for p in planned if p.submits and p.spec.run_id not in lost]
+    again = {q.spec.run_id: q for q in plan(mine, resubmit_failed)} if mine else {}
+    for q in again.values():
+        if not q.submits:
+            claims.release(q.spec.run_dir)
+    return [Planned(p.spec, "queued", "skip (claimed)") if p.spec.run_id in lost
+            else again.get(p.spec.run_id, p) for p in planned]
+
+
+def show_plan(planned: list[Planned]) -> list[Planned]:
+    """Print the plan table and what needs a person; the runs to submit."""
+    print(format_table([p.row() for p in planned], PLAN_COLUMNS))
+    for p in planned:
+        holder = claim_holder(p.spec.run_dir) if p.state == "queued" else None
+        if holder:
+            print(f"{p.spec.run_id} is claimed by another sweep (pid {holder.get('pid')} on "
+                  f"{holder.get('host')}, since {holder.get('since')}): left to it")
+        if p.action == "report":
+            print(f"{p.spec.run_id} is {p.state}: see {p.spec.run_dir}; rerun with "
+                  "--resubmit-failed to train it again")
+    return [p for p in planned if p.submits]
+
+
 def run_sweep(args: argparse.Namespace) -> int:
-    """Validate, plan, and submit (or run) what the plan says; nothing is submitted on error."""
+    """Validate, plan, claim, and submit (or run) what the plan says; nothing is submitted on
+    bad input, and of two sweeps at once only one submits each run."""
     preset = get_preset(args.preset or default_preset_name())
     s = settings(args, preset)
     world = args.gpus if args.gpus is not None else preset.gpus
@@ -133,19 +230,18 @@ def run_sweep(args: argparse.Namespace) -> int:
     planned = plan(specs, args.resubmit_failed)
     print(f"sweep {sweep_dir.name}: preset {preset.name}, {len(specs)} run(s), {world} rank(s) "
           f"each = {layout[0]} node(s) x {layout[1]} task(s), cluster {cluster}")
-    print(format_table([p.row() for p in planned], PLAN_COLUMNS))
-    for p in planned:
-        if p.action == "report":
-            print(f"{p.spec.run_id} is {p.state}: see {p.spec.run_dir}; rerun with "
-                  "--resubmit-failed to train it again")
-    todo = [p for p in planned if p.submits]
-    if not todo:
-        print("nothing to submit")
-        return 0
-    if not args.dry_run:
-        for p in todo:
-            if p.action == "resubmit":
-                set_aside_final(p.spec.run_dir)
-    if cluster == "slurm":
-        return submit_slurm(todo, s, layout, preset.device == "cuda", sweep_dir, args.dry_run)
-    return run_locally(todo, s, sweep_dir, args.dry_run)
+    with contextlib.nullcontext() if args.dry_run else Claims() as claims:
+        if claims is not None:
+            planned = claim_runs(planned, claims, args.resubmit_failed)
+        todo = show_plan(planned)
+        if not todo:
+            print("nothing to submit")
+            return 0
+        if not args.dry_run:
+            for p in todo:
+                if p.action == "resubmit":
+                    set_aside_final(p.spec.run_dir)
+        if cluster == "slurm":
+            return submit_slurm(todo, s, layout, preset.device == "cuda", sweep_dir,
+                                args.dry_run, claims)
+        return run_locally(todo, s, sweep_dir, args.dry_run, claims)

@@ -6,7 +6,8 @@ sweep (launchers/zygote.py; VIT_SCALING_FORK_SERVER=0: `python -m scaling.train`
 Every rank gets the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT), which scaling.dist reads ahead of SLURM's. The ranks run in their own session, so
 a Ctrl-C reaches only the launcher: it then sends SIGTERM to every running rank, which saves a
-checkpoint and exits 75, and rerunning the sweep resumes those runs.
+checkpoint and exits 75, starts no further run, and the sweep exits 130 ("interrupted; rerun to
+resume"); rerunning the sweep resumes those runs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from launchers import zygote
 from launchers.grid import RunSpec
-from launchers.runs import now, pid_start, record_submission, update_job
+from launchers.runs import Claims, now, pid_start, record_submission, update_job
 from launchers.slurm import REPO_ROOT, child_env, train_command
 from scaling.dist import free_port
 from scaling.results import EXIT_OK, EXIT_PREEMPTED, rank_log_path
@@ -87,52 +88,79 @@ class LocalRun:
                 p.send_signal(signum)
 
 
-def run_local(specs: list[RunSpec], sweep: str, max_parallel: int,
-              log=print) -> dict[str, int]:
-    """Run `specs`, `max_parallel` at a time; {run id: exit code}. Ctrl-C checkpoints them."""
-    max_parallel = max(1, max_parallel)
-    threads = max(1, (os.cpu_count() or 1) // max(1, max_parallel * max(
-        (s.world_size for s in specs), default=1)))
-    pending, running, codes = list(specs), [], {}
-    stop = []
+class LocalSweep:
+    """Runs `specs` here, `max_parallel` at a time; a Ctrl-C (SIGINT) or SIGTERM makes every
+    running rank checkpoint (SIGTERM -> exit 75) and starts nothing more."""
 
-    def on_signal(signum, frame):
-        stop.append(signum)
-        for run in running:
+    def __init__(self, specs: list[RunSpec], sweep: str, max_parallel: int, log=print,
+                 claims: Claims | None = None):
+        self.max_parallel = max(1, max_parallel)
+        self.threads = max(1, (os.cpu_count() or 1) // (self.max_parallel * max(
+            (s.world_size for s in specs), default=1)))
+        self.specs, self.sweep, self.log, self.claims = specs, sweep, log, claims
+        self.pending, self.running = list(specs), []
+        self.codes: dict[str, int] = {}
+        self.stopped: int | None = None  # the signal that stopped the sweep
+        self.server, self.fork = None, zygote.enabled()
+
+    def on_signal(self, signum, frame) -> None:
+        self.stopped = self.stopped or signum
+        for run in self.running:
             run.signal(signal.SIGTERM)  # the ranks checkpoint and exit 75
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    server, fork = None, zygote.enabled()
-    try:
-        while pending or running:
-            while pending and len(running) < max_parallel and not stop:
-                if server is None and fork:  # imports torch & co. once for the sweep
-                    try:
-                        server = zygote.ForkServer(specs[0].run_dir.parent / "fork_server.log")
-                    except RuntimeError as e:
-                        log(f"no fork server ({e}); each rank starts as a process")
-                        fork = False
-                run = LocalRun(pending.pop(0), sweep, threads, server)
-                log(f"start {run.spec.run_id} ({run.spec.world_size} process(es), "
-                    f"{run.spec.total_steps} steps)")
-                run.start()
-                running.append(run)
-            if stop:
-                pending.clear()
-            for run in list(running):
-                rc = run.poll()
-                if rc is not None:
-                    running.remove(run)
-                    codes[run.spec.run_id] = rc
-                    log(f"end   {run.spec.run_id}: exit {rc}"
-                        + (" (preempted: rerun to resume)" if rc == EXIT_PREEMPTED else ""))
-            time.sleep(0.2)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        if server is not None:
-            server.close()
-    return codes
+    def start_next(self) -> None:
+        """Start the next pending run; its claim goes once job.json holds its pids."""
+        if self.server is None and self.fork:  # imports torch & co. once for the sweep
+            try:
+                self.server = zygote.ForkServer(self.specs[0].run_dir.parent / "fork_server.log")
+            except RuntimeError as e:
+                self.log(f"no fork server ({e}); each rank starts as a process")
+                self.fork = False
+        run = LocalRun(self.pending.pop(0), self.sweep, self.threads, self.server)
+        self.log(f"start {run.spec.run_id} ({run.spec.world_size} process(es), "
+                 f"{run.spec.total_steps} steps)")
+        run.start()
+        self.running.append(run)
+        if self.claims is not None:
+            self.claims.release(run.spec.run_dir)
+        if self.stopped:  # the signal came while this run was starting: stop it too
+            run.signal(signal.SIGTERM)
+
+    def reap(self) -> None:
+        """Note the runs that ended."""
+        for run in list(self.running):
+            rc = run.poll()
+            if rc is not None:
+                self.running.remove(run)
+                self.codes[run.spec.run_id] = rc
+                self.log(f"end   {run.spec.run_id}: exit {rc}"
+                         + (" (preempted: rerun to resume)" if rc == EXIT_PREEMPTED else ""))
+
+    def run(self) -> tuple[dict[str, int], int | None]:
+        """({run id: exit code}, the signal that stopped the sweep or None)."""
+        old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.pending or self.running:
+                while self.pending and len(self.running) < self.max_parallel \
+                        and not self.stopped:
+                    self.start_next()
+                if self.stopped:
+                    self.pending.clear()  # their claims are released by the sweep
+                self.reap()
+                time.sleep(0.2)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if self.server is not None:
+                self.server.close()
+        return self.codes, self.stopped
+
+
+def run_local(specs: list[RunSpec], sweep: str, max_parallel: int, log=print,
+              claims: Claims | None = None) -> tuple[dict[str, int], int | None]:
+    """Run `specs`, `max_parallel` at a time: ({run id: exit code}, the signal that stopped
+    the sweep or None). Ctrl-C checkpoints them; `claims` (held) are released as runs start."""
+    return LocalSweep(specs, sweep, max_parallel, log, claims).run()
 
 
 def log_tail(run_dir: Path, rank: int = 0, lines: int = 20) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from launchers.grid import budget_token
-from launchers.runs import progress, read_job, run_state, squeue_states
+from launchers.runs import CLAIM_FILE, progress, read_claim, read_job, run_state, squeue_states
 from scaling.results import CONFIG_FILE, JOB_FILE, SchemaError, read_json
 
 COLUMNS = ("run", "size", "budget", "state", "progress", "top1", "job")
@@ -13,15 +13,18 @@ BUDGET_FIELDS = ("flops", "steps", "epochs", "samples")
 
 
 def find_run_dirs(results_dir: Path) -> list[Path]:
-    """Every dir below results_dir with a job.json or config.json, sorted."""
-    found = {p.parent for name in (JOB_FILE, CONFIG_FILE) for p in results_dir.rglob(name)}
+    """Every dir below results_dir with a job.json, config.json or claim, sorted."""
+    found = {p.parent for name in (JOB_FILE, CONFIG_FILE, CLAIM_FILE)
+             for p in results_dir.rglob(name)}
     return sorted(d for d in found if not any(part.startswith(".") for part in d.parts[-2:]))
 
 
 def _describe(run_dir: Path, job: dict | None) -> tuple[str, str]:
-    """(size, budget) from job.json, else from config.json."""
-    if job and "model" in job:
-        return job["model"], budget_token(job["budget"], job["budget_kind"])
+    """(size, budget) from job.json, else from a sweep's claim, else from config.json."""
+    claim = read_claim(run_dir)[0] or {}
+    for known in (job or {}, claim):
+        if "model" in known and "budget" in known:
+            return known["model"], budget_token(known["budget"], known["budget_kind"])
     try:
         cfg = read_json(run_dir / CONFIG_FILE)
     except (OSError, SchemaError):

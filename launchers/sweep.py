@@ -6,13 +6,16 @@
     python launchers/sweep.py status [--results results]
 
 Rerunning the same command is safe: finished runs are skipped, unfinished ones resume, runs whose
-job is queued or running are left alone; failed / diverged runs are resubmitted only with
---resubmit-failed. See docs/sweeps.md.
+job is queued or running (or that another sweep has claimed) are left alone; failed / diverged
+runs are resubmitted only with --resubmit-failed. Ctrl-C checkpoints local runs and exits 130.
+See docs/sweeps.md.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `launchers` and `scaling` importable
@@ -21,9 +24,16 @@ if __package__ in (None, ""):  # run as a script: make `launchers` and `scaling`
 from launchers.cli import parse_args, parse_status_args
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)  # SIGTERM ends the sweep the way Ctrl-C does
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the sweep (or `status`); 0 ok, 1 a failure, 2 bad input."""
+    """Run the sweep (or `status`); 0 ok, 1 a failure, 2 bad input, 128 + N stopped by signal N
+    (130: Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal's rule
+    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         if argv[:1] == ["status"]:
             from launchers.status import status
@@ -40,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         print(f"sweep: failed: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # local runs were checkpointed, claims released
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print("sweep: interrupted; rerun to resume", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":
