@@ -85,7 +85,7 @@ def prepare(cfg: TrainConfig, world_size: int):
         raise ValueError("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no "
                          "fp16); use bf16 or fp32 on a CPU")
     info = load_dataset_info(cfg.data, verify=True)
-    if "val" not in info.splits or not info.split("val").num_samples:
+    if not info.has_split("val"):
         raise ValueError(f"dataset {cfg.data} has no val split (splits: {sorted(info.splits)}); "
                          "every run evaluates on it: rebuild it with a val split "
                          "(make_shards --val-fraction > 0)")

@@ -364,3 +364,19 @@ def test_two_rank_run_on_a_locked_dir_stops_on_every_rank(digits, tmp_path):
     assert run.stderr.count(f"in use by PID {sleeper.pid}") == 1  # rank 0 names the holder
     assert "rank 0 could not take the run dir's lock" in run.stderr  # rank 1 stops too
     assert sorted(p.name for p in out.iterdir()) == [results.LOCK_FILE]  # nothing written
+
+
+def test_data_corrupted_in_place_with_size_and_mtime_kept_is_refused(digits, tmp_path, capsys):
+    data = tmp_path / "digits"
+    shutil.copytree(digits, data)
+    shard = data / "train-000001.tar"
+    stat = shard.stat()
+    with open(shard, "r+b") as f:  # garbage over a tar header in the middle, size unchanged
+        f.seek(stat.st_size // 2 // 512 * 512)
+        f.write(b"\xde\xad" * 256)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    code = train_main([*FAST, "--data", str(data), "--out", str(tmp_path / "r"), "--steps", "5"])
+    assert code == results.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "train-000001.tar" in err and "sha256" in err
+    assert not (tmp_path / "r" / results.METRICS_FILE).exists()
