@@ -23,17 +23,15 @@ import contextlib
 import datetime
 import fcntl
 import getpass
-import json
 import os
 import socket
 import subprocess
-import threading
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
+from scaling import lockfile
+from scaling.lockfile import pid_start
 from scaling.results import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -121,20 +119,8 @@ def squeue_states() -> dict[str, str]:
 
 def _pid_alive(pid: int, start: int | None) -> bool:
     """A process with this pid exists and (if given) started at this clock tick."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[0] != "Z" and (start is None or int(fields[19]) == start)
-
-
-def pid_start(pid: int) -> int | None:
-    """Start time of a process in clock ticks since boot (tells a reused pid apart)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+    now_start = pid_start(pid)
+    return now_start is not None and (start is None or now_start == start)
 
 
 def job_liveness(job: dict | None, squeue: dict[str, str] | None) -> str | None:
@@ -191,131 +177,61 @@ def progress(run_dir: Path, job: dict | None) -> tuple[int, int | None, float | 
 # -- claims: which sweep submits (or starts) a run -----------------------------------------------
 
 CLAIM_FILE = ".claim"
-CLAIM_HEARTBEAT_S = 10.0  # a holder touches its claims this often ...
-CLAIM_STALE_S = 120.0  # ... so a claim of another host untouched this long has no live holder
-
-
-def _identity() -> dict:
-    """Who holds a claim: this process (pid + start tick tell a reused pid apart)."""
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "pid_start": pid_start(pid),
-            "since": now(), "token": uuid.uuid4().hex}
 
 
 def read_claim(run_dir: Path) -> tuple[dict | None, float]:
     """(holder, mtime) of RUN_DIR/.claim; holder None when there is none, {} if unreadable."""
-    path = Path(run_dir) / CLAIM_FILE
-    try:
-        text, mtime = path.read_text(), path.stat().st_mtime
-    except FileNotFoundError:
-        return None, 0.0
-    try:
-        holder = json.loads(text)
-    except ValueError:
-        holder = None
-    return (holder if isinstance(holder, dict) else {}), mtime
+    return lockfile.read_holder(Path(run_dir) / CLAIM_FILE)
 
 
 def _mine(holder: dict) -> bool:
     return (holder.get("host"), holder.get("pid")) == (socket.gethostname(), os.getpid())
 
 
-def claim_is_stale(holder: dict, mtime: float) -> bool:
-    """Whether a claim's holder is surely gone: on this host, its pid is dead (or reused);
-    elsewhere (a shared file system), it has not touched the claim for CLAIM_STALE_S."""
-    if holder.get("host") == socket.gethostname() and "pid" in holder:
-        return not _pid_alive(int(holder["pid"]), holder.get("pid_start"))
-    return time.time() - mtime > CLAIM_STALE_S
-
-
 def claim_holder(run_dir: Path) -> dict | None:
     """The live claim of *another* process on this run, or None (none, stale, or ours)."""
     holder, mtime = read_claim(run_dir)
-    if holder is None or _mine(holder) or claim_is_stale(holder, mtime):
+    if holder is None or _mine(holder) or lockfile.is_stale(holder, mtime):
         return None
     return holder
 
 
-def _break_claim(path: Path, seen: dict) -> None:
-    """Remove a stale claim, under a second lock file so that two sweeps finding it stale at
-    once cannot each remove the fresh claim the other made after breaking it."""
-    breaker = path.with_name(CLAIM_FILE + ".break")
-    try:
-        fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        with contextlib.suppress(FileNotFoundError):
-            if time.time() - breaker.stat().st_mtime > CLAIM_STALE_S:
-                breaker.unlink()  # its owner died while breaking (a window of microseconds)
-        return
-    try:
-        if read_claim(path.parent)[0] == seen:
-            path.unlink(missing_ok=True)
-    finally:
-        os.close(fd)
-        breaker.unlink(missing_ok=True)
-
-
 class Claims:
-    """The runs this sweep has claimed: RUN_DIR/.claim, created with link(2) from a complete
-    temporary file, so that of two sweeps exactly one gets it (link is atomic on local file
-    systems, NFSv3+ and Lustre, where flock may be missing or node-local) and no reader sees
-    a torn claim. A claim is taken before a run is submitted or started and released once
-    job.json records its job (SLURM id, or local pids), which then tells that the run is alive.
-    A thread touches the held claims every CLAIM_HEARTBEAT_S (see claim_is_stale)."""
+    """The runs this sweep has claimed: RUN_DIR/.claim, a scaling.lockfile lock, so that of
+    two sweeps exactly one gets it, on local and shared file systems alike (see there for why
+    not flock, and when a holder counts as dead). A claim is taken before a run is submitted or
+    started and released once job.json records its job (SLURM id, or local pids), which then
+    tells that the run is alive. A heartbeat thread touches the held claims."""
 
     def __init__(self):
-        self.me = _identity()
-        self.held: set[Path] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        threading.Thread(target=self._heartbeat, name="claims", daemon=True).start()
+        self.me = lockfile.identity()
+        self._beat = lockfile.Heartbeat()
+
+    @property
+    def held(self) -> set[Path]:
+        """Run dirs whose claim this sweep holds."""
+        return {path.parent for path in dict(self._beat.held)}
 
     def take(self, run_dir: Path, **about) -> dict | None:
         """Claim a run: None when it is now ours, else the live holder that has it."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / CLAIM_FILE
-        tmp = run_dir / f"{CLAIM_FILE}.{self.me['token']}"
-        tmp.write_text(json.dumps({**self.me, **about}) + "\n")
-        try:
-            for _ in range(3):
-                if self._link(tmp, path):
-                    with self._lock:
-                        self.held.add(run_dir)
-                    return None
-                holder, mtime = read_claim(run_dir)
-                if holder is not None and not claim_is_stale(holder, mtime):
-                    return holder
-                if holder is not None:
-                    _break_claim(path, holder)
-            return read_claim(run_dir)[0] or {}  # taken again each time: another sweep has it
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    @staticmethod
-    def _link(tmp: Path, path: Path) -> bool:
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            # NFS: a retried link whose first try succeeded reports EEXIST; the count tells
-            return tmp.stat().st_nlink == 2
+        me = {**self.me, **about}
+        holder = lockfile.acquire(run_dir / CLAIM_FILE, me)
+        if holder is None:
+            self._beat.add(run_dir / CLAIM_FILE, me["token"])
+        return holder
 
     def release(self, run_dir: Path) -> None:
         """Give a claim up (only while it is still ours)."""
-        run_dir = Path(run_dir)
-        with self._lock:
-            if run_dir not in self.held:
-                return
-            self.held.discard(run_dir)
-        holder, _ = read_claim(run_dir)
-        if (holder or {}).get("token") == self.me["token"]:
-            (run_dir / CLAIM_FILE).unlink(missing_ok=True)
+        token = self._beat.discard(Path(run_dir) / CLAIM_FILE)
+        if token is not None:
+            lockfile.release(Path(run_dir) / CLAIM_FILE, token)
 
     def close(self) -> None:
         """Release every claim still held and stop the heartbeat."""
-        self._stop.set()
-        for run_dir in list(self.held):
+        self._beat.stop()
+        for run_dir in self.held:
             self.release(run_dir)
 
     def __enter__(self) -> Self:
@@ -323,11 +239,3 @@ class Claims:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(CLAIM_HEARTBEAT_S):
-            with self._lock:
-                held = list(self.held)
-            for run_dir in held:
-                with contextlib.suppress(OSError):  # released meanwhile, or a transient error
-                    os.utime(run_dir / CLAIM_FILE)

@@ -171,8 +171,6 @@ def _validate(c: TrainConfig) -> None:
             if not 0 <= getattr(c, n) < 1]
     if frac:
         raise ValueError(f"{', '.join(frac)}: must be in [0, 1)")
-    if c.min_lr > c.lr:
-        raise ValueError(f"--min-lr {c.min_lr} is above the peak --lr {c.lr}")
     _, patch = split_name(c.model)
     vit_config(c.model, image_size=c.image_size or patch)  # patch must divide a given size
     given = [b for b in BUDGETS if getattr(c, b) is not None]
@@ -192,6 +190,8 @@ def _validate(c: TrainConfig) -> None:
             bad.append(f"{n}={v}")
     if bad:
         raise ValueError(f"invalid value(s): {', '.join(bad)} (must be positive / non-negative)")
+    if c.min_lr > c.lr:
+        raise ValueError(f"--min-lr {c.min_lr} is above the peak --lr {c.lr}")
     if c.micro_batch_size and c.batch_size % c.micro_batch_size:
         raise ValueError(f"batch_size {c.batch_size} is not a multiple of micro_batch_size "
                          f"{c.micro_batch_size}")

@@ -55,12 +55,12 @@ import json
 import math
 import os
 import socket
-import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from scaling import lockfile
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -303,127 +303,42 @@ def check_writable(run_dir: str | os.PathLike) -> None:
 # -- one process owns a run directory ---------------------------------------------------------
 
 LOCK_FILE = ".run.lock"
-HEARTBEAT_S = 10.0  # the holder touches the lock this often ...
-STALE_AFTER_S = 120.0  # ... so one untouched this long has no live holder (any host)
 
 
 class RunDirInUse(ValueError):
     """Another live process owns the run directory."""
 
 
-def pid_start(pid: int) -> int | None:
-    """Start time of a process in clock ticks since boot (tells a reused pid apart); None when
-    there is no such (non-zombie) process."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else int(fields[19])
-
-
-def _identity() -> dict:
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "pid_start": pid_start(pid),
-            "slurm_job": os.environ.get("SLURM_JOB_ID"),
-            "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex}
-
-
 class RunLock:
-    """Exclusive ownership of a run dir by one process (rank 0 of the run), for its lifetime.
-
-    Why a lock file and not flock(2): on Lustre mounted without `flock` (or with `localflock`)
-    and on some NFS set-ups flock fails or is node-local, so two nodes could both "hold" it.
-    The lock is created with link(2) from a complete temporary file, atomic on local file
-    systems, NFSv3+ and Lustre alike, so its content is never torn. A holder is dead, and its
-    lock stale, when (a) it is on this host and its pid is gone or reused, (b) it is an earlier
-    incarnation of this same SLURM job (a requeue keeps the job id, bumps the restart count), or
-    (c) it is elsewhere and has not touched the lock for STALE_AFTER_S (a heartbeat thread
-    touches it every HEARTBEAT_S; this assumes host clocks within a minute of each other).
-    """
+    """Exclusive ownership of a run dir by one process (rank 0 of the run), for its lifetime:
+    RUN_DIR/.run.lock, a scaling.lockfile lock (why a file and not flock, when a holder counts
+    as dead, and the heartbeat are described there)."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / LOCK_FILE
-        self.me = _identity()
-        self.lost = False  # set by the heartbeat when someone else took the lock over
-        self._stop = threading.Event()
+        self.me = lockfile.identity()
+        self._beat: lockfile.Heartbeat | None = None
+
+    @property
+    def lost(self) -> bool:
+        """Someone took the lock over (it judged us dead: no heartbeat for STALE_AFTER_S)."""
+        return self._beat is not None and self.path in self._beat.lost
 
     def acquire(self) -> RunLock:
         """Take the lock or raise RunDirInUse naming its live holder."""
-        tmp = self.path.with_name(f"{LOCK_FILE}.{self.me['token']}")
-        tmp.write_text(json.dumps(self.me) + "\n")
-        try:
-            for _ in range(3):
-                try:
-                    os.link(tmp, self.path)
-                    break
-                except FileExistsError:
-                    self._take_over_if_stale()
-            else:
-                raise RunDirInUse(f"run dir {self.path.parent} is being taken over by another "
-                                  "process; try again")
-        finally:
-            tmp.unlink(missing_ok=True)
-        threading.Thread(target=self._heartbeat, name="run-lock", daemon=True).start()
+        holder = lockfile.acquire(self.path, self.me)
+        if holder is not None:
+            who = (f"in use by PID {holder['pid']} on {holder.get('host')} (since "
+                   f"{holder.get('since')})" if "pid" in holder else "locked by a process that "
+                   "is writing or retaking its lock")
+            raise RunDirInUse(f"run dir {self.path.parent} {who}; if that process is gone, "
+                              f"remove {self.path}")
+        self._beat = lockfile.Heartbeat()
+        self._beat.add(self.path, self.me["token"])
         return self
 
     def release(self) -> None:
         """Give the lock up (only if it is still ours)."""
-        self._stop.set()
-        if self._holder_token() == self.me["token"]:
-            self.path.unlink(missing_ok=True)
-
-    def _holder(self) -> tuple[dict | None, float]:
-        try:
-            return json.loads(self.path.read_text()), self.path.stat().st_mtime
-        except FileNotFoundError:
-            return None, time.time()
-        except (OSError, ValueError):
-            return {}, self.path.stat().st_mtime  # unreadable: judged by its age alone
-
-    def _holder_token(self) -> str | None:
-        holder, _ = self._holder()
-        return (holder or {}).get("token")
-
-    def _take_over_if_stale(self) -> None:
-        holder, mtime = self._holder()
-        if holder is None:
-            return  # released meanwhile: link again
-        if not _stale(holder, mtime, self.me):
-            raise RunDirInUse(f"run dir {self.path.parent} in use by PID {holder.get('pid')} "
-                              f"on {holder.get('host')} (since {holder.get('since')}); "
-                              f"if that process is gone, remove {self.path}")
-        # Break it under a second lock so that two processes finding it stale at once cannot
-        # each remove the other's fresh lock.
-        breaker = self.path.with_name(LOCK_FILE + ".break")
-        try:
-            fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if time.time() - breaker.stat().st_mtime > STALE_AFTER_S:
-                breaker.unlink(missing_ok=True)  # its owner died while breaking
-            return
-        try:
-            if self._holder()[0] == holder:
-                self.path.unlink(missing_ok=True)
-        finally:
-            os.close(fd)
-            breaker.unlink(missing_ok=True)
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            if self._holder_token() != self.me["token"]:
-                self.lost = True
-                return
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass  # a transient error; the next beat retries
-
-
-def _stale(holder: dict, mtime: float, me: dict) -> bool:
-    """Whether the holder of a lock is surely dead (see RunLock)."""
-    if holder.get("host") == me["host"] and "pid" in holder:
-        return pid_start(holder["pid"]) != holder.get("pid_start")
-    if holder.get("slurm_job") and holder.get("slurm_job") == me["slurm_job"]:
-        return holder.get("slurm_restart") != me["slurm_restart"]
-    return time.time() - mtime > STALE_AFTER_S
+        if self._beat is not None:
+            self._beat.stop()
+        lockfile.release(self.path, self.me["token"])

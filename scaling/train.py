@@ -299,7 +299,15 @@ class Run:
         return loss_sum, int(skipped)
 
     def _should_stop(self) -> bool:
-        return bool(dist.all_reduce_max(_STOP["signal"], self.device))
+        """Whether a stop signal reached any rank; raises RunDirRefused (on every rank) when
+        rank 0 lost the run dir's lock, since another process now trains in it."""
+        lost = self.lock is not None and self.lock.lost
+        code = dist.all_reduce_max(_LOCK_LOST if lost else _STOP["signal"], self.device)
+        if code == _LOCK_LOST:
+            raise RunDirRefused(f"another process took over the lock of {self.out} (this one "
+                                "stalled past the lock's stale time?); stopped without "
+                                "writing anything more")
+        return bool(code)
 
     # -- evaluation, checkpoints, results ------------------------------------------------------
     def run_eval(self) -> dict:
@@ -406,6 +414,7 @@ class Run:
         return self._bar
 
 
+_LOCK_LOST = 1000  # above every signal number
 _STOP = {"signal": 0}  # set by the handler; the loop checks it (all ranks agree) every step
 
 

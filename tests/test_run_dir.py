@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from scaling import engine, results
+from scaling import engine, lockfile, results
 from scaling.data import make_builtin_shards
 from scaling.train import main as train_main
 
@@ -152,7 +152,7 @@ def test_lock_staleness_rules(tmp_path, monkeypatch):
     path = _holder(tmp_path)  # another host, touched just now: alive
     with pytest.raises(results.RunDirInUse, match="in use by PID 1 on node-elsewhere"):
         results.RunLock(tmp_path).acquire()
-    old = time.time() - results.STALE_AFTER_S - 5
+    old = time.time() - lockfile.STALE_AFTER_S - 5
     os.utime(path, (old, old))  # no heartbeat for longer than STALE_AFTER_S: dead
     lock = results.RunLock(tmp_path).acquire()
     assert json.loads(path.read_text())["token"] == lock.me["token"]
@@ -174,7 +174,7 @@ def test_lock_of_a_live_local_process_and_a_reused_pid(tmp_path):
     try:
         me = results.RunLock(tmp_path).me
         _holder(tmp_path, host=me["host"], pid=sleeper.pid,
-                pid_start=results.pid_start(sleeper.pid))
+                pid_start=lockfile.pid_start(sleeper.pid))
         with pytest.raises(results.RunDirInUse, match=f"PID {sleeper.pid}"):
             results.RunLock(tmp_path).acquire()
         # the same pid with another start time is a reused pid: its holder is gone
@@ -186,7 +186,7 @@ def test_lock_of_a_live_local_process_and_a_reused_pid(tmp_path):
 
 
 def test_lock_heartbeat_notices_a_takeover_and_release_leaves_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(results, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(lockfile, "HEARTBEAT_S", 0.05)
     lock = results.RunLock(tmp_path).acquire()
     path = _holder(tmp_path)  # someone else took it over (it looked stale to them)
     t0 = time.time()
@@ -351,7 +351,7 @@ def test_two_rank_run_on_a_locked_dir_stops_on_every_rank(digits, tmp_path):
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         me = results.RunLock(out).me
-        _holder(out, host=me["host"], pid=sleeper.pid, pid_start=results.pid_start(sleeper.pid))
+        _holder(out, host=me["host"], pid=sleeper.pid, pid_start=lockfile.pid_start(sleeper.pid))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "-m", "scaling.train", *FAST, "--data", digits,
                "--out", str(out), "--steps", "5"]
@@ -380,3 +380,15 @@ def test_data_corrupted_in_place_with_size_and_mtime_kept_is_refused(digits, tmp
     err = capsys.readouterr().err
     assert "train-000001.tar" in err and "sha256" in err
     assert not (tmp_path / "r" / results.METRICS_FILE).exists()
+
+
+def test_a_run_whose_lock_was_taken_over_stops_without_writing(digits, tmp_path):
+    out = tmp_path / "run"
+    proc = start(digits, out, "--steps", "1000000", "--log-every", "50")
+    wait_rows(out, 2, proc)
+    _holder(out, host="node-elsewhere", pid=7, token="theirs")  # judged us dead, took over
+    code = proc.wait(timeout=lockfile.HEARTBEAT_S * 3)  # noticed at the next heartbeat
+    assert code == results.EXIT_BAD_INPUT
+    assert "another process took over the lock" in proc.stderr.read()
+    assert json.loads((out / results.LOCK_FILE).read_text())["token"] == "theirs"
+    assert not (out / results.FINAL_FILE).exists()

@@ -18,10 +18,11 @@ import pytest
 
 from launchers.grid import GridOptions, build_grid, parse_overrides
 from launchers.presets import get_preset
-from launchers.runs import CLAIM_FILE, CLAIM_STALE_S, read_job
+from launchers.runs import CLAIM_FILE, read_job
 from launchers.status import status
 from launchers.sweep import main
 from scaling.data import load_dataset_info
+from scaling.lockfile import STALE_AFTER_S as CLAIM_STALE_S
 from scaling.results import read_final, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
