@@ -223,9 +223,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     s = settings(args, preset)
     world = args.gpus if args.gpus is not None else preset.gpus
     layout = node_layout(world, int(s["gpus_per_node"]))
+    options = grid_options(args, preset, world)  # flag errors before any data is made
     info = resolve_data(args, preset)
     sweep_dir = Path(args.results).resolve() / (args.name or preset.name)
-    specs = build_grid(preset, grid_options(args, preset, world), info, sweep_dir)
+    specs = build_grid(preset, options, info, sweep_dir)
     cluster = pick_cluster(args.cluster, args.dry_run)
     planned = plan(specs, args.resubmit_failed)
     print(f"sweep {sweep_dir.name}: preset {preset.name}, {len(specs)} run(s), {world} rank(s) "
