@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,51 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, *, micro: int, accum: i
     return engine
 
 
-def init_distributed(info: dist.DistInfo) -> None:
-    """Start the process group (gloo on CPU, NCCL on GPU) through DeepSpeed."""
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory all-reduce for CPU ranks
+
+
+def init_distributed(info: dist.DistInfo) -> float:
+    """Start the process group (gloo on CPU, NCCL on GPU) through DeepSpeed; returns the
+    seconds spent compiling DeepSpeed's CPU shared-memory op (0 unless this was its first use
+    on this machine), which is a cost of the machine, not of the run."""
     dist.export_env(info)
+    compile_s = 0.0
+    if dist.backend() == "gloo":
+        compile_s = _prepare_shm_op(info.world_size)
     deepspeed.init_distributed(dist_backend=dist.backend(), auto_mpi_discovery=False,
                                verbose=False)
+    return compile_s
+
+
+def _prepare_shm_op(world_size: int) -> float:
+    """DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce op with g++ on
+    first use (~1 min, silently). A single rank has no peer to share memory with: skip it
+    there. Several ranks compile it once per machine (torch's extension cache), visibly."""
+    if world_size == 1:
+        deepspeed.ops.__compatible_ops__[SHM_OP] = False  # build_shm_op then returns None
+        return 0.0
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(SHM_OP, False):
+        return 0.0
+    if not _extension_built(SHM_OP):
+        log.warning("compiling DeepSpeed's CPU shared-memory op with g++ (once per machine, "
+                    "about a minute; not charged to the run's device-hours)")
+    t0 = time.perf_counter()
+    builder.load(verbose=False)
+    return time.perf_counter() - t0
+
+
+def _extension_built(name: str) -> bool:
+    """Whether torch's JIT extension cache already holds a build of `name` (a guess for the
+    message only: a private torch helper, so any doubt says no)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return any(Path(_get_build_directory(name, verbose=False)).glob("*.so"))
+    except (ImportError, OSError, TypeError, RuntimeError):
+        return False
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, str]]:

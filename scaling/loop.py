@@ -161,6 +161,9 @@ class Meter:
         self._wall_before = 0.0  # wall seconds of earlier processes, up to their checkpoint
         self.compute_s = 0.0
         self.parts = dict.fromkeys(self.PARTS, 0.0)
+        # compiling DeepSpeed's CPU comm op on its first multi-rank use on a machine: inside
+        # "build", but a cost of the machine, so left out of device_hours
+        self.op_build_s = 0.0
         self.skipped = 0  # this rank, cumulative
         self.window_step, self._window_t0 = 0, time.perf_counter()
 
@@ -210,7 +213,7 @@ class Meter:
 
     def state(self) -> dict:
         return {"wall": self.wall(), "compute": self.compute_s, "skipped": self.skipped,
-                "parts": dict(self.parts)}
+                "parts": dict(self.parts), "op_build": self.op_build_s}
 
     def restore(self, state: dict, *, skipped: int) -> None:
         """Carry on from a checkpoint's state: this process's time so far (its start-up and
@@ -219,6 +222,7 @@ class Meter:
         self.compute_s, self.skipped = state["compute"], skipped
         for part, seconds in state.get("parts", {}).items():
             self.parts[part] += seconds
+        self.op_build_s += state.get("op_build", 0.0)
 
 
 def process_start_time() -> float:

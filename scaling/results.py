@@ -33,7 +33,9 @@ the run first started, summed over restarts). Then:
 
 ``final.json``: ``status`` (one of STATUSES), ``final_top1``, ``best_top1``, ``final_top5``,
 ``final_loss``, ``steps``, ``images_seen``, ``total_flops``, ``params``, ``macs_per_image``,
-``model``, ``wall_hours``, ``device_hours`` (wall hours x world size), ``world_size``,
+``model``, ``wall_hours``, ``device_hours`` (wall hours x world size, less ``op_build_s``: the
+seconds spent compiling DeepSpeed's CPU comm op on its first multi-rank use on a machine, a cost
+of the machine and not of the run; optional, absent before it existed), ``world_size``,
 ``skipped_samples``, ``overhead_fraction`` (share of wall time outside training steps), and
 ``error`` (a message, for failed/diverged runs). Optional (absent in files written before it
 existed): ``overhead_breakdown_s``, the wall seconds by part, summing to wall_hours x 3600:

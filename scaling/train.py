@@ -154,7 +154,7 @@ class Run:
 
         self.meter.add("startup", self.meter.process_s())
         t0 = time.perf_counter()
-        eng.init_distributed(self.where)
+        self.meter.op_build_s += eng.init_distributed(self.where)
         self.device = dist.device_for(self.where)
         self._own_run_dir()
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
@@ -372,7 +372,8 @@ class Run:
             "total_flops": training_flops(self.vit, self.step * self.cfg.batch_size),
             "params": self.plan.params, "macs_per_image": self.plan.macs_per_image,
             "model": self.vit.name, "wall_hours": wall / 3600,
-            "device_hours": wall / 3600 * self.plan.world_size,
+            "device_hours": (wall - self.meter.op_build_s) / 3600 * self.plan.world_size,
+            "op_build_s": self.meter.op_build_s,
             "world_size": self.plan.world_size, "skipped_samples": self.meter.skipped_global,
             "overhead_fraction": self.meter.overhead_fraction(wall),
             "overhead_breakdown_s": self.meter.breakdown(wall), "error": error,
