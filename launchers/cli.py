@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from scaling.clihelp import DefaultsHelpFormatter
+
 CLUSTERS = ("auto", "slurm", "local")
 
 
@@ -11,7 +13,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python launchers/sweep.py",
         description="Train a grid of ViTs (sizes x budgets x seeds x lrs) on SLURM or locally. "
-                    "`python launchers/sweep.py status` prints the state of every run.")
+                    "`python launchers/sweep.py status` prints the state of every run.",
+        formatter_class=DefaultsHelpFormatter)
     a = p.add_argument
     a("--preset", help="recipe: demo (CPU, built-in data), cifar, imagenet "
                        "(default: demo without a GPU, else imagenet)")

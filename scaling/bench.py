@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from scaling import bench_env, bench_overhead, bench_zero, dist
 from scaling.bench_peer import PEERS, peer_model
 from scaling.bench_zero import StorageCounter, count_engine
+from scaling.clihelp import DefaultsHelpFormatter
 from scaling.flops import forward_macs, mfu, param_count, peak_tflops, training_flops
 from scaling.model import ViTConfig, create_model, vit_config
 
@@ -47,7 +48,8 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The CLI; a bad value exits with code 2 and one line naming the flag, before any work."""
-    p = _Parser(prog="python -m scaling.bench", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m scaling.bench", description=__doc__.split("\n")[0],
+                formatter_class=DefaultsHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--zero-memory", action="store_true",
                       help="per-rank ZeRO 0-3 model state vs the ZeRO paper (2 gloo processes)")
@@ -56,8 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", help="comma-separated ViT names, e.g. Ti/16,S/16,B/16")
     p.add_argument("--batch-size", type=int, help="images per rank per step (default 32; "
                    "overhead mode: the run's global batch, default 64)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=224, help="input resolution, pixels")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs")
     p.add_argument("--precision", choices=("fp32", "bf16"),
                    help="default: bf16 on a GPU, fp32 on a CPU (zero-memory mode: bf16)")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0,
@@ -85,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", help="overhead mode: data and run folder (default: a temp dir)")
     p.add_argument("--train-args", default="", help="overhead mode: extra scaling.train flags")
     p.add_argument("--out", help="JSON-lines file to append to (default: results/bench/"
-                   "bench.jsonl, zero_memory.jsonl or overhead.jsonl by mode)")
+                   "local/bench.jsonl, zero_memory.jsonl or overhead.jsonl by mode; git-ignored, "
+                   "unlike the reference rows in results/bench/*.jsonl)")
     args = p.parse_args(argv)
     _check(p, args)
     return args

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_OUT = "results/bench/bench.jsonl"
+DEFAULT_OUT = "results/bench/local/bench.jsonl"  # git-ignored: never a tracked file
 
 
 def device_name(device: torch.device) -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 from scaling import bench_env, results
 from scaling.dist import fresh_env
 
-DEFAULT_OUT = "results/bench/overhead.jsonl"
+DEFAULT_OUT = "results/bench/local/overhead.jsonl"  # git-ignored
 DEFAULT_MODEL = "m2/4"
 DEFAULT_STEPS = 4000  # about a minute for m2/4 on one core of the 2-core CPU
 DEFAULT_BATCH = 64

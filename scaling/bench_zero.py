@@ -234,7 +234,7 @@ def run_zero_memory(args) -> int:
     return 0
 
 
-DEFAULT_OUT = "results/bench/zero_memory.jsonl"
+DEFAULT_OUT = "results/bench/local/zero_memory.jsonl"  # git-ignored
 
 
 def zero_row(found: dict, batch: int, image_size: int, env: dict) -> dict:

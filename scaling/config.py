@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from scaling.clihelp import DefaultsHelpFormatter
 from scaling.data.memory import IN_MEMORY_CHOICES
 from scaling.model import ViTConfig, split_name, vit_config
 
@@ -129,7 +130,8 @@ class TrainConfig:
     def parser(cls) -> argparse.ArgumentParser:
         """An argparse parser with one flag per field."""
         p = argparse.ArgumentParser(prog="python -m scaling.train",
-                                    description="Train one ViT under DeepSpeed ZeRO.")
+                                    description="Train one ViT under DeepSpeed ZeRO.",
+                                    formatter_class=DefaultsHelpFormatter)
         budget = p.add_mutually_exclusive_group(required=True)
         for f in dataclasses.fields(cls):
             kind = _field_type(f)

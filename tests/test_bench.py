@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +169,19 @@ def test_overhead_mode_runs_a_demo_both_ways(tmp_path):
         assert row["breakdown_s"]["steps"] > 0 and row["process_overhead_fraction"] >= 0
         assert "--eval-spacing log" in row["command"]  # the demo preset's recipe
     assert rows[0]["server_start_s"] > 0 and rows[1]["server_start_s"] is None
+
+
+def test_default_output_leaves_git_status_clean(tmp_path):
+    """Run from a clone (of the committed tree: `python -m` there imports the clone's code)."""
+    clone = tmp_path / "clone"
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, timeout=120)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "scaling.bench", *MICRO, "--batch-size", "2",
+                           "--steps", "1", "--warmup", "0", "--rounds", "1"], cwd=clone,
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(read_rows(clone / "results/bench/local/bench.jsonl")) == 1
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True,
+                            text=True, check=True).stdout
+    assert status == ""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from scaling.clihelp import DefaultsHelpFormatter
 from scaling.data.info import DataError, load_dataset_info
 from scaling.data.loader import make_eval_loader, make_train_loader
 from scaling.data.make_shards import make_builtin_shards
@@ -61,7 +62,7 @@ def bench(data: str | os.PathLike, *, workers: int, batches: int, batch_size: in
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m scaling.data.bench_loader", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="a shard directory (dataset.json)")
     src.add_argument("--generate-jpeg", type=int, metavar="N",

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from scaling.clihelp import DefaultsHelpFormatter
 from scaling.data import sources
 from scaling.data.info import INFO_FILE, DataError, DatasetInfo, load_dataset_info
 from scaling.data.writer import (
@@ -185,7 +186,7 @@ def _reusable(out: Path, args: dict) -> DatasetInfo | None:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m scaling.data.make_shards", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--from", dest="source", required=True, choices=SOURCES)
     p.add_argument("--src", help="ImageFolder train tree, or CIFAR tar.gz (or its directory)")
     p.add_argument("--val-src", help="ImageFolder val tree (default: split from --src)")

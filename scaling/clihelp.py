@@ -1,0 +1,20 @@
+"""One --help style for every command: each option shows its one-line meaning and its default."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" to an option's help unless the text already says its default or
+    there is none to show (a required option, a flag that is off, an unset optional value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default == "" or default is argparse.SUPPRESS
+        if "default" in text or action.required or unset or not action.option_strings:
+            return text
+        if isinstance(default, bool) or isinstance(action, argparse.BooleanOptionalAction):
+            default = "on" if default else "off"
+        return f"{text} (default: {default})"
