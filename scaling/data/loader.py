@@ -25,31 +25,28 @@ samples by index modulo (ranks x workers) instead. Every sample is seen once, no
 
 from __future__ import annotations
 
-import io
 import itertools
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from scaling.data.info import DataError, DatasetInfo, SplitInfo, load_dataset_info
+from scaling.data.info import DataError, DatasetInfo
+from scaling.data.samples import (
+    Decode,
+    as_info,
+    check_loader_args,
+    epoch_steps,
+    shard_counts,
+    stream_seed,
+)
 from scaling.data.shardread import checked_samples
-from scaling.data.transforms import Augment, decode_crop, default_augment, to_tensor_batch
+from scaling.data.transforms import Augment, default_augment, to_tensor_batch
 
-IMAGE_KEYS = ("jpg", "jpeg", "png")
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 SHUFFLE_BUFFER, SHUFFLE_INITIAL = 5000, 1000  # open_clip's _SAMPLE_SHUFFLE_SIZE / _INITIAL
-
-
-def _seed(*parts: int) -> int:
-    """A 64-bit seed from integers (numpy SeedSequence: well mixed, same in every process)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
 
 
 def _worker() -> tuple[int, int]:
@@ -58,65 +55,10 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if w is None else (w.id, w.num_workers)
 
 
-@dataclass(frozen=True)
-class _Decode:
-    """Per-sample decoding settings shared by the train and eval streams."""
-
-    image_size: int
-    num_classes: int
-    augment: Augment
-    strict: bool
-
-    def label(self, sample: dict) -> int | None:
-        """The class index of a raw sample; None if missing or unreadable (a damaged sample:
-        DataError when strict); DataError if out of range."""
-        raw = sample.get("cls")
-        try:
-            label = int(raw)
-        except (TypeError, ValueError):
-            if self.strict:
-                raise DataError(f"shard {sample.get('__url__')}, key {sample.get('__key__')}: "
-                                f"cls={raw!r} is not a class index") from None
-            return None
-        if not 0 <= label < self.num_classes:
-            raise DataError(f"shard {sample.get('__url__')}, key {sample.get('__key__')}: "
-                            f"class {label} is outside [0, {self.num_classes})")
-        return label
-
-    def image(self, sample: dict, rng: random.Random | None) -> np.ndarray | None:
-        """The cropped uint8 image, or None for a corrupt one (DataError when strict)."""
-        return self._decoded(sample, lambda data: decode_crop(data, self.image_size, rng=rng,
-                                                              aug=self.augment))
-
-    def stored_image(self, sample: dict) -> np.ndarray | None:
-        """The (H, W, 3) uint8 image as stored, uncropped; None for a corrupt one."""
-        return self._decoded(sample, lambda data: np.asarray(
-            Image.open(io.BytesIO(data)).convert("RGB")))
-
-    def _decoded(self, sample: dict, decode) -> np.ndarray | None:
-        """decode(the sample's image bytes); None when they are missing or do not decode
-        (DataError naming shard and key when strict)."""
-        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-        try:
-            if data is None:
-                raise ValueError(f"no image (has {sorted(k for k in sample if k[:2] != '__')})")
-            return decode(data)
-        except DECODE_ERRORS as e:
-            if self.strict:
-                raise DataError(f"corrupt image in shard {sample.get('__url__')}, key "
-                                f"{sample.get('__key__')}: {e}") from e
-            return None
-
-
 def _batch(images: list, labels: list, keys: list, skipped: int, aug: Augment) -> dict:
     """Collate decoded samples into the batch dict of the data contract."""
     return {"image": to_tensor_batch(images, aug),
             "label": torch.tensor(labels, dtype=torch.int64), "skipped": skipped, "key": keys}
-
-
-def shard_counts(split: SplitInfo) -> dict[str, int]:
-    """url -> the sample count dataset.json lists, for the checked shard reader."""
-    return {str(s.path): s.num_samples for s in split.shards}
 
 
 def _resampled_urls(urls: list[str], rng: random.Random) -> Iterator[str]:
@@ -143,7 +85,7 @@ class _Stream(IterableDataset):
 class _TrainStream(_Stream):
     """One rank's training batches for one epoch; each worker makes its share (see module doc)."""
 
-    def __init__(self, counts: dict[str, int], decode: _Decode, *, batch_size: int, steps: int,
+    def __init__(self, counts: dict[str, int], decode: Decode, *, batch_size: int, steps: int,
                  rank: int, seed: int, epoch: int, start_step: int, shuffle_buffer: int):
         super().__init__()
         self.counts, self.urls = counts, list(counts)
@@ -153,8 +95,8 @@ class _TrainStream(_Stream):
 
     def _shuffled(self, v: int) -> Iterator[dict]:
         """Worker v's infinite stream of raw samples: resampled shards through a buffer."""
-        shard_rng = random.Random(_seed(self.seed, self.epoch, self.rank, v, 0))
-        sample_rng = random.Random(_seed(self.seed, self.epoch, self.rank, v, 1))
+        shard_rng = random.Random(stream_seed(self.seed, self.epoch, self.rank, v, 0))
+        sample_rng = random.Random(stream_seed(self.seed, self.epoch, self.rank, v, 1))
         raw = checked_samples(_resampled_urls(self.urls, shard_rng), self.counts)
         initial = min(SHUFFLE_INITIAL, self.shuffle_buffer)
         return wds.shuffle(self.shuffle_buffer, initial, rng=sample_rng)(raw)
@@ -172,7 +114,7 @@ class _TrainStream(_Stream):
 
     def _make_batch(self, raw: list[dict], index: int) -> dict:
         """Decode and augment one batch; corrupt slots are refilled from the same batch."""
-        rng = random.Random(_seed(self.seed, self.epoch, self.rank, index, 2))
+        rng = random.Random(stream_seed(self.seed, self.epoch, self.rank, index, 2))
         images, labels, keys = [], [], []
         for s in raw:
             label = self.decode.label(s)
@@ -211,7 +153,7 @@ def rank_eval_samples(counts: list[int], rank: int, world: int) -> int:
 class _EvalStream(_Stream):
     """One rank's share of a split, in order, in batches of at most batch_size."""
 
-    def __init__(self, urls: list[str], counts: list[int], decode: _Decode, *, batch_size: int,
+    def __init__(self, urls: list[str], counts: list[int], decode: Decode, *, batch_size: int,
                  rank: int, world_size: int):
         self.urls, self.counts, self.decode, self.batch_size = urls, counts, decode, batch_size
         self.rank, self.world_size = rank, world_size
@@ -261,29 +203,10 @@ def _batches(dataset: _Stream, num_workers: int, pin_memory: bool | None) -> Ite
         yield batch
 
 
-def _check(batch_size: int, rank: int, world_size: int, num_workers: int, image_size: int):
-    """Validate the shared loader arguments."""
-    if batch_size < 1 or image_size < 1 or num_workers < 0:
-        raise ValueError(f"batch_size={batch_size}, image_size={image_size}, num_workers="
-                         f"{num_workers}; expected >= 1, >= 1, >= 0")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank}, world_size={world_size}; expected 0 <= rank < world_size")
-
-
-def epoch_steps(samples: int, batch_size: int, world_size: int) -> int:
-    """Steps of an epoch of `samples` images: rounded up (open_clip does that, too)."""
-    return -(-samples // (batch_size * world_size))
-
-
-def _info(info: DatasetInfo | str | os.PathLike) -> DatasetInfo:
-    """Accept a DatasetInfo or a data dir (checked by size, not hash)."""
-    return info if isinstance(info, DatasetInfo) else load_dataset_info(info, verify="size")
-
-
 class TrainLoader:
     """Resampled training epochs of `steps_per_epoch` batches for one rank (see module doc)."""
 
-    def __init__(self, counts: dict[str, int], decode: _Decode, *, batch_size: int,
+    def __init__(self, counts: dict[str, int], decode: Decode, *, batch_size: int,
                  steps_per_epoch: int, rank: int, seed: int, num_workers: int,
                  shuffle_buffer: int, pin_memory: bool | None):
         self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
@@ -325,8 +248,8 @@ def make_train_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int,
                       split: str = "train", pin_memory: bool | None = None) -> TrainLoader:
     """Training loader of the data contract; `batch_size` is per rank, and an epoch is
     ceil(samples_per_epoch / (batch_size x world_size)) steps (default: the split's size)."""
-    _check(batch_size, rank, world_size, num_workers, image_size)
-    info = _info(info)
+    check_loader_args(batch_size, rank, world_size, num_workers, image_size)
+    info = as_info(info)
     sp = info.split(split)
     samples = sp.num_samples if samples_per_epoch is None else samples_per_epoch
     if samples < 1 or shuffle_buffer < 1:
@@ -334,7 +257,7 @@ def make_train_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int,
                          f"{shuffle_buffer}; expected >= 1")
     steps = epoch_steps(samples, batch_size, world_size)
     shuffle_buffer = min(shuffle_buffer, sp.num_samples)  # a bigger buffer only holds repeats
-    decode = _Decode(image_size, info.num_classes, augment or default_augment(info.source), strict)
+    decode = Decode(image_size, info.num_classes, augment or default_augment(info.source), strict)
     return TrainLoader(shard_counts(sp), decode, batch_size=batch_size, steps_per_epoch=steps,
                        rank=rank, seed=seed, num_workers=num_workers,
                        shuffle_buffer=shuffle_buffer, pin_memory=pin_memory)
@@ -345,11 +268,11 @@ def make_eval_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int, 
                      split: str = "val", augment: Augment | None = None,
                      pin_memory: bool | None = None) -> EvalLoader:
     """Evaluation loader of the data contract: over all ranks, every sample of `split` once."""
-    _check(batch_size, rank, world_size, num_workers, image_size)
-    info = _info(info)
+    check_loader_args(batch_size, rank, world_size, num_workers, image_size)
+    info = as_info(info)
     sp = info.split(split)
     counts = [s.num_samples for s in sp.shards]
-    decode = _Decode(image_size, info.num_classes, augment or default_augment(info.source), strict)
+    decode = Decode(image_size, info.num_classes, augment or default_augment(info.source), strict)
     stream = _EvalStream(sp.urls, counts, decode, batch_size=batch_size, rank=rank,
                          world_size=world_size)
     return EvalLoader(stream, rank_eval_samples(counts, rank, world_size), num_workers,

@@ -37,7 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from scaling.data.info import DataError, DatasetInfo
-from scaling.data.loader import _check, _Decode, _info, _seed, epoch_steps, shard_counts
+from scaling.data.samples import (
+    Decode,
+    as_info,
+    check_loader_args,
+    epoch_steps,
+    shard_counts,
+    stream_seed,
+)
 from scaling.data.shardread import checked_samples
 from scaling.data.transforms import Augment, default_augment, fallback_crop_box
 
@@ -68,7 +75,7 @@ def use_memory(info: DatasetInfo, mode: str, run_samples: int | None = None) -> 
     return mode == "on"
 
 
-def read_split(info: DatasetInfo, split: str, decode: _Decode, *, crop: bool
+def read_split(info: DatasetInfo, split: str, decode: Decode, *, crop: bool
                ) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
     """(images uint8 (N, 3, H, W), labels (N,), keys, corrupt samples skipped) of a split, in
     shard order. crop=False keeps the stored pixels (all images must share one size); True
@@ -167,7 +174,7 @@ class MemoryTrainLoader:
         n, need = len(self.labels), self.steps_per_epoch * self.batch_size * self.world_size
         passes = []
         for p in range(math.ceil(need / n)):
-            g = torch.Generator().manual_seed(_seed(self.seed, epoch, p, 3) & (2**63 - 1))
+            g = torch.Generator().manual_seed(stream_seed(self.seed, epoch, p, 3) & (2**63 - 1))
             passes.append(torch.randperm(n, generator=g))
         return torch.cat(passes)[:need]
 
@@ -181,7 +188,7 @@ class MemoryTrainLoader:
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for k in range(start_step, self.steps_per_epoch):
             # the global batch and its augmentation depend on (seed, epoch, k) only
-            rng = np.random.default_rng(_seed(self.seed, epoch, k, 4))
+            rng = np.random.default_rng(stream_seed(self.seed, epoch, k, 4))
             boxes = random_resized_crop_boxes(per_step, w, h, rng, aug.scale, aug.ratio)
             flips = (rng.random(per_step) < 0.5) & aug.hflip
             idx = order[k * per_step:(k + 1) * per_step][mine]
@@ -216,13 +223,13 @@ def make_memory_train_loader(info: DatasetInfo | str | os.PathLike, *, image_siz
                              augment: Augment | None = None,
                              split: str = "train") -> MemoryTrainLoader:
     """make_train_loader's counterpart for data read into memory (module doc)."""
-    _check(batch_size, rank, world_size, 0, image_size)
-    info = _info(info)
+    check_loader_args(batch_size, rank, world_size, 0, image_size)
+    info = as_info(info)
     samples = info.split(split).num_samples if samples_per_epoch is None else samples_per_epoch
     if samples < 1:
         raise ValueError(f"samples_per_epoch={samples_per_epoch}; expected >= 1")
     aug = augment or default_augment(info.source)
-    decode = _Decode(image_size, info.num_classes, aug, strict)
+    decode = Decode(image_size, info.num_classes, aug, strict)
     images, labels, keys, skipped = read_split(info, split, decode, crop=False)
     steps = epoch_steps(samples, batch_size, world_size)
     return MemoryTrainLoader(images, labels, keys, skipped=skipped, batch_size=batch_size,
@@ -234,10 +241,10 @@ def make_memory_eval_loader(info: DatasetInfo | str | os.PathLike, *, image_size
                             batch_size: int, rank: int, world_size: int, strict: bool = False,
                             split: str = "val", augment: Augment | None = None) -> MemoryEvalLoader:
     """make_eval_loader's counterpart for data read into memory (module doc)."""
-    _check(batch_size, rank, world_size, 0, image_size)
-    info = _info(info)
+    check_loader_args(batch_size, rank, world_size, 0, image_size)
+    info = as_info(info)
     aug = augment or default_augment(info.source)
-    decode = _Decode(image_size, info.num_classes, aug, strict)
+    decode = Decode(image_size, info.num_classes, aug, strict)
     images, labels, keys, skipped = read_split(info, split, decode, crop=True)
     return MemoryEvalLoader(images, labels, keys, skipped=skipped, batch_size=batch_size,
                             rank=rank, world_size=world_size, augment=aug)
