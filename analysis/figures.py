@@ -1,5 +1,5 @@
-"""The scaling figures: curves vs compute with the frontier, the power-law fit, the
-compute-optimal model size, and benchmark throughput / MFU. Each function returns the figure;
+"""The scaling figures: curves vs compute with the frontier, the power-law fit, and benchmark
+throughput / MFU (the compute-optimal size: analysis.figures_optimal). Each function returns the figure;
 saving is left to the caller (analysis.style.save_figure)."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from matplotlib import pyplot as plt
 from matplotlib.lines import Line2D
 
 from analysis import fit as F
-from analysis.frontier import x_column
+from analysis.frontier import FRONTIER_STATUSES, x_column
+from analysis.noise import aggregate_seeds, with_intervals
 from analysis.style import ACCENT, X_LABELS, X_UNITS, legend_outside, log_axis, percent_axis
 
 METRIC_LABELS = {"error": "Top-1 error", "top1": "Top-1 accuracy"}
+FIT_NAMES = {"huber": "Huber", "lsq": "least-squares"}
 
 
 def _y(error, metric: str):
@@ -34,25 +36,55 @@ def _metric_axis(ax, metric: str, errors) -> None:
     ax.set_ylabel(f"{METRIC_LABELS[metric]} (%)")
 
 
-def _mark_runs(ax, pts: pd.DataFrame, col: str, palette: dict) -> list:
+def _interval(pts: pd.DataFrame, metric: str) -> np.ndarray:
+    """Asymmetric error-bar lengths (2 x n) of err_lo..err_hi in the plotted metric."""
+    y = _y(pts["error"].to_numpy(float), metric)
+    a, b = _y(pts["err_lo"].to_numpy(float), metric), _y(pts["err_hi"].to_numpy(float), metric)
+    lo, hi = np.fmin(a, b), np.fmax(a, b)
+    return np.nan_to_num(np.vstack([y - lo, hi - y]), nan=0.0).clip(min=0.0)
+
+
+def error_bars(ax, pts: pd.DataFrame, col: str, metric: str, color, **kw) -> None:
+    """Each point's 95 % interval (analysis.noise) as a vertical bar."""
+    if len(pts):
+        ax.errorbar(pts[col], _y(pts["error"], metric), yerr=_interval(pts, metric), fmt="none",
+                    ecolor=color, elinewidth=kw.pop("lw", 0.9), capsize=kw.pop("capsize", 1.5),
+                    zorder=kw.pop("zorder", 3), **kw)
+
+
+def interval_note(pts: pd.DataFrame) -> str:
+    """Legend text for the bars: the images behind each eval and the seeds per point."""
+    n = pd.to_numeric(pts.get("num_samples"), errors="coerce").dropna()
+    k = pts["n_seeds"].astype(int) if "n_seeds" in pts else pd.Series([1])
+    imgs = (f"{int(n.min()):,}" if n.min() == n.max() else f"{int(n.min()):,}–{int(n.max()):,}"
+            ) if len(n) else "?"
+    seeds = f"{k.min()}" if k.min() == k.max() else f"{k.min()}–{k.max()}"
+    note = (f"bars: 95% interval (Wilson on {imgs} images;\nacross seeds when > 1); "
+            f"{seeds} seed(s)/point")
+    width = ((pts["err_hi"] - pts["err_lo"]) / pts["error"]).median() if len(pts) else 0.0
+    if width < 0.03:  # on these axes a marker spans about 3 % of the value
+        note += "\n(most bars are narrower than the markers)"
+    return note
+
+
+def _mark_runs(ax, good: pd.DataFrame, bad: pd.DataFrame, col: str, palette: dict) -> list:
     """Final evals (joined per size across budgets), running and failed runs; legend extras."""
-    final = pts[pts["is_final"] & (pts["status"] == "ok")].sort_values(col)
+    final = good[good["is_final"] & (good["status"] == "ok")].sort_values(col)
     for model, grp in _by_model(final, palette):
         if len(grp) > 1:  # one curve per size through its runs' final points (one per budget)
             ax.plot(grp[col], grp["_y"], color=palette[model], lw=1.8, zorder=3)
     ax.scatter(final[col], final["_y"], s=30, c=[palette[m] for m in final["model"]],
                edgecolors="white", linewidths=0.8, zorder=4)
-    last = pts.sort_values("step").groupby("run").tail(1)
-    bad = last[last["status"].isin(["failed", "diverged"])]
-    running = last[last["status"] == "running"]
-    ax.scatter(bad[col], bad["_y"], marker="X", s=45, color=ACCENT["red"], zorder=5)
+    running = good[good["status"] == "running"].sort_values("step").groupby("recipe").tail(1)
+    last = bad.sort_values("step").groupby("run").tail(1)
+    ax.scatter(last[col], last["_y"], marker="X", s=45, color=ACCENT["red"], zorder=5)
     ax.scatter(running[col], running["_y"], marker="o", s=34, facecolors="none",
                edgecolors="black", linewidths=0.9, zorder=5)
     extra = [(Line2D([], [], marker="o", ls="", color="grey", mec="white"), "final eval")]
     if len(running):
         extra.append((Line2D([], [], marker="o", ls="", mfc="none", mec="black"),
                       "running (latest eval)"))
-    if len(bad):
+    if len(last):
         extra.append((Line2D([], [], marker="X", ls="", color=ACCENT["red"]),
                       "failed / diverged (last eval)"))
     return extra
@@ -60,24 +92,38 @@ def _mark_runs(ax, pts: pd.DataFrame, col: str, palette: dict) -> list:
 
 def compute_figure(points: pd.DataFrame, frontier: pd.DataFrame, order: list[str],
                    palette: dict, *, x: str = "flops", metric: str = "error"):
-    """Eval curves per run coloured by model size, final points marked, frontier in black."""
+    """Eval curves coloured by model size, seeds averaged per recipe (one curve per recipe,
+    95 % interval bars on every point), failed/diverged runs drawn alone and faint, final
+    points marked, frontier in black. `points`: usable eval rows of every status."""
     col = x_column(x)
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
-    pts = points.assign(_y=_y(points["error"], metric))
-    sns.lineplot(data=pts, x=col, y="_y", hue="model", hue_order=order, palette=palette,
-                 units="run", estimator=None, sort=True, lw=1.0, alpha=0.7, ax=ax)
-    extra = _mark_runs(ax, pts, col, palette)
+    good = aggregate_seeds(points[points["status"].isin(FRONTIER_STATUSES)])
+    bad = with_intervals(points[~points["status"].isin(FRONTIER_STATUSES)])
+    good, bad = (f.assign(_y=_y(f["error"], metric)) for f in (good, bad))
+    for units, frame, alpha in (("recipe", good, 0.75), ("run", bad, 0.35)):
+        for _, grp in frame.sort_values(col).groupby(units, sort=False):
+            color = palette.get(grp["model"].iloc[0], "grey")
+            ax.plot(grp[col], grp["_y"], color=color, lw=1.0, alpha=alpha, zorder=2)
+            error_bars(ax, grp, col, metric, color, alpha=alpha, lw=0.7, capsize=0)
+    extra = _mark_runs(ax, good, bad, col, palette)
     ax.plot(frontier[col], _y(frontier["error"], metric), color="black", lw=1.4, ls="--",
             marker="o", ms=3, zorder=3)
     log_axis(ax, "x")
-    _metric_axis(ax, metric, pts["error"])
+    _metric_axis(ax, metric, pd.concat([good["error"], bad["error"]]))
     ax.set_xlabel(X_LABELS[x])
     ax.set_title(f"{METRIC_LABELS[metric]} vs {X_LABELS[x].split(' (')[0].lower()}")
-    handles, labels = ax.get_legend_handles_labels()
-    extra.insert(0, (Line2D([], [], color="black", lw=1.4, ls="--", marker="o", ms=3),
-                     "compute-optimal frontier"))
-    ax.legend(handles + [h for h, _ in extra], labels + [t for _, t in extra], title="model",
-              loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    seeds = good.groupby("model")["n_seeds"].max() if len(good) else pd.Series(dtype=int)
+    handles = [(Line2D([], [], color=palette[m], lw=1.6),
+                f"{m}" + (f" ({int(seeds[m])} seeds)" if seeds.get(m, 1) > 1 else ""))
+               for m in order if m in set(good["model"]) | set(bad["model"])]
+    handles.append((Line2D([], [], color="black", lw=1.4, ls="--", marker="o", ms=3),
+                    "compute-optimal frontier"))
+    handles += extra
+    handles.append((Line2D([], [], color="grey", lw=0.9, marker="|", ms=8, ls=""),
+                    interval_note(pd.concat([good, bad]))))
+    ax.legend([h for h, _ in handles], [t for _, t in handles], title="model",
+              loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+              fontsize="small")
     return fig
 
 
@@ -111,13 +157,8 @@ def law_label(fit: dict, intervals: dict | None, level: float, unit: str,
     return "\n".join(lines)
 
 
-def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = "flops",
-               metric: str = "error"):
-    """Frontier points, the fitted law with its bootstrap band, and the hold-out check."""
-    col = x_column(x)
-    fig, ax = plt.subplots(figsize=(7.0, 4.6))
-    cx = frontier[col].to_numpy()
-    grid = np.logspace(np.log10(cx.min()) - 0.3, np.log10(cx.max()) + 1.0, 200)
+def _fit_lines(ax, result: dict, grid, metric: str, unit: str) -> None:
+    """The chosen fit with its band, the other loss's fit, and the floor."""
     boot, fit = result["boot"], result["fit"]
     # Errors live in [0, 1]: a loose fit's band may leave that range far from the data.
     lo, hi = (np.clip(v, 1e-4, 1.0) for v in F.prediction_band(boot, grid))
@@ -125,76 +166,65 @@ def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = 
                                                                        _y(hi, metric))
     ax.fill_between(grid, ylo, yhi, color=ACCENT["orange"], alpha=0.25, lw=0,
                     label=f"{round(100 * boot['level'])}% bootstrap band")
+    name = FIT_NAMES[result["loss"]]
     ax.plot(grid, _y(np.clip(F.predict(fit, grid), 0, 1), metric), color=ACCENT["orange"], lw=2,
-            label=law_label(fit, boot["intervals"], boot["level"], f"C in {X_UNITS[x]}",
-                            F.poorly_determined(boot)))
+            label=f"{name} fit (used): " + law_label(fit, boot["intervals"], boot["level"], unit,
+                                                     F.poorly_determined(boot)))
+    alt = result["alt"]
+    ax.plot(grid, _y(np.clip(F.predict(alt, grid), 0, 1), metric), color="dimgrey", lw=1.1,
+            ls="-.", label=f"{FIT_NAMES[alt['loss']]} fit, for comparison\n"
+                           f"(b = {_fmt(alt['b'])}, c = {_fmt(alt['c'])})")
+
+
+def _holdout(ax, ex: dict, grid, metric: str) -> None:
+    """The fit without the top 20 % of compute and the points it predicts."""
+    if not ex["ok"]:
+        return
+    ax.plot(grid, _y(np.clip(F.predict(ex["fit"], grid), 0, 1), metric),
+            color=ACCENT["green"], ls="--", lw=1.4,
+            label=f"fit without top {round(100 * ex['holdout_fraction'])}% compute\n"
+                  f"(mean |rel. err.| on held-out: {100 * ex['mean_abs_rel_error']:.1f}%)")
+    ax.scatter(ex["holdout_compute"], _y(ex["holdout_error"], metric), s=80,
+               facecolors="none", edgecolors=ACCENT["green"], linewidths=1.4, zorder=6,
+               label="held-out points")
+
+
+def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = "flops",
+               metric: str = "error"):
+    """Frontier points (seeds averaged, 95 % interval bars), the law fitted with the chosen
+    loss and its bootstrap band, the other loss's fit, points the robust fit set aside, and
+    the hold-out check."""
+    col = x_column(x)
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    cx = frontier[col].to_numpy()
+    grid = np.logspace(np.log10(cx.min()) - 0.3, np.log10(cx.max()) + 1.0, 200)
+    _fit_lines(ax, result, grid, metric, f"C in {X_UNITS[x]}")
+    fit = result["fit"]
     # The floor is drawn only where it is in view: a fitted c far below every observed error
     # (the data show no saturation yet) would otherwise stretch the log axis over decades.
     visible_floor = 0.25 * float(frontier["error"].min())
     if metric == "error" and fit["c"] >= visible_floor:
         ax.axhline(fit["c"], color="grey", ls=":", lw=1, label=f"floor c = {_fmt(fit['c'])}")
-    ex = result["extrapolation"]
-    if ex["ok"]:
-        ax.plot(grid, _y(np.clip(F.predict(ex["fit"], grid), 0, 1), metric),
-                color=ACCENT["green"], ls="--",
-                lw=1.4, label=f"fit without top {round(100 * ex['holdout_fraction'])}% "
-                              f"compute\n(mean |rel. err.| on held-out: "
-                              f"{100 * ex['mean_abs_rel_error']:.1f}%)")
-        ax.scatter(ex["holdout_compute"], _y(ex["holdout_error"], metric), s=80,
-                   facecolors="none", edgecolors=ACCENT["green"], linewidths=1.4, zorder=6,
-                   label="held-out points")
-    for model, grp in _by_model(frontier, palette):
-        ax.scatter(grp[col], _y(grp["error"], metric), s=26, color=palette.get(model, "black"),
+    _holdout(ax, result["extrapolation"], grid, metric)
+    pts = frontier[frontier["error"] > 0].reset_index(drop=True)
+    for model, grp in _by_model(pts, palette):
+        color = palette.get(model, "black")
+        error_bars(ax, grp, col, metric, color, zorder=4)
+        ax.scatter(grp[col], _y(grp["error"], metric), s=26, color=color,
                    edgecolors="black", linewidths=0.5, zorder=5, label=f"frontier: {model}")
+    out = pts.iloc[result["outliers"]]
+    if len(out):
+        ax.scatter(out[col], _y(out["error"], metric), s=110, marker="s", facecolors="none",
+                   edgecolors=ACCENT["red"], linewidths=1.3, zorder=6,
+                   label="> 3 robust sd from the fit")
+    ax.plot([], [], color="grey", marker="|", ms=8, ls="", label=interval_note(pts))
     log_axis(ax, "x")
     _metric_axis(ax, metric, frontier["error"])
     if metric == "error":
         ax.set_ylim(bottom=max(ax.get_ylim()[0], visible_floor))
     ax.set_xlabel(X_LABELS[x])
     ax.set_title("Saturating power law on the frontier (Zhai et al. 2022)")
-    legend_outside(ax, fontsize="small")
-    return fig
-
-
-def _size_fit_overlay(ax, size_fit: dict, grid) -> None:
-    """The per-size points the line is fitted to (each with its frontier range), and the line,
-    or a note saying why there is none."""
-    sp = size_fit["points"]
-    ax.hlines(sp["params"], sp["compute_lo"], sp["compute_hi"], color="black", lw=0.8,
-              zorder=3)
-    ax.scatter(sp["compute"], sp["params"], s=90, marker="D", facecolors="none",
-               edgecolors="black", linewidths=1.2, zorder=6,
-               label="one point per size\n(log-midpoint of its\nfrontier range)")
-    if size_fit["ok"]:
-        ax.plot(grid, F.predict_loglinear(size_fit, grid), color=ACCENT["orange"], ls="--",
-                label=rf"$N_{{opt}} \propto C^{{{size_fit['k']:.2f}}}$"
-                      f" ({size_fit['n']} sizes)")
-    else:
-        why = (f"only {size_fit['n_sizes']} size(s) on the frontier" if size_fit["n_sizes"] < 2
-               else "the sizes span too little compute")
-        ax.text(0.03, 0.97, f"no fit: {why}", transform=ax.transAxes, ha="left", va="top",
-                fontsize="small")
-
-
-def optimal_size_figure(frontier: pd.DataFrame, palette: dict, size_fit: dict | None, *,
-                        x: str = "flops"):
-    """Parameter count of the compute-optimal model at each frontier point, log-log, with the
-    line fitted to one point per size (analysis.frontier.optimal_size_fit)."""
-    col = x_column(x)
-    pts = frontier.dropna(subset=["params"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for model, grp in _by_model(pts, palette):
-        ax.scatter(grp[col], grp["params"], s=36, color=palette.get(model, "black"),
-                   edgecolors="black", linewidths=0.5, zorder=4, label=model)
-    if size_fit is not None:
-        grid = np.logspace(np.log10(pts[col].min()), np.log10(pts[col].max()), 50)
-        _size_fit_overlay(ax, size_fit, grid)
-    log_axis(ax, "x")
-    log_axis(ax, "y")
-    ax.set_xlabel(X_LABELS[x])
-    ax.set_ylabel("Parameters of the compute-optimal model")
-    ax.set_title("Compute-optimal model size")
-    legend_outside(ax, title="model")
+    legend_outside(ax, fontsize="x-small")
     return fig
 
 

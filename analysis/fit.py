@@ -12,6 +12,13 @@ Compute spans many decades (1e12..1e22 FLOPs), so the fit runs in normalised uni
 with C_ref = min(C): then a_norm = a * C_ref ** (-b) and d_norm = d / C_ref are O(1) numbers and
 the optimiser is well conditioned. Residuals are taken on log-error, so a point at 40 % error and
 one at 4 % weigh the same (relative error), as on the log-log plots where the law is read.
+
+Two losses on those residuals: squared ("lsq", least squares), and "huber", the Huber loss with
+delta = 1e-3, minimised from a grid of starting points, as Hoffmann et al. 2022 ("Training
+Compute-Optimal Large Language Models", Sec. 3.3 and App. D.2) fit their parametric loss and
+Besiroglu et al. 2024 ("Chinchilla Scaling: A replication attempt", Sec. 2) refit it. With a
+delta far below the residuals of real evals (~1e-2 in log-error), Huber is close to least
+absolute deviations: one stray point pulls the fit by a bounded amount, not by its square.
 """
 
 from __future__ import annotations
@@ -25,6 +32,15 @@ from scipy.optimize import least_squares
 PARAMS = ("a", "b", "c", "d")
 _B_BOUNDS = (1e-4, 5.0)  # exponents seen in practice are 0.1..1 (Zhai et al. Fig. 2)
 _C_MARGIN = 1e-6  # keep c strictly below min(error): log(E - c) must stay finite
+LOSSES = ("huber", "lsq")
+HUBER_DELTA = 1e-3  # on log-error residuals (Hoffmann et al. 2022, Sec. 3.3)
+
+
+def check_loss(loss: str) -> str:
+    """Return `loss` if it is one of LOSSES, else raise ValueError naming them."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r}; expected one of {LOSSES}")
+    return loss
 
 
 def _check_points(compute, error) -> tuple[np.ndarray, np.ndarray]:
@@ -79,8 +95,10 @@ def _inits(x: np.ndarray, e: np.ndarray) -> list[np.ndarray]:
     return starts
 
 
-def _solve(x: np.ndarray, e: np.ndarray, starts: list[np.ndarray]):
-    """Run bounded least squares on log-residuals from every start; return the best result."""
+def _solve(x: np.ndarray, e: np.ndarray, starts: list[np.ndarray], loss: str = "lsq"):
+    """Minimise the loss of the log-residuals (bounded, trust region) from every start; return
+    the best result. scipy's "huber" with f_scale = delta is delta^2 rho(r^2 / delta^2): r^2
+    inside delta, 2 delta |r| - delta^2 outside, i.e. twice the Huber loss."""
     log_e = np.log(e)
     c_hi = e.min() * (1.0 - _C_MARGIN)
     lower = np.array([-200.0, _B_BOUNDS[0], 0.0, 0.0])
@@ -89,7 +107,8 @@ def _solve(x: np.ndarray, e: np.ndarray, starts: list[np.ndarray]):
     for start in starts:
         start = np.clip(start, lower + 1e-12, upper - 1e-12)
         res = least_squares(lambda t: np.log(_model(t, x)) - log_e, start,
-                            bounds=(lower, upper), x_scale="jac", max_nfev=400)
+                            bounds=(lower, upper), x_scale="jac", max_nfev=400,
+                            loss="huber" if loss == "huber" else "linear", f_scale=HUBER_DELTA)
         if np.isfinite(res.cost) and (best is None or res.cost < best.cost):
             best = res
     if best is None:
@@ -97,7 +116,7 @@ def _solve(x: np.ndarray, e: np.ndarray, starts: list[np.ndarray]):
     return best
 
 
-def _to_dict(theta: np.ndarray, c_ref: float, x: np.ndarray, e: np.ndarray, cost: float) -> dict:
+def _to_dict(theta: np.ndarray, c_ref: float, x: np.ndarray, e: np.ndarray, loss: str) -> dict:
     """Convert normalised parameters back to compute units and attach fit diagnostics."""
     log_a, b, c, u = (float(v) for v in theta)
     a_norm, d_norm = math.exp(log_a), math.expm1(u)
@@ -107,17 +126,21 @@ def _to_dict(theta: np.ndarray, c_ref: float, x: np.ndarray, e: np.ndarray, cost
         "a": a_norm * c_ref ** b, "b": b, "c": c, "d": d_norm * c_ref,
         "a_norm": a_norm, "d_norm": d_norm, "c_ref": c_ref, "n": int(x.size),
         "rmse": float(np.sqrt(np.mean((pred - e) ** 2))),
-        "rmse_log": float(np.sqrt(2.0 * cost / x.size)),
+        "rmse_log": float(np.sqrt(np.mean((np.log(pred) - np.log(e)) ** 2))),
+        "loss": loss,
     }
 
 
-def fit_saturating_power_law(compute, error, *, starts: list[np.ndarray] | None = None) -> dict:
-    """Fit E = a (C + d)^(-b) + c (Zhai et al. 2022, Sec. 2.2); returns a, b, c, d, rmse, n."""
+def fit_saturating_power_law(compute, error, *, starts: list[np.ndarray] | None = None,
+                             loss: str = "lsq") -> dict:
+    """Fit E = a (C + d)^(-b) + c (Zhai et al. 2022, Sec. 2.2) with `loss` ("lsq" or "huber",
+    see the module docstring); returns a, b, c, d, rmse, rmse_log, n, loss."""
+    check_loss(loss)
     c, e = _check_points(compute, error)
     c_ref = float(c.min())
     x = c / c_ref
-    res = _solve(x, e, starts if starts is not None else _inits(x, e))
-    return _to_dict(res.x, c_ref, x, e, float(res.cost))
+    res = _solve(x, e, starts if starts is not None else _inits(x, e), loss)
+    return _to_dict(res.x, c_ref, x, e, loss)
 
 
 def _theta(params: dict) -> np.ndarray:
@@ -127,14 +150,16 @@ def _theta(params: dict) -> np.ndarray:
 
 
 def bootstrap_fit(compute, error, *, n_boot: int = 200, level: float = 0.95, seed: int = 0,
-                  method: str = "residuals") -> dict:
-    """Bootstrap the law's parameters; returns the point fit, samples and percentile intervals."""
+                  method: str = "residuals", loss: str = "lsq") -> dict:
+    """Bootstrap the law's parameters (fitted with `loss`); returns the point fit, samples and
+    percentile intervals."""
+    check_loss(loss)
     if method not in ("residuals", "cases"):
         raise ValueError(f"method={method!r}; expected 'residuals' or 'cases'")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1); got {level!r}")
     c, e = _check_points(compute, error)
-    fit = fit_saturating_power_law(c, e)
+    fit = fit_saturating_power_law(c, e, loss=loss)
     rng = np.random.default_rng(seed)
     pred = predict(fit, c)
     # Residual bootstrap keeps the compute design fixed (the frontier points are not i.i.d.
@@ -154,7 +179,7 @@ def bootstrap_fit(compute, error, *, n_boot: int = 200, level: float = 0.95, see
             failed += 1  # a case resample with too few distinct computes cannot be fitted
             continue
         try:
-            samples.append(fit_saturating_power_law(cb, eb, starts=warm))
+            samples.append(fit_saturating_power_law(cb, eb, starts=warm, loss=loss))
         except (ValueError, RuntimeError):
             failed += 1
     return _summarise_bootstrap(fit, samples, failed, level, n_boot, method)
@@ -228,8 +253,10 @@ def pareto_frontier(compute, error, *, rtol: float = 0.0) -> np.ndarray:
 
 
 def extrapolation_check(compute, error, *, holdout_fraction: float = 0.2,
-                        min_train: int = 5) -> dict:
-    """Fit on all but the top `holdout_fraction` of points by compute and predict those."""
+                        min_train: int = 5, loss: str = "lsq") -> dict:
+    """Fit (with `loss`) on all but the top `holdout_fraction` of points by compute and predict
+    those."""
+    check_loss(loss)
     c = np.asarray(compute, dtype=float).ravel()
     e = np.asarray(error, dtype=float).ravel()
     if not 0 < holdout_fraction < 1:
@@ -238,14 +265,14 @@ def extrapolation_check(compute, error, *, holdout_fraction: float = 0.2,
     n_hold = max(1, math.ceil(holdout_fraction * c.size))
     n_train = c.size - n_hold
     out = {"n": int(c.size), "n_train": n_train, "n_holdout": n_hold,
-           "holdout_fraction": holdout_fraction}
+           "holdout_fraction": holdout_fraction, "loss": loss}
     if n_train < max(min_train, len(PARAMS)):
         out.update(ok=False, message=(
             f"too few frontier points to check extrapolation: {c.size} points leave {n_train} "
             f"for fitting after holding out {n_hold}; need at least {max(min_train, 4)}"))
         return out
     train, hold = order[:n_train], order[n_train:]
-    fit = fit_saturating_power_law(c[train], e[train])
+    fit = fit_saturating_power_law(c[train], e[train], loss=loss)
     pred = predict(fit, c[hold])
     rel = (pred - e[hold]) / e[hold]
     out.update(ok=True, fit=fit, holdout_compute=c[hold], holdout_error=e[hold],
@@ -254,6 +281,15 @@ def extrapolation_check(compute, error, *, holdout_fraction: float = 0.2,
                max_abs_rel_error=float(np.max(np.abs(rel))),
                message=f"fit on {n_train} points, predicted the {n_hold} largest-compute ones")
     return out
+
+
+def outliers(params: dict, compute, error, *, k: float = 3.0) -> list[int]:
+    """Indices of points whose log-residual from the fit exceeds k robust sds (1.4826 x the
+    median absolute deviation of the residuals), and at least HUBER_DELTA: the points a robust
+    fit has set aside."""
+    r = np.log(predict(params, compute)) - np.log(np.asarray(error, dtype=float))
+    scale = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+    return [int(i) for i in np.flatnonzero(np.abs(r) > max(k * scale, HUBER_DELTA))]
 
 
 def fit_loglinear(x, y) -> dict:

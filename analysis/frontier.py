@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import fit as F
+from analysis.noise import aggregate_seeds
 from analysis.style import X_COLUMNS
 
 # Points from these runs define the frontier. Failed/diverged runs are plotted but left out:
@@ -35,69 +36,55 @@ def usable_points(evals: pd.DataFrame, x: str) -> pd.DataFrame:
 FRONTIER_RTOL = 0.05
 
 
+def frontier_points(evals: pd.DataFrame, x: str,
+                    statuses: tuple[str, ...] = FRONTIER_STATUSES) -> pd.DataFrame:
+    """Usable eval points of runs with `statuses`, seeds averaged: one row per (recipe, step)
+    with n_seeds and its interval (analysis.noise.aggregate_seeds)."""
+    pts = usable_points(evals, x)
+    return aggregate_seeds(pts[pts["status"].isin(statuses)])
+
+
 def frontier_table(evals: pd.DataFrame, x: str,
                    statuses: tuple[str, ...] = FRONTIER_STATUSES,
                    rtol: float = FRONTIER_RTOL) -> pd.DataFrame:
-    """The eval rows on the compute-optimal (Pareto) frontier of error vs x, sorted by x."""
-    pts = usable_points(evals, x)
-    pts = pts[pts["status"].isin(statuses)]
+    """The seed-averaged points on the compute-optimal (Pareto) frontier of error vs x, sorted
+    by x; each keeps n_seeds, num_samples and err_lo/err_hi."""
+    pts = frontier_points(evals, x, statuses)
     idx = F.pareto_frontier(pts[x_column(x)].to_numpy(), pts["error"].to_numpy(), rtol=rtol)
     return pts.iloc[idx].reset_index(drop=True)
 
 
-def fit_frontier(frontier: pd.DataFrame, x: str, *, n_boot: int = 200, seed: int = 0) -> dict:
-    """Bootstrap fit of the law to the frontier, or {"ok": False, "message"} with too few points.
-    Points at zero error are dropped: the law is fitted on log-error."""
+# Why the robust fit is the default, for summary.md.
+WHY = {"huber": ("the default: the frontier is a handful of points picked as minima, so one "
+                 "lucky or mis-logged eval lands on it, and a least-squares fit of 4 constants "
+                 "follows that point by the square of its residual; the Huber loss (delta 1e-3 "
+                 "on log-error, Hoffmann et al. 2022, Sec. 3.3) bounds each point's pull"),
+       "lsq": "chosen with --fit lsq (least squares on log-error)"}
+
+
+def fit_frontier(frontier: pd.DataFrame, x: str, *, n_boot: int = 200, seed: int = 0,
+                 loss: str = "huber") -> dict:
+    """Bootstrap fit of the law to the frontier with `loss` ("huber" or "lsq"), the other loss's
+    point fit for comparison (`alt`), and the top-20 % hold-out check of the chosen fit; or
+    {"ok": False, "message"} with too few points. Points at zero error are dropped: the law is
+    fitted on log-error."""
+    F.check_loss(loss)
     pts = frontier[frontier["error"] > 0]
     n_min = len(F.PARAMS) + 1  # one more than the parameters, so the fit is not an interpolation
     if len(pts) < n_min:
-        return {"ok": False, "n": len(pts), "message": (
+        return {"ok": False, "n": len(pts), "loss": loss, "message": (
             f"only {len(pts)} frontier points with error > 0; need at least {n_min} to fit "
             f"the 4-parameter law (no fit drawn)")}
     compute, error = pts[x_column(x)].to_numpy(), pts["error"].to_numpy()
-    boot = F.bootstrap_fit(compute, error, n_boot=n_boot, seed=seed)
-    extrap = F.extrapolation_check(compute, error)
-    return {"ok": True, "n": len(pts), "boot": boot, "fit": boot["fit"], "extrapolation": extrap}
-
-
-# Per-size points closer than half a decade of compute leave the slope to noise.
-MIN_SIZE_DECADES = 0.5
-
-
-def size_points(frontier: pd.DataFrame, x: str) -> pd.DataFrame:
-    """One row per model size on the frontier: params, the compute range [lo, hi] of its frontier
-    points, their number, and `compute`, the log-midpoint sqrt(lo * hi) of that range.
-
-    The log-midpoint is the centre, on the log axis the line is fitted in, of the range where the
-    size is compute-optimal, however many evals fall in it; its lowest-error point would always
-    be the range's right end, where the next size takes over."""
-    col = x_column(x)
-    pts = frontier.dropna(subset=["params"])
-    out = (pts.groupby("model", sort=False)
-           .agg(params=("params", "median"), compute_lo=(col, "min"), compute_hi=(col, "max"),
-                n_points=(col, "size"))
-           .reset_index())
-    out["compute"] = np.sqrt(out["compute_lo"].astype(float) * out["compute_hi"].astype(float))
-    return out.sort_values("compute", ignore_index=True)
-
-
-def optimal_size_fit(frontier: pd.DataFrame, x: str) -> dict:
-    """Log-log fit params_opt ∝ C^k over one point per frontier size (size_points), so a size
-    with many frontier evals weighs no more than one with a single eval. Returns the points and
-    {"ok": False, "message"} unless two sizes at least MIN_SIZE_DECADES apart are there."""
-    pts = size_points(frontier, x)
-    out = {"points": pts, "n_sizes": len(pts), "n_frontier": int(pts["n_points"].sum())}
-    if len(pts) < 2:
-        names = ", ".join(pts["model"]) or "none"
-        return {**out, "ok": False, "message": (
-            f"only {len(pts)} model size(s) on the frontier ({names}); need at least 2 sizes "
-            "to fit params_opt vs compute (no line drawn)")}
-    span = float(np.log10(pts["compute"].max() / pts["compute"].min()))
-    if span < MIN_SIZE_DECADES:
-        return {**out, "ok": False, "message": (
-            f"the {len(pts)} frontier sizes' points span {span:.2f} decades of compute; need "
-            f"at least {MIN_SIZE_DECADES} to fit params_opt vs compute (no line drawn)")}
-    return {**out, "ok": True, **F.fit_loglinear(pts["compute"], pts["params"])}
+    boot = F.bootstrap_fit(compute, error, n_boot=n_boot, seed=seed, loss=loss)
+    other = "lsq" if loss == "huber" else "huber"
+    alt = F.fit_saturating_power_law(compute, error, loss=other)
+    extrap = F.extrapolation_check(compute, error, loss=loss)
+    grid = np.logspace(np.log10(compute.min()), np.log10(compute.max()), 50)
+    diff = float(np.max(np.abs(F.predict(alt, grid) / F.predict(boot["fit"], grid) - 1)))
+    return {"ok": True, "n": len(pts), "boot": boot, "fit": boot["fit"], "loss": loss,
+            "why": WHY[loss], "alt": alt, "alt_max_rel_diff": diff, "extrapolation": extrap,
+            "outliers": F.outliers(boot["fit"], compute, error)}
 
 
 def size_table(runs: pd.DataFrame, evals: pd.DataFrame, order: list[str], x: str) -> pd.DataFrame:

@@ -26,6 +26,8 @@ Derived columns, and how they are approximated:
 - ``device_hours`` per eval row: final device_hours x wall_s / final wall time, i.e. the run's
   device hours spread in proportion to wall-clock time; without final.json, wall_s / 3600 x
   world_size from plan.json (or config.json), else NaN.
+- ``budget``: the config's FLOPs budget (``flops``), NaN for another kind; ``recipe``: the
+  experiment a run repeats with its seed (analysis.noise.recipe_key); ``num_samples`` is kept.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.checks import eval_row_problem, final_problem
+from analysis.noise import NOT_RECIPE, recipe_key  # noqa: F401 (NOT_RECIPE: part of the API)
 from scaling.results import (
     CONFIG_FILE,
     FINAL_FILE,
@@ -58,14 +62,19 @@ STATUS_RUNNING = "running"
 STATUS_ORDER = ("ok", STATUS_RUNNING, "failed", "diverged")
 EVAL_COLUMNS = (
     "sweep", "run_id", "run", "model", "size", "patch", "status", "seed", "lr", "batch_size",
-    "params", "macs_per_image", "step", "epoch", "images_seen", "flops_seen", "wall_s",
-    "device_hours", "top1", "top5", "loss", "error", "is_final",
+    "budget", "recipe", "params", "macs_per_image", "step", "epoch", "images_seen",
+    "flops_seen", "wall_s", "device_hours", "top1", "top5", "loss", "num_samples", "error",
+    "is_final",
 )
 RUN_COLUMNS = (
     "sweep", "run_id", "run", "model", "size", "patch", "status", "seed", "lr", "batch_size",
-    "params", "macs_per_image", "n_evals", "best_top1", "final_top1", "images_seen",
-    "total_flops", "wall_hours", "device_hours", "message",
+    "budget", "recipe", "params", "macs_per_image", "n_evals", "best_top1", "final_top1",
+    "images_seen", "total_flops", "wall_hours", "device_hours", "message",
 )
+def _budget(config: dict) -> float:
+    """The run's FLOPs budget (config `flops`), NaN when it had another kind of budget."""
+    v = config.get("flops")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
 class NoResultsError(ValueError):
@@ -123,59 +132,6 @@ def _reason(path, e: Exception) -> str:
     if isinstance(e, UnicodeDecodeError):
         return f"not UTF-8 text ({e})"
     return str(e).removeprefix(f"{path}: ")
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _fraction_problem(name: str, v, *, allow_null: bool) -> str | None:
-    """Why `v` is not a fraction in [0, 1] (None if it is)."""
-    if v is None:
-        return None if allow_null else f"{name} is null (a NaN or inf is written as null)"
-    if not _is_number(v):
-        return f"{name}={v!r} is not a number"
-    if math.isnan(v):
-        return f"{name} is NaN"
-    if not 0.0 <= v <= 1.0:
-        return f"{name}={v!r} is outside [0, 1]"
-    return None
-
-
-# A top-5 hit includes the top-1 hit, so top5 >= top1; this allows for rounding only.
-TOP_TOL = 1e-9
-
-
-def eval_row_problem(row: dict) -> str | None:
-    """Why a schema-valid eval row cannot be used (None when it can): see the module docstring."""
-    step = row["step"]
-    if not _is_number(step) or not math.isfinite(step) or step < 0 or step != int(step):
-        return f"step={step!r} is not a whole number >= 0"
-    for name in ("top1", "top5"):
-        problem = _fraction_problem(name, row[name], allow_null=False)
-        if problem:
-            return problem
-    if row["top5"] < row["top1"] - TOP_TOL:
-        return f"top5={row['top5']!r} is below top1={row['top1']!r}"
-    n = row["num_samples"]
-    if n is None:
-        return "num_samples is null"
-    if not _is_number(n) or not math.isfinite(n) or n != int(n) or n <= 0:
-        return f"num_samples={n!r} is not a positive count of images"
-    return None
-
-
-def final_problem(final: dict) -> str | None:
-    """Why a schema-valid final.json cannot be trusted (None when it can). Null top-1/top-5 are
-    allowed: a run that failed before its first eval has none."""
-    for name in ("final_top1", "best_top1", "final_top5"):
-        problem = _fraction_problem(name, final[name], allow_null=True)
-        if problem:
-            return problem
-    best, last = final["best_top1"], final["final_top1"]
-    if best is not None and last is not None and best < last - TOP_TOL:
-        return f"best_top1={best!r} is below final_top1={last!r}"
-    return None
 
 
 def _parse_lines(path: Path, data: bytes, skipped: list[Skipped]) -> list[tuple[int, dict]]:
@@ -284,6 +240,7 @@ def _read_run(run_dir: Path, skipped: list[Skipped]) -> tuple[dict, list[dict]] 
         "run": f"{run_dir.parent.name}/{run_dir.name}", "model": config["model"],
         "size": size, "patch": patch, "status": final.get("status", STATUS_RUNNING),
         "seed": config.get("seed"), "lr": config.get("lr"), "batch_size": config.get("batch_size"),
+        "budget": _budget(config), "recipe": recipe_key(run_dir.parent.name, config),
         "params": final.get("params"), "macs_per_image": final.get("macs_per_image"),
         "n_evals": len(evals), "final_top1": final.get("final_top1"),
         "images_seen": final.get("images_seen"), "total_flops": final.get("total_flops"),
@@ -307,7 +264,8 @@ def _device_hours(run: dict, wall_s: np.ndarray) -> np.ndarray:
 def _eval_frame(run: dict, evals: list[dict]) -> pd.DataFrame:
     """The eval rows of one run as a DataFrame with the run's columns repeated."""
     df = pd.DataFrame(evals).reindex(columns=["step", "epoch", "images_seen", "flops_seen",
-                                              "wall_s", "top1", "top5", "loss"])
+                                              "wall_s", "top1", "top5", "loss",
+                                              "num_samples"])
     df = df.astype(float).sort_values(["step", "images_seen"], kind="stable")
     for key in EVAL_COLUMNS:
         if key in run and key not in df:

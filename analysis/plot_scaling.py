@@ -2,18 +2,19 @@
 
     python analysis/plot_scaling.py [--results results] [--out RESULTS/figures]
         [--metric error|top1] [--x flops|images|device_hours] [--formats png,pdf,svg]
-        [--sweep NAME[,NAME]] [--n-boot 200]
+        [--sweep NAME[,NAME]] [--n-boot 200] [--fit huber|lsq]
 
 Reads every run under --results (layout: scaling/results.py) and benchmark rows from
 RESULTS/bench/*.jsonl, and writes to --out (default: RESULTS/figures):
   <metric>_vs_<x>.*      eval curves per run, coloured by model size, with the Pareto frontier
   scaling_law_fit.*      E = a (C + d)^(-b) + c fitted to the frontier (Zhai et al. 2022, Sec. 2.2)
-                         with a bootstrap band and the hold-out extrapolation check
-  optimal_model_size.*   params of the compute-optimal model vs compute, N_opt ∝ C^k fitted
-                         to one point per model size on the frontier
+                         with the Huber loss (default) and least squares, a bootstrap band and
+                         the hold-out extrapolation check
+  optimal_model_size.*   IsoFLOP profiles per FLOPs budget and N_opt ∝ C^a from their vertices
+                         (Hoffmann et al. 2022, approach 2)
   throughput_mfu.*       images/s and MFU per size (only when benchmark rows exist)
   vit_paper_table6.*     the ViT paper's Fig. 5 redrawn from its Table 6, law fitted to ViT rows
-  evals.csv, evals.parquet, runs.csv, summary.md
+  evals.csv, evals.parquet, runs.csv, summary.md, summary.json
 Exit status: 0 on success, 1 when there is no readable run, 2 on bad flags (one line).
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import matplotlib
 
+from analysis.fit import LOSSES
 from analysis.load import NoResultsError, count_skipped
 from analysis.report import METRICS, analyse
 from analysis.style import FORMATS, X_COLUMNS
@@ -68,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: all runs)")
     p.add_argument("--n-boot", type=int, default=200,
                    help="bootstrap resamples for the fit intervals (default: 200)")
+    p.add_argument("--fit", choices=LOSSES, default="huber",
+                   help="loss of the scaling-law fit: huber (robust, default) or lsq (least "
+                        "squares); the other is reported for comparison")
     args = p.parse_args(argv)
     args.formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     bad = [f for f in args.formats if f not in FORMATS]
@@ -90,12 +95,13 @@ def main(argv=None) -> int:
     out = args.out if args.out is not None else args.results / "figures"
     try:
         report = analyse(args.results, out, metric=args.metric, x=args.x,
-                         formats=args.formats, n_boot=args.n_boot,
+                         formats=args.formats, n_boot=args.n_boot, loss=args.fit,
                          sweeps=[w for w in args.sweep.split(",") if w])
     except NoResultsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for path in report["figures"] + report["tables"] + [report["summary"]]:
+    for path in report["figures"] + report["tables"] + [report["summary"],
+                                                         report["summary_json"]]:
         print(path)
     files, lines = count_skipped(report["skipped"])
     print(f"{files} skipped files, {lines} skipped lines; {len(report['notes'])} notes "

@@ -5,18 +5,23 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from analysis import figures, paper
+from analysis import figures, figures_optimal, paper
+from analysis.fit import check_loss
 from analysis.frontier import (
+    FRONTIER_RTOL,
     fit_frontier,
+    frontier_points,
     frontier_table,
-    optimal_size_fit,
     size_table,
     usable_points,
     x_column,
 )
+from analysis.isoflop import optimal_size
 from analysis.load import load_bench, load_results, model_order, select_sweeps
+from analysis.noise import close_calls
 from analysis.style import FORMATS, save_figure, set_style, size_palette
 from analysis.summary import render
+from analysis.summary_json import write_summary_json
 
 log = logging.getLogger("analysis")
 METRICS = ("top1", "error")
@@ -44,31 +49,38 @@ def _write_tables(res, out: Path) -> list[Path]:
 
 
 def _scaling_figures(report: dict, out: Path, formats, n_boot: int) -> None:
-    """Curves, fit and optimal-size figures from the runs (notes where data are missing)."""
+    """Curves and fit figures from the runs' seed-averaged points (notes where data are
+    missing)."""
     res, x, metric, palette = report["results"], report["x"], report["metric"], report["palette"]
     points = usable_points(res.evals, x)
     frontier = frontier_table(res.evals, x)
-    report["frontier"], report["fit"], report["size_fit"] = frontier, {
-        "ok": False, "message": "no frontier points"}, None
+    report["frontier"], report["fit"] = frontier, {
+        "ok": False, "loss": report["loss"], "message": "no frontier points"}
+    report["close_calls"] = close_calls(frontier_points(res.evals, x), frontier, x_column(x),
+                                        FRONTIER_RTOL)
     if points.empty:
         report["notes"].append(f"no eval point with a top-1 and a positive {x} value: scaling "
                                "figures skipped")
         return
     fig = figures.compute_figure(points, frontier, report["order"], palette, x=x, metric=metric)
     report["figures"] += save_figure(fig, out, f"{metric}_vs_{x}", formats)
-    report["fit"] = fit_frontier(frontier, x, n_boot=n_boot)
+    report["fit"] = fit_frontier(frontier, x, n_boot=n_boot, loss=report["loss"])
     if report["fit"]["ok"]:
         fig = figures.fit_figure(frontier, report["fit"], palette, x=x, metric=metric)
         report["figures"] += save_figure(fig, out, "scaling_law_fit", formats)
     else:
         report["notes"].append(f"scaling-law figure skipped: {report['fit']['message']}")
-    if frontier["params"].notna().any():
-        report["size_fit"] = optimal_size_fit(frontier, x)
-        fig = figures.optimal_size_figure(frontier, palette, report["size_fit"], x=x)
+
+
+def _optimal_figure(report: dict, out: Path, formats, n_boot: int) -> None:
+    """IsoFLOP profiles and N_opt vs C, when some budget has final evals of 2 sizes."""
+    report["optimal"] = optimal_size(report["results"].evals, n_boot=n_boot)
+    pts = report["optimal"]["points"]
+    if len(pts) and pts.groupby("budget")["model"].nunique().max() >= 2:
+        fig = figures_optimal.optimal_size_figure(report["optimal"])
         report["figures"] += save_figure(fig, out, "optimal_model_size", formats)
     else:
-        report["notes"].append("optimal-size figure skipped: no parameter counts "
-                               "(no final.json on the frontier)")
+        report["notes"].append(f"optimal-size figure skipped: {report['optimal']['reason']}")
 
 
 def _other_figures(report: dict, out: Path, formats, n_boot: int) -> None:
@@ -99,10 +111,12 @@ def _remove_stale(report: dict, out: Path) -> None:
 
 
 def analyse(results_dir, out_dir, *, metric: str = "error", x: str = "flops",
-            formats=("png",), n_boot: int = 200, sweeps=None) -> dict:
-    """Run the analysis of `results_dir` (optionally only some sweeps) and write figures, tables
-    and summary.md to `out_dir`. Raises analysis.load.NoResultsError when there is no run."""
+            formats=("png",), n_boot: int = 200, sweeps=None, loss: str = "huber") -> dict:
+    """Run the analysis of `results_dir` (optionally only some sweeps) and write figures, tables,
+    summary.md and summary.json to `out_dir`; the law is fitted with `loss` ("huber", the
+    default, or "lsq"). Raises analysis.load.NoResultsError when there is no run."""
     formats = _check_options(metric, x, formats)
+    check_loss(loss)
     res = load_results(results_dir)
     if sweeps:
         res = select_sweeps(res, sweeps)
@@ -112,7 +126,8 @@ def analyse(results_dir, out_dir, *, metric: str = "error", x: str = "flops",
     set_style()
     order = model_order(res.runs)
     report = {"results": res, "bench": bench, "skipped": res.skipped + bench_skipped,
-              "metric": metric, "x": x, "order": order, "palette": size_palette(order),
+              "metric": metric, "x": x, "loss": loss, "order": order,
+              "palette": size_palette(order),
               "figures": [], "notes": [], "tables": _write_tables(res, out)}
     report["sizes"] = size_table(res.runs, res.evals, order, x)
     if res.runs["sweep"].nunique() > 1:
@@ -121,10 +136,12 @@ def analyse(results_dir, out_dir, *, metric: str = "error", x: str = "flops",
                                f"({', '.join(sorted(set(res.runs['sweep'])))}); use --sweep "
                                "to analyse one")
     _scaling_figures(report, out, formats, n_boot)
+    _optimal_figure(report, out, formats, n_boot)
     _other_figures(report, out, formats, n_boot)
     _remove_stale(report, out)
     report["summary"] = out / "summary.md"
     report["summary"].write_text(render(report))
+    report["summary_json"] = write_summary_json(report, out / "summary.json")
     for note in report["notes"]:
         log.info("note: %s", note)
     return report

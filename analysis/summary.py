@@ -7,28 +7,21 @@ import math
 import pandas as pd
 
 from analysis import fit as F
+from analysis.figures import FIT_NAMES
+from analysis.frontier import x_column
 from analysis.load import count_skipped, status_counts
 from analysis.style import X_UNITS
+from analysis.summary_sections import (
+    _num,
+    _table,
+    frontier_section,
+    isoflop_section,
+    noise_section,
+)
 
 # A rough guide for reading the hold-out error, not a statistical test.
 TRUST = ((0.05, "the law extrapolated well"), (0.15, "the law extrapolated roughly"),
          (math.inf, "the law did not extrapolate; do not trust predictions beyond the data"))
-
-
-def _num(v, fmt: str = ".3g") -> str:
-    """Format a number, with '–' for missing values."""
-    try:
-        if v is None or not math.isfinite(float(v)):
-            return "–"
-    except (TypeError, ValueError):
-        return str(v)
-    return format(float(v), fmt)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
 
 
 def sizes_section(sizes: pd.DataFrame, x: str) -> list[str]:
@@ -41,46 +34,51 @@ def sizes_section(sizes: pd.DataFrame, x: str) -> list[str]:
     return ["## Per model size", "", *_table(head, rows), ""]
 
 
-def fit_section(result: dict, x: str) -> list[str]:
-    """Constants of the law fitted to the frontier, with bootstrap intervals."""
+def _constants(fit: dict, iv: dict | None) -> list[str]:
+    """Each constant, with its interval when there is one."""
+    return [f"{_num(fit[k], '.4g')} [{_num(iv[k][0], '.4g')}, {_num(iv[k][1], '.4g')}]"
+            if iv else _num(fit[k], ".4g") for k in F.PARAMS]
+
+
+def _outliers_line(result: dict, frontier: pd.DataFrame, x: str) -> list[str]:
+    """The frontier points the used fit leaves more than 3 robust sd away."""
+    if not result["outliers"]:
+        return []
+    col = x_column(x)
+    pts = frontier[frontier["error"] > 0].reset_index(drop=True).iloc[result["outliers"]]
+    where = ", ".join(f"{m} at {_num(c)}" for m, c in zip(pts["model"], pts[col]))
+    return [(f"Points more than 3 robust sd (1.4826 MAD of the log-residuals) from the used "
+            f"fit: {where}.")]
+
+
+def fit_section(result: dict, x: str, frontier: pd.DataFrame | None = None) -> list[str]:
+    """Constants of the law fitted to the frontier with the chosen loss (and why), with
+    bootstrap intervals; the other loss's constants; points the used fit set aside."""
     out = ["## Scaling-law fit", "",
            ("E = a (C + d)^(-b) + c (Zhai et al. 2022, Sec. 2.2), fitted on log-error to the "
            f"compute-optimal frontier; C in {X_UNITS[x]}."), ""]
     if not result["ok"]:
         return out + [f"No fit: {result['message']}.", ""]
-    boot, fit = result["boot"], result["fit"]
+    boot, fit, alt = result["boot"], result["fit"], result["alt"]
     level = round(100 * boot["level"])
-    iv = boot["intervals"]
-    rows = [[k, _num(fit[k], ".4g"), f"[{_num(iv[k][0], '.4g')}, {_num(iv[k][1], '.4g')}]"]
-            for k in F.PARAMS]
-    out += _table(["constant", "value", f"{level}% bootstrap interval"], rows)
-    out += ["", (f"{fit['n']} frontier points; RMSE {_num(fit['rmse'], '.3g')} (error units), "
-                f"{boot['n_ok']}/{boot['n_boot']} bootstrap refits ({boot['method']} "
-                f"resampling).")]
+    out += [f"Fit used: **{FIT_NAMES[result['loss']]}**, {result['why']}.", ""]
+    rows = [[f"{FIT_NAMES[result['loss']]} (used)", *_constants(fit, boot["intervals"]),
+             _num(fit["rmse_log"])],
+            [f"{FIT_NAMES[alt['loss']]} (comparison)", *_constants(alt, None),
+             _num(alt["rmse_log"])]]
+    out += _table(["fit", *(f"{k} [{level}% bootstrap]" for k in F.PARAMS),
+                   "RMS log-residual"], rows)
+    out += ["", (f"{fit['n']} frontier points; {boot['n_ok']}/{boot['n_boot']} bootstrap refits "
+                 f"({boot['method']} resampling). The two fits' predictions differ by up to "
+                 f"{100 * result['alt_max_rel_diff']:.1f}% over the data's compute range.")]
+    if frontier is not None:
+        out += _outliers_line(result, frontier, x)
     loose = F.poorly_determined(boot)
     if loose:
         out.append(f"Poorly determined by these {fit['n']} points: {', '.join(loose)} (a or d "
                    "spanning more than 10x, b or c an interval wider than the value); read the "
                    "curve as a description of the data, not a law to extrapolate.")
     return out + [""]
-
-
-def size_fit_section(size_fit: dict | None, x: str) -> list[str]:
-    """params_opt ∝ C^k, fitted to one point per frontier size, and those points."""
-    out = ["## Compute-optimal model size", ""]
-    if size_fit is None:
-        return out + ["Not fitted: no parameter counts on the frontier.", ""]
-    sp = size_fit["points"]
-    rows = [[r.model, _num(r.params), r.n_points, _num(r.compute_lo), _num(r.compute_hi),
-             _num(r.compute)] for r in sp.itertuples()]
-    out += _table(["model", "params", "frontier points", f"first ({X_UNITS[x]})",
-                   f"last ({X_UNITS[x]})", "log-midpoint"], rows) + [""]
-    if not size_fit["ok"]:
-        return out + [f"Not fitted: {size_fit['message']}.", ""]
-    return out + [(f"params_opt ≈ {_num(size_fit['y_ref'])} × (C / {_num(size_fit['x_ref'])})"
-                   f"^{size_fit['k']:.3f}: least squares in log-log space over {size_fit['n']} "
-                   f"model sizes, one point each (the log-midpoint of its frontier range; "
-                   f"{size_fit['n_frontier']} frontier points in all)."), ""]
 
 
 def extrapolation_section(result: dict) -> list[str]:
@@ -95,7 +93,8 @@ def extrapolation_section(result: dict) -> list[str]:
             for c, e, p, r in zip(ex["holdout_compute"], ex["holdout_error"],
                                   ex["holdout_pred"], ex["rel_error"])]
     verdict = next(text for bound, text in TRUST if ex["mean_abs_rel_error"] < bound)
-    out += [(f"Fit on the {ex['n_train']} lowest-compute frontier points, then predicted the "
+    out += [(f"The {FIT_NAMES[ex['loss']]} fit on the {ex['n_train']} lowest-compute frontier "
+             "points, then predicted the "
             f"{ex['n_holdout']} largest-compute ones "
             f"(top {round(100 * ex['holdout_fraction'])}%):"),
             "", *_table(["compute", "error (%)", "predicted (%)", "relative error"], rows), "",
@@ -142,9 +141,11 @@ def render(report: dict) -> str:
              f"{len(res.evals)} eval points, {files} skipped files, {skipped_lines} skipped "
              "lines."), "",
              *sizes_section(report["sizes"], report["x"]),
-             *fit_section(report["fit"], report["x"]),
-             *size_fit_section(report["size_fit"], report["x"]),
+             *noise_section(report["frontier"], report["close_calls"], report["x"]),
+             *frontier_section(report["frontier"], x_column(report["x"]), report["x"]),
+             *fit_section(report["fit"], report["x"], report["frontier"]),
              *extrapolation_section(report["fit"]),
+             *isoflop_section(report["optimal"]),
              *paper_section(report["paper_fits"]),
              *status_section(res.runs, report["skipped"]),
              "## Figures", ""]

@@ -8,12 +8,17 @@ E = a (C + d)^(-b) + c (Zhai et al. 2022, Sec. 2.2) up to the penalty and the no
 smallest size has no penalty below its C_s and the largest none above (no other size could beat
 them there), so the frontier follows the law at both ends too.
 
-    python -m analysis.synthetic OUT_DIR
+A second kind, an IsoFLOP sweep (write_isoflop_results), trains every size at every FLOPs
+budget (config `flops`) and several seeds, with errors from a Chinchilla-form law whose
+compute-optimal size N_opt ∝ C^0.5 is known (ISOFLOP_LAW).
+
+    python -m analysis.synthetic OUT_DIR [--kind isoflop|curves] [--seeds 2]
     python analysis/plot_scaling.py --results OUT_DIR
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -35,10 +40,11 @@ def law(compute, p: dict = TRUE_LAW) -> np.ndarray:
     return p["a"] * (np.asarray(compute, dtype=float) + p["d"]) ** (-p["b"]) + p["c"]
 
 
-def _config(model: str, seed: int) -> dict:
-    """A run config with the keys the analysis reads."""
-    return {"model": model, "seed": seed, "lr": 1e-3, "batch_size": 256, "steps": 1000,
-            "world_size": 8}
+def _config(model: str, seed: int, **budget) -> dict:
+    """A run config with the keys the analysis reads; `budget` (e.g. flops=1e18) replaces the
+    default steps=1000."""
+    return {"model": model, "seed": seed, "lr": 1e-3, "batch_size": 256,
+            **(budget or {"steps": 1000}), "world_size": 8}
 
 
 def _final(model, params, macs, evals: list[dict], status: str, error=None) -> dict:
@@ -55,7 +61,7 @@ def _final(model, params, macs, evals: list[dict], status: str, error=None) -> d
 
 
 def _evals(macs: float, c_opt: float, rng, *, n: int, noise: float, penalty: float,
-           shift: float = 0.0, edge: str = "") -> list:
+           shift: float = 0.0, edge: str = "", outliers: dict | None = None) -> list:
     """Eval rows of one run spanning about C_s / 100 .. C_s * 10 in compute (shifted by `shift`
     decades, so that sizes are not evaluated at identical computes)."""
     flops = np.logspace(np.log10(c_opt) - 2 + shift, np.log10(c_opt) + 1 + shift, n)
@@ -67,7 +73,10 @@ def _evals(macs: float, c_opt: float, rng, *, n: int, noise: float, penalty: flo
     elif edge == "largest":  # no larger model exists: it is the optimal one above its C_s
         dist = np.minimum(dist, 0.0)
     err = law(flops) * (1 + penalty * dist ** 2)
-    err = np.clip(err * np.exp(rng.normal(0.0, noise, n)), 1e-4, 0.999)
+    err = err * np.exp(rng.normal(0.0, noise, n))
+    for i, factor in (outliers or {}).items():  # eval index -> factor on its error
+        err[i] *= factor
+    err = np.clip(err, 1e-4, 0.999)
     rows = []
     for i, (im, fl, e) in enumerate(zip(images, flops, err)):
         rows.append({"kind": "eval", "step": (i + 1) * 100, "epoch": float(im) / 1e6,
@@ -77,11 +86,13 @@ def _evals(macs: float, c_opt: float, rng, *, n: int, noise: float, penalty: flo
     return rows
 
 
-def write_run(run_dir, model, params, macs, evals, *, status="ok", seed=0, error=None) -> Path:
-    """Write config.json, metrics.jsonl and (unless status is "running") final.json."""
+def write_run(run_dir, model, params, macs, evals, *, status="ok", seed=0, error=None,
+              config: dict | None = None) -> Path:
+    """Write config.json (the keys of `config` added to or replacing the defaults),
+    metrics.jsonl and (unless status is "running") final.json."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", _config(model, seed))
+    write_json(run_dir / "config.json", {**_config(model, seed), **(config or {})})
     for row in evals:
         append_metrics(run_dir, row)
     if status != "running":
@@ -91,19 +102,84 @@ def write_run(run_dir, model, params, macs, evals, *, status="ok", seed=0, error
 
 def write_synthetic_results(root, *, sweep: str = "synth", n_evals: int = 10,
                             noise: float = 0.01, penalty: float = 0.1, seed: int = 0,
-                            sizes=SIZES) -> dict:
-    """One run per size under root/sweep/, optimal computes one decade apart from 1e16 FLOPs.
+                            sizes=SIZES, outliers: dict | None = None) -> dict:
+    """One run per size under root/sweep/, optimal computes one decade apart from 1e16 FLOPs;
+    `outliers` maps (model, eval index) to a factor on that eval's error (an injected fault).
     Returns {"law": the true constants, "runs": {model: run dir}}."""
+    outliers = outliers or {}
     rng = np.random.default_rng(seed)
     runs = {}
     for i, (model, params, macs) in enumerate(sizes):
         evals = _evals(macs, 1e16 * 10.0 ** i, rng, n=n_evals, noise=noise, penalty=penalty,
                        shift=0.1 * (i % 3),
-                       edge="smallest" if i == 0 else "largest" if i == len(sizes) - 1 else "")
+                       edge="smallest" if i == 0 else "largest" if i == len(sizes) - 1 else "",
+                       outliers={j: f for (m, j), f in outliers.items() if m == model})
         run_id = f"{model.replace('/', '-')}_s{seed}"
         runs[model] = write_run(Path(root) / sweep / run_id, model, params, macs, evals,
                                 seed=seed)
     return {"law": dict(TRUE_LAW), "runs": runs}
+
+
+# The IsoFLOP sweep's truth: error(N, C) = e_inf + t_ref ((N / n_ref)^-alpha + (D / d_ref)^-beta)
+# with D = C / (6 N) (Hoffmann et al. 2022's C = 6 N D, Sec. 3.3) and d_ref = c_ref / (6 n_ref).
+# At fixed C the two terms balance at N_opt = n_ref (C / c_ref)^(beta / (alpha + beta))
+# (their Eq. 4), so the exponent a of N_opt ∝ C^a is 0.5 here, and n_ref is N_opt at c_ref.
+ISOFLOP_LAW = {"e_inf": 0.1, "t_ref": 0.1, "alpha": 0.3, "beta": 0.3, "n_ref": 6e7,
+               "c_ref": 1e19}
+ISOFLOP_BUDGETS = (1e18, 3.16e18, 1e19, 3.16e19, 1e20)
+
+
+def isoflop_error(params, compute, p: dict = ISOFLOP_LAW) -> np.ndarray:
+    """The IsoFLOP sweep's true error of a model of `params` trained with `compute` FLOPs."""
+    n = np.asarray(params, dtype=float)
+    d = np.asarray(compute, dtype=float) / (6.0 * n)
+    d_ref = p["c_ref"] / (6.0 * p["n_ref"])
+    return p["e_inf"] + p["t_ref"] * ((n / p["n_ref"]) ** -p["alpha"]
+                                      + (d / d_ref) ** -p["beta"])
+
+
+def optimal_params(compute, p: dict = ISOFLOP_LAW) -> np.ndarray:
+    """The true N_opt(C) of the IsoFLOP sweep."""
+    a = p["beta"] / (p["alpha"] + p["beta"])
+    return p["n_ref"] * (np.asarray(compute, dtype=float) / p["c_ref"]) ** a
+
+
+def _budget_evals(params, macs, budget, rng, *, noise: float, batch: int = 256) -> list:
+    """Eval rows of one run of a FLOPs budget: whole steps of `batch` images (so slightly
+    under the budget, as scaling.config.resolve_steps does), evals at 1/4, 1/2, 3/4 and the end;
+    an eval before the end is 10 % x (1 - fraction) worse (the schedule has not decayed)."""
+    steps = int(budget // (6.0 * macs * batch))
+    rows, shift = [], rng.normal(0.0, noise)  # one draw per run: a seed's luck
+    for frac in (0.25, 0.5, 0.75, 1.0):
+        step = max(1, round(frac * steps))
+        images = step * batch
+        flops = 6.0 * macs * images
+        err = isoflop_error(params, flops) * (1 + 0.1 * (1 - frac)) * np.exp(shift)
+        err = float(np.clip(err, 1e-4, 0.999))
+        rows.append({"kind": "eval", "step": step, "epoch": images / 1.28e6,
+                     "images_seen": images, "flops_seen": flops, "wall_s": flops / 1e15,
+                     "loss": 2.5 * err, "top1": 1 - err, "top5": 1 - err / 3,
+                     "num_samples": 50_000})
+    return rows
+
+
+def write_isoflop_results(root, *, sweep: str = "isoflop", budgets=ISOFLOP_BUDGETS,
+                          sizes=SIZES, seeds=(0,), noise: float = 0.01, seed: int = 0) -> dict:
+    """A sweep of sizes x FLOPs budgets x seeds (config `flops`), errors from ISOFLOP_LAW with
+    `noise` (log-normal, one draw per run). Returns {"law", "exponent", "runs"}."""
+    rng = np.random.default_rng(seed)
+    runs = {}
+    for model, params, macs in sizes:
+        for budget in budgets:
+            for s in seeds:
+                evals = _budget_evals(params, macs, budget, rng, noise=noise)
+                run_id = f"{model.replace('/', '-')}_f{budget:.3g}_s{s}"
+                runs[(model, budget, s)] = write_run(
+                    Path(root) / sweep / run_id, model, params, macs, evals, seed=s,
+                    config={"flops": budget, "steps": None})
+    law_ = dict(ISOFLOP_LAW)
+    return {"law": law_, "exponent": law_["beta"] / (law_["alpha"] + law_["beta"]),
+            "runs": runs}
 
 
 def write_bench(root, sizes=SIZES) -> Path:
@@ -124,8 +200,23 @@ def write_bench(root, sizes=SIZES) -> Path:
     return path
 
 
+def main(argv=None) -> int:
+    """python -m analysis.synthetic OUT_DIR [--kind isoflop|curves] [--seeds 2]"""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", nargs="?", type=Path, default=Path("results/synthetic"))
+    p.add_argument("--kind", choices=("isoflop", "curves"), default="isoflop",
+                   help="isoflop: sizes x FLOPs budgets x seeds (default); curves: one long "
+                        "run per size")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per run of --kind isoflop")
+    args = p.parse_args(argv)
+    if args.kind == "isoflop":
+        info = write_isoflop_results(args.out, seeds=tuple(range(args.seeds)))
+    else:
+        info = write_synthetic_results(args.out)
+    write_bench(args.out)
+    print(f"wrote {len(info['runs'])} runs and a benchmark file under {args.out}")
+    return 0
+
+
 if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "results/synthetic")
-    info = write_synthetic_results(out)
-    write_bench(out)
-    print(f"wrote {len(info['runs'])} runs and a benchmark file under {out}")
+    sys.exit(main())

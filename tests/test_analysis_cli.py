@@ -9,7 +9,12 @@ from PIL import Image
 
 from analysis import paper, plot_scaling
 from analysis.report import analyse
-from analysis.synthetic import write_bench, write_run, write_synthetic_results
+from analysis.synthetic import (
+    write_bench,
+    write_isoflop_results,
+    write_run,
+    write_synthetic_results,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("error_vs_flops", "scaling_law_fit", "optimal_model_size", "throughput_mfu",
@@ -23,7 +28,7 @@ def _cli(*args, cwd=REPO):
 
 def test_cli_writes_every_figure_and_summary(tmp_path):
     results, out = tmp_path / "results", tmp_path / "out"
-    write_synthetic_results(results)
+    write_isoflop_results(results, sweep="synth", seeds=(0, 1))  # sizes x budgets x seeds
     write_bench(results)
     (results / "synth" / "broken").mkdir()
     (results / "synth" / "broken" / "config.json").write_text("{")
@@ -35,10 +40,12 @@ def test_cli_writes_every_figure_and_summary(tmp_path):
             assert path.stat().st_size > 10_000, path
         with Image.open(out / f"{name}.png") as im:
             assert round(im.info["dpi"][0]) == 300
-    for table in ("evals.csv", "evals.parquet", "runs.csv"):
+    for table in ("evals.csv", "evals.parquet", "runs.csv", "summary.json"):
         assert (out / table).stat().st_size > 0
     summary = (out / "summary.md").read_text()
-    for section in ("## Per model size", "## Scaling-law fit", "## Extrapolation check",
+    for section in ("## Per model size", "## Measurement noise", "## Frontier points",
+                    "## Scaling-law fit", "## Extrapolation check",
+                    "## Compute-optimal model size (IsoFLOP profiles)",
                     "## Reference: ViT paper Table 6", "## Runs", "Skipped files: 1"):
         assert section in summary
     assert "synth/broken/config.json" in summary and "synth/broken/config.json" in proc.stderr
@@ -70,9 +77,11 @@ def test_few_runs_and_no_bench_give_notes_not_crashes(tmp_path):
     report = analyse(tmp_path, tmp_path / "out", metric="top1", x="images", n_boot=10)
     assert not stale.exists()
     names = {p.name for p in report["figures"]}
-    assert names == {"top1_vs_images.png", "optimal_model_size.png", "vit_paper_table6.png"}
+    # no run has a FLOPs budget: no IsoFLOP profile, so no optimal-size figure (said why)
+    assert names == {"top1_vs_images.png", "vit_paper_table6.png"}
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "No fit: only" in summary and "throughput/MFU figure skipped" in summary
+    assert "optimal-size figure skipped: no finished run with a FLOPs budget" in summary
     assert "| 2 | 1 | 0 | 0 |" in summary  # ok, running, failed, diverged
 
 
