@@ -18,3 +18,15 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
         if isinstance(default, bool) or isinstance(action, argparse.BooleanOptionalAction):
             default = "on" if default else "off"
         return f"{text} (default: {default})"
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (exit 2), without the usage block, and
+    whose help shows defaults (DefaultsHelpFormatter)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

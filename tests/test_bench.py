@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from scaling import bench, bench_overhead
-from scaling.bench_overhead import first_window_excess
-from scaling.bench_zero import StorageCounter, paper_bytes, state_bytes
+from launchers import bench_overhead
+from launchers.bench_overhead import first_window_excess
+from scaling.bench import throughput as bench
+from scaling.bench.zero import StorageCounter, paper_bytes, state_bytes
 from scaling.flops import param_count, training_flops
 from scaling.model import vit_config
 
@@ -26,11 +27,11 @@ SCHEMA = ("model", "impl", "images_per_s", "step_s", "tflops", "mfu", "mem_gb", 
 MICRO = ["--sizes", "mu/4", "--image-size", "16", "--num-classes", "10"]
 
 
-def run_cli(args, timeout=300):
+def run_cli(args, timeout=300, module="scaling.bench"):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "scaling.bench", *args], env=env,
+    proc = subprocess.run([sys.executable, "-m", module, *args], env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -158,9 +159,9 @@ def test_first_window_excess_is_startup_beyond_median_pace():
 @pytest.mark.slow
 def test_overhead_mode_runs_a_demo_both_ways(tmp_path):
     out = tmp_path / "overhead.jsonl"
-    run_cli(["--overhead", "--sizes", "mu/4", "--steps", "30", "--batch-size", "32", "--data",
+    run_cli(["--sizes", "mu/4", "--steps", "30", "--batch-size", "32", "--data",
              "digits", "--work-dir", str(tmp_path), "--train-args", "--log-every 5",
-             "--out", str(out)])
+             "--out", str(out)], module="launchers.bench_overhead")
     rows = read_rows(out)
     assert [r["launch"] for r in rows] == ["fork", "process"]
     for row in rows:

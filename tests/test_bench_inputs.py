@@ -1,5 +1,6 @@
-"""Bad `python -m scaling.bench` inputs fail before any benchmark runs: exit 2, one stderr line
-naming the flag, nothing written. Through the real CLI in a subprocess (torch import only)."""
+"""Bad `python -m scaling.bench` (and `python -m launchers.bench_overhead`) inputs fail before
+any benchmark runs: exit 2, one stderr line naming the flag, nothing written. Through the real
+CLI in a subprocess (torch import only)."""
 
 import os
 import subprocess
@@ -8,26 +9,29 @@ from pathlib import Path
 
 import pytest
 
-from scaling import bench_env
+from scaling.bench import env as bench_env
 
 MICRO = ["--image-size", "16", "--num-classes", "10", "--batch-size", "2", "--steps", "1",
          "--warmup", "0", "--rounds", "1"]
 
 
-def bench_cli(args, cwd=None):
+OVERHEAD = "launchers.bench_overhead"
+
+
+def bench_cli(args, cwd=None, module="scaling.bench"):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    return subprocess.run([sys.executable, "-m", "scaling.bench", *map(str, args)], env=env,
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env,
                           cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
 
 
-def assert_rejected(proc, *named):
+def assert_rejected(proc, *named, prog="scaling.bench"):
     """Exit 2, exactly one stderr line naming each of `named`, and no benchmark output."""
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("python -m scaling.bench: error: ")
+    assert lines[0].startswith(f"python -m {prog}: error: ")
     for text in named:
         assert text in lines[0], lines[0]
     assert proc.stdout == ""  # no row printed, no "rows appended"
@@ -50,32 +54,40 @@ def test_bad_sizes_fail_naming_sizes_and_write_nothing(tmp_path, sizes, expected
     assert not out.exists()
 
 
-@pytest.mark.parametrize("mode", [["--overhead"], ["--zero-memory"]])
-def test_other_modes_check_sizes_too(tmp_path, mode):
+def test_zero_memory_mode_checks_sizes_too(tmp_path):
     out = tmp_path / "rows.jsonl"
-    assert_rejected(bench_cli([*mode, "--sizes", ",", "--out", out]), "--sizes ',' names no")
+    assert_rejected(bench_cli(["--zero-memory", "--sizes", ",", "--out", out]),
+                    "--sizes ',' names no")
     assert not out.exists()
+
+
+def test_the_overhead_mode_moved_with_a_pointer():
+    assert_rejected(bench_cli(["--overhead"]), "python -m launchers.bench_overhead")
 
 
 def test_overhead_takes_one_size_and_sane_train_args(tmp_path):
     out = tmp_path / "overhead.jsonl"
-    assert_rejected(bench_cli(["--overhead", "--sizes", "mu/4,m2/4", "--out", out]),
-                    "--overhead runs one model", "mu/4,m2/4")
-    assert_rejected(bench_cli(["--overhead", "--train-args", '--log-every "5', "--out", out]),
-                    "--train-args", "No closing quotation")
+    for sizes in ("mu/4,m2/4", ","):
+        assert_rejected(bench_cli(["--sizes", sizes, "--out", out], module=OVERHEAD),
+                        "runs one model", repr(sizes), prog=OVERHEAD)
+    assert_rejected(bench_cli(["--train-args", '--log-every "5', "--out", out], module=OVERHEAD),
+                    "No closing quotation", prog=OVERHEAD)
     afile = tmp_path / "afile"
     afile.write_text("x")
-    assert_rejected(bench_cli(["--overhead", "--work-dir", afile, "--out", out]),
-                    f"--work-dir {afile} exists and is not a directory")
+    assert_rejected(bench_cli(["--work-dir", afile, "--out", out], module=OVERHEAD),
+                    f"--work-dir {afile} exists and is not a directory", prog=OVERHEAD)
     assert not out.exists() and afile.read_text() == "x"
 
 
-@pytest.mark.parametrize("mode", [[], ["--zero-memory"], ["--overhead"]])
+@pytest.mark.parametrize("mode", [[], ["--zero-memory"], ["overhead"]])
 def test_out_a_directory_is_rejected_before_any_work(tmp_path, mode):
-    sizes = [] if mode == ["--overhead"] else ["--sizes", "mu/4"]
     work = tmp_path / "work"
-    proc = bench_cli([*mode, *sizes, *MICRO, "--work-dir", work, "--out", tmp_path])
-    assert_rejected(proc, f"--out {tmp_path} is a directory")
+    if mode == ["overhead"]:
+        proc = bench_cli(["--work-dir", work, "--out", tmp_path], module=OVERHEAD)
+        assert_rejected(proc, f"--out {tmp_path} is a directory", prog=OVERHEAD)
+    else:
+        proc = bench_cli([*mode, "--sizes", "mu/4", *MICRO, "--out", tmp_path])
+        assert_rejected(proc, f"--out {tmp_path} is a directory")
     assert sorted(tmp_path.iterdir()) == []  # no work dir, no data, no rows
 
 
@@ -118,7 +130,7 @@ def test_the_default_out_is_checked_too(tmp_path):
     """Without --out rows go to results/bench/... under the working dir; that is checked too."""
     (tmp_path / "results").write_text("not a folder")
     line = assert_rejected(bench_cli(["--sizes", "mu/4", *MICRO], cwd=tmp_path),
-                           "the default --out results/bench/bench.jsonl cannot be created")
+                           "the default --out results/bench/local/bench.jsonl cannot be created")
     assert "results is not a directory" in line
 
 

@@ -9,13 +9,13 @@ import tarfile
 
 import pytest
 
+from scaling.bench.loader import main as bench_main
 from scaling.data import (
     DataError,
     load_dataset_info,
     make_eval_loader,
     make_train_loader,
 )
-from scaling.data.bench_loader import main as bench_main
 from scaling.data.make_shards import make_shards
 
 

@@ -1,7 +1,7 @@
 """Loader throughput: images/s of decode + augment + batching, total and per worker.
 
-    python -m scaling.data.bench_loader --generate-jpeg 2000 --workers 0,1,2 --batches 20
-    python -m scaling.data.bench_loader --data DIR --image-size 224 --workers 0,2,4,8
+    python -m scaling.bench.loader --generate-jpeg 2000 --workers 0,1,2 --batches 20
+    python -m scaling.bench.loader --data DIR --image-size 224 --workers 0,2,4,8
 
 `--generate-jpeg N` writes N shapes images at 224 px as JPEG shards (cached in --gen-dir), the
 stand-in for ImageNet-like 224 px JPEGs on a machine without ImageNet. The first batch of each
@@ -61,7 +61,7 @@ def bench(data: str | os.PathLike, *, workers: int, batches: int, batch_size: in
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
-    p = argparse.ArgumentParser(prog="python -m scaling.data.bench_loader", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m scaling.bench.loader", description=__doc__,
                                 formatter_class=DefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="a shard directory (dataset.json)")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'workers' if w else 'main process'} ({r['images']} images in "
                   f"{r['seconds']} s)")
     except (DataError, ValueError) as e:
-        print(f"bench_loader: error: {e}", file=sys.stderr)
+        print(f"python -m scaling.bench.loader: error: {e}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)

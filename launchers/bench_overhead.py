@@ -1,7 +1,7 @@
 """Sweep overhead: the share of a training run's wall time spent outside optimizer steps.
 
-    python -m scaling.bench --overhead [--sizes m2/4] [--steps 4000] [--batch-size 64]
-                            [--data digits] [--launch both|fork|process] [--train-args "..."]
+    python -m launchers.bench_overhead [--sizes m2/4] [--steps 4000] [--batch-size 64]
+                                   [--data digits] [--launch both|fork|process] [--train-args "..."]
 
 A demo run: the demo preset's recipe (launchers.presets.demo: its training flags, learning rate,
 built-in data and one torch thread, as `--cluster local` gives each of its 2 parallel runs on 2
@@ -23,6 +23,7 @@ much longer the first logging window took than the median window.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import statistics
@@ -32,8 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from scaling import bench_env, results
+from scaling import results
+from scaling.bench import env as bench_env
+from scaling.clihelp import OneLineErrorParser
 from scaling.dist import fresh_env
+from scaling.model import vit_config
 
 DEFAULT_OUT = "results/bench/local/overhead.jsonl"  # git-ignored
 DEFAULT_MODEL = "m2/4"
@@ -109,13 +113,12 @@ def run_forked(server, argv: list[str], log: Path) -> float:
 
 
 def run_overhead(args) -> int:
-    """The --overhead mode: one demo run per launch path; rows printed and appended."""
+    """One demo run per launch path; rows printed and appended to args.out."""
     from launchers import zygote
     from launchers.presets import demo
     from scaling.data import make_builtin_shards
 
-    model = args.size_list[0] if args.size_list else DEFAULT_MODEL
-    steps, batch = args.steps or DEFAULT_STEPS, args.batch_size or DEFAULT_BATCH
+    model, steps, batch = args.sizes, args.steps, args.batch_size
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="vit-overhead-"))
     t0 = time.perf_counter()
     info = make_builtin_shards(args.data, work / args.data, **demo().data_args)
@@ -152,7 +155,7 @@ def run_overhead(args) -> int:
         }
         _print(row)
         rows.append(row)
-    path = bench_env.append_rows(args.out or DEFAULT_OUT, rows)
+    path = bench_env.append_rows(args.out, rows)
     print(f"{len(rows)} row(s) appended to {path}")
     return 0
 
@@ -178,3 +181,45 @@ def _print(row: dict) -> None:
         print(f"  {name:>17} {seconds:8.2f} s  {seconds / row['process_s']:6.1%}")
     print(f"  of which the first log window's excess over the median pace: "
           f"{row['first_window_excess_s']:.2f} s")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The CLI; a bad value exits with code 2 and one line naming the flag, before any work."""
+    p = OneLineErrorParser(prog="python -m launchers.bench_overhead",
+                           description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default=DEFAULT_MODEL, help="the one ViT of the demo run")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="the run's optimizer steps")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="global batch")
+    p.add_argument("--data", default="digits", choices=("digits", "shapes"),
+                   help="built-in data set (the demo preset's: digits)")
+    p.add_argument("--launch", default="both", choices=("both", "fork", "process"),
+                   help="start the run as --cluster local does (fork), as a SLURM task does "
+                   "(process), or both")
+    p.add_argument("--work-dir", help="data and run folder (default: a temp dir)")
+    p.add_argument("--train-args", default="", help="extra scaling.train flags")
+    p.add_argument("--out", default=DEFAULT_OUT, help="JSON-lines file to append to "
+                   "(git-ignored by default)")
+    args = p.parse_args(argv)
+    if "," in args.sizes or not args.sizes.strip():
+        p.error(f"--sizes {args.sizes!r}: the overhead benchmark runs one model")
+    try:
+        vit_config(args.sizes)
+        shlex.split(args.train_args)
+        for name in ("steps", "batch_size"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if args.work_dir and Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
+            raise ValueError(f"--work-dir {args.work_dir} exists and is not a directory")
+        bench_env.check_out(args.out, "--out")
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    return run_overhead(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

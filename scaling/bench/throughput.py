@@ -1,8 +1,7 @@
 """Training-throughput benchmark of our ViT next to a peer; the entry point of every bench mode.
 
     python -m scaling.bench --sizes Ti/16,S/16 --peer transformers [--precision bf16] [--compile]
-    python -m scaling.bench --zero-memory --sizes S/16     # per-rank ZeRO state (bench_zero)
-    python -m scaling.bench --overhead                     # time outside steps (bench_overhead)
+    python -m scaling.bench --zero-memory --sizes S/16     # per-rank ZeRO state (zero.py)
 
 Throughput: per size, each implementation is built and warmed up (its peak memory measured
 then), and then timed in rounds that alternate ours and the peer in ABBA order, so that a drift
@@ -17,21 +16,21 @@ per image), per device, and MFU uses the device's bf16 peak. Rows follow docs/ar
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from scaling import bench_env, bench_overhead, bench_zero, dist
-from scaling.bench_peer import PEERS, peer_model
-from scaling.bench_zero import StorageCounter, count_engine
-from scaling.clihelp import DefaultsHelpFormatter
+from scaling import dist
+from scaling.bench import env as bench_env
+from scaling.bench import zero as bench_zero
+from scaling.bench.peer import PEERS, peer_model
+from scaling.bench.zero import StorageCounter, count_engine
+from scaling.clihelp import OneLineErrorParser
 from scaling.flops import forward_macs, mfu, param_count, peak_tflops, training_flops
 from scaling.model import ViTConfig, create_model, vit_config
 
@@ -39,25 +38,15 @@ LR = 1e-4  # any small rate: the benchmark measures speed, not learning
 WEIGHT_DECAY = 0.05
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (exit 2), without the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The CLI; a bad value exits with code 2 and one line naming the flag, before any work."""
-    p = _Parser(prog="python -m scaling.bench", description=__doc__.split("\n")[0],
-                formatter_class=DefaultsHelpFormatter)
+    p = OneLineErrorParser(prog="python -m scaling.bench", description=__doc__.split("\n")[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--zero-memory", action="store_true",
                       help="per-rank ZeRO 0-3 model state vs the ZeRO paper (2 gloo processes)")
-    mode.add_argument("--overhead", action="store_true",
-                      help="run a demo training run and report wall time outside steps")
+    mode.add_argument("--overhead", action="store_true", help=argparse.SUPPRESS)  # moved
     p.add_argument("--sizes", help="comma-separated ViT names, e.g. Ti/16,S/16,B/16")
-    p.add_argument("--batch-size", type=int, help="images per rank per step (default 32; "
-                   "overhead mode: the run's global batch, default 64)")
+    p.add_argument("--batch-size", type=int, help="images per rank per step (default 32)")
     p.add_argument("--image-size", type=int, default=224, help="input resolution, pixels")
     p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs")
     p.add_argument("--precision", choices=("fp32", "bf16"),
@@ -65,8 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0,
                    help="ZeRO stage (implies --deepspeed)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--steps", type=int, help="timed steps per round (default 10; overhead "
-                   "mode: the run's optimizer steps)")
+    p.add_argument("--steps", type=int, help="timed steps per round (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the rounds")
     p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per model")
     p.add_argument("--peer", choices=PEERS, help="also time this implementation")
@@ -79,15 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     eng.add_argument("--bare", dest="engine", action="store_const", const="bare",
                      help="plain PyTorch: autocast, torch AdamW (default unless --zero > 0)")
     p.add_argument("--world", type=int, default=2, help="zero-memory mode: processes")
-    p.add_argument("--data", default="digits", choices=("digits", "shapes"),
-                   help="overhead mode: built-in data set (the demo preset's: digits)")
-    p.add_argument("--launch", default="both", choices=("both", "fork", "process"),
-                   help="overhead mode: start the run as --cluster local does (fork), as a "
-                   "SLURM task does (process), or both")
-    p.add_argument("--work-dir", help="overhead mode: data and run folder (default: a temp dir)")
-    p.add_argument("--train-args", default="", help="overhead mode: extra scaling.train flags")
     p.add_argument("--out", help="JSON-lines file to append to (default: results/bench/"
-                   "local/bench.jsonl, zero_memory.jsonl or overhead.jsonl by mode; git-ignored, "
+                   "local/bench.jsonl or zero_memory.jsonl by mode; git-ignored, "
                    "unlike the reference rows in results/bench/*.jsonl)")
     args = p.parse_args(argv)
     _check(p, args)
@@ -99,7 +80,9 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.engine = "deepspeed" if args.zero else "bare"
     if args.engine == "bare" and args.zero:
         p.error(f"--zero {args.zero} needs DeepSpeed: drop --bare")
-    if not args.overhead and not args.sizes:
+    if args.overhead:
+        p.error("the overhead benchmark moved: python -m launchers.bench_overhead [--sizes m2/4]")
+    if not args.sizes:
         p.error("--sizes is required (e.g. --sizes Ti/16,S/16)")
     _check_sizes(p, args)
     for name in ("batch_size", "steps", "rounds", "image_size", "num_classes", "world",
@@ -114,14 +97,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             vit_config(name, image_size=args.image_size, num_classes=args.num_classes)
         except ValueError as e:
             p.error(f"--sizes: {e}")
-    try:
-        shlex.split(args.train_args)
-    except ValueError as e:
-        p.error(f"--train-args {args.train_args!r} cannot be split into flags ({e})")
-    if args.work_dir and Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
-        p.error(f"--work-dir {args.work_dir} exists and is not a directory")
-    default = (bench_zero.DEFAULT_OUT if args.zero_memory else
-               bench_overhead.DEFAULT_OUT if args.overhead else bench_env.DEFAULT_OUT)
+    default = bench_zero.DEFAULT_OUT if args.zero_memory else bench_env.DEFAULT_OUT
     try:  # before any work: an hour of benchmarking must not end in an unwritable file
         bench_env.check_out(args.out or default, "--out" if args.out else "the default --out")
     except ValueError as e:
@@ -141,8 +117,6 @@ def _check_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         p.error(f"--sizes names {', '.join(twice)} more than once")
-    if args.overhead and len(names) > 1:
-        p.error(f"--overhead runs one model; --sizes names {len(names)}: {args.sizes}")
     args.size_list = names
 
 
@@ -225,7 +199,7 @@ def deepspeed_trainer(impl: str, model: torch.nn.Module, vit: ViTConfig, args,
 
 
 def build(impl: str, vit: ViTConfig, args, device: torch.device) -> Trainer:
-    """Build and warm up one implementation; measure its peak memory (bench_env docstring)."""
+    """Build and warm up one implementation; measure its peak memory (scaling.bench.env docstring)."""
     with bench_env.PeakMemory(device) as mem:
         torch.manual_seed(0)
         model = create_model(vit) if impl == "ours" else peer_model(impl, vit, param_count(vit))
@@ -370,13 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     args = parse_args(argv)
     if args.zero_memory:
-        from scaling.bench_zero import run_zero_memory
-
-        return run_zero_memory(args)
-    if args.overhead:
-        from scaling.bench_overhead import run_overhead
-
-        return run_overhead(args)
+        return bench_zero.run_zero_memory(args)
     return throughput(args)
 
 

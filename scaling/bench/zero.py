@@ -206,14 +206,14 @@ def state_bytes(by_kind: dict[str, int]) -> int:
 
 def run_zero_memory(args) -> int:
     """The --zero-memory mode: launch the worker on args.world ranks, print, append rows."""
-    from scaling import bench_env
+    from scaling.bench import env as bench_env
     from scaling.dist import fresh_env
 
     batch = args.batch_size or 2
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "zero.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={args.world}", "-m", "scaling.bench_zero",
+               f"--nproc_per_node={args.world}", "-m", "scaling.bench.zero",
                "--sizes", ",".join(args.size_list), "--image-size", str(args.image_size),
                "--num-classes", str(args.num_classes), "--batch-size", str(batch),
                "--json", str(out)]
@@ -274,7 +274,7 @@ def worker(argv: list[str]) -> int:
     from scaling import engine as eng
     from scaling.model import vit_config
 
-    p = argparse.ArgumentParser(prog="python -m scaling.bench_zero")
+    p = argparse.ArgumentParser(prog="python -m scaling.bench.zero")
     p.add_argument("--sizes", required=True)
     p.add_argument("--image-size", type=int, required=True)
     p.add_argument("--num-classes", type=int, required=True)
