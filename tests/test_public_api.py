@@ -1,4 +1,4 @@
-"""The public interface that outside checks call (../shared/ARCHITECTURE.md, "Public interface")
+"""The public interface that outside checks call (docs/architecture.md and the README)
 exists and behaves as written there."""
 
 import dataclasses
