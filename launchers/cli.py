@@ -16,8 +16,8 @@ def _parser() -> argparse.ArgumentParser:
                     "`python launchers/sweep.py status` prints the state of every run.",
         formatter_class=DefaultsHelpFormatter)
     a = p.add_argument
-    a("--preset", help="recipe: demo (CPU, built-in data), cifar, imagenet "
-                       "(default: demo without a GPU, else imagenet)")
+    a("--preset", help="recipe: demo (CPU, built-in data), cifar, imagenet (default: by where "
+                       "the runs execute: imagenet on SLURM or a local CUDA GPU, else demo)")
     a("--name", help="sweep name: runs go to RESULTS/NAME/RUN_ID (default: the preset's name)")
     a("--sizes", help="comma list of sizes, with or without patch: S,B or S/16,B/32 "
                       "(default: the preset's)")
@@ -35,8 +35,10 @@ def _parser() -> argparse.ArgumentParser:
                                "processes per run (default: the preset's)")
     a("--gpus-per-node", type=int, help="GPUs per node; runs above it take whole nodes "
                                         "(default 8)")
-    a("--data", help="shard dir with dataset.json (default: the preset's built-in data, made "
-                     "under $VIT_SCALING_DATA or ./data)")
+    a("--data", help="shard dir with dataset.json (default: demo makes its built-in data "
+                     "under $VIT_SCALING_DATA or ./data; imagenet/cifar take "
+                     "$VIT_SCALING_DATA_<PRESET>, else 'data: {PRESET: DIR}' in ./vit-scaling.yaml "
+                     "or ~/.config/vit-scaling/config.yaml)")
     a("--results", default="results", help="results root (default: results)")
     a("--cluster", choices=CLUSTERS, default="auto",
       help="slurm, local processes, or auto: slurm where sbatch exists and sinfo answers")

@@ -9,20 +9,20 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
 from launchers import slurm
+from launchers.checks import plan_warnings
+from launchers.defaults import Choice, cuda_devices, default_preset, pick_cluster, resolve_data
 from launchers.grid import GridOptions, build_grid, node_layout, parse_list, parse_overrides
 from launchers.local import log_tail, run_local
 from launchers.plan import Planned, plan, set_aside_final
-from launchers.presets import Preset, default_preset_name, get_preset
+from launchers.presets import Preset
 from launchers.runs import Claims, claim_holder, record_submission
 from launchers.status import format_table
-from scaling.data import DatasetInfo, load_dataset_info, make_builtin_shards
 from scaling.results import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
 
 PLAN_COLUMNS = ("run", "size", "budget", "seed", "lr", "ranks", "steps", "state", "action")
@@ -45,36 +45,6 @@ def settings(args: argparse.Namespace, preset: Preset) -> dict:
         raise ValueError(f"--max-requeues {merged['max_requeues']} must be >= 0")
     slurm.parse_signal(merged["signal"])
     return merged
-
-
-def resolve_data(args: argparse.Namespace, preset: Preset) -> DatasetInfo:
-    """--data, or the preset's built-in shards (made once in a cache dir)."""
-    if args.data:
-        return load_dataset_info(args.data, verify="size")  # DataError names the problem
-    if not preset.builtin_data:
-        raise ValueError(f"preset {preset.name!r} needs --data DIR (shards with dataset.json, "
-                         "from python -m scaling.data.make_shards)")
-    tag = "-".join([preset.builtin_data] + [f"{k}{v}" for k, v in sorted(
-        preset.data_args.items())])
-    out = Path(os.environ.get("VIT_SCALING_DATA", "data")) / tag
-    print(f"built-in data: {out} ({preset.builtin_data}; made once, then reused)")
-    return make_builtin_shards(preset.builtin_data, out, **preset.data_args)
-
-
-def pick_cluster(choice: str, dry_run: bool) -> str:
-    """slurm or local; auto means SLURM where sbatch exists and sinfo answers."""
-    if choice != "auto":
-        return choice
-    if shutil.which("sbatch") is None:
-        return "local"
-    if dry_run:
-        return "slurm"
-    try:
-        subprocess.run(["sinfo", "-h"], capture_output=True, timeout=15, check=True)
-        return "slurm"
-    except (OSError, subprocess.SubprocessError):
-        print("sbatch exists but SLURM does not answer (sinfo failed): running locally")
-        return "local"
 
 
 def grid_options(args: argparse.Namespace, preset: Preset, world_size: int) -> GridOptions:
@@ -216,21 +186,36 @@ def show_plan(planned: list[Planned]) -> list[Planned]:
     return [p for p in planned if p.submits]
 
 
+def world_size(args: argparse.Namespace, preset: Preset, cluster: str,
+               choice: Choice | None) -> tuple[int, int | None]:
+    """(ranks per run, CUDA GPUs here or None when not probed): --gpus, else the preset's,
+    capped at this machine's GPUs for a GPU preset run locally."""
+    if preset.device != "cuda" or cluster != "local":
+        return (args.gpus if args.gpus is not None else preset.gpus), None
+    here = choice.local_gpus if choice is not None else cuda_devices()
+    if args.gpus is not None:
+        return args.gpus, here
+    return (min(preset.gpus, here) if here else preset.gpus), here
+
+
 def run_sweep(args: argparse.Namespace) -> int:
     """Validate, plan, claim, and submit (or run) what the plan says; nothing is submitted on
     bad input, and of two sweeps at once only one submits each run."""
-    preset = get_preset(args.preset or default_preset_name())
+    cluster, why = pick_cluster(args.cluster, args.dry_run)
+    preset, choice = default_preset(args, cluster, why)  # says which and why when defaulted
     s = settings(args, preset)
-    world = args.gpus if args.gpus is not None else preset.gpus
+    world, local_gpus = world_size(args, preset, cluster, choice)
     layout = node_layout(world, int(s["gpus_per_node"]))
     options = grid_options(args, preset, world)  # flag errors before any data is made
-    info = resolve_data(args, preset)
+    info, placeholder = resolve_data(args, preset)
     sweep_dir = Path(args.results).resolve() / (args.name or preset.name)
     specs = build_grid(preset, options, info, sweep_dir)
-    cluster = pick_cluster(args.cluster, args.dry_run)
     planned = plan(specs, args.resubmit_failed)
     print(f"sweep {sweep_dir.name}: preset {preset.name}, {len(specs)} run(s), {world} rank(s) "
           f"each = {layout[0]} node(s) x {layout[1]} task(s), cluster {cluster}")
+    for warning in plan_warnings(preset, specs, info, cluster, s, placeholder=placeholder,
+                                 local_gpus=local_gpus):
+        print(f"warning: {warning}")
     with contextlib.nullcontext() if args.dry_run else Claims() as claims:
         if claims is not None:
             planned = claim_runs(planned, claims, args.resubmit_failed)

@@ -33,6 +33,9 @@ class Preset:
     builtin_data: str | None = None  # "digits"/"shapes": made on demand when --data is absent
     data_args: dict = field(default_factory=dict)  # scaling.data.make_builtin_shards kwargs
     slurm: dict = field(default_factory=dict)  # defaults for launchers.slurm (time, cpus...)
+    # the dataset the recipe is made for (name, image_size, classes, train, val): a dry run
+    # without --data plans with it, clearly marked as a placeholder (launchers.defaults)
+    nominal_data: dict = field(default_factory=dict)
 
     def lr(self, base_lr: float | None = None, batch_size: int | None = None) -> float:
         """Peak lr for a global batch by the linear scaling rule (DeiT)."""
@@ -92,6 +95,8 @@ def cifar() -> Preset:
         device="cuda",
         gpus=1,
         slurm={"time": 240, "cpus_per_task": 6},
+        nominal_data={"name": "CIFAR-10", "image_size": 32, "classes": 10, "train": 50_000,
+                      "val": 10_000},
     )
 
 
@@ -119,6 +124,8 @@ def imagenet() -> Preset:
         device="cuda",
         gpus=8,
         slurm={"time": 24 * 60, "cpus_per_task": 10},
+        nominal_data={"name": "ImageNet-1k", "image_size": 224, "classes": 1000,
+                      "train": 1_281_167, "val": 50_000},
     )
 
 
@@ -130,10 +137,3 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid: {sorted(PRESETS)}")
     return PRESETS[name]()
-
-
-def default_preset_name() -> str:
-    """`demo` on a machine without a GPU, else `imagenet`."""
-    import torch  # late: `status` and --help need no torch
-
-    return "imagenet" if torch.cuda.is_available() else "demo"

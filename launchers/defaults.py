@@ -1,0 +1,218 @@
+"""What a sweep uses where the flags leave it open: the cluster, the preset and the data.
+
+The default preset follows where the runs will *execute*, not the machine that runs sweep.py
+(a SLURM login node usually has no GPU):
+
+- the runs go to SLURM (`--cluster slurm`, or `auto` and sbatch answers): `imagenet`, the GPU
+  study;
+- the runs are local and this machine has a CUDA GPU: `imagenet`, on the local GPUs;
+- the runs are local and there is no GPU: `demo`, the CPU demo on built-in data. There, a
+  request that needs GPUs (`--sizes S,B`, `--gpus 8`) stops with the command that works here.
+
+A preset without built-in data (imagenet, cifar) takes its shards from `--data`, else from the
+environment variable VIT_SCALING_DATA_<PRESET> (VIT_SCALING_DATA_IMAGENET, ...), else from the
+first config file that names them (`data: {imagenet: DIR}`): ./vit-scaling.yaml, then
+$XDG_CONFIG_HOME/vit-scaling/config.yaml (default ~/.config/vit-scaling/config.yaml). Without
+any, a dry run plans with a placeholder of the preset's nominal dataset, marked as such; a real
+run stops (exit 2) saying how to give the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from launchers.grid import parse_list
+from launchers.presets import PRESETS, Preset, get_preset
+from scaling.data import DataError, DatasetInfo, SplitInfo, load_dataset_info, make_builtin_shards
+from scaling.model import SIZES
+
+MICRO_SIZES = ("mu", "m1", "m2", "m3", "m4")  # the ladder a CPU trains in minutes
+CONFIG_NAME = "vit-scaling.yaml"
+CONFIG_KEYS = ("data",)
+PLACEHOLDER = "<DATA>"  # --data of a dry run planned without data
+
+
+def pick_cluster(choice: str, dry_run: bool) -> tuple[str, str]:
+    """(slurm or local, why); auto means SLURM where sbatch exists and sinfo answers (a dry
+    run does not ask sinfo)."""
+    if choice != "auto":
+        return choice, f"--cluster {choice}"
+    if shutil.which("sbatch") is None:
+        return "local", "no sbatch on PATH"
+    if dry_run:
+        return "slurm", "sbatch found"
+    try:
+        subprocess.run(["sinfo", "-h"], capture_output=True, timeout=15, check=True)
+        return "slurm", "sbatch found and sinfo answers"
+    except (OSError, subprocess.SubprocessError):
+        print("sbatch exists but SLURM does not answer (sinfo failed): running locally")
+        return "local", "sbatch found but sinfo does not answer"
+
+
+def cuda_devices() -> int:
+    """CUDA GPUs on this machine (0 without CUDA)."""
+    import torch  # late: `status`, --help and explicit CPU presets need no torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The default preset, where its runs execute ("slurm", "local-gpu", "cpu") and why."""
+
+    preset: str
+    where: str
+    reason: str
+    local_gpus: int = 0
+
+
+def choose_preset(cluster: str, why: str, cuda: int | None = None) -> Choice:
+    """The default preset for runs on `cluster` (`why`: how the cluster was chosen); `cuda`
+    is this machine's CUDA GPU count, probed when None (only needed for local runs)."""
+    if cluster == "slurm":
+        return Choice("imagenet", "slurm", f"the runs go to SLURM ({why}), so the GPU study")
+    gpus = cuda_devices() if cuda is None else cuda
+    if gpus:
+        return Choice("imagenet", "local-gpu", f"the runs are local ({why}) and this machine "
+                      f"has {gpus} CUDA GPU(s), so the GPU study on them", gpus)
+    return Choice("demo", "cpu", f"no CUDA GPU here and the runs are local ({why}), "
+                  "so the CPU demo")
+
+
+def gpu_request(args: argparse.Namespace) -> list[str]:
+    """The flags of `args` that only make sense with GPUs: sizes above the micro ladder,
+    more than one GPU per run."""
+    asked = []
+    if args.sizes is not None:
+        names = parse_list(args.sizes, str, "--sizes")
+        if any(n.partition("/")[0] in SIZES and n.partition("/")[0] not in MICRO_SIZES
+               for n in names):
+            asked.append(f"--sizes {args.sizes}")
+    if args.gpus is not None and args.gpus > 1:
+        asked.append(f"--gpus {args.gpus}")
+    return asked
+
+
+def default_preset(args: argparse.Namespace, cluster: str, why: str,
+                   cuda: int | None = None) -> tuple[Preset, Choice | None]:
+    """--preset, or the default for where the runs go (one line says which and why); on a
+    machine with neither GPU nor SLURM, a GPU-sized request is an error naming what works."""
+    if args.preset:
+        return get_preset(args.preset), None
+    choice = choose_preset(cluster, why, cuda)
+    asked = gpu_request(args) if choice.where == "cpu" else []
+    if asked:
+        raise ValueError(
+            f"no GPU here and the runs stay local ({why}): {' '.join(asked)} needs GPUs. "
+            "Run the CPU demo here instead: python launchers/sweep.py --preset demo --cluster "
+            "local (micro ViTs mu,m1,m2 on built-in digits, about 1.5 min on 2 cores; "
+            "--gpus N there means N CPU processes per run); on a SLURM login node or a CUDA "
+            "machine this command runs as asked")
+    print(f"preset {choice.preset} (default): {choice.reason}; --preset NAME for another")
+    return get_preset(choice.preset), choice
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+def data_env_var(preset: str) -> str:
+    """VIT_SCALING_DATA_IMAGENET for `imagenet` (VIT_SCALING_DATA is the built-in data's
+    cache dir, a different thing)."""
+    return f"VIT_SCALING_DATA_{preset.upper()}"
+
+
+def config_files(env: dict | None = None, cwd: Path | None = None) -> list[Path]:
+    """Where a config file may name the data, first wins."""
+    env = os.environ if env is None else env
+    home = Path(env.get("XDG_CONFIG_HOME") or Path(env.get("HOME") or Path.home()) / ".config")
+    return [(cwd or Path.cwd()) / CONFIG_NAME, home / "vit-scaling" / "config.yaml"]
+
+
+def read_config(path: Path) -> dict:
+    """A vit-scaling config file: {'data': {preset: dir}} (dirs relative to the file)."""
+    import yaml  # as launchers.slurm.load_slurm_yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ValueError(f"config {path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    data = raw.get("data", {}) if isinstance(raw, dict) else None
+    if not isinstance(data, dict) or sorted(set(raw) - set(CONFIG_KEYS)):
+        raise ValueError(f"config {path}: expected a mapping with key(s) {list(CONFIG_KEYS)}, "
+                         "e.g. 'data: {imagenet: /datasets/in1k-shards}'")
+    bad = sorted(set(data) - set(PRESETS))
+    if bad or not all(isinstance(v, str) and v.strip() for v in data.values()):
+        raise ValueError(f"config {path}: data must map preset names {sorted(PRESETS)} to "
+                         f"directories{f'; unknown {bad}' if bad else ''}")
+    return {name: str((path.parent / Path(v).expanduser()).resolve()) for name, v in data.items()}
+
+
+def data_default(preset: str, env: dict | None = None, cwd: Path | None = None
+                 ) -> tuple[str, str] | None:
+    """(data dir, where it came from) for a preset without --data, or None."""
+    env = os.environ if env is None else env
+    var = data_env_var(preset)
+    if env.get(var, "").strip():
+        return env[var], var
+    for path in config_files(env, cwd):
+        if path.is_file():
+            found = read_config(path).get(preset)
+            if found:
+                return found, str(path)
+    return None
+
+
+def how_to_give_data(name: str) -> str:
+    """Every way to give preset `name` its data."""
+    return (f"give --data DIR (shards with dataset.json, from python -m scaling.data.make_shards)"
+            f", or set {data_env_var(name)}=DIR, or write 'data: {{{name}: DIR}}' into "
+            f"./{CONFIG_NAME} or ~/.config/vit-scaling/config.yaml")
+
+
+def missing_data(preset: Preset) -> str:
+    """The error of a preset that has no data."""
+    return f"preset {preset.name} needs data: {how_to_give_data(preset.name)}; " \
+           "--dry-run plans without it"
+
+
+def placeholder_data(preset: Preset) -> DatasetInfo:
+    """The preset's nominal dataset, without shards, for a dry run planned without data."""
+    n = preset.nominal_data
+    print(f"data: none given; this dry run plans with a placeholder of {n['name']}'s nominal "
+          f"size ({n['train']:,} train / {n['val']:,} val images, {n['classes']} classes, "
+          f"{n['image_size']} px), shown as --data '{PLACEHOLDER}': run ids and steps are "
+          "indicative only")
+    print(f"  to run it, {how_to_give_data(preset.name)}")
+    return DatasetInfo(root=Path(PLACEHOLDER), source=f"placeholder:{n['name']}",
+                       image_size=int(n["image_size"]), image_format="jpg",
+                       classes=tuple(str(i) for i in range(int(n["classes"]))),
+                       splits={k: SplitInfo(k, int(n[k]), ()) for k in ("train", "val")})
+
+
+def resolve_data(args: argparse.Namespace, preset: Preset) -> tuple[DatasetInfo, bool]:
+    """(dataset, whether it is a placeholder): --data, the preset's built-in shards (made once
+    in a cache dir), the documented defaults, or (dry run) the nominal dataset."""
+    if args.data:
+        return load_dataset_info(args.data, verify="size"), False  # DataError names it
+    if preset.builtin_data:
+        tag = "-".join([preset.builtin_data] + [f"{k}{v}" for k, v in sorted(
+            preset.data_args.items())])
+        out = Path(os.environ.get("VIT_SCALING_DATA", "data")) / tag
+        print(f"built-in data: {out} ({preset.builtin_data}; made once, then reused)")
+        return make_builtin_shards(preset.builtin_data, out, **preset.data_args), False
+    found = data_default(preset.name)
+    if found:
+        print(f"data: {found[0]} (from {found[1]})")
+        try:
+            return load_dataset_info(found[0], verify="size"), False
+        except DataError as e:
+            raise DataError(f"{e} (the data dir set by {found[1]})") from None
+    if args.dry_run and preset.nominal_data:
+        return placeholder_data(preset), True
+    raise ValueError(missing_data(preset))
