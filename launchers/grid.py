@@ -40,6 +40,12 @@ class RunSpec:
     world_size: int
     total_steps: int
     cfg: TrainConfig
+    macs_per_image: int = 0  # forward MACs of the model on this data (scaling.flops)
+
+    @property
+    def train_flops(self) -> float:
+        """The run's training compute, 6 x MACs x images (what progress and ETAs weigh)."""
+        return 6.0 * self.macs_per_image * self.total_steps * self.cfg.batch_size
 
     @property
     def run_dir(self) -> Path:
@@ -190,14 +196,15 @@ def _run(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: Path, 
     argv += to_flags(preset.train) + to_flags(dict(opts.overrides))
     cfg = build_config(argv)
     vit = cfg.vit(num_classes=info.num_classes, image_size=info.image_size)
-    steps = resolve_steps(cfg, info.split("train").num_samples, forward_macs(vit))
+    macs = forward_macs(vit)
+    steps = resolve_steps(cfg, info.split("train").num_samples, macs)
     batch_layout(cfg, opts.world_size)
     run_id = "_".join([model_token(model), budget_token(budget, kind),
                        config_hash(cfg, opts.world_size, data_fingerprint(info))])
     cfg = dataclasses.replace(cfg, out=str(sweep_dir / run_id))
     return RunSpec(run_id=run_id, model=model, budget=budget, budget_kind=kind, seed=seed,
                    base_lr=preset.base_lr if base_lr is None else base_lr,
-                   world_size=opts.world_size, total_steps=steps, cfg=cfg)
+                   world_size=opts.world_size, total_steps=steps, cfg=cfg, macs_per_image=macs)
 
 
 def build_grid(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: Path

@@ -21,6 +21,7 @@ from launchers.grid import GridOptions, build_grid, node_layout, parse_list, par
 from launchers.local import log_tail, run_local
 from launchers.plan import Planned, plan, set_aside_final
 from launchers.presets import Preset
+from launchers.progress import PLOT, SweepProgress, shown_path
 from launchers.runs import Claims, claim_holder, record_submission
 from launchers.status import format_table
 from scaling.results import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
@@ -125,8 +126,10 @@ def submit_slurm(todo: list[Planned], s: dict, layout: tuple[int, int], gpus: bo
             record_submission(p.spec.run_dir, p.spec.record(), sweep_dir.name, "slurm", job_id,
                               submitit_folder=str(folder.parent))
             claims.release(p.spec.run_dir)
+    root = shlex.quote(shown_path(sweep_dir.parent))
     print(f"submitted {len(ids)} run(s) to SLURM: {', '.join(ids)}")
-    print(f"follow with: python launchers/sweep.py status --results {sweep_dir.parent}")
+    print(f"follow with: python launchers/sweep.py status --results {root}")
+    print(f"once they are done: {PLOT} --results {root}")
     return 0
 
 
@@ -139,8 +142,9 @@ def run_locally(todo: list[Planned], s: dict, sweep_dir: Path, dry_run: bool,
             print(f"# {p.spec.run_id} ({p.spec.world_size} process(es)): "
                   f"{shlex.join(slurm.train_command(p.spec.cfg.to_args()))}")
         return 0
+    progress = SweepProgress([p.spec for p in todo], int(s.get("max_parallel") or 1))
     codes, stopped = run_local([p.spec for p in todo], sweep_dir.name,
-                               int(s.get("max_parallel") or 1), claims=claims)
+                               int(s.get("max_parallel") or 1), claims=claims, progress=progress)
     # after a stop, a checkpointed run (75) or one killed before it could catch the signal
     # (-N) is interrupted, not failed: the next sweep resumes it
     bad = {run: rc for run, rc in codes.items() if rc not in (EXIT_OK, EXIT_DIVERGED)
@@ -149,6 +153,7 @@ def run_locally(todo: list[Planned], s: dict, sweep_dir: Path, dry_run: bool,
         print(f"\n{run} exited {rc}; last lines of its log:\n{log_tail(sweep_dir / run)}")
     if stopped:
         raise KeyboardInterrupt(stopped)
+    print(progress.summary(sweep_dir.parent))
     return 1 if bad else 0
 
 

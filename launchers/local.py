@@ -21,10 +21,11 @@ from pathlib import Path
 
 from launchers import zygote
 from launchers.grid import RunSpec
+from launchers.progress import SweepProgress
 from launchers.runs import Claims, now, pid_start, record_submission, update_job
 from launchers.slurm import REPO_ROOT, child_env, train_command
 from scaling.dist import free_port
-from scaling.results import EXIT_OK, EXIT_PREEMPTED, rank_log_path
+from scaling.results import EXIT_OK, rank_log_path
 
 FAIL_GRACE_S = 30  # after one rank fails, how long the others get before SIGTERM
 
@@ -92,12 +93,14 @@ class LocalSweep:
     """Runs `specs` here, `max_parallel` at a time; a Ctrl-C (SIGINT) or SIGTERM makes every
     running rank checkpoint (SIGTERM -> exit 75) and starts nothing more."""
 
-    def __init__(self, specs: list[RunSpec], sweep: str, max_parallel: int, log=print,
-                 claims: Claims | None = None):
+    def __init__(self, specs: list[RunSpec], sweep: str, max_parallel: int, log=None,
+                 claims: Claims | None = None, progress: SweepProgress | None = None):
         self.max_parallel = max(1, max_parallel)
         self.threads = max(1, (os.cpu_count() or 1) // (self.max_parallel * max(
             (s.world_size for s in specs), default=1)))
-        self.specs, self.sweep, self.log, self.claims = specs, sweep, log, claims
+        self.progress = progress or SweepProgress(specs)
+        self.specs, self.sweep, self.claims = specs, sweep, claims
+        self.log = log or self.progress.write  # above the terminal's bar, if there is one
         self.pending, self.running = list(specs), []
         self.codes: dict[str, int] = {}
         self.stopped: int | None = None  # the signal that stopped the sweep
@@ -120,6 +123,7 @@ class LocalSweep:
         self.log(f"start {run.spec.run_id} ({run.spec.world_size} process(es), "
                  f"{run.spec.total_steps} steps)")
         run.start()
+        self.progress.started(run.spec)
         self.running.append(run)
         if self.claims is not None:
             self.claims.release(run.spec.run_dir)
@@ -133,8 +137,7 @@ class LocalSweep:
             if rc is not None:
                 self.running.remove(run)
                 self.codes[run.spec.run_id] = rc
-                self.log(f"end   {run.spec.run_id}: exit {rc}"
-                         + (" (preempted: rerun to resume)" if rc == EXIT_PREEMPTED else ""))
+                self.progress.finished(run.spec, rc)  # [k/N] RUN: state, top-1, time; ETA
 
     def run(self) -> tuple[dict[str, int], int | None]:
         """({run id: exit code}, the signal that stopped the sweep or None)."""
@@ -147,20 +150,24 @@ class LocalSweep:
                 if self.stopped:
                     self.pending.clear()  # their claims are released by the sweep
                 self.reap()
+                self.progress.tick()
                 time.sleep(0.2)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            self.progress.close()
             if self.server is not None:
                 self.server.close()
         return self.codes, self.stopped
 
 
-def run_local(specs: list[RunSpec], sweep: str, max_parallel: int, log=print,
-              claims: Claims | None = None) -> tuple[dict[str, int], int | None]:
+def run_local(specs: list[RunSpec], sweep: str, max_parallel: int, log=None,
+              claims: Claims | None = None, progress: SweepProgress | None = None
+              ) -> tuple[dict[str, int], int | None]:
     """Run `specs`, `max_parallel` at a time: ({run id: exit code}, the signal that stopped
-    the sweep or None). Ctrl-C checkpoints them; `claims` (held) are released as runs start."""
-    return LocalSweep(specs, sweep, max_parallel, log, claims).run()
+    the sweep or None). Ctrl-C checkpoints them; `claims` (held) are released as runs start;
+    `progress` prints a [k/N] line per finished run (and a bar on a terminal)."""
+    return LocalSweep(specs, sweep, max_parallel, log, claims, progress).run()
 
 
 def log_tail(run_dir: Path, rank: int = 0, lines: int = 20) -> str:

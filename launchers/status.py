@@ -1,4 +1,9 @@
-"""`sweep.py status`: one table row per run found under a results dir."""
+"""`sweep.py status`: one table row per run found under a results dir.
+
+Rows are grouped by sweep and sorted by size, then by budget *value* (3e9, 1e10, 3e10, 1e11),
+each with its state, progress (steps done / planned, from metrics.jsonl and job.json or
+plan.json), latest top-1 and job id.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ from pathlib import Path
 
 from launchers.grid import budget_token
 from launchers.runs import CLAIM_FILE, progress, read_claim, read_job, run_state, squeue_states
-from scaling.results import CONFIG_FILE, JOB_FILE, SchemaError, read_json
+from scaling.model import SIZES
+from scaling.results import CONFIG_FILE, JOB_FILE, PLAN_FILE, SchemaError, read_json
 
 COLUMNS = ("run", "size", "budget", "state", "progress", "top1", "job")
 BUDGET_FIELDS = ("flops", "steps", "epochs", "samples")
@@ -19,33 +25,56 @@ def find_run_dirs(results_dir: Path) -> list[Path]:
     return sorted(d for d in found if not any(part.startswith(".") for part in d.parts[-2:]))
 
 
-def _describe(run_dir: Path, job: dict | None) -> tuple[str, str]:
-    """(size, budget) from job.json, else from a sweep's claim, else from config.json."""
+def _describe(run_dir: Path, job: dict | None) -> tuple[str, float | None, str | None]:
+    """(size, budget, budget kind) from job.json, else from a sweep's claim, else from
+    config.json."""
     claim = read_claim(run_dir)[0] or {}
     for known in (job or {}, claim):
         if "model" in known and "budget" in known:
-            return known["model"], budget_token(known["budget"], known["budget_kind"])
+            return known["model"], float(known["budget"]), known["budget_kind"]
     try:
         cfg = read_json(run_dir / CONFIG_FILE)
     except (OSError, SchemaError):
-        return "?", "?"
+        return "?", None, None
     kind = next((k for k in BUDGET_FIELDS if cfg.get(k) is not None), None)
-    return cfg.get("model", "?"), budget_token(cfg[kind], kind) if kind else "?"
+    return cfg.get("model", "?"), (float(cfg[kind]) if kind else None), kind
+
+
+def _total_steps(run_dir: Path, job: dict | None) -> int | None:
+    """The run's planned steps: job.json's, else plan.json's (a run trained by hand)."""
+    if (job or {}).get("total_steps") is not None:
+        return job["total_steps"]
+    try:
+        return read_json(run_dir / PLAN_FILE).get("total_steps")
+    except (OSError, SchemaError, AttributeError):
+        return None
+
+
+def sort_key(row: dict) -> tuple:
+    """Sweep, then size (in the order of scaling.model.SIZES) and patch, then budget by value
+    (3e9 before 1e10, which a string sort would not give), then run id."""
+    size, _, patch = row["size"].partition("/")
+    order = list(SIZES).index(size) if size in SIZES else len(SIZES)
+    budget = row["_budget"] if row["_budget"] is not None else float("inf")
+    return (str(Path(row["run"]).parent), order, int(patch) if patch.isdigit() else 0,
+            row["_kind"] or "", budget, row["run"])
 
 
 def status_row(run_dir: Path, squeue: dict[str, str] | None, root: Path) -> dict:
-    """The table row of one run (also used by the sweep's plan)."""
+    """The table row of one run (with `_budget` and `_kind`, the numeric budget to sort by)."""
     try:
         job = read_job(run_dir)
     except SchemaError:
         job = None
-    size, budget = _describe(run_dir, job)
-    steps, total, top1 = progress(run_dir, job)
+    size, budget, kind = _describe(run_dir, job)
+    steps, _, top1 = progress(run_dir, job)
+    total = _total_steps(run_dir, job)
     return {"run": str(run_dir.relative_to(root)) if run_dir != root else run_dir.name,
-            "size": size, "budget": budget, "state": run_state(run_dir, job, squeue),
+            "size": size, "budget": budget_token(budget, kind) if kind else "?",
+            "state": run_state(run_dir, job, squeue),
             "progress": f"{steps}/{total if total is not None else '?'}",
             "top1": "-" if top1 is None else f"{top1:.4f}",
-            "job": (job or {}).get("job_id") or "-"}
+            "job": (job or {}).get("job_id") or "-", "_budget": budget, "_kind": kind}
 
 
 def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
@@ -71,7 +100,7 @@ def status(results_dir: Path) -> str:
             squeue = squeue_states()
         except RuntimeError as e:
             squeue, note = None, f"\nwarning: {e}"
-    rows = [status_row(d, squeue, results_dir) for d in runs]
+    rows = sorted((status_row(d, squeue, results_dir) for d in runs), key=sort_key)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
