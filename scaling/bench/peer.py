@@ -1,4 +1,6 @@
-"""The benchmark's peer: Hugging Face transformers' ViTForImageClassification, same shape as ours.
+"""The benchmark's peers, same shape as ours: Hugging Face transformers'
+ViTForImageClassification (SDPA attention) and timm's VisionTransformer (imported only when
+asked for: timm needs torchvision, which CPU machines here lack).
 
 Only the shape is matched (width, depth, heads, MLP, patch, resolution, classes, LayerNorm eps,
 exact GELU, q/k/v biases, no dropout), so both models hold the same parameters and do the same
@@ -11,7 +13,7 @@ import torch
 
 from scaling.model import ViTConfig
 
-PEERS = ("transformers",)
+PEERS = ("transformers", "timm")
 
 
 def hf_config(vit: ViTConfig):
@@ -44,13 +46,29 @@ class PeerLogits(torch.nn.Module):
         return self.model(pixel_values=images).logits
 
 
+def timm_model(vit: ViTConfig) -> torch.nn.Module:
+    """timm's VisionTransformer with our shape (class token, learned position embeddings,
+    pre-LN blocks with q/k/v biases, LayerNorm eps 1e-6, exact GELU, no dropout)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if vit.pool != "cls" or vit.representation_size or not vit.num_classes:
+        raise ValueError(f"{vit.name}: the timm peer needs pool='cls', no representation_size "
+                         "and num_classes > 0")
+    return VisionTransformer(
+        img_size=vit.image_size, patch_size=vit.patch_size, in_chans=vit.in_chans,
+        num_classes=vit.num_classes, embed_dim=vit.width, depth=vit.depth,
+        num_heads=vit.heads, mlp_ratio=vit.mlp_dim / vit.width, qkv_bias=True,
+        class_token=True, global_pool="token", drop_rate=0.0, attn_drop_rate=0.0,
+        drop_path_rate=0.0)
+
+
 def peer_model(name: str, vit: ViTConfig, ours_params: int) -> torch.nn.Module:
     """Build the named peer; raises if its parameter count differs from ours (shape mismatch)."""
     if name not in PEERS:
         raise ValueError(f"unknown peer {name!r}; valid: {list(PEERS)}")
-    model = PeerLogits(vit)
+    model = PeerLogits(vit) if name == "transformers" else timm_model(vit)
     params = sum(p.numel() for p in model.parameters())
     if params != ours_params:
-        raise ValueError(f"{vit.name}: transformers peer has {params} parameters, ours "
+        raise ValueError(f"{vit.name}: {name} peer has {params} parameters, ours "
                          f"{ours_params}: the shapes differ")
     return model

@@ -16,6 +16,7 @@ per image), per device, and MFU uses the device's bf16 peak. Rows follow docs/ar
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -84,6 +85,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("the overhead benchmark moved: python -m launchers.bench_overhead [--sizes m2/4]")
     if not args.sizes:
         p.error("--sizes is required (e.g. --sizes Ti/16,S/16)")
+    if args.peer == "timm" and importlib.util.find_spec("timm") is None:
+        p.error("--peer timm needs timm installed (pip install timm; it needs torchvision)")
     _check_sizes(p, args)
     for name in ("batch_size", "steps", "rounds", "image_size", "num_classes", "world",
                  "threads"):
