@@ -81,6 +81,11 @@ class TrainConfig:
                            "eval_every x 10^(k/4), 4 per decade (even in log compute)",
                            choices=EVAL_SPACINGS)
     eval_batch_size: int | None = _f(None, "per-rank eval batch (default: micro batch)")
+    fewshot: str | None = _f(None, "few-shot linear probes of the frozen features at every eval "
+                             "point on these shard dirs, comma-separated (scaling.fewshot; rows "
+                             "in RUN_DIR/transfer.jsonl)")
+    fewshot_shots: str = _f("1,5,10,25", "few-shot train images per class, comma-separated")
+    fewshot_seeds: int = _f(3, "few-shot draws of each k-shot train set (a row per seed)")
     ckpt_every: int = _f(0, "checkpoint every N steps (0: only at the end and on a signal)")
     keep_ckpts: int = _f(2, "complete checkpoints kept")
     log_every: int = _f(10, "log a train row every N steps")
@@ -180,7 +185,7 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"give exactly one budget of {list(BUDGETS)}, got {given or 'none'}")
     if not getattr(c, given[0]) > 0:
         raise ValueError(f"budget --{given[0]} must be positive, got {getattr(c, given[0])}")
-    positive = ("batch_size", "lr", "keep_ckpts", "log_every")
+    positive = ("batch_size", "lr", "keep_ckpts", "log_every", "fewshot_seeds")
     bad = [f"{n}={getattr(c, n)}" for n in positive if not getattr(c, n) > 0]
     nonneg = ("eval_every", "ckpt_every", "num_workers", "weight_decay", "grad_clip", "min_lr",
               "mixup_alpha", "cutmix_alpha", "label_smoothing")
@@ -205,6 +210,26 @@ def _validate(c: TrainConfig) -> None:
             raise ValueError(f"{n}={getattr(c, n)!r}; valid: {list(valid)}")
     if not 0 < (c.min_crop_scale or 1) <= 1:
         raise ValueError(f"--min-crop-scale {c.min_crop_scale}: must be in (0, 1]")
+    parse_list(c.fewshot_shots, "--fewshot-shots", int)
+    if c.fewshot is not None:
+        parse_list(c.fewshot, "--fewshot", str)
+
+
+def parse_list(text: str, flag: str, kind: type) -> list:
+    """The items of a comma-separated flag value: non-empty, distinct, and (int) positive;
+    ValueError naming the flag otherwise."""
+    items = [t.strip() for t in str(text).split(",")]
+    try:
+        if not all(items) or (kind is int and not all(t.isdigit() for t in items)):
+            raise ValueError
+        values = [kind(t) for t in items]
+    except ValueError:
+        what = "positive integers" if kind is int else "non-empty items"
+        raise ValueError(f"{flag} {text!r}: expected comma-separated {what}") from None
+    if len(set(values)) != len(values) or (kind is int and min(values) < 1):
+        raise ValueError(f"{flag} {text!r}: items must be distinct" + (" and positive"
+                                                                        if kind is int else ""))
+    return values
 
 
 def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:

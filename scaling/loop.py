@@ -154,6 +154,7 @@ class Meter:
         "eval",        # evaluations
         "checkpoint",  # checkpoint saves
         "export",      # the safetensors export
+        "fewshot",     # few-shot linear probes at eval points (--fewshot, scaling.fewshot)
     )
 
     def __init__(self):
@@ -181,7 +182,7 @@ class Meter:
     def add(self, part: str, seconds: float) -> None:
         """Count `seconds` outside training steps as `part` (one of PARTS)."""
         self.parts[part] += seconds
-        if part in ("eval", "checkpoint", "export"):
+        if part in ("eval", "checkpoint", "export", "fewshot"):
             self._window_t0 += seconds  # not training throughput
 
     def start_window(self, step: int) -> None:

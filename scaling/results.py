@@ -10,6 +10,8 @@ Run directory (``RUN_DIR``)::
     plan.json           what the config resolved to: total_steps, world_size, micro batch,
                         accumulation, steps_per_epoch, samples_per_epoch, params, macs_per_image
     metrics.jsonl       one JSON object per line, appended by rank 0 (schema below)
+    transfer.jsonl      few-shot linear-probe rows (schema below), appended by rank 0 at each
+                        eval point (--fewshot) and by `python -m scaling.fewshot` afterwards
     final.json          written once when the run ends (schema below); absent while running
     checkpoints/        DeepSpeed checkpoints, one folder per step; ``latest`` names the newest
     model.safetensors   the final weights, loadable without DeepSpeed by
@@ -41,13 +43,24 @@ of the machine and not of the run; optional, absent before it existed), ``world_
 existed): ``overhead_breakdown_s``, the wall seconds by part, summing to wall_hours x 3600:
 ``startup`` (process start to build: interpreter, imports, config and data checks), ``build``
 (process group, model, DeepSpeed engine, loaders, resuming), ``data_wait``, ``eval``,
-``checkpoint``, ``export``, ``steps`` (inside optimizer steps), ``other`` (logging, the loop's
-all-reduces); over restarts, each process's start-up and build are added.
+``checkpoint``, ``export``, ``fewshot`` (few-shot probes at eval points, scaling.fewshot),
+``steps`` (inside optimizer steps), ``other`` (logging, the loop's all-reduces); over restarts,
+each process's start-up and build are added.
+
+``transfer.jsonl`` rows (scaling.fewshot; one row per dataset, shots and seed, so that the
+analysis can compute intervals over seeds): ``kind`` ("fewshot"), ``dataset`` (the downstream
+shard dir's basename), ``shots`` (train images per class), ``seed`` (which draw of the k-shot
+train set: 0, 1, ...), ``top1`` (fraction in [0, 1] on the downstream val split), ``step``,
+``images_seen`` and ``flops_seen`` (of the pre-training at that point, as in metrics rows),
+``num_train`` (images the probe was fitted on, shots x classes), ``num_test`` (val images).
+Also written: ``l2`` (the ridge penalty), ``image_size`` (the resolution probed) and ``source``
+("train": at an eval point during training; "export" or "checkpoint": after it). One
+(dataset, shots, seed, step) is in the file at most once.
 
 Rules every writer follows (the failure model, docs/architecture.md): one process group owns a
-run dir at a time (RunLock); each (re)start first truncates metrics.jsonl to the rows saved with
-the checkpoint it resumes from, or to none without one (truncate_metrics), so no (kind, step) is
-ever counted twice; a run dir with another config (check_config) or a corrupt final.json or
+run dir at a time (RunLock); each (re)start first truncates metrics.jsonl and transfer.jsonl to
+the rows saved with the checkpoint it resumes from, or to none without one (truncate_rows), so no
+(kind, step) or (dataset, shots, seed, step) is ever counted twice; a run dir with another config (check_config) or a corrupt final.json or
 metrics line (check_readable) is refused, never overwritten.
 """
 
@@ -66,6 +79,7 @@ from scaling import lockfile
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+TRANSFER_FILE = "transfer.jsonl"
 FINAL_FILE = "final.json"
 JOB_FILE = "job.json"
 PLAN_FILE = "plan.json"
@@ -90,6 +104,9 @@ TRAIN_KEYS = COMMON_KEYS + (
     "loss", "lr", "images_per_s", "tflops", "mfu", "mem_gb", "skipped_samples",
 )
 EVAL_KEYS = COMMON_KEYS + ("loss", "top1", "top5", "num_samples")
+TRANSFER_KEYS = ("kind", "dataset", "shots", "seed", "top1", "step", "images_seen", "flops_seen",
+                 "num_train", "num_test")
+TRANSFER_KINDS = ("fewshot",)
 FINAL_KEYS = (
     "status", "final_top1", "best_top1", "final_top5", "final_loss", "steps", "images_seen",
     "total_flops", "params", "macs_per_image", "model", "wall_hours", "device_hours",
@@ -119,6 +136,20 @@ def validate_row(row: dict) -> dict:
     missing = [k for k in keys if k not in row]
     if missing:
         raise SchemaError(f"{kind} row is missing {missing}")
+    return row
+
+
+def validate_transfer(row: dict) -> dict:
+    """Check one transfer.jsonl row against the schema; return it unchanged or raise
+    SchemaError."""
+    if not isinstance(row, dict):
+        raise SchemaError(f"transfer row is a JSON {type(row).__name__}, not an object")
+    if row.get("kind") not in TRANSFER_KINDS:
+        raise SchemaError(f"transfer row has kind={row.get('kind')!r}; expected one of "
+                          f"{TRANSFER_KINDS}")
+    missing = [k for k in TRANSFER_KEYS if k not in row]
+    if missing:
+        raise SchemaError(f"transfer row is missing {missing}")
     return row
 
 
@@ -164,10 +195,22 @@ def read_json(path: str | os.PathLike) -> dict:
     return payload
 
 
+_VALIDATORS = {METRICS_FILE: validate_row, TRANSFER_FILE: validate_transfer}
+
+
 def append_metrics(run_dir: str | os.PathLike, row: dict) -> None:
     """Append one validated row to RUN_DIR/metrics.jsonl (rank 0 only)."""
-    row = validate_row({k: _clean(v) for k, v in row.items()})
-    path = Path(run_dir) / METRICS_FILE
+    _append(Path(run_dir) / METRICS_FILE, row)
+
+
+def append_transfer(run_dir: str | os.PathLike, row: dict) -> None:
+    """Append one validated row to RUN_DIR/transfer.jsonl (rank 0, or the post-hoc evaluator
+    while it holds the run dir's lock)."""
+    _append(Path(run_dir) / TRANSFER_FILE, row)
+
+
+def _append(path: Path, row: dict) -> None:
+    row = _VALIDATORS[path.name]({k: _clean(v) for k, v in row.items()})
     try:
         with open(path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
@@ -179,7 +222,17 @@ def append_metrics(run_dir: str | os.PathLike, row: dict) -> None:
 def read_metrics(run_dir: str | os.PathLike, *, strict: bool = True) -> list[dict]:
     """Read RUN_DIR/metrics.jsonl. A torn last line (a kill mid-write) is dropped; any other
     malformed line raises SchemaError naming file and line (or is skipped when strict=False)."""
-    path = Path(run_dir) / METRICS_FILE
+    return read_rows(run_dir, METRICS_FILE, strict=strict)
+
+
+def read_transfer(run_dir: str | os.PathLike, *, strict: bool = True) -> list[dict]:
+    """Read RUN_DIR/transfer.jsonl, by the rules of read_metrics."""
+    return read_rows(run_dir, TRANSFER_FILE, strict=strict)
+
+
+def read_rows(run_dir: str | os.PathLike, name: str, *, strict: bool = True) -> list[dict]:
+    """The rows of RUN_DIR/NAME (METRICS_FILE or TRANSFER_FILE), validated by its schema."""
+    path, validate = Path(run_dir) / name, _VALIDATORS[name]
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
@@ -188,7 +241,7 @@ def read_metrics(run_dir: str | os.PathLike, *, strict: bool = True) -> list[dic
         if not line.strip():
             continue
         try:
-            rows.append(validate_row(json.loads(line)))
+            rows.append(validate(json.loads(line)))
         except (json.JSONDecodeError, SchemaError) as e:
             if i == len(lines) and isinstance(e, json.JSONDecodeError):
                 break  # an interrupted append; the run will rewrite it on resume
@@ -198,19 +251,26 @@ def read_metrics(run_dir: str | os.PathLike, *, strict: bool = True) -> list[dic
 
 
 def truncate_metrics(run_dir: str | os.PathLike, step: int, rows: int | None = None) -> int:
-    """Keep the first `rows` rows (all when None) logged up to `step`, drop the rest and a torn
-    last line; returns the rows dropped.
+    """truncate_rows for metrics.jsonl."""
+    return truncate_rows(run_dir, METRICS_FILE, step, rows)
+
+
+def truncate_rows(run_dir: str | os.PathLike, name: str, step: int,
+                  rows: int | None = None) -> int:
+    """Keep the first `rows` rows (all when None) of RUN_DIR/NAME logged up to `step`, drop the
+    rest and a torn last line; returns the rows dropped.
 
     Every (re)start calls this before its first append, with the step of the checkpoint it
     resumes from (0 without one) and the number of rows that existed when it was saved: the
     rows of a lost attempt are re-run, and no (kind, step) may be counted twice, not even an
     eval at the checkpoint's own step logged after the save. A torn line (a kill mid-append) is
-    removed, so an append never follows it.
+    removed, so an append never follows it. The same holds for transfer.jsonl with
+    (dataset, shots, seed, step).
     """
-    path = Path(run_dir) / METRICS_FILE
+    path = Path(run_dir) / name
     if not path.exists():
         return 0
-    found = read_metrics(run_dir, strict=True)
+    found = read_rows(run_dir, name, strict=True)
     kept = [r for r in found if r["step"] <= step][:rows]
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
     if text != path.read_text():
@@ -262,12 +322,13 @@ def check_config(run_dir: str | os.PathLike, new: dict, *, resumable: tuple[str,
 
 def check_readable(run_dir: str | os.PathLike) -> None:
     """Raise SchemaError (a ValueError) naming the file when a run dir's final.json or a
-    metrics line other than a torn last one is corrupt: such a dir is repaired by a person,
-    never overwritten by a rerun."""
+    metrics or transfer line other than a torn last one is corrupt: such a dir is repaired by a
+    person, never overwritten by a rerun."""
     run_dir = Path(run_dir)
     if (run_dir / FINAL_FILE).exists():
         read_final(run_dir)
     read_metrics(run_dir, strict=True)
+    read_transfer(run_dir, strict=True)
 
 
 def set_aside_final(run_dir: str | os.PathLike) -> Path | None:

@@ -32,6 +32,7 @@ from scaling.config import (
     resolve_steps,
 )
 from scaling.data import load_dataset_info
+from scaling.fewshot import TrainingProbe
 from scaling.flops import forward_macs, param_count, training_flops
 from scaling.loop import Batches, Meter, evaluate, memory_gb
 
@@ -78,7 +79,8 @@ class Plan:
 
 
 def prepare(cfg: TrainConfig, world_size: int):
-    """Validate data, batch layout, budget and run dir; raises ValueError before any training."""
+    """Validate data, batch layout, budget, few-shot data and run dir; raises ValueError before
+    any training."""
     if not Path(cfg.data).is_dir():
         raise ValueError(f"data dir {cfg.data!r} does not exist")
     if cfg.precision == "fp16" and not torch.cuda.is_available():
@@ -98,11 +100,12 @@ def prepare(cfg: TrainConfig, world_size: int):
     steps_per_epoch = max(1, -(-per_epoch // cfg.batch_size))
     plan = Plan(steps, world_size, micro, accum, steps_per_epoch, per_epoch, param_count(vit),
                 macs, info.num_classes, vit.image_size)
+    fewshot = TrainingProbe.from_config(cfg, vit)  # None without --fewshot
     results.check_writable(cfg.out)
     results.check_readable(cfg.out)
     results.check_config(cfg.out, cfg.to_dict(), resumable=RESUMABLE_FIELDS,
                          defaults=TrainConfig.defaults())
-    return info, vit, plan
+    return info, vit, plan, fewshot
 
 
 class DiskFull(RuntimeError):
@@ -137,8 +140,10 @@ class RunDirRefused(RuntimeError):
 class Run:
     """The state of one run on one rank."""
 
-    def __init__(self, cfg: TrainConfig, info, vit, plan: Plan, where: dist.DistInfo):
+    def __init__(self, cfg: TrainConfig, info, vit, plan: Plan, where: dist.DistInfo,
+                 fewshot=None):
         self.cfg, self.info, self.vit, self.plan, self.where = cfg, info, vit, plan, where
+        self.fewshot = fewshot  # scaling.fewshot.TrainingProbe (--fewshot) or None
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / results.CHECKPOINT_DIR
         self.step, self.best_top1, self.last_eval = 0, None, None
@@ -195,6 +200,7 @@ class Run:
 
     lock = None
     rows_logged = 0  # rank 0: rows in metrics.jsonl, saved with each checkpoint
+    transfer_rows = 0  # rank 0: rows in transfer.jsonl, saved with each checkpoint
 
     def _resume(self) -> None:
         from scaling import engine as eng
@@ -214,10 +220,13 @@ class Run:
             rows = client.get("metrics_rows") if done else 0
             dropped = results.truncate_metrics(self.out, self.step, rows)
             self.rows_logged = len(results.read_metrics(self.out))
-            if done or dropped:
-                log.info("%s (step %d; dropped %d later metric rows of a lost attempt)",
-                         f"resumed from {done[-1][1]}" if done else "no complete checkpoint: "
-                         "starting over", self.step, dropped)
+            kept = client.get("transfer_rows") if done else 0  # the same rule (results.py)
+            dropped_t = results.truncate_rows(self.out, results.TRANSFER_FILE, self.step, kept)
+            self.transfer_rows = len(results.read_transfer(self.out))
+            if done or dropped or dropped_t:
+                log.info("%s (step %d; dropped %d later metric rows and %d transfer rows of a "
+                         "lost attempt)", f"resumed from {done[-1][1]}" if done else
+                         "no complete checkpoint: starting over", self.step, dropped, dropped_t)
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> None:
@@ -323,6 +332,12 @@ class Run:
         if self.best_top1 is None or row["top1"] > self.best_top1:
             self.best_top1 = row["top1"]
         self._emit(row)
+        if self.fewshot is not None:
+            t0 = time.perf_counter()
+            for probe in self.fewshot.evaluate(self.engine, self.vit, self.where, self.device):
+                self._emit({**probe, "source": "train", **{k: row[k] for k in (
+                    "step", "images_seen", "flops_seen")}}, results.TRANSFER_FILE)
+            self.meter.add("fewshot", time.perf_counter() - t0)
         return row
 
     def save(self) -> None:
@@ -333,7 +348,8 @@ class Run:
         window_loss, skipped = self._global_window()  # never checkpoint a diverged model
         client = {"step": self.step, "best_top1": self.best_top1, "last_eval": self.last_eval,
                   "meter": self.meter.state(), "skipped": skipped, "window_loss": window_loss,
-                  "window_step": self.meter.window_step, "metrics_rows": self.rows_logged}
+                  "window_step": self.meter.window_step, "metrics_rows": self.rows_logged,
+                  "transfer_rows": self.transfer_rows}
         error = None
         try:
             eng.save_checkpoint(self.engine, self.ckpt_dir, self.step, client,
@@ -391,15 +407,17 @@ class Run:
                 "images_seen": images, "flops_seen": training_flops(self.vit, images),
                 "wall_s": self.meter.wall(), **values}
 
-    def _emit(self, row: dict) -> None:
+    def _emit(self, row: dict, name: str = results.METRICS_FILE) -> None:
         if not self.where.is_main:
             return
+        metrics = name == results.METRICS_FILE
         try:
-            results.append_metrics(self.out, row)
+            (results.append_metrics if metrics else results.append_transfer)(self.out, row)
         except OSError as e:
             raise DiskFull.check(e, str(e), self.ckpt_dir) from None
-        self.rows_logged += 1
-        if self._bar is None:
+        self.rows_logged += metrics
+        self.transfer_rows += not metrics
+        if self._bar is None and metrics:
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()
                      if k in ("step", "loss", "lr", "top1", "images_per_s", "mfu")}
             log.info("%s %s", row["kind"], " ".join(f"{k}={v}" for k, v in shown.items()))
@@ -471,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s [rank {where.rank}] %(levelname)s %(message)s")
     try:
         cfg = TrainConfig.from_args(argv)
-        info, vit, plan = prepare(cfg, where.world_size)
+        info, vit, plan, fewshot = prepare(cfg, where.world_size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return results.EXIT_BAD_INPUT
@@ -479,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     if final and final["status"] == results.STATUS_OK:
         log.info("%s already finished (final.json status ok); nothing to do", cfg.out)
         return results.EXIT_OK
-    return execute(Run(cfg, info, vit, plan, where))
+    return execute(Run(cfg, info, vit, plan, where, fewshot))
 
 
 def exit_now(code: int) -> None:
