@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from scaling.data import DataError, load_dataset_info, make_eval_loader, make_train_loader
+from scaling.data.make_shards import main as make_shards_main
 from scaling.data.make_shards import make_shards
 from scaling.data.memory import make_memory_train_loader
 from scaling.data.writer import Encoding, Source, replace_by_renames, write_dataset
@@ -179,7 +180,8 @@ def test_shard_with_more_samples_than_listed(tmp_path):
 
 # ---- truncated passthrough JPEG (item 8) -------------------------------------------------------
 
-def test_truncated_jpeg_stops_the_build(tmp_path):
+def test_truncated_jpeg_stops_the_build(tmp_path, capsys):
+    """--strict stops the build naming the file; without it, a counted and recorded skip."""
     arr = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=90)
@@ -187,12 +189,28 @@ def test_truncated_jpeg_stops_the_build(tmp_path):
     for name, data in (("good", whole), ("cut", whole[:len(whole) // 2])):
         (tmp_path / "src" / name).mkdir(parents=True)
         (tmp_path / "src" / name / f"{name}.jpg").write_bytes(data)
+    (tmp_path / "src" / "good" / "good2.jpg").write_bytes(whole)
     Image.open(tmp_path / "src" / "cut" / "cut.jpg").verify()  # the header alone looks fine
+    # --strict (today's behaviour before issue 16): the build stops, naming the file
     with pytest.raises(DataError, match=r"cut\.jpg: not a readable image \(image file is "
                                         r"truncated"):
         make_shards("imagefolder", tmp_path / "out", src=str(tmp_path / "src"), image_size=0,
-                    val_fraction=0)
+                    val_fraction=0, strict=True)
     assert not (tmp_path / "out").exists()
+    argv = ["--from", "imagefolder", "--src", str(tmp_path / "src"), "--out",
+            str(tmp_path / "out"), "--image-size", "0", "--val-fraction", "0", "--workers", "1"]
+    assert make_shards_main([*argv, "--strict"]) == 2
+    assert "cut.jpg: not a readable image" in capsys.readouterr().err
+    # without --strict: a counted skip, listed in dataset.json and in the summary
+    assert make_shards_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "train 2 in 1 shards" in printed and "skipped 1 unreadable images" in printed
+    assert "cut.jpg: not a readable image" in printed
+    skipped = json.loads((tmp_path / "out" / "dataset.json").read_text())["skipped"]
+    assert skipped["count"] == 1 and skipped["per_split"] == {"train": 1, "val": 0}
+    assert skipped["items"][0]["item"].endswith("cut.jpg)")
+    assert "image file is truncated" in skipped["items"][0]["reason"]
+    assert load_dataset_info(tmp_path / "out").num_classes == 2
 
 
 # ---- labels ------------------------------------------------------------------------------------

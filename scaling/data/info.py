@@ -14,6 +14,14 @@ it: the kernel sets ctime on every write and every utime.
 Shard entries written since labels were checked at write time also record ``label_min`` and
 ``label_max``; a dataset whose recorded labels fall outside ``[0, num_classes)`` is rejected when
 it is parsed, before any shard is read.
+
+Format 2 (``make_shards --from webdataset``: shards indexed where they are) adds a ``url`` to
+each shard entry (an absolute path, ``pipe:CMD`` or a remote URL; `ShardInfo.path` is then that
+path, or the URL string itself) and a ``keys`` object: the image extensions to try, in order,
+and the label (``cls``-style member or ``json:FIELD``). Its ``sha256`` may be null (counts from
+an index file). Remote shards are verified by size (a HEAD request, an fsspec stat; nothing for
+``pipe:``) unless verify="sha256" asks for their hash too; their sample counts are checked on
+every full read, as for local shards.
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ from scaling.results import atomic_write_text
 
 INFO_FILE = "dataset.json"
 FORMAT = "vit-scaling-shards/1"
+FORMAT_INDEXED = "vit-scaling-shards/2"  # shards referenced by URL, sample keys (module doc)
+FORMATS = (FORMAT, FORMAT_INDEXED)
+DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png")
+DEFAULT_LABEL_KEY = "cls"
 HASH_CACHE_FILE = ".sha256-cache.json"
 VERIFY_LEVELS = (True, False, "sha256", "size")
 
@@ -37,17 +49,32 @@ class DataError(ValueError):
     """Bad input data: a missing or damaged dataset, shard, image or label."""
 
 
+class UnreadableImage(DataError):
+    """One input image that does not decode (a writer skips and counts it unless strict)."""
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     """One shard file of a split."""
 
     name: str
-    path: Path
+    path: Path | str  # a local file, or the URL string of a remote one (format 2)
     num_samples: int
-    sha256: str
+    sha256: str | None
     bytes: int | None = None
     label_min: int | None = None  # the writer's checked label range (absent in older data)
     label_max: int | None = None
+    url: str | None = None  # format 2: where the shard is (dataset.json "url")
+
+    @property
+    def remote(self) -> bool:
+        """Whether the shard is not a local file (pipe:, http(s), fsspec)."""
+        return isinstance(self.path, str)
+
+    @property
+    def cache_key(self) -> str:
+        """Its key in the hash cache: the name of a shard in DIR, else its URL."""
+        return self.name if self.url is None else self.url
 
 
 @dataclass(frozen=True)
@@ -60,7 +87,7 @@ class SplitInfo:
 
     @property
     def urls(self) -> list[str]:
-        """Shard paths as strings (webdataset URLs)."""
+        """Shard paths as strings (webdataset URLs); the loaders key sample counts by them."""
         return [str(s.path) for s in self.shards]
 
 
@@ -76,6 +103,8 @@ class DatasetInfo:
     splits: dict[str, SplitInfo]
     args: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    image_keys: tuple[str, ...] = DEFAULT_IMAGE_KEYS  # extensions tried in order
+    label_key: str = DEFAULT_LABEL_KEY  # an extension holding an ASCII int, or "json:FIELD"
 
     @property
     def num_classes(self) -> int:
@@ -103,12 +132,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _shard_path(root: Path, entry: dict) -> Path | str:
+    """Where a shard is: DIR/name, or its "url" (a local path, or the URL string)."""
+    from scaling.data import urls  # urls imports this module
+
+    url = entry.get("url")
+    if url is None:
+        return root / entry["name"]
+    return Path(urls.local_path(url)) if urls.is_local(url) else str(url)
+
+
 def _parse_split(root: Path, name: str, raw: dict) -> SplitInfo:
     """Build a SplitInfo from its JSON entry; counts must add up."""
     try:
         shards = tuple(
-            ShardInfo(s["name"], root / s["name"], int(s["num_samples"]), s["sha256"],
-                      s.get("bytes"), _opt_int(s.get("label_min")), _opt_int(s.get("label_max")))
+            ShardInfo(s["name"], _shard_path(root, s), int(s["num_samples"]), s.get("sha256"),
+                      s.get("bytes"), _opt_int(s.get("label_min")), _opt_int(s.get("label_max")),
+                      s.get("url"))
             for s in raw["shards"]
         )
         num_samples = int(raw["num_samples"])
@@ -141,8 +181,8 @@ def _check_labels(path: Path, splits: dict[str, SplitInfo], num_classes: int) ->
 def parse_dataset_info(root: Path, raw: dict) -> DatasetInfo:
     """Build a DatasetInfo from the JSON object of `root/dataset.json`."""
     path = root / INFO_FILE
-    if raw.get("format") != FORMAT:
-        raise DataError(f"{path}: format={raw.get('format')!r}; expected {FORMAT!r}")
+    if raw.get("format") not in FORMATS:
+        raise DataError(f"{path}: format={raw.get('format')!r}; expected one of {FORMATS}")
     missing = [k for k in ("source", "image_size", "classes", "splits") if k not in raw]
     if missing:
         raise DataError(f"{path}: missing keys {missing}")
@@ -152,10 +192,16 @@ def parse_dataset_info(root: Path, raw: dict) -> DatasetInfo:
                         f"{len(classes)} classes")
     splits = {n: _parse_split(root, n, s) for n, s in raw["splits"].items()}
     _check_labels(path, splits, len(classes))
+    keys = raw.get("keys", {})
+    image_keys = tuple(str(k) for k in keys.get("image", DEFAULT_IMAGE_KEYS))
+    label_key = str(keys.get("label", DEFAULT_LABEL_KEY))
+    if not image_keys or not label_key:
+        raise DataError(f"{path}: keys={keys!r}; expected image extensions and a label key")
     return DatasetInfo(root=root, source=str(raw["source"]), image_size=int(raw["image_size"]),
                        image_format=str(raw.get("image_format", "")), classes=classes,
                        splits=splits, args=dict(raw.get("args", {})),
-                       created=str(raw.get("created", "")))
+                       created=str(raw.get("created", "")), image_keys=image_keys,
+                       label_key=label_key)
 
 
 def _read_cache(root: Path) -> dict:
@@ -184,17 +230,64 @@ def cache_entry(st: os.stat_result, digest: str) -> dict:
 def _cached_sha256(shard: ShardInfo, st: os.stat_result, cache: dict) -> str:
     """sha256 of a shard, reusing the cached value while its stat key is unchanged (an entry
     of an older format, without inode and ctime, never matches: one re-hash)."""
-    entry = cache.get(shard.name)
+    entry = cache.get(shard.cache_key)
     key = {k: v for k, v in cache_entry(st, "").items() if k != "sha256"}
     if entry and "sha256" in entry and all(entry.get(k) == v for k, v in key.items()):
         return entry["sha256"]
     digest = sha256_file(shard.path)
-    cache[shard.name] = cache_entry(st, digest)
+    cache[shard.cache_key] = cache_entry(st, digest)
     return digest
 
 
+def _missing(info: DatasetInfo, split: SplitInfo, shard: ShardInfo, why: str = "") -> DataError:
+    return DataError(f"shard {shard.path} listed in {info.root / INFO_FILE} (split "
+                     f"{split.name!r}) is missing{why}")
+
+
+def _check_size(shard: ShardInfo, size: int | None) -> None:
+    if shard.bytes is not None and size is not None and size != shard.bytes:
+        raise DataError(f"shard {shard.path} has {size} bytes; {INFO_FILE} says {shard.bytes}")
+
+
+def _check_digest(shard: ShardInfo, digest: str) -> None:
+    if digest != shard.sha256:
+        raise DataError(f"shard {shard.path}: sha256 mismatch (file {digest[:16]}..., "
+                        f"{INFO_FILE} says {shard.sha256[:16]}...)")
+
+
+def _verify_remote(info: DatasetInfo, level: bool | str) -> None:
+    """Remote shards: size (HEAD, fsspec stat; pipe: has none), and the sha256 of their bytes
+    only when level == "sha256" (it downloads them). Queried 16 at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scaling.data import urls  # urls imports this module
+
+    def check(pair: tuple[SplitInfo, ShardInfo]) -> None:
+        split, shard = pair
+        try:
+            _check_size(shard, urls.url_size(shard.path))
+        except FileNotFoundError as e:
+            raise _missing(info, split, shard, f" ({e})" if str(e) else "") from None
+        except OSError as e:
+            raise DataError(f"shard {shard.path} (split {split.name!r}): cannot query its size "
+                            f"({type(e).__name__}: {e})") from e
+        if level == "sha256" and shard.sha256:
+            h = hashlib.sha256()
+            with urls.open_url(shard.path) as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            _check_digest(shard, h.hexdigest())
+
+    remote = [(sp, s) for sp in info.splits.values() for s in sp.shards if s.remote]
+    if remote:
+        with ThreadPoolExecutor(min(16, len(remote))) as pool:
+            list(pool.map(check, remote))
+
+
 def verify_shards(info: DatasetInfo, *, level: bool | str = True) -> None:
-    """Check that every listed shard exists, has its size and (level True/"sha256") its hash."""
+    """Check that every listed shard exists, has its size and (level True/"sha256") its hash:
+    local shards with a recorded sha256 are hashed (cached), remote ones by size unless
+    level == "sha256" (module doc)."""
     if level not in VERIFY_LEVELS:
         raise ValueError(f"verify={level!r}; expected one of {VERIFY_LEVELS}")
     if level is False:
@@ -202,32 +295,28 @@ def verify_shards(info: DatasetInfo, *, level: bool | str = True) -> None:
     cache = _read_cache(info.root) if level in (True, "sha256") else None
     dirty = False
     for split in info.splits.values():
-        for shard in split.shards:
+        for shard in (s for s in split.shards if not s.remote):
             try:
                 st = os.stat(shard.path)
             except FileNotFoundError:
-                raise DataError(f"shard {shard.path} listed in {info.root / INFO_FILE} "
-                                f"(split {split.name!r}) is missing") from None
-            if shard.bytes is not None and st.st_size != shard.bytes:
-                raise DataError(f"shard {shard.path} has {st.st_size} bytes; "
-                                f"{INFO_FILE} says {shard.bytes}")
-            if cache is None:
+                raise _missing(info, split, shard) from None
+            _check_size(shard, st.st_size)
+            if cache is None or shard.sha256 is None:
                 continue
-            before = cache.get(shard.name)
-            digest = _cached_sha256(shard, st, cache)
-            dirty |= cache.get(shard.name) is not before
-            if digest != shard.sha256:
-                raise DataError(f"shard {shard.path}: sha256 mismatch (file {digest[:16]}..., "
-                                f"{INFO_FILE} says {shard.sha256[:16]}...)")
+            before = cache.get(shard.cache_key)
+            _check_digest(shard, _cached_sha256(shard, st, cache))
+            dirty |= cache.get(shard.cache_key) is not before
     if dirty:
         _write_cache(info.root, cache)
+    _verify_remote(info, level)
 
 
 def load_dataset_info(data_dir: str | os.PathLike, *, verify: bool | str = True) -> DatasetInfo:
     """Read and check DIR/dataset.json; raise DataError naming the problem and the path.
 
-    verify: True or "sha256" (existence, size and cached sha256), "size" (existence and size),
-    False (parse only).
+    verify: True (existence, size and cached sha256 of local shards; remote ones by size),
+    "sha256" (remote shards hashed too: a download), "size" (existence and size), False
+    (parse only).
     """
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():

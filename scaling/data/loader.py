@@ -40,11 +40,12 @@ from scaling.data.samples import (
     as_info,
     check_loader_args,
     epoch_steps,
+    make_decode,
     shard_counts,
     stream_seed,
 )
 from scaling.data.shardread import checked_samples
-from scaling.data.transforms import Augment, default_augment, to_tensor_batch
+from scaling.data.transforms import Augment, to_tensor_batch
 
 SHUFFLE_BUFFER, SHUFFLE_INITIAL = 5000, 1000  # open_clip's _SAMPLE_SHUFFLE_SIZE / _INITIAL
 
@@ -257,7 +258,7 @@ def make_train_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int,
                          f"{shuffle_buffer}; expected >= 1")
     steps = epoch_steps(samples, batch_size, world_size)
     shuffle_buffer = min(shuffle_buffer, sp.num_samples)  # a bigger buffer only holds repeats
-    decode = Decode(image_size, info.num_classes, augment or default_augment(info.source), strict)
+    decode = make_decode(info, image_size, augment, strict)
     return TrainLoader(shard_counts(sp), decode, batch_size=batch_size, steps_per_epoch=steps,
                        rank=rank, seed=seed, num_workers=num_workers,
                        shuffle_buffer=shuffle_buffer, pin_memory=pin_memory)
@@ -272,7 +273,7 @@ def make_eval_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int, 
     info = as_info(info)
     sp = info.split(split)
     counts = [s.num_samples for s in sp.shards]
-    decode = Decode(image_size, info.num_classes, augment or default_augment(info.source), strict)
+    decode = make_decode(info, image_size, augment, strict)
     stream = _EvalStream(sp.urls, counts, decode, batch_size=batch_size, rank=rank,
                          world_size=world_size)
     return EvalLoader(stream, rank_eval_samples(counts, rank, world_size), num_workers,

@@ -1,8 +1,16 @@
-"""Write webdataset shards + dataset.json from an ImageFolder tree, CIFAR, digits or shapes.
+"""Write webdataset shards + dataset.json from an ImageFolder tree, CIFAR, parquet, digits or
+shapes, or index existing webdataset shards in place (nothing copied).
 
     python -m scaling.data.make_shards --from shapes --out data/shapes32 --num-samples 20000
     python -m scaling.data.make_shards --from cifar --src cifar-10-python.tar.gz --out data/c10
     python -m scaling.data.make_shards --from imagefolder --src train/ --val-src val/ --out in1k
+    python -m scaling.data.make_shards --from parquet --src 'hf/data/train-*.parquet' \
+        --val-src 'hf/data/validation-*.parquet' --out data/hf
+    python -m scaling.data.make_shards --from webdataset --out data/in1k-wds \
+        --src 'in1k/imagenet1k-train-{0000..1023}.tar' \
+        --val-src 'in1k/imagenet1k-validation-{00..63}.tar'
+
+Unreadable images are skipped, counted and listed in dataset.json ("skipped") unless --strict.
 
 Launchers call `make_builtin_shards("digits" | "shapes", out, ...)`, which reuses an existing
 dataset with the same arguments and serialises concurrent callers with a file lock.
@@ -23,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scaling.clihelp import DefaultsHelpFormatter
-from scaling.data import sources
+from scaling.data import index, sources
 from scaling.data.info import INFO_FILE, DataError, DatasetInfo, load_dataset_info
 from scaling.data.writer import (
     Encoding,
@@ -31,9 +39,12 @@ from scaling.data.writer import (
     check_out_dir,
     remove_stale_builds,
     write_dataset,
+    write_info,
 )
 
-SOURCES = ("imagefolder", "cifar", "digits", "shapes")
+SOURCES = ("imagefolder", "cifar", "parquet", "webdataset", "digits", "shapes")
+EXTERNAL = ("parquet", "webdataset")  # take --image-key, --label-key, --classes
+KEY_DEFAULTS = {"webdataset": ("jpg;jpeg;png;webp", "cls"), "parquet": ("image", "label")}
 BUILTIN = ("digits", "shapes")
 FORMATS = ("png", "jpg")
 LOCK_SUFFIX = ".make_shards.lock"  # the lock of OUT is PARENT/.OUT.make_shards.lock
@@ -54,19 +65,19 @@ def _source_args(source: str, *, src: str | None, val_src: str | None, val_fract
     _check_sizes(source, image_size, num_samples, shard_size)
     if source != "cifar" and not val_src and not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction}; expected 0 <= F < 1")
-    if val_src and source != "imagefolder":
-        raise ValueError(f"val_src={val_src!r} only applies to imagefolder")
+    if val_src and source not in ("imagefolder", "parquet"):
+        raise ValueError(f"val_src={val_src!r} only applies to imagefolder and parquet")
     if num_samples is not None and source != "shapes":
         raise ValueError(f"num_samples={num_samples} only applies to shapes")
-    image_format = image_format or ("jpg" if source == "imagefolder" else "png")
-    if image_format not in FORMATS:
+    image_format = image_format or {"imagefolder": "jpg", "parquet": None}.get(source, "png")
+    if image_format not in FORMATS + ((None,) if source == "parquet" else ()):
         raise ValueError(f"image_format={image_format!r}; expected one of {FORMATS}")
     if not 1 <= quality <= 100:
         raise ValueError(f"quality={quality}; expected 1..100")
-    default_size = {"imagefolder": 256, "shapes": 32}.get(source, native)
+    default_size = {"imagefolder": 256, "parquet": 256, "shapes": 32}.get(source, native)
     return {
-        "source": source, "src": str(Path(src).resolve()) if src else None,
-        "val_src": str(Path(val_src).resolve()) if val_src else None,
+        "source": source, "src": _abs(src) if src else None,
+        "val_src": _abs(val_src) if val_src else None,
         "val_fraction": None if source == "cifar" or val_src else float(val_fraction),
         "image_size": default_size if image_size is None else int(image_size),
         "image_format": image_format, "quality": int(quality), "seed": int(seed),
@@ -74,6 +85,45 @@ def _source_args(source: str, *, src: str | None, val_src: str | None, val_fract
         if source == "shapes" else None,
         "shard_size": int(shard_size),
     }
+
+
+def _abs(src: str) -> str:
+    """A local source path or pattern made absolute (other URLs unchanged)."""
+    from scaling.data import urls
+    return urls.normalize(src)
+
+
+def _external_args(source: str, a: dict, *, image_key: str | None, label_key: str | None,
+                   classes: str | None, scan: bool) -> dict:
+    """The parquet / webdataset additions to the arguments (keys, classes file, scan)."""
+    defaults = KEY_DEFAULTS[source]
+    keys = index.parse_keys(image_key or defaults[0], label_key or defaults[1])
+    if source == "parquet" and (len(keys.image) != 1 or keys.label.startswith("json:")):
+        raise ValueError(f"parquet: --image-key and --label-key are column names (got "
+                         f"{image_key!r}, {label_key!r})")
+    if scan and source != "webdataset":
+        raise ValueError("--scan only applies to webdataset")
+    return {**a, "image_keys": list(keys.image), "label_key": keys.label,
+            "classes_file": str(Path(classes).expanduser().resolve()) if classes else None,
+            **({"scan": bool(scan)} if source == "webdataset" else {})}
+
+
+def _index_args(*, src: str | None, val_src: str | None, val_fraction: float,
+                image_size: int | None, image_format: str | None, num_samples: int | None,
+                seed: int) -> dict:
+    """Arguments of --from webdataset (shards indexed in place)."""
+    if not src:
+        raise ValueError("source 'webdataset' needs --src (a shard URL pattern)")
+    if image_format is not None or num_samples is not None:
+        raise ValueError("webdataset: shards are indexed as they are (no --format, "
+                         "--num-samples)")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size={image_size}; expected >= 1 (the recorded resolution)")
+    if not val_src and not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction}; expected 0 <= F < 1")
+    return {"source": "webdataset", "src": _abs(src), "val_src": _abs(val_src) if val_src
+            else None, "val_fraction": None if val_src else float(val_fraction),
+            "seed": int(seed), "image_size": image_size}
 
 
 def _check_sizes(source: str, image_size: int | None, num_samples: int | None,
@@ -100,6 +150,17 @@ def _check_out(out: Path, workers: int) -> Path:
 
 def _build_source(a: dict) -> Source:
     """The Source object for validated arguments."""
+    if a["source"] == "parquet":
+        from scaling.data.parquet import parquet_source  # pyarrow only for this source
+
+        classes = index.read_classes(a["classes_file"]) if a["classes_file"] else None
+        source, fmt = parquet_source(
+            a["src"], val_src=a["val_src"], val_fraction=a["val_fraction"] or 0.0,
+            seed=a["seed"], image_col=a["image_keys"][0], label_col=a["label_key"],
+            classes=classes, image_format=a["image_format"], image_size=a["image_size"],
+            shard_size=a["shard_size"])
+        a["image_format"] = fmt
+        return source
     if a["source"] == "imagefolder":
         return sources.imagefolder(a["src"], val_src=a["val_src"], val_fraction=a["val_fraction"],
                                    seed=a["seed"], image_format=a["image_format"],
@@ -130,25 +191,46 @@ def make_shards(source: str, out: str | os.PathLike, *, src: str | None = None,
                 val_src: str | None = None, val_fraction: float = 0.1,
                 image_size: int | None = None, image_format: str | None = None,
                 quality: int = 95, seed: int = 0, num_samples: int | None = None,
-                shard_size: int = 1000, workers: int = 1) -> DatasetInfo:
-    """Write shards of `source` into OUT (replacing what is there) and return its DatasetInfo."""
-    args = _source_args(source, src=src, val_src=val_src, val_fraction=val_fraction,
-                        image_size=image_size, image_format=image_format, quality=quality,
-                        seed=seed, num_samples=num_samples, shard_size=shard_size)
+                shard_size: int = 1000, workers: int = 1, strict: bool = False,
+                image_key: str | None = None, label_key: str | None = None,
+                classes: str | None = None, scan: bool = False) -> DatasetInfo:
+    """Write shards of `source` into OUT (replacing what is there) and return its DatasetInfo;
+    for "webdataset", write only a dataset.json that indexes the shards where they are."""
+    if source not in EXTERNAL and (image_key or label_key or classes or scan):
+        raise ValueError(f"--image-key, --label-key, --classes and --scan do not apply to "
+                         f"{source!r} (only to {EXTERNAL})")
+    if source == "webdataset":
+        args = _index_args(src=src, val_src=val_src, val_fraction=val_fraction,
+                           image_size=image_size, image_format=image_format,
+                           num_samples=num_samples, seed=seed)
+    else:
+        args = _source_args(source, src=src, val_src=val_src, val_fraction=val_fraction,
+                            image_size=image_size, image_format=image_format, quality=quality,
+                            seed=seed, num_samples=num_samples, shard_size=shard_size)
+    if source in EXTERNAL:
+        args = _external_args(source, args, image_key=image_key, label_key=label_key,
+                              classes=classes, scan=scan)
     out = _check_out(Path(out), workers)
+    if source == "webdataset":
+        keys = index.SampleKeys(tuple(args["image_keys"]), args["label_key"])
+        payload, cache = index.build_index(args, keys, workers)  # reads only: no lock yet
+        with _locked(out):
+            write_info(out, payload, cache)
+        return load_dataset_info(out, verify="size")
     built = _build_source(args)  # lists / reads the input: its errors come before any write
     with _locked(out):
-        return _write(args, out, workers, built)
+        return _write(args, out, workers, built, strict)
 
 
-def _write(args: dict, out: Path, workers: int, source: Source | None = None) -> DatasetInfo:
+def _write(args: dict, out: Path, workers: int, source: Source | None = None,
+           strict: bool = False) -> DatasetInfo:
     """Build the source (unless given) and write it (caller holds the lock)."""
     source = source or _build_source(args)
     fmt = args["image_format"]
-    cap = args["image_size"] if args["source"] == "imagefolder" else 0
+    cap = args["image_size"] if args["source"] in ("imagefolder", "parquet") else 0
     enc = Encoding(image_format=fmt, quality=args["quality"], max_size=cap)
     write_dataset(source, out, enc=enc, shard_size=args["shard_size"], args=args,
-                  workers=workers)
+                  workers=workers, strict=strict)
     return load_dataset_info(out, verify="size")
 
 
@@ -188,8 +270,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scaling.data.make_shards", description=__doc__,
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--from", dest="source", required=True, choices=SOURCES)
-    p.add_argument("--src", help="ImageFolder train tree, or CIFAR tar.gz (or its directory)")
-    p.add_argument("--val-src", help="ImageFolder val tree (default: split from --src)")
+    p.add_argument("--src", help="ImageFolder train tree, CIFAR tar.gz (or its directory), "
+                   "parquet files ('DIR/train-*.parquet'), or webdataset shard URLs "
+                   "('DIR/x-{0000..1023}.tar', 'pipe:CMD', 's3://...', 'https://...')")
+    p.add_argument("--val-src", help="ImageFolder val tree / parquet files / shard URLs "
+                   "(default: split from --src; webdataset: whole shards held out)")
     p.add_argument("--out", required=True, help="output directory (its shards are replaced)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of samples held out as val when there is no official split")
@@ -203,7 +288,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="shuffle / split / generator seed")
     p.add_argument("--num-samples", type=int, default=None, help="shapes: train + val samples")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="encoding processes (output does not depend on it)")
+                   help="encoding / scanning processes (output does not depend on it)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image instead of skipping and counting it")
+    p.add_argument("--image-key", default=None,
+                   help="webdataset: image extensions tried in order (jpg;jpeg;png;webp); "
+                        "parquet: the image column (image)")
+    p.add_argument("--label-key", default=None,
+                   help="webdataset: the label member (cls) or json:FIELD; parquet: the label "
+                        "column (label)")
+    p.add_argument("--classes", default=None,
+                   help="webdataset / parquet: class names, one per line or a JSON list "
+                        "(default: the labels seen, 0 .. max; parquet: the hub metadata)")
+    p.add_argument("--scan", action="store_true",
+                   help="webdataset: count by reading every shard even where an index file "
+                        "gives the counts")
     return p.parse_args(argv)
 
 
@@ -216,10 +315,34 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # DataError is a ValueError
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
+    print(summary(info))
+    return 0
+
+
+def summary(info: DatasetInfo) -> str:
+    """The printed result: splits, and what was skipped or missing."""
+    import json
+
     counts = ", ".join(f"{s.name} {s.num_samples} in {len(s.shards)} shards"
                        for s in info.splits.values())
-    print(f"{info.root}: {info.source}, {info.num_classes} classes, {counts}")
-    return 0
+    lines = [f"{info.root}: {info.source}, {info.num_classes} classes, {counts}"]
+    raw = json.loads((info.root / INFO_FILE).read_text())
+    skipped = raw.get("skipped") or {}
+    if skipped.get("count"):
+        shown = "; ".join(f"{s['item']}: {s['reason']}" for s in skipped["items"][:5])
+        lines.append(f"skipped {skipped['count']} unreadable images ({INFO_FILE} \"skipped\" "
+                     f"lists them): {shown}")
+    idx = raw.get("index") or {}
+    if idx:
+        lines.append(f"indexed in place: counts from {idx['counts_from']}, image formats "
+                     f"{idx['image_formats']}, image_size {info.image_size} (sampled shorter "
+                     f"sides {idx['image_size_sample']})")
+        for what in ("missing_image", "missing_label"):
+            if idx.get(what):
+                lines.append(f"warning: {idx[what]} samples have no "
+                             f"{'image' if what == 'missing_image' else 'label'}; the loaders "
+                             "skip and count them")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from scaling.data.samples import (
     as_info,
     check_loader_args,
     epoch_steps,
+    make_decode,
     shard_counts,
     stream_seed,
 )
@@ -229,7 +230,7 @@ def make_memory_train_loader(info: DatasetInfo | str | os.PathLike, *, image_siz
     if samples < 1:
         raise ValueError(f"samples_per_epoch={samples_per_epoch}; expected >= 1")
     aug = augment or default_augment(info.source)
-    decode = Decode(image_size, info.num_classes, aug, strict)
+    decode = make_decode(info, image_size, aug, strict)
     images, labels, keys, skipped = read_split(info, split, decode, crop=False)
     steps = epoch_steps(samples, batch_size, world_size)
     return MemoryTrainLoader(images, labels, keys, skipped=skipped, batch_size=batch_size,
@@ -244,7 +245,7 @@ def make_memory_eval_loader(info: DatasetInfo | str | os.PathLike, *, image_size
     check_loader_args(batch_size, rank, world_size, 0, image_size)
     info = as_info(info)
     aug = augment or default_augment(info.source)
-    decode = Decode(image_size, info.num_classes, aug, strict)
+    decode = make_decode(info, image_size, aug, strict)
     images, labels, keys, skipped = read_split(info, split, decode, crop=True)
     return MemoryEvalLoader(images, labels, keys, skipped=skipped, batch_size=batch_size,
                             rank=rank, world_size=world_size, augment=aug)

@@ -5,6 +5,7 @@ per-shard counts the checked shard reader compares with."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -12,11 +13,54 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from scaling.data.info import DataError, DatasetInfo, SplitInfo, load_dataset_info
-from scaling.data.transforms import Augment, decode_crop
+from scaling.data.info import (
+    DEFAULT_IMAGE_KEYS,
+    DEFAULT_LABEL_KEY,
+    DataError,
+    DatasetInfo,
+    SplitInfo,
+    load_dataset_info,
+)
+from scaling.data.transforms import Augment, decode_crop, default_augment
 
-IMAGE_KEYS = ("jpg", "jpeg", "png")
+IMAGE_KEYS = DEFAULT_IMAGE_KEYS
+JSON_PREFIX = "json:"
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def raw_label(sample: dict, label_key: str) -> object:
+    """The label value of a raw sample before int(): the text of member `label_key` (`cls`),
+    or field FIELD (dots for nested objects) of its `json` member for "json:FIELD"; None
+    when absent. A json member that does not parse raises ValueError."""
+    if not label_key.startswith(JSON_PREFIX):
+        raw = sample.get(label_key)
+        return raw.decode("ascii", "replace").strip() if isinstance(raw, bytes) else raw
+    value = sample.get("json")
+    if value is None:
+        return None
+    value = json.loads(value)
+    for part in label_key[len(JSON_PREFIX):].split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def parse_label(value: object) -> int:
+    """A class index from a raw label value: an int, or text / a float holding one (not a
+    bool); ValueError otherwise."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{value!r} is not a class index")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{value!r} is not a class index")
+        return int(value)
+    return int(value)
+
+
+def image_bytes(sample: dict, image_keys: tuple[str, ...]) -> bytes | None:
+    """The encoded image of a raw sample: its first member among `image_keys`."""
+    return next((sample[k] for k in image_keys if k in sample), None)
 
 
 def stream_seed(*parts: int) -> int:
@@ -32,17 +76,20 @@ class Decode:
     num_classes: int
     augment: Augment
     strict: bool
+    image_keys: tuple[str, ...] = DEFAULT_IMAGE_KEYS
+    label_key: str = DEFAULT_LABEL_KEY
 
     def label(self, sample: dict) -> int | None:
         """The class index of a raw sample; None if missing or unreadable (a damaged sample:
         DataError when strict); DataError if out of range."""
-        raw = sample.get("cls")
+        raw = None
         try:
-            label = int(raw)
+            raw = raw_label(sample, self.label_key)
+            label = parse_label(raw)
         except (TypeError, ValueError):
             if self.strict:
                 raise DataError(f"shard {sample.get('__url__')}, key {sample.get('__key__')}: "
-                                f"cls={raw!r} is not a class index") from None
+                                f"{self.label_key}={raw!r} is not a class index") from None
             return None
         if not 0 <= label < self.num_classes:
             raise DataError(f"shard {sample.get('__url__')}, key {sample.get('__key__')}: "
@@ -62,7 +109,7 @@ class Decode:
     def _decoded(self, sample: dict, decode) -> np.ndarray | None:
         """decode(the sample's image bytes); None when they are missing or do not decode
         (DataError naming shard and key when strict)."""
-        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        data = image_bytes(sample, self.image_keys)
         try:
             if data is None:
                 raise ValueError(f"no image (has {sorted(k for k in sample if k[:2] != '__')})")
@@ -74,12 +121,20 @@ class Decode:
             return None
 
 
+def make_decode(info: DatasetInfo, image_size: int, augment: Augment | None,
+                strict: bool) -> Decode:
+    """The Decode of a dataset: its classes, transform defaults and sample keys."""
+    return Decode(image_size, info.num_classes, augment or default_augment(info.source), strict,
+                  info.image_keys, info.label_key)
+
+
 def shard_counts(split: SplitInfo) -> dict[str, int]:
     """url -> the sample count dataset.json lists, for the checked shard reader."""
-    return {str(s.path): s.num_samples for s in split.shards}
+    return dict(zip(split.urls, (s.num_samples for s in split.shards)))
 
 
-def check_loader_args(batch_size: int, rank: int, world_size: int, num_workers: int, image_size: int):
+def check_loader_args(batch_size: int, rank: int, world_size: int, num_workers: int,
+                      image_size: int) -> None:
     """Validate the shared loader arguments."""
     if batch_size < 1 or image_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size={batch_size}, image_size={image_size}, num_workers="

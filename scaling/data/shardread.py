@@ -6,14 +6,26 @@ one: a run trained on 38 % of its data reported `skipped_samples: 0`. Every full
 here counts its samples and compares them with the count dataset.json lists; fewer (or more), or
 a tar error part-way, raises DataError naming the shard and both counts. Corrupt images inside
 an intact tar are the loaders' business (skipped and counted, or DataError when strict).
+
+Shards are opened by `urls.open_url` (local files, `pipe:`, http(s), fsspec) and parsed by
+webdataset's own tar iterator and key grouping. A remote shard whose open or read fails is
+re-read `urls.RETRIES` times with exponential back-off, the samples already delivered skipped
+(so the stream is the same as without the failure); after that it is a DataError naming the
+URL. A local shard is never retried (its errors are not transient), and a count mismatch is
+never retried.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import IO
 
-import webdataset as wds
+from webdataset import tariterators
+from webdataset.handlers import reraise_exception
 
+from scaling.data import urls as urllib_
 from scaling.data.info import INFO_FILE, DataError
 
 
@@ -25,24 +37,50 @@ def _reason(exn: Exception) -> str:
     return f"{type(exn).__name__}: {text}" if text else type(exn).__name__
 
 
+def raw_samples(url: str, wrap: Callable[[IO[bytes]], IO[bytes]] | None = None
+                ) -> Iterator[dict]:
+    """The samples of one shard as webdataset groups them (`__key__`, `__url__`, one bytes
+    entry per extension), unchecked; the stream is closed at the end, so that a `pipe:` or
+    curl process that failed raises here. `wrap` may wrap the opened stream (hashing)."""
+    stream = urllib_.open_url(url)
+    if wrap is not None:
+        stream = wrap(stream)
+    try:
+        files = tariterators.tar_file_expander([{"url": url, "stream": stream}],
+                                               handler=reraise_exception)
+        yield from tariterators.group_by_keys(files, handler=reraise_exception)
+    except BaseException:
+        with contextlib.suppress(OSError, ValueError):  # the first error is the one to report
+            stream.close()
+        raise
+    stream.close()  # a Pipe raises here for a command that exited non-zero
+
+
 def shard_samples(url: str, expected: int) -> Iterator[dict]:
     """The raw (undecoded) samples of one shard, checked against its listed count when the
     read reaches the shard's end (a reader that stops early checks nothing)."""
-    samples = iter(wds.tarfile_to_samples(handler=wds.reraise_exception)([{"url": url}]))
-    n = 0
+    n, attempt = 0, 0
     while True:
         try:
-            sample = next(samples)
-        except StopIteration:
+            for i, sample in enumerate(raw_samples(url)):
+                if i < n:
+                    continue  # delivered before a retry
+                n += 1
+                if n > expected:
+                    raise DataError(f"shard {url} holds more than the {expected} samples "
+                                    f"{INFO_FILE} lists (shards and dataset.json from different "
+                                    "builds?)")
+                yield sample
             break
-        except Exception as e:  # any tar/IO error: the shard cannot be read to its end
-            raise DataError(f"unreadable shard: {url}: {_reason(e)}, after {n} of the "
-                            f"{expected} samples {INFO_FILE} lists") from e
-        n += 1
-        if n > expected:
-            raise DataError(f"shard {url} holds more than the {expected} samples {INFO_FILE} "
-                            "lists (shards and dataset.json from different builds?)")
-        yield sample
+        except DataError:
+            raise
+        except Exception as e:  # any open/tar/IO error: the shard cannot be read to its end
+            attempt += 1
+            if urllib_.is_local(url) or attempt > urllib_.RETRIES:
+                tries = "" if urllib_.is_local(url) else f" (tried {attempt} times)"
+                raise DataError(f"unreadable shard: {url}: {_reason(e)}, after {n} of the "
+                                f"{expected} samples {INFO_FILE} lists{tries}") from e
+            time.sleep(urllib_.RETRY_DELAY_S * 2 ** (attempt - 1))
     if n != expected:
         raise DataError(f"short shard: {url} ended after {n} of the {expected} samples "
                         f"{INFO_FILE} lists (a damaged tar header ends the read early; "

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from scaling.data import shapes
-from scaling.data.info import DataError
+from scaling.data.info import DataError, UnreadableImage
 from scaling.data.modes import to_rgb
 from scaling.data.writer import Source
 
@@ -50,7 +50,16 @@ def load_file(item: tuple[str, int], *, image_format: str, max_size: int) -> tup
     """(path, label) -> (image, label); keeps the original bytes when they need no re-encoding
     (e.g. ImageNet JPEGs as is: no generation loss), after decoding them in full."""
     path, label = item
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UnreadableImage(f"{path}: not a readable image ({e})") from e
+    return load_bytes(data, path, image_format=image_format, max_size=max_size), label
+
+
+def load_bytes(data: bytes, where: str, *, image_format: str, max_size: int) -> Any:
+    """Encoded image -> (ext, bytes, size) kept as is when it needs no re-encoding, else the
+    decoded RGB image; UnreadableImage naming `where` when it does not decode in full."""
     try:
         image = Image.open(io.BytesIO(data))
         fmt = {"JPEG": "jpg", "PNG": "png"}.get(image.format)
@@ -62,11 +71,11 @@ def load_file(item: tuple[str, int], *, image_format: str, max_size: int) -> tup
             # (1/8 scale, `draft`): it still reads every entropy-coded byte.
             image.draft("RGB", (1, 1))
             image.load()
-            return (fmt, data, size), label
+            return fmt, data, size
         image.load()
-        return to_rgb(image), label
+        return to_rgb(image)
     except OPEN_ERRORS as e:  # DataError (from to_rgb) is a ValueError
-        raise DataError(f"{path}: not a readable image ({e})") from e
+        raise UnreadableImage(f"{where}: not a readable image ({e})") from e
 
 
 def _list_tree(root: Path, classes: tuple[str, ...] | None) -> tuple[tuple[str, ...], list]:

@@ -37,7 +37,14 @@ from typing import Any
 
 from PIL import Image
 
-from scaling.data.info import FORMAT, HASH_CACHE_FILE, INFO_FILE, DataError, cache_entry
+from scaling.data.info import (
+    FORMAT,
+    HASH_CACHE_FILE,
+    INFO_FILE,
+    DataError,
+    UnreadableImage,
+    cache_entry,
+)
 from scaling.data.modes import to_rgb
 from scaling.results import atomic_write_text
 
@@ -45,6 +52,7 @@ SPLITS = ("train", "val")
 SHARD_RE = re.compile(r"^(train|val)-\d{6}\.tar$")
 OLD_LOCK_FILE = ".make_shards.lock"  # lived inside OUT before builds were swapped in
 STAGING = (".build-", ".old-")  # sibling name parts: .OUT.build-TOKEN, .OUT.old-TOKEN
+MAX_SKIPS_LISTED = 1000  # dataset.json lists the first ones; "count" has them all
 
 
 @dataclass(frozen=True)
@@ -128,13 +136,21 @@ def _item_name(item: Any, index: int) -> str:
 
 
 def _shard_job(job: tuple) -> dict:
-    """Encode and write one shard (runs in a pool worker); return its dataset.json entry."""
-    out, name, split, start, items, load, enc, num_classes = job
-    short_sides, labels = [0], []
+    """Encode and write one shard (runs in a pool worker); return its dataset.json entry.
+    An UnreadableImage is skipped and listed in the entry's "_skipped" (strict: raised)."""
+    out, name, split, start, items, load, enc, num_classes, strict = job
+    short_sides, labels, skipped = [0], [], []
 
     def samples():
         for i, item in enumerate(items):
-            image, label = load(item)
+            try:
+                image, label = load(item)
+            except UnreadableImage as e:
+                if strict:
+                    raise
+                skipped.append({"split": split, "item": _item_name(item, start + i),
+                                "reason": str(e)})
+                continue
             label = int(label)
             if not 0 <= label < num_classes:
                 raise DataError(f"{name}: label {label} of {_item_name(item, start + i)} of "
@@ -148,7 +164,8 @@ def _shard_job(job: tuple) -> dict:
     # the checked range goes into dataset.json, so verification can reject a dataset.json whose
     # classes no longer cover its labels without reading a shard
     return {"name": name, "num_samples": n, "sha256": digest, "bytes": size,
-            "label_min": min(labels), "label_max": max(labels), "_short_side": max(short_sides)}
+            "label_min": min(labels, default=None), "label_max": max(labels, default=None),
+            "_short_side": max(short_sides), "_skipped": skipped}
 
 
 def _is_dataset_file(name: str) -> bool:
@@ -240,7 +257,8 @@ def _seed_hash_cache(out: Path, entries: list[dict]) -> None:
     atomic_write_text(out / HASH_CACHE_FILE, json.dumps(cache, indent=1, sort_keys=True))
 
 
-def _jobs(source: Source, out: Path, enc: Encoding, shard_size: int) -> list[tuple]:
+def _jobs(source: Source, out: Path, enc: Encoding, shard_size: int,
+          strict: bool) -> list[tuple]:
     """One job per shard: a contiguous slice of a split's items."""
     jobs = []
     for split in SPLITS:
@@ -248,25 +266,19 @@ def _jobs(source: Source, out: Path, enc: Encoding, shard_size: int) -> list[tup
         for k, start in enumerate(range(0, len(items), shard_size)):
             jobs.append((str(out), f"{split}-{k:06d}.tar", split, start,
                          list(items[start:start + shard_size]), source.load, enc,
-                         len(source.classes)))
+                         len(source.classes), strict))
     return jobs
 
 
-def write_dataset(source: Source, out: str | os.PathLike, *, enc: Encoding, shard_size: int,
-                  args: dict, workers: int = 1) -> dict:
-    """Write all shards of a source and dataset.json into a staging sibling of OUT, then swap
-    it in (module doc); return the dataset.json payload. On failure OUT is untouched."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size={shard_size}; expected >= 1")
-    if not source.items.get("train"):
-        raise DataError(f"source {source.name!r} ({args.get('src')}) has no training samples")
+def _staged(out: Path, fill: Callable[[Path], dict]) -> dict:
+    """fill(BUILD) -> payload in a staging sibling of OUT, then swap it in (module doc)."""
     out = Path(out).resolve()  # a symlinked OUT: swap the directory it points to
     check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     build = _staging(out, STAGING[0])
     build.mkdir()
     try:
-        payload = _write_all(source, build, enc, shard_size, args, workers)
+        payload = fill(build)
         if out.is_dir():  # keep the permissions of the directory being replaced
             os.chmod(build, out.stat().st_mode & 0o7777)
         _swap_in(build, out)
@@ -275,21 +287,67 @@ def write_dataset(source: Source, out: str | os.PathLike, *, enc: Encoding, shar
     return payload
 
 
+def write_dataset(source: Source, out: str | os.PathLike, *, enc: Encoding, shard_size: int,
+                  args: dict, workers: int = 1, strict: bool = False) -> dict:
+    """Write all shards of a source and dataset.json into a staging sibling of OUT, then swap
+    it in (module doc); return the dataset.json payload. On failure OUT is untouched.
+    Unreadable images are skipped and listed in dataset.json's "skipped" (strict: DataError)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size={shard_size}; expected >= 1")
+    if not source.items.get("train"):
+        raise DataError(f"source {source.name!r} ({args.get('src')}) has no training samples")
+    return _staged(Path(out), lambda build: _write_all(source, build, enc, shard_size, args,
+                                                       workers, strict))
+
+
+def write_info(out: str | os.PathLike, payload: dict, cache: dict) -> dict:
+    """A dataset.json of shards that live elsewhere (make_shards --from webdataset), and the
+    hash cache entries of those scanned, swapped in for OUT like a build."""
+    def fill(build: Path) -> dict:
+        if cache:
+            atomic_write_text(build / HASH_CACHE_FILE, json.dumps(cache, indent=1,
+                                                                  sort_keys=True))
+        atomic_write_text(build / INFO_FILE, json.dumps(payload, indent=1) + "\n")
+        _fsync_dir(build)
+        return payload
+    return _staged(Path(out), fill)
+
+
+def _skips(entries: list[dict], out: Path) -> tuple[list[dict], dict]:
+    """Drop the shards that skipping left empty (their files too); the "skipped" record."""
+    items = [s for e in entries for s in e.pop("_skipped")]
+    kept = []
+    for e in entries:
+        if e["num_samples"]:
+            kept.append(e)
+        else:
+            (out / e["name"]).unlink()
+    per_split = {sp: sum(s["split"] == sp for s in items) for sp in SPLITS}
+    return kept, {"count": len(items), "per_split": per_split, "items": items[:MAX_SKIPS_LISTED]}
+
+
 def _write_all(source: Source, out: Path, enc: Encoding, shard_size: int, args: dict,
-               workers: int) -> dict:
+               workers: int, strict: bool = False) -> dict:
     """Encode every shard into the (empty) directory OUT, then write dataset.json."""
-    jobs = _jobs(source, out, enc, shard_size)
+    jobs = _jobs(source, out, enc, shard_size, strict)
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
             entries = list(pool.map(_shard_job, jobs))
     else:
         entries = [_shard_job(j) for j in jobs]
+    split_of = {e["name"]: j[2] for e, j in zip(entries, jobs)}
+    entries, skipped = _skips(entries, out)
+    if not any(split_of[e["name"]] == "train" for e in entries):
+        first = skipped["items"][0] if skipped["items"] else {}
+        raise DataError(f"source {source.name!r} ({args.get('src')}): no training sample left "
+                        f"after skipping {skipped['count']} unreadable images (first: "
+                        f"{first.get('item')}: {first.get('reason')})")
     image_size = source.image_size or max(e["_short_side"] for e in entries)
     for e in entries:
         del e["_short_side"]
     splits = {}
     for split in SPLITS:
-        shards = [e for e, j in zip(entries, jobs) if j[2] == split]
+        shards = [e for e in entries if split_of[e["name"]] == split]
         if shards:
             splits[split] = {"num_samples": sum(e["num_samples"] for e in shards),
                              "shards": shards}
@@ -298,6 +356,7 @@ def _write_all(source: Source, out: Path, enc: Encoding, shard_size: int, args: 
         "image_format": enc.image_format, "classes": list(source.classes),
         "num_classes": len(source.classes), "splits": splits,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": args,
+        "skipped": skipped,
     }
     _seed_hash_cache(out, entries)
     _fsync_dir(out)  # the shard renames must be durable before dataset.json names them

@@ -1,0 +1,184 @@
+"""Shard URLs: patterns, opening, sizes; local paths, `pipe:` commands and remote objects.
+
+What a URL may be (docs/data.md, "Bringing existing shards"):
+
+- a local path (absolute after `normalize`), or ``file://PATH``;
+- a webdataset URL that `webdataset.gopen` opens: ``pipe:CMD`` (the command's stdout is the
+  shard), ``http(s)://`` (webdataset runs ``curl``), and its other schemes (``gs://`` through
+  ``gsutil`` when gcsfs is not installed, ``ais://``, ``hf://``, ...);
+- an fsspec URL (``s3://``, ``gs://``, ``az://``, ...) when the matching fsspec backend (s3fs,
+  gcsfs, adlfs) is installed.
+
+Patterns are expanded by webdataset's own `expand_urls` (``::`` lists, ``$WDS_*`` variables,
+brace ranges such as ``{0000..1023}``); a local pattern may also hold shell wildcards (sorted).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import IO
+from urllib.parse import urlparse
+
+import webdataset as wds
+from webdataset.gopen import gopen, gopen_schemes
+
+from scaling.data.info import DataError
+
+HTTP_TIMEOUT_S = 30
+RETRIES = 3  # extra attempts for a remote open / read / size query that failed
+RETRY_DELAY_S = 1.0  # before retry k: RETRY_DELAY_S * 2**(k-1)
+WILDCARDS = "*?["
+
+
+def scheme(url: str) -> str:
+    """The URL scheme, "" for a local path (a Windows-style drive letter is not a scheme)."""
+    s = urlparse(url).scheme
+    return "" if len(s) <= 1 else s.lower()
+
+
+def is_local(url: str) -> bool:
+    """Whether the URL names a local file (a plain path or file://)."""
+    return scheme(url) in ("", "file")
+
+
+def local_path(url: str) -> str:
+    """The file system path of a local URL."""
+    return urlparse(url).path if scheme(url) == "file" else url
+
+
+def normalize(url: str) -> str:
+    """Local paths absolute (so that dataset.json does not depend on the working directory);
+    other URLs unchanged."""
+    return os.path.abspath(os.path.expanduser(local_path(url))) if is_local(url) else url
+
+
+def expand(pattern: str) -> list[str]:
+    """All URLs of a pattern, in order; local wildcards are globbed (sorted). DataError when
+    nothing matches or a local file is missing."""
+    urls = []
+    for url in wds.shardlists.expand_urls(pattern):
+        if is_local(url) and any(c in url for c in WILDCARDS):
+            found = sorted(glob.glob(os.path.expanduser(local_path(url))))
+            if not found:
+                raise DataError(f"pattern {url!r} matches no file")
+            urls += found
+        else:
+            urls.append(url)
+    urls = [normalize(u) for u in urls]
+    missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
+    if missing:
+        raise DataError(f"{len(missing)} of the {len(urls)} shards of {pattern!r} are missing "
+                        f"(e.g. {missing[0]})")
+    if len(set(urls)) != len(urls):
+        raise DataError(f"pattern {pattern!r} names some shards twice")
+    return urls
+
+
+def _fsspec_protocol(name: str) -> bool:
+    """Whether fsspec can open this protocol here (its backend package imports)."""
+    try:
+        import fsspec
+        fsspec.get_filesystem_class(name)
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def _use_fsspec(url: str) -> bool:
+    """fsspec for schemes webdataset does not open itself, and for gs:// when gcsfs exists."""
+    s = scheme(url)
+    if s in ("pipe", "http", "https"):
+        return False
+    return (s not in gopen_schemes or s == "gs") and _fsspec_protocol(s)
+
+
+def open_url(url: str) -> IO[bytes]:
+    """A binary stream of the URL's bytes."""
+    if is_local(url):
+        return open(local_path(url), "rb")
+    if _use_fsspec(url):
+        import fsspec
+        return fsspec.open(url, "rb").open()
+    s = scheme(url)
+    if s not in gopen_schemes:
+        raise DataError(f"cannot open {url}: no reader for {s}:// URLs (install the fsspec "
+                        f"backend for it: s3fs for s3://, gcsfs for gs://, adlfs for az://)")
+    return gopen(url, "rb")
+
+
+def with_retries(what: str, fn, url: str):
+    """fn(), retried RETRIES times with exponential back-off for a remote URL; the last error
+    re-raised. FileNotFoundError and DataError are not retried."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return fn()
+        except (FileNotFoundError, DataError):
+            raise
+        except Exception:
+            if is_local(url) or attempt == RETRIES:
+                raise
+            time.sleep(RETRY_DELAY_S * 2**attempt)
+    raise AssertionError(what)
+
+
+def _http_size(url: str) -> int | None:
+    """Content-Length of a HEAD request; FileNotFoundError for 404/410."""
+    req = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as r:
+            length = r.headers.get("Content-Length")
+    except urllib.error.HTTPError as e:
+        if e.code in (404, 410):
+            raise FileNotFoundError(f"HTTP {e.code}") from None
+        raise
+    return int(length) if length is not None else None
+
+
+def url_size(url: str) -> int | None:
+    """The byte size of the object at URL; None when it cannot be known without reading it
+    (pipe:, a server that sends no length). FileNotFoundError when it is absent."""
+    if is_local(url):
+        return os.stat(local_path(url)).st_size
+    s = scheme(url)
+    if s in ("http", "https"):
+        return with_retries("size", lambda: _http_size(url), url)
+    if _use_fsspec(url):
+        import fsspec
+        fs, path = fsspec.core.url_to_fs(url)
+        return int(with_retries("size", lambda: fs.size(path), url))
+    return None
+
+
+def sibling(url: str, name: str) -> str | None:
+    """The URL of file `name` in the directory of `url`; None for pipe: URLs (no directory)."""
+    if scheme(url) == "pipe":
+        return None
+    head, sep, _ = url.rpartition("/")
+    return f"{head}{sep}{name}" if sep else name
+
+
+def read_optional(url: str) -> bytes | None:
+    """The bytes at URL, or None when it does not exist (or cannot be read: an optional file)."""
+    if is_local(url):
+        try:
+            with open(local_path(url), "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+    if scheme(url) in ("http", "https"):
+        try:
+            with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as r:
+                return r.read()
+        except (OSError, ValueError):
+            return None
+    if _use_fsspec(url):
+        try:
+            with open_url(url) as f:
+                return f.read()
+        except (OSError, ValueError):
+            return None
+    return None
