@@ -9,6 +9,8 @@ ignored and later removed) or a checkpoint that loads.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -226,3 +228,16 @@ def export_safetensors(engine, path: str | os.PathLike, metadata: dict[str, str]
         save_file(state, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     dist.barrier()
+
+
+def checkpoint_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The module weights of a complete DeepSpeed checkpoint folder."""
+    full = ckpt / "mp_rank_00_model_states.pt"
+    if full.is_file():  # ZeRO 0/1/2: the whole module's state dict, in the training dtype
+        return torch.load(full, map_location="cpu", weights_only=False, mmap=True)["module"]
+    # ZeRO-3 stores only empty placeholders there (zero_pp_rank_*_model_states.pt): rebuild
+    # the fp32 weights from the ranks' optimizer partitions with DeepSpeed's own zero_to_fp32.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)

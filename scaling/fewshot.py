@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import io
 import logging
 import random
 import sys
@@ -347,19 +346,6 @@ class TrainingProbe:
 
 # -- after training -------------------------------------------------------------------------------
 
-def checkpoint_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The module weights of a complete DeepSpeed checkpoint folder."""
-    full = ckpt / "mp_rank_00_model_states.pt"
-    if full.is_file():  # ZeRO 0/1/2: the whole module's state dict, in the training dtype
-        return torch.load(full, map_location="cpu", weights_only=False, mmap=True)["module"]
-    # ZeRO-3 stores only empty placeholders there (zero_pp_rank_*_model_states.pt): rebuild
-    # the fp32 weights from the ranks' optimizer partitions with DeepSpeed's own zero_to_fp32.
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-
-
 def _weights(run: Path, checkpoints: bool):
     """(step, source, loader of a state dict) of the export and the complete checkpoints."""
     from safetensors import safe_open
@@ -369,19 +355,20 @@ def _weights(run: Path, checkpoints: bool):
     with safe_open(str(export), framework="pt") as f:
         step = int(f.metadata()["step"])
     found = [(step, "export", lambda: load_file(str(export)))]
-    root = run / results.CHECKPOINT_DIR
-    if checkpoints and root.is_dir():
-        for d in sorted(root.glob("step*")):
-            if (d / "COMPLETE").is_file() and d.name[4:].isdigit():
-                found.append((int(d.name[4:]), "checkpoint", lambda d=d: checkpoint_state(d)))
+    if checkpoints:
+        from scaling import engine as eng
+
+        root = run / results.CHECKPOINT_DIR
+        found += [(step, "checkpoint", lambda d=root / tag: eng.checkpoint_state(d))
+                  for step, tag in eng.complete_checkpoints(root)]
     return found
 
 
 def posthoc_run(run: Path, sets: list[Downstream], shots, seeds: int, *, checkpoints: bool,
                 device, batch_size: int = 256) -> int:
     """Probe a finished run's weights, appending the missing rows; returns rows added."""
+    from scaling.export import load_exported
     from scaling.flops import training_flops
-    from scaling.model import load_exported
 
     final = results.read_final(run)
     if final is None or final["status"] != results.STATUS_OK:

@@ -349,20 +349,3 @@ def create_model(name_or_config: str | ViTConfig, **kw) -> VisionTransformer:
     else:
         config = vit_config(name_or_config, **kw)
     return VisionTransformer(config)
-
-
-def load_exported(path: str) -> VisionTransformer:
-    """Rebuild a model from a safetensors file written by training (config in its metadata)."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    if "vit_config" not in meta:
-        raise ValueError(f"{path}: no 'vit_config' in the safetensors metadata; "
-                         "build the model with create_model() and load_state_dict() instead")
-    model = create_model(ViTConfig(**json.loads(meta["vit_config"])))
-    model.load_state_dict(load_file(path), strict=True)
-    return model

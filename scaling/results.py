@@ -15,7 +15,7 @@ Run directory (``RUN_DIR``)::
     final.json          written once when the run ends (schema below); absent while running
     checkpoints/        DeepSpeed checkpoints, one folder per step; ``latest`` names the newest
     model.safetensors   the final weights, loadable without DeepSpeed by
-                        ``scaling.model.load_exported``
+                        ``scaling.export.load_exported``
     job.json            written by launchers/sweep.py: job id, submission time, requeues
     logs/rank{r}.log    each rank's stdout and stderr under the launchers (rank_log_path)
     .run.lock           held by rank 0 of the one process group training here (RunLock)

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from scaling import fewshot, results
 from scaling.data import make_builtin_shards
-from scaling.model import create_model, load_exported
+from scaling.export import load_exported
+from scaling.model import create_model
 
 FAST = ["--model", "mu/4", "--image-size", "8", "--batch-size", "32", "--num-workers", "0",
         "--no-progress", "--lr", "3e-3", "--warmup-steps", "5"]

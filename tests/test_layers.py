@@ -26,8 +26,7 @@ LIBRARY = sorted((REPO / "scaling").rglob("*.py"))
 
 def test_the_model_imports_only_torch_and_the_standard_library():
     extra = imported(REPO / "scaling" / "model.py") - set(sys.stdlib_module_names) - {"torch"}
-    # safetensors: load_exported, still in model.py (to move to its own module)
-    assert extra <= {"safetensors"}, f"scaling/model.py imports {sorted(extra)}"
+    assert not extra, f"scaling/model.py imports {sorted(extra)}"
 
 
 @pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(REPO)))

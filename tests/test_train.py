@@ -12,8 +12,9 @@ import torch
 
 from scaling import results
 from scaling.data import make_builtin_shards, make_eval_loader
+from scaling.export import load_exported
 from scaling.flops import forward_macs, training_flops
-from scaling.model import load_exported, vit_config
+from scaling.model import vit_config
 from scaling.train import main as train_main
 
 BASE = ["--model", "mu/2", "--image-size", "16", "--batch-size", "16", "--num-workers", "0",
