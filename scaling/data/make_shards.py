@@ -277,13 +277,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    "(default: split from --src; webdataset: whole shards held out)")
     p.add_argument("--out", required=True, help="output directory (its shards are replaced)")
     p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of samples held out as val when there is no official split")
+                   help="share of samples held out as val when there is no --val-src "
+                        "(webdataset: share of whole shards, at least one)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--image-size", type=int, default=None,
-                   help="shapes: side in px (32); imagefolder: cap on the shorter side "
-                        "(256; 0 keeps originals)")
+                   help="shapes: side in px (32); imagefolder, parquet: cap on the shorter "
+                        "side (256; 0 keeps originals); webdataset: the recorded resolution "
+                        "(median shorter side of sampled images)")
     p.add_argument("--format", dest="image_format", choices=FORMATS, default=None,
-                   help="stored encoding (jpg for imagefolder, png otherwise)")
+                   help="stored encoding (jpg for imagefolder, that of the first image for "
+                        "parquet, png otherwise)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
     p.add_argument("--seed", type=int, default=0, help="shuffle / split / generator seed")
     p.add_argument("--num-samples", type=int, default=None, help="shapes: train + val samples")
