@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scaling import fewshot, results
+from scaling import engine, fewshot, results
 from scaling.data import make_builtin_shards
 from scaling.export import load_exported
 from scaling.model import create_model
@@ -179,13 +179,13 @@ def test_checkpoint_weights_of_zero_0_and_zero_3_equal_the_export(runs, data, tm
     _, ref = runs
     ckpt = ref / results.CHECKPOINT_DIR / "step00000150"
     export = load_file(str(ref / results.EXPORT_FILE))
-    state = fewshot.checkpoint_state(ckpt)
+    state = engine.checkpoint_state(ckpt)
     assert set(state) == set(export) and all(torch.equal(state[k], export[k]) for k in export)
     z3 = tmp_path / "z3"
     train(*FAST, "--zero", "3", "--steps", "20", "--data", data["digits"], "--out", z3)
     ckpt = z3 / results.CHECKPOINT_DIR / "step00000020"
     assert not (ckpt / "mp_rank_00_model_states.pt").exists()  # ZeRO-3: partitioned files
-    state, export = fewshot.checkpoint_state(ckpt), load_file(str(z3 / results.EXPORT_FILE))
+    state, export = engine.checkpoint_state(ckpt), load_file(str(z3 / results.EXPORT_FILE))
     assert set(state) == set(export) and all(torch.equal(state[k], export[k]) for k in export)
 
 
