@@ -318,3 +318,32 @@ def test_unknown_scheme_names_the_backend(tmp_path):
     with pytest.raises(DataError, match=r"no reader for nosuch:// URLs"):
         urlmod.open_url("nosuch://bucket/x.tar")
     assert os.path.isabs(urlmod.normalize("rel/x.tar")) and urlmod.is_local("file:///x.tar")
+
+
+def test_fsspec_urls(timm, tmp_path):
+    """fsspec opens schemes webdataset lacks (s3://, ...): its in-memory file system here."""
+    fsspec = pytest.importorskip("fsspec")
+    root, labels = timm
+    fs = fsspec.filesystem("memory")
+    for p in sorted(root.glob("imagenet1k-*.tar")):
+        fs.pipe(f"/bucket/{p.name}", p.read_bytes())
+    try:
+        info = make_shards("webdataset", tmp_path / "o", workers=1,
+                           src="memory://bucket/imagenet1k-train-{0000..0003}.tar",
+                           val_src="memory://bucket/imagenet1k-validation-{0000..0001}.tar")
+        assert info.split("train").shards[0].remote
+        load_dataset_info(tmp_path / "o", verify="sha256")  # sizes, and hashes on request
+        eval_once(tmp_path / "o", labels)
+        fs.pipe("/bucket/imagenet1k-validation-0001.tar", b"x" * 10)
+        with pytest.raises(DataError, match=r"imagenet1k-validation-0001\.tar has 10 bytes"):
+            load_dataset_info(tmp_path / "o", verify=True)
+    finally:
+        fs.rm("/bucket", recursive=True)
+
+
+def test_out_holding_the_shards_is_refused(tmp_path):
+    make_shards("shapes", tmp_path / "made", num_samples=30, image_size=8, shard_size=10)
+    with pytest.raises(DataError, match="holds the shard .*train-000000.tar: a rebuild replaces"):
+        make_shards("webdataset", tmp_path / "made",
+                    src=str(tmp_path / "made" / "train-{000000..000002}.tar"), val_fraction=0.34)
+    assert load_dataset_info(tmp_path / "made", verify=True).source == "shapes"  # untouched

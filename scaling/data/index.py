@@ -241,7 +241,11 @@ def scan_all(urls: list[str], keys: SampleKeys, workers: int, what: str) -> list
     with ProcessPoolExecutor(max(1, min(workers, len(urls)))) as pool:
         futures = {pool.submit(scan_shard, u, keys): u for u in urls}
         for fut in as_completed(futures):
-            results[futures[fut]] = fut.result()
+            try:
+                results[futures[fut]] = fut.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # report the first bad shard now
+                raise
             now = time.monotonic()
             if now - last >= PROGRESS_EVERY_S or len(results) == len(urls):
                 last = now

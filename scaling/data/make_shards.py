@@ -214,12 +214,23 @@ def make_shards(source: str, out: str | os.PathLike, *, src: str | None = None,
     if source == "webdataset":
         keys = index.SampleKeys(tuple(args["image_keys"]), args["label_key"])
         payload, cache = index.build_index(args, keys, workers)  # reads only: no lock yet
+        _check_not_inside(out, payload)
         with _locked(out):
             write_info(out, payload, cache)
         return load_dataset_info(out, verify="size")
     built = _build_source(args)  # lists / reads the input: its errors come before any write
     with _locked(out):
         return _write(args, out, workers, built, strict)
+
+
+def _check_not_inside(out: Path, payload: dict) -> None:
+    """Indexed shards must not live in OUT: the swap that replaces OUT would delete them."""
+    for split in payload["splits"].values():
+        for shard in split["shards"]:
+            if Path(shard["url"]).is_absolute() and Path(shard["url"]).resolve().is_relative_to(
+                    out):
+                raise DataError(f"--out {out} holds the shard {shard['url']}: a rebuild "
+                                "replaces the whole directory; index into another one")
 
 
 def _write(args: dict, out: Path, workers: int, source: Source | None = None,

@@ -134,6 +134,8 @@ def _http_size(url: str) -> int | None:
     except urllib.error.HTTPError as e:
         if e.code in (404, 410):
             raise FileNotFoundError(f"HTTP {e.code}") from None
+        if e.code in (405, 501):  # no HEAD here: the size stays unknown (counts still checked)
+            return None
         raise
     return int(length) if length is not None else None
 
