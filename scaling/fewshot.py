@@ -45,13 +45,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from scaling import results
 from scaling.config import parse_list
-from scaling.data import DataError, DatasetInfo, default_augment, load_dataset_info
+from scaling.data import DatasetInfo, default_augment, load_dataset_info
+from scaling.data.samples import make_decode, shard_counts
 from scaling.data.shardread import checked_samples
-from scaling.data.transforms import decode_crop
 
 log = logging.getLogger("scaling.fewshot")
 
@@ -59,8 +58,6 @@ L2 = 2.0**10  # big_vision's fixed penalty
 STD_EPS = 1e-5
 SHOTS = (1, 5, 10, 25)
 MEMORY_LIMIT_BYTES = 4 << 30  # decoded k-shot + val images of one downstream data set
-IMAGE_KEYS = ("jpg", "jpeg", "png")
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 # -- the probe ------------------------------------------------------------------------------------
@@ -168,34 +165,26 @@ def extract_features(model: torch.nn.Module, images: torch.Tensor, aug, *, devic
 
 # -- downstream data ------------------------------------------------------------------------------
 
-def _label(sample: dict, num_classes: int) -> int:
-    try:
-        label = int(sample.get("cls"))
-    except (TypeError, ValueError):
-        return -1  # unreadable: skipped, as the loaders skip it
-    if not 0 <= label < num_classes:
-        raise DataError(f"shard {sample.get('__url__')}, key {sample.get('__key__')}: class "
-                        f"{label} is outside [0, {num_classes})")
-    return label
-
-
 def read_split(info: DatasetInfo, split: str, keep: set | None = None):
     """(labels of every sample in shard order, -1 if unreadable; uint8 (M, 3, S, S) eval crops
-    of the samples whose index is in `keep` (all if None) and that decode; their indices)."""
-    sp, aug, size = info.split(split), default_augment(info.source), info.image_size
-    counts = {str(s.path): s.num_samples for s in sp.shards}
+    of the samples whose index is in `keep` (all if None) and that decode; their indices).
+    Samples are decoded as the loaders decode them (scaling.data.samples: the dataset's image
+    and label keys), and every shard read is checked against its listed count."""
+    sp, size = info.split(split), info.image_size
+    decode = make_decode(info, size, None, strict=False)
     labels, images, index = [], [], []
-    for i, sample in enumerate(checked_samples(sp.urls, counts)):
-        labels.append(_label(sample, info.num_classes))
-        if labels[-1] < 0 or (keep is not None and i not in keep):
+    for i, sample in enumerate(checked_samples(sp.urls, shard_counts(sp))):
+        label = decode.label(sample)
+        labels.append(-1 if label is None else label)
+        if label is None or (keep is not None and i not in keep):
             continue
-        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-        try:
-            images.append(decode_crop(data, size, rng=None, aug=aug))
-            index.append(i)
-        except (*DECODE_ERRORS, TypeError):
+        image = decode.image(sample, rng=None)
+        if image is None:
             log.warning("few-shot: skipping the corrupt image %s in %s", sample.get("__key__"),
                         sample.get("__url__"))
+            continue
+        images.append(image)
+        index.append(i)
     pixels = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous() if images
               else torch.zeros(0, 3, size, size, dtype=torch.uint8))
     return np.asarray(labels, np.int64), pixels, np.asarray(index, np.int64)
