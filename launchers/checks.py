@@ -59,7 +59,7 @@ def partition_warning(partition: str | None, gpus_per_node: int) -> str | None:
 
 def resolution_warning(preset: Preset, specs: list[RunSpec], info: DatasetInfo) -> str | None:
     """The recipe trains at many times the data's resolution, or None."""
-    sizes = sorted({s.cfg.image_size for s in specs if s.cfg.image_size})
+    sizes = sorted({spec.cfg.image_size for spec in specs if spec.cfg.image_size})
     if not sizes or sizes[-1] < UPSCALE_WARN * info.image_size:
         return None
     return (f"the {preset.name} recipe trains at {sizes[-1]} px but {info.root} holds "
@@ -69,13 +69,13 @@ def resolution_warning(preset: Preset, specs: list[RunSpec], info: DatasetInfo) 
 
 
 def plan_warnings(preset: Preset, specs: list[RunSpec], info: DatasetInfo, cluster: str,
-                  s: dict, *, placeholder: bool, local_gpus: int | None) -> list[str]:
-    """Every warning for this plan (`s`: the merged SLURM settings; `local_gpus`: CUDA GPUs
-    here, None when not probed)."""
+                  placement: dict, *, placeholder: bool, local_gpus: int | None) -> list[str]:
+    """Every warning for this plan (`placement`: the merged SLURM settings,
+    launch.placement_settings; `local_gpus`: CUDA GPUs here, None when not probed)."""
     found = []
     if preset.device == "cuda" and cluster == "slurm":
-        found.append(partition_warning(s.get("partition"), min(
-            int(s["gpus_per_node"]), max(sp.world_size for sp in specs))))
+        found.append(partition_warning(placement.get("partition"), min(
+            int(placement["gpus_per_node"]), max(spec.world_size for spec in specs))))
     if preset.device == "cuda" and cluster == "local" and local_gpus == 0:
         found.append(f"preset {preset.name} is a GPU recipe but this machine has no CUDA GPU: "
                      "its runs would train on the CPU (slowly); --preset demo is the CPU one")

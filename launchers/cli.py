@@ -10,54 +10,55 @@ CLUSTERS = ("auto", "slurm", "local")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python launchers/sweep.py",
         description="Train a grid of ViTs (sizes x budgets x seeds x lrs) on SLURM or locally. "
                     "`python launchers/sweep.py status` prints the state of every run.",
         formatter_class=DefaultsHelpFormatter)
-    a = p.add_argument
-    a("--preset", help="recipe: demo (CPU, built-in data), cifar, imagenet (default: by where "
-                       "the runs execute: imagenet on SLURM or a local CUDA GPU, else demo)")
-    a("--name", help="sweep name: runs go to RESULTS/NAME/RUN_ID (default: the preset's name)")
-    a("--sizes", help="comma list of sizes, with or without patch: S,B or S/16,B/32 "
-                      "(default: the preset's)")
-    a("--budgets", help="comma list of compute budgets in FLOPs, e.g. 1e18,3e18 (in steps, "
-                        "epochs or samples with --budget-kind; default: the preset's)")
-    a("--budget-kind", choices=("flops", "steps", "epochs", "samples"),
-      help="unit of --budgets (default: the preset's, flops)")
-    a("--seeds", default="0", help="comma list of seeds (default: 0)")
-    a("--lrs", help="comma list of base learning rates at global batch 512; the run's lr is "
-                    "base x batch / 512 (DeiT); default: the preset's")
-    a("--batch-size", type=int, help="global batch size (default: the preset's)")
-    a("--set", action="append", default=[], metavar="FIELD=VALUE",
-      help="any other TrainConfig field for every run, e.g. --set eval_every=50 (repeatable)")
-    a("--gpus", type=int, help="GPUs (= ranks, one task each) per run; on CPU presets, "
-                               "processes per run (default: the preset's)")
-    a("--gpus-per-node", type=int, help="GPUs per node; runs above it take whole nodes "
-                                        "(default 8)")
-    a("--data", help="shard dir with dataset.json (default: demo makes its built-in data "
-                     "under $VIT_SCALING_DATA or ./data; imagenet/cifar take "
-                     "$VIT_SCALING_DATA_<PRESET>, else 'data: {PRESET: DIR}' in ./vit-scaling.yaml "
-                     "or ~/.config/vit-scaling/config.yaml)")
-    a("--results", default="results", help="results root (default: results)")
-    a("--cluster", choices=CLUSTERS, default="auto",
-      help="slurm, local processes, or auto: slurm where sbatch exists and sinfo answers")
-    a("--partition", help="SLURM partition")
-    a("--account", help="SLURM account")
-    a("--qos", help="SLURM QOS")
-    a("--time", type=int, help="SLURM time limit per job in minutes (default: the preset's)")
-    a("--cpus-per-task", type=int, help="CPUs per rank (default: the preset's)")
-    a("--max-parallel", type=int, help="runs at a time: the SLURM array's %%limit, or local "
-                                       "runs in parallel (default: all on SLURM, 1 locally)")
-    a("--max-requeues", type=int, help="requeues after preemption / time limit (default 3)")
-    a("--signal", help="signal SLURM sends before the time limit, NAME[@SECONDS] "
-                       "(default USR2@90)")
-    a("--slurm-config", help="YAML with SLURM settings (keys as these flags, with _; flags win)")
-    a("--resubmit-failed", action="store_true",
-      help="also resubmit failed and diverged runs (their final.json is kept, renamed)")
-    a("--dry-run", action="store_true",
-      help="print the grid and the sbatch script; submit nothing")
-    return p
+    add = parser.add_argument
+    add("--preset", help="recipe: demo (CPU, built-in data), cifar, imagenet (default: by where "
+                         "the runs execute: imagenet on SLURM or a local CUDA GPU, else demo)")
+    add("--name", help="sweep name: runs go to RESULTS/NAME/RUN_ID (default: the preset's name)")
+    add("--sizes", help="comma list of sizes, with or without patch: S,B or S/16,B/32 "
+                        "(default: the preset's)")
+    add("--budgets", help="comma list of compute budgets in FLOPs, e.g. 1e18,3e18 (in steps, "
+                          "epochs or samples with --budget-kind; default: the preset's)")
+    add("--budget-kind", choices=("flops", "steps", "epochs", "samples"),
+        help="unit of --budgets (default: the preset's, flops)")
+    add("--seeds", default="0", help="comma list of seeds (default: 0)")
+    add("--lrs", help="comma list of base learning rates at global batch 512; the run's lr is "
+                      "base x batch / 512 (DeiT); default: the preset's")
+    add("--batch-size", type=int, help="global batch size (default: the preset's)")
+    add("--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="any other TrainConfig field for every run, e.g. --set eval_every=50 (repeatable)")
+    add("--gpus", type=int, help="GPUs (= ranks, one task each) per run; on CPU presets, "
+                                 "processes per run (default: the preset's)")
+    add("--gpus-per-node", type=int, help="GPUs per node; runs above it take whole nodes "
+                                          "(default 8)")
+    add("--data", help="shard dir with dataset.json (default: demo makes its built-in data "
+                       "under $VIT_SCALING_DATA or ./data; imagenet/cifar take "
+                       "$VIT_SCALING_DATA_<PRESET>, else 'data: {PRESET: DIR}' in "
+                       "./vit-scaling.yaml or ~/.config/vit-scaling/config.yaml)")
+    add("--results", default="results", help="results root (default: results)")
+    add("--cluster", choices=CLUSTERS, default="auto",
+        help="slurm, local processes, or auto: slurm where sbatch exists and sinfo answers")
+    add("--partition", help="SLURM partition")
+    add("--account", help="SLURM account")
+    add("--qos", help="SLURM QOS")
+    add("--time", type=int, help="SLURM time limit per job in minutes (default: the preset's)")
+    add("--cpus-per-task", type=int, help="CPUs per rank (default: the preset's)")
+    add("--max-parallel", type=int,
+        help="runs at a time: the SLURM array's %%limit, or local runs in parallel (default: "
+             "the preset's, else all on SLURM, 1 locally)")
+    add("--max-requeues", type=int, help="requeues after preemption / time limit (default 3)")
+    add("--signal", help="signal SLURM sends before the time limit, NAME[@SECONDS] "
+                         "(default USR2@90)")
+    add("--slurm-config", help="YAML with SLURM settings (keys as these flags, with _; flags win)")
+    add("--resubmit-failed", action="store_true",
+        help="also resubmit failed and diverged runs (their final.json is kept, renamed)")
+    add("--dry-run", action="store_true",
+        help="print the grid and the sbatch script; submit nothing")
+    return parser
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -77,7 +78,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def parse_status_args(argv: list[str]) -> argparse.Namespace:
     """`status` flags."""
-    p = argparse.ArgumentParser(prog="python launchers/sweep.py status",
-                                description="State of every run under a results dir.")
-    p.add_argument("--results", default="results", help="results root (default: results)")
-    return p.parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python launchers/sweep.py status",
+                                     description="State of every run under a results dir.")
+    parser.add_argument("--results", default="results", help="results root (default: results)")
+    return parser.parse_args(argv)

@@ -26,10 +26,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from launchers.grid import parse_list
+from launchers.grid import parse_list, resolve_size
 from launchers.presets import PRESETS, Preset, get_preset
 from scaling.data import DataError, DatasetInfo, SplitInfo, load_dataset_info, make_builtin_shards
-from scaling.model import SIZES
+from scaling.model import split_name
 
 MICRO_SIZES = ("mu", "m1", "m2", "m3", "m4")  # the ladder a CPU trains in minutes
 CONFIG_NAME = "vit-scaling.yaml"
@@ -63,12 +63,17 @@ def cuda_devices() -> int:
 
 @dataclass(frozen=True)
 class Choice:
-    """The default preset, where its runs execute ("slurm", "local-gpu", "cpu") and why."""
+    """The default preset, what its runs execute on ("slurm", "local-gpu", "cpu") and why."""
 
     preset: str
-    where: str
+    runs_on: str
     reason: str
     local_gpus: int = 0
+
+    @property
+    def where(self) -> str:
+        """The former name of `runs_on` (tests/test_sweep_preset_choice.py reads it)."""
+        return self.runs_on
 
 
 def choose_preset(cluster: str, why: str, cuda: int | None = None) -> Choice:
@@ -84,14 +89,21 @@ def choose_preset(cluster: str, why: str, cuda: int | None = None) -> Choice:
                   "so the CPU demo")
 
 
+def _size_of(name: str) -> str | None:
+    """'S' of 'S' or 'S/16'; None for a name that is no size (the grid reports it)."""
+    try:
+        return split_name(resolve_size(name, 1))[0]
+    except ValueError:
+        return None
+
+
 def gpu_request(args: argparse.Namespace) -> list[str]:
     """The flags of `args` that only make sense with GPUs: sizes above the micro ladder,
     more than one GPU per run."""
     asked = []
     if args.sizes is not None:
-        names = parse_list(args.sizes, str, "--sizes")
-        if any(n.partition("/")[0] in SIZES and n.partition("/")[0] not in MICRO_SIZES
-               for n in names):
+        sizes = [_size_of(name) for name in parse_list(args.sizes, str, "--sizes")]
+        if any(size is not None and size not in MICRO_SIZES for size in sizes):
             asked.append(f"--sizes {args.sizes}")
     if args.gpus is not None and args.gpus > 1:
         asked.append(f"--gpus {args.gpus}")
@@ -105,7 +117,7 @@ def default_preset(args: argparse.Namespace, cluster: str, why: str,
     if args.preset:
         return get_preset(args.preset), None
     choice = choose_preset(cluster, why, cuda)
-    asked = gpu_request(args) if choice.where == "cpu" else []
+    asked = gpu_request(args) if choice.runs_on == "cpu" else []
     if asked:
         raise ValueError(
             f"no GPU here and the runs stay local ({why}): {' '.join(asked)} needs GPUs. "

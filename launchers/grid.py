@@ -1,14 +1,18 @@
 """The sweep grid: sizes x budgets x seeds x learning rates -> validated runs with stable ids.
 
-A run id reads `<size><patch>_<budget>_<hash>` (e.g. `S16_1e18_3fa9c2`, `m1-2_3e10_0b7d41`):
-the hash covers every result-changing field of the run's TrainConfig, the world size and the
-dataset's identity, so the same grid point always maps to the same run dir and a changed recipe
-never resumes an old run's checkpoint.
+Each grid point is a `TrainConfig` built from values (the preset's recipe, then `--set`), so it
+is validated where it is built; it becomes a command line (`cfg.to_args()`) only where a process
+is started (launchers.local, launchers.slurm).
+
+A run id reads `<size><patch>_<budget>_<hash>` (the demo preset on its built-in digits:
+`mu4_3e9_33a22f`, `m1-4_3e11_c75a7f`; pinned in tests/test_sweep_configs.py): the hash covers
+every result-changing field of the run's TrainConfig, the world size and the dataset's identity,
+so the same grid point always maps to the same run dir and a changed recipe never resumes an old
+run's checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -16,10 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launchers.presets import Preset
-from scaling.config import RESUMABLE_FIELDS, TrainConfig, batch_layout, resolve_steps
+from scaling.config import (
+    BUDGETS,
+    RESUMABLE_FIELDS,
+    TrainConfig,
+    _field_type,
+    batch_layout,
+    resolve_steps,
+)
 from scaling.data import DatasetInfo
 from scaling.flops import forward_macs
-from scaling.model import SIZES
+from scaling.model import split_name
 
 BUDGET_TOKENS = {"flops": "", "steps": "st", "epochs": "ep", "samples": "im"}
 TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -53,15 +64,16 @@ class RunSpec:
 
     @property
     def size(self) -> str:
-        return self.model.split("/")[0]
+        """'S' of 'S/16'."""
+        return split_name(self.model)[0]
 
     def record(self) -> dict:
-        """The fields of job.json that describe the run (launchers.runs adds the job's)."""
+        """The fields of job.json that describe the run (launchers.runs adds the job's, and
+        whoever starts it the train flags it runs with, `train_args`)."""
         return {"run_id": self.run_id, "model": self.model, "size": self.size,
                 "budget": self.budget, "budget_kind": self.budget_kind, "seed": self.seed,
                 "base_lr": self.base_lr, "lr": self.cfg.lr, "batch_size": self.cfg.batch_size,
-                "world_size": self.world_size, "total_steps": self.total_steps,
-                "train_args": self.cfg.to_args()}
+                "world_size": self.world_size, "total_steps": self.total_steps}
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,7 @@ class GridOptions:
     batch_size: int | None = None
     budget_kind: str | None = None
     world_size: int = 1
-    overrides: tuple[tuple[str, str], ...] = ()  # --set FIELD=VALUE, in order
+    overrides: tuple[tuple[str, object], ...] = ()  # --set FIELD=VALUE as field values, in order
 
 
 def parse_list(text: str, kind: type, flag: str) -> tuple:
@@ -94,14 +106,14 @@ def parse_list(text: str, kind: type, flag: str) -> tuple:
 
 
 def resolve_size(name: str, patch: int) -> str:
-    """'S' -> 'S/<patch>', 'S/8' stays; an unknown size raises ValueError listing the valid."""
-    size, _, given = name.strip().partition("/")
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r} in --sizes; valid: {list(SIZES)} "
-                         f"(optionally with a patch, e.g. S/16)")
-    if given and not given.isdigit():
-        raise ValueError(f"bad patch {given!r} in size {name!r}; expected e.g. {size}/16")
-    return f"{size}/{given or patch}"
+    """'S' -> 'S/<patch>', 'S/8' stays (scaling.model.split_name reads it); an unknown size or
+    a bad patch raises ValueError listing the valid sizes."""
+    name = name.strip()
+    try:
+        size, given = split_name(name if "/" in name else f"{name}/{patch}")
+    except ValueError as e:
+        raise ValueError(f"--sizes {name!r}: {e}") from None
+    return f"{size}/{given}"
 
 
 def node_layout(gpus: int, gpus_per_node: int) -> tuple[int, int]:
@@ -126,7 +138,7 @@ def budget_token(amount: float, kind: str) -> str:
 
 def model_token(model: str) -> str:
     """'S/16' -> 'S16'; 'm1/2' -> 'm1-2' (a size ending in a digit keeps the two apart)."""
-    size, patch = model.split("/")
+    size, patch = split_name(model)
     return f"{size}-{patch}" if size[-1].isdigit() else f"{size}{patch}"
 
 
@@ -145,20 +157,33 @@ def config_hash(cfg: TrainConfig, world_size: int, data: dict) -> str:
     return hashlib.sha1(payload.encode()).hexdigest()[:6]
 
 
-def to_flags(values: dict) -> list[str]:
-    """{'weight_decay': 0.05, 'progress': False} -> ['--weight-decay', '0.05', '--no-progress']."""
-    flags = []
-    for name, value in values.items():
-        flag = name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(f"--{flag}" if value else f"--no-{flag}")
-        else:
-            flags += [f"--{flag}", str(value)]
-    return flags
+def field_value(name: str, value: object) -> object:
+    """`value` as TrainConfig field `name` holds it, by the field's own type (the one
+    `python -m scaling.train` parses the flag with): text from --set ('0.05', 'true'), or a
+    preset's Python value (an int for a float field becomes a float, so a run's config and id
+    do not depend on how the value was written). ValueError naming the flag otherwise."""
+    kind, flag = _field_type(TRAIN_FIELDS[name]), "--" + name.replace("_", "-")
+    if value is None and str(TRAIN_FIELDS[name].type).endswith("| None"):
+        return None
+    if kind is bool:
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or text in ("true", "false"):
+            return value if isinstance(value, bool) else text == "true"
+        raise ValueError(f"{flag} takes true or false, not {value!r}")
+    try:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise TypeError
+        out = kind(value.strip() if isinstance(value, str) else value)
+        if not isinstance(value, str) and out != value:  # 2.5 for an int, 5 for a str
+            raise TypeError
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{flag} takes {'an' if kind is int else 'a'} {kind.__name__}, "
+                         f"not {value!r}") from None
+    return out
 
 
 def parse_overrides(pairs: list[str]) -> tuple[tuple[str, object], ...]:
-    """--set FIELD=VALUE pairs, checked against TrainConfig's fields."""
+    """--set FIELD=VALUE pairs, checked against TrainConfig's fields and typed by them."""
     out = []
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -166,37 +191,43 @@ def parse_overrides(pairs: list[str]) -> tuple[tuple[str, object], ...]:
         if not sep or name not in TRAIN_FIELDS or name in GRID_FIELDS:
             valid = sorted(set(TRAIN_FIELDS) - set(GRID_FIELDS))
             raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {valid}")
-        low = value.strip().lower()
-        out.append((name, low == "true" if low in ("true", "false") else value.strip()))
+        try:
+            out.append((name, field_value(name, value)))
+        except ValueError as e:
+            raise ValueError(f"--set {pair!r}: {e}") from None
     return tuple(out)
 
 
-def build_config(argv: list[str]) -> TrainConfig:
-    """TrainConfig from flags, turning argparse's exit into a ValueError that names the flag."""
-    parser = TrainConfig.parser()
-    parser.exit_on_error = False
-    try:
-        ns, rest = parser.parse_known_args(argv)
-    except argparse.ArgumentError as e:
-        raise ValueError(f"bad training setting: {e}") from None
-    if rest:
-        raise ValueError(f"unknown training flag(s) {rest}")
-    return TrainConfig(**vars(ns))
+def recipe(preset: Preset, opts: GridOptions) -> dict:
+    """The TrainConfig fields every run shares, typed by TrainConfig: the preset's recipe, then
+    --set (later wins)."""
+    values = {}
+    for source, pairs in ((f"preset {preset.name}", preset.train.items()),
+                          ("--set", opts.overrides)):
+        for name, value in pairs:
+            if name not in TRAIN_FIELDS:
+                raise ValueError(f"{source}: unknown training field {name!r}")
+            try:
+                values[name] = field_value(name, value)
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from None
+    return values
 
 
-def _run(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: Path, model: str,
-         budget: float, seed: int, base_lr: float | None) -> RunSpec:
-    """One validated grid point."""
+def grid_point(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: Path,
+               point: tuple[str, float, int, float | None], shared: dict) -> RunSpec:
+    """The validated run of one grid point (model, budget, seed, base lr or None) with the
+    recipe `shared`: its TrainConfig (checked by TrainConfig itself), steps, layout and id."""
+    model, budget, seed, base_lr = point
     kind = opts.budget_kind or preset.budget_kind
-    batch = opts.batch_size or preset.batch_size
-    argv = ["--model", model, "--data", str(info.root), "--out", str(sweep_dir / "_pending"),
-            f"--{kind}", str(int(budget) if kind in ("steps", "samples") else budget),
-            "--batch-size", str(batch), "--lr", repr(preset.lr(base_lr, batch)),
-            "--seed", str(seed)]
-    argv += to_flags(preset.train) + to_flags(dict(opts.overrides))
-    cfg = build_config(argv)
-    vit = cfg.vit(num_classes=info.num_classes, image_size=info.image_size)
-    macs = forward_macs(vit)
+    if kind not in BUDGETS:
+        raise ValueError(f"budget kind {kind!r}; valid: {list(BUDGETS)}")
+    batch = int(opts.batch_size or preset.batch_size)
+    cfg = TrainConfig(**{  # the grid's own fields first: the recipe may override (as flags did)
+        "model": model, "data": str(info.root), "out": str(sweep_dir / "_pending"),
+        kind: _field_type(TRAIN_FIELDS[kind])(budget), "batch_size": batch,
+        "lr": float(preset.lr(base_lr, batch)), "seed": int(seed), **shared})
+    macs = forward_macs(cfg.vit(num_classes=info.num_classes, image_size=info.image_size))
     steps = resolve_steps(cfg, info.split("train").num_samples, macs)
     batch_layout(cfg, opts.world_size)
     run_id = "_".join([model_token(model), budget_token(budget, kind),
@@ -210,7 +241,8 @@ def _run(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: Path, 
 def build_grid(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: Path
                ) -> list[RunSpec]:
     """Every grid point, validated (a ValueError names the first bad value)."""
-    models = [resolve_size(s, preset.patch) for s in opts.sizes]
+    models = [resolve_size(size, preset.patch) for size in opts.sizes]
+    shared = recipe(preset, opts)
     specs = []
     for model in models:
         for budget in opts.budgets:
@@ -219,10 +251,11 @@ def build_grid(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: 
             for seed in opts.seeds:
                 for lr in opts.lrs or (None,):
                     try:
-                        specs.append(_run(preset, opts, info, sweep_dir, model, budget, seed, lr))
+                        specs.append(grid_point(preset, opts, info, sweep_dir,
+                                                (model, budget, seed, lr), shared))
                     except ValueError as e:
                         raise ValueError(f"{model} at budget {budget:g}: {e}") from None
-    ids = [s.run_id for s in specs]
+    ids = [spec.run_id for spec in specs]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise ValueError(f"the grid repeats run(s) {dupes}: remove duplicate sizes/budgets")

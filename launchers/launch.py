@@ -19,7 +19,7 @@ from launchers.checks import plan_warnings
 from launchers.defaults import Choice, cuda_devices, default_preset, pick_cluster, resolve_data
 from launchers.grid import GridOptions, build_grid, node_layout, parse_list, parse_overrides
 from launchers.local import log_tail, run_local
-from launchers.plan import Planned, plan, set_aside_final
+from launchers.plan import PlannedRun, classify, set_aside_final
 from launchers.presets import Preset
 from launchers.progress import PLOT, SweepProgress, shown_path
 from launchers.runs import Claims, claim_holder, record_submission
@@ -30,8 +30,9 @@ PLAN_COLUMNS = ("run", "size", "budget", "seed", "lr", "ranks", "steps", "state"
 DEFAULTS = {"gpus_per_node": 8, "max_requeues": 3, "signal": "USR2@90"}
 
 
-def settings(args: argparse.Namespace, preset: Preset) -> dict:
-    """SLURM / placement settings: defaults < preset < --slurm-config YAML < flags."""
+def placement_settings(args: argparse.Namespace, preset: Preset) -> dict:
+    """Where and how the runs are placed (SLURM settings, runs at a time, requeues): defaults <
+    preset < --slurm-config YAML < flags."""
     merged = {**DEFAULTS, **preset.slurm}
     if args.slurm_config:
         merged.update(slurm.load_slurm_yaml(args.slurm_config))
@@ -67,13 +68,13 @@ def signals_deferred():
     """Hold Ctrl-C / SIGTERM until the block ends: a job that sbatch accepted must get into
     job.json, or the next sweep would submit its run a second time."""
     got: list[int] = []
-    old = {s: signal.signal(s, lambda signum, frame: got.append(signum))
-           for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, lambda sig, frame: got.append(sig))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if got:
         raise KeyboardInterrupt(got[0])
 
@@ -102,29 +103,29 @@ def sbatch(jobs: list[slurm.TrainJob], params: dict, folder: Path, max_requeues:
     return ids
 
 
-def submit_slurm(todo: list[Planned], s: dict, layout: tuple[int, int], gpus: bool,
+def submit_slurm(todo: list[PlannedRun], placement: dict, layout: tuple[int, int], gpus: bool,
                  sweep_dir: Path, dry_run: bool, claims: Claims | None) -> int:
     """Submit the runs as one array (or print its sbatch script); each run's claim is released
     once job.json holds its job id."""
     # a folder per submission: a failed one is removed without touching another sweep's files
     stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     folder = sweep_dir / "_submitit" / stamp / "%j"
-    params = slurm.executor_parameters(s, nodes=layout[0], tasks_per_node=layout[1], gpus=gpus,
-                                       name=f"vit-{sweep_dir.name}", count=len(todo))
+    params = slurm.executor_parameters(placement, nodes=layout[0], tasks_per_node=layout[1],
+                                       gpus=gpus, name=f"vit-{sweep_dir.name}", count=len(todo))
     if dry_run:
         script = slurm.sbatch_script(params, folder, len(todo))
         print(f"\n# sbatch script ({len(todo)} run(s)):\n{script}")
         for i, p in enumerate(todo):
-            print(f"# task {i}: {shlex.join(slurm.train_command(p.spec.cfg.to_args()))}")
+            print(f"# task {i}: {shlex.join(slurm.train_command(p.spec.cfg))}")
         return 0
-    sig = slurm.parse_signal(s["signal"])[0]
-    jobs = [slurm.TrainJob(str(p.spec.run_dir), p.spec.cfg.to_args(), signal_name=sig,
-                           max_requeues=int(s["max_requeues"])) for p in todo]
+    sig, requeues = slurm.parse_signal(placement["signal"])[0], int(placement["max_requeues"])
+    jobs = [slurm.TrainJob.for_config(p.spec.cfg, signal_name=sig, max_requeues=requeues)
+            for p in todo]
     with signals_deferred():
-        ids = sbatch(jobs, params, folder, int(s["max_requeues"]))
-        for p, job_id in zip(todo, ids):
-            record_submission(p.spec.run_dir, p.spec.record(), sweep_dir.name, "slurm", job_id,
-                              submitit_folder=str(folder.parent))
+        ids = sbatch(jobs, params, folder, requeues)
+        for p, job, job_id in zip(todo, jobs, ids):
+            record_submission(p.spec.run_dir, {**p.spec.record(), "train_args": job.train_args},
+                              sweep_dir.name, "slurm", job_id, submitit_folder=str(folder.parent))
             claims.release(p.spec.run_dir)
     root = shlex.quote(shown_path(sweep_dir.parent))
     print(f"submitted {len(ids)} run(s) to SLURM: {', '.join(ids)}")
@@ -133,18 +134,20 @@ def submit_slurm(todo: list[Planned], s: dict, layout: tuple[int, int], gpus: bo
     return 0
 
 
-def run_locally(todo: list[Planned], s: dict, sweep_dir: Path, dry_run: bool,
-                claims: Claims | None) -> int:
-    """Run the runs here, `max_parallel` at a time; 1 if any failed. Stopped by Ctrl-C (or
-    SIGTERM), the runs checkpoint and the sweep raises KeyboardInterrupt (exit 130 / 143)."""
+def run_here(todo: list[PlannedRun], placement: dict, sweep_dir: Path, dry_run: bool,
+             claims: Claims | None) -> int:
+    """Run the runs on this machine (launchers.local), `max_parallel` at a time; 1 if any
+    failed. Stopped by Ctrl-C (or SIGTERM, or a closed stdout), the runs checkpoint and the sweep
+    raises KeyboardInterrupt (exit 130 / 143 / 141)."""
     if dry_run:
         for p in todo:
             print(f"# {p.spec.run_id} ({p.spec.world_size} process(es)): "
-                  f"{shlex.join(slurm.train_command(p.spec.cfg.to_args()))}")
+                  f"{shlex.join(slurm.train_command(p.spec.cfg))}")
         return 0
-    progress = SweepProgress([p.spec for p in todo], int(s.get("max_parallel") or 1))
-    codes, stopped = run_local([p.spec for p in todo], sweep_dir.name,
-                               int(s.get("max_parallel") or 1), claims=claims, progress=progress)
+    parallel = int(placement.get("max_parallel") or 1)
+    progress = SweepProgress([p.spec for p in todo], parallel)
+    codes, stopped = run_local([p.spec for p in todo], sweep_dir.name, parallel, claims=claims,
+                               progress=progress)
     # after a stop, a checkpointed run (75) or one killed before it could catch the signal
     # (-N) is interrupted, not failed: the next sweep resumes it
     bad = {run: rc for run, rc in codes.items() if rc not in (EXIT_OK, EXIT_DIVERGED)
@@ -157,7 +160,8 @@ def run_locally(todo: list[Planned], s: dict, sweep_dir: Path, dry_run: bool,
     return 1 if bad else 0
 
 
-def claim_runs(planned: list[Planned], claims: Claims, resubmit_failed: bool) -> list[Planned]:
+def claim_runs(planned: list[PlannedRun], claims: Claims, resubmit_failed: bool
+               ) -> list[PlannedRun]:
     """Claim every run this sweep would submit, then classify those again: a run another sweep
     claimed first is left to it, one it submitted (or finished) meanwhile is skipped."""
     lost = {}
@@ -169,15 +173,15 @@ def claim_runs(planned: list[Planned], claims: Claims, resubmit_failed: bool) ->
             if holder is not None:
                 lost[p.spec.run_id] = holder
     mine = [p.spec for p in planned if p.submits and p.spec.run_id not in lost]
-    again = {q.spec.run_id: q for q in plan(mine, resubmit_failed)} if mine else {}
+    again = {q.spec.run_id: q for q in classify(mine, resubmit_failed)} if mine else {}
     for q in again.values():
         if not q.submits:
             claims.release(q.spec.run_dir)
-    return [Planned(p.spec, "queued", "skip (claimed)") if p.spec.run_id in lost
+    return [PlannedRun(p.spec, "queued", "skip (claimed)") if p.spec.run_id in lost
             else again.get(p.spec.run_id, p) for p in planned]
 
 
-def show_plan(planned: list[Planned]) -> list[Planned]:
+def show_plan(planned: list[PlannedRun]) -> list[PlannedRun]:
     """Print the plan table and what needs a person; the runs to submit."""
     print(format_table([p.row() for p in planned], PLAN_COLUMNS))
     for p in planned:
@@ -208,18 +212,18 @@ def run_sweep(args: argparse.Namespace) -> int:
     bad input, and of two sweeps at once only one submits each run."""
     cluster, why = pick_cluster(args.cluster, args.dry_run)
     preset, choice = default_preset(args, cluster, why)  # says which and why when defaulted
-    s = settings(args, preset)
+    placement = placement_settings(args, preset)
     world, local_gpus = world_size(args, preset, cluster, choice)
-    layout = node_layout(world, int(s["gpus_per_node"]))
+    layout = node_layout(world, int(placement["gpus_per_node"]))
     options = grid_options(args, preset, world)  # flag errors before any data is made
     info, placeholder = resolve_data(args, preset)
     sweep_dir = Path(args.results).resolve() / (args.name or preset.name)
     specs = build_grid(preset, options, info, sweep_dir)
-    planned = plan(specs, args.resubmit_failed)
+    planned = classify(specs, args.resubmit_failed)
     print(f"sweep {sweep_dir.name}: preset {preset.name}, {len(specs)} run(s), {world} rank(s) "
           f"each = {layout[0]} node(s) x {layout[1]} task(s), cluster {cluster}")
-    for warning in plan_warnings(preset, specs, info, cluster, s, placeholder=placeholder,
-                                 local_gpus=local_gpus):
+    for warning in plan_warnings(preset, specs, info, cluster, placement,
+                                 placeholder=placeholder, local_gpus=local_gpus):
         print(f"warning: {warning}")
     with contextlib.nullcontext() if args.dry_run else Claims() as claims:
         if claims is not None:
@@ -233,6 +237,6 @@ def run_sweep(args: argparse.Namespace) -> int:
                 if p.action == "resubmit":
                     set_aside_final(p.spec.run_dir)
         if cluster == "slurm":
-            return submit_slurm(todo, s, layout, preset.device == "cuda", sweep_dir,
+            return submit_slurm(todo, placement, layout, preset.device == "cuda", sweep_dir,
                                 args.dry_run, claims)
-        return run_locally(todo, s, sweep_dir, args.dry_run, claims)
+        return run_here(todo, placement, sweep_dir, args.dry_run, claims)

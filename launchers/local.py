@@ -7,7 +7,11 @@ Every rank gets the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTE
 MASTER_PORT), which scaling.dist reads ahead of SLURM's. The ranks run in their own session, so
 a Ctrl-C reaches only the launcher: it then sends SIGTERM to every running rank, which saves a
 checkpoint and exits 75, starts no further run, and the sweep exits 130 ("interrupted; rerun to
-resume"); rerunning the sweep resumes those runs.
+resume"); rerunning the sweep resumes those runs. A sweep whose output is gone (`| head`
+exited: BrokenPipeError) stops the same way (exit 141).
+
+The ranks run in the sweep's working directory, and find the package where the sweep found it
+(launchers.slurm.child_env): the installed one, or the checkout the sweep was imported from.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from pathlib import Path
 
 from launchers import zygote
 from launchers.grid import RunSpec
-from launchers.progress import SweepProgress
+from launchers.progress import SweepProgress, drop_stdout
 from launchers.runs import Claims, now, pid_start, record_submission, update_job
-from launchers.slurm import REPO_ROOT, child_env, train_command
+from launchers.slurm import child_env, train_command
 from scaling.dist import free_port
 from scaling.results import EXIT_OK, rank_log_path
 
@@ -43,8 +47,8 @@ class LocalRun:
         """Record the submission and start every rank."""
         spec, port = self.spec, free_port()
         job_id = f"local-{os.getpid()}-{spec.run_id}"
-        record_submission(spec.run_dir, spec.record(), self.sweep, "local", job_id,
-                          host=socket.gethostname(), pids=[])
+        record_submission(spec.run_dir, {**spec.record(), "train_args": spec.cfg.to_args()},
+                          self.sweep, "local", job_id, host=socket.gethostname(), pids=[])
         for rank in range(spec.world_size):
             env = child_env(dict(os.environ), cpus=self.threads)
             env.update(RANK=str(rank), WORLD_SIZE=str(spec.world_size), LOCAL_RANK=str(rank),
@@ -57,11 +61,11 @@ class LocalRun:
                 log.flush()
                 if self.server is not None:  # a child of the fork server (launchers/zygote.py)
                     self.procs.append(self.server.spawn(spec.cfg.to_args(), env=env,
-                                                        cwd=str(REPO_ROOT), log=str(log_path)))
+                                                        cwd=os.getcwd(), log=str(log_path)))
                 else:
                     self.procs.append(subprocess.Popen(
-                        train_command(spec.cfg.to_args()), stdout=log, stderr=subprocess.STDOUT,
-                        cwd=REPO_ROOT, env=env, start_new_session=True))
+                        train_command(spec.cfg), stdout=log, stderr=subprocess.STDOUT, env=env,
+                        start_new_session=True))
         update_job(spec.run_dir, pids=[[p.pid, pid_start(p.pid)] for p in self.procs],
                    attempt={"job_id": job_id, "start": now(), "host": socket.gethostname()})
 
@@ -123,8 +127,8 @@ class LocalSweep:
         self.log(f"start {run.spec.run_id} ({run.spec.world_size} process(es), "
                  f"{run.spec.total_steps} steps)")
         run.start()
+        self.running.append(run)  # before anything can fail: a stop must reach its ranks
         self.progress.started(run.spec)
-        self.running.append(run)
         if self.claims is not None:
             self.claims.release(run.spec.run_dir)
         if self.stopped:  # the signal came while this run was starting: stop it too
@@ -139,22 +143,30 @@ class LocalSweep:
                 self.codes[run.spec.run_id] = rc
                 self.progress.finished(run.spec, rc)  # [k/N] RUN: state, top-1, time; ETA
 
+    def step(self) -> None:
+        """One round of the loop: start what may start, note what ended."""
+        while self.pending and len(self.running) < self.max_parallel and not self.stopped:
+            self.start_next()
+        if self.stopped:
+            self.pending.clear()  # their claims are released by the sweep
+        self.reap()
+        self.progress.tick()
+
     def run(self) -> tuple[dict[str, int], int | None]:
         """({run id: exit code}, the signal that stopped the sweep or None)."""
-        old = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {signum: signal.signal(signum, self.on_signal)
+                    for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.pending or self.running:
-                while self.pending and len(self.running) < self.max_parallel \
-                        and not self.stopped:
-                    self.start_next()
-                if self.stopped:
-                    self.pending.clear()  # their claims are released by the sweep
-                self.reap()
-                self.progress.tick()
+                try:
+                    self.step()
+                except BrokenPipeError:  # stdout's reader is gone (`| head`): stop as on Ctrl-C
+                    drop_stdout()
+                    self.on_signal(signal.SIGPIPE, None)
                 time.sleep(0.2)
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.progress.close()
             if self.server is not None:
                 self.server.close()

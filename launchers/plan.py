@@ -14,8 +14,9 @@ ACTIONS = {"new": "submit", "preempted": "resume", "done": "skip", "queued": "sk
 
 
 @dataclass
-class Planned:
-    """A grid point, its current state and what this invocation does with it."""
+class PlannedRun:
+    """A grid point, its current state and what this invocation does with it (not to be
+    confused with scaling.train.Plan, one run's own steps and schedule)."""
 
     spec: RunSpec
     state: str
@@ -48,8 +49,8 @@ def check_same_config(spec: RunSpec) -> None:
                  defaults=TrainConfig.defaults())
 
 
-def plan(specs: list[RunSpec], resubmit_failed: bool) -> list[Planned]:
-    """Classify every run (asks squeue once if any run has a SLURM job)."""
+def classify(specs: list[RunSpec], resubmit_failed: bool) -> list[PlannedRun]:
+    """Every run with its state and action (asks squeue once if any run has a SLURM job)."""
     squeue = squeue_states() if needs_squeue(specs) else {}
     out = []
     for spec in specs:
@@ -58,5 +59,5 @@ def plan(specs: list[RunSpec], resubmit_failed: bool) -> list[Planned]:
         action = ACTIONS[state]
         if action == "report" and resubmit_failed:
             action = "resubmit"
-        out.append(Planned(spec, state, action))
+        out.append(PlannedRun(spec, state, action))
     return out

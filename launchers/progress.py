@@ -201,6 +201,18 @@ class SweepProgress:
         return "\n".join(lines)
 
 
+def drop_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone (`sweep.py ... | head` exited), so
+    that later prints and the flush at exit raise no BrokenPipeError."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture): nothing to do
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def shown_path(path: Path) -> str:
     """`path` relative to the working directory when it lies below it."""
     try:

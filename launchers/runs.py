@@ -3,7 +3,8 @@
 job.json (written under a file lock by the sweep and by rank 0 of the job)::
 
     run_id, sweep, model, size, budget, budget_kind, seed, base_lr, lr, batch_size,
-    world_size, total_steps, train_args     what the run is (launchers.grid.RunSpec.record)
+    world_size, total_steps     what the run is (launchers.grid.RunSpec.record)
+    train_args   the flags of its `python -m scaling.train` (its TrainConfig's to_args)
     cluster      "slurm" or "local"
     job_id       the live or last job: SLURM id ("1234" or "1234_5" in an array) or "local-PID"
     host, pids   local runs: where and which processes (launcher first, then the ranks)

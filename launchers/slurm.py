@@ -20,39 +20,70 @@ The handler runs inside the main thread's wait, so the child is waited for by a 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
+import site
 import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import launchers
+import scaling
 from launchers.runs import now, update_job
 from scaling.results import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, rank_log_path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+if TYPE_CHECKING:  # scaling.config imports torch, which the job's submitit process does not need
+    from scaling.config import TrainConfig
+
 SAVE_TIMEOUT_S = 600  # upper bound on waiting for the child's checkpoint after the signal
 PREEMPT_GRACE_S = 20  # after a SIGTERM exit, how long rank 0 waits for the requeue signal
 
 
-def child_env(rank_env: dict, *, cpus: int | None) -> dict:
-    """Environment of a training child: inherited, plus the repo on PYTHONPATH and threads."""
-    env = dict(rank_env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+def package_paths() -> list[str]:
+    """Where this process imported `launchers` and `scaling` from, when a child of the same
+    interpreter would not find them there by itself: a source checkout (run as
+    `python launchers/sweep.py`, or from its root; for an editable install the same directory
+    the install points to). [] for an installed package: it lies in a site-packages directory,
+    which every child of this interpreter searches."""
+    sites = [*getattr(site, "getsitepackages", list)(), site.getusersitepackages()]
+    known = {Path(p).resolve() for p in sites}
+    roots = dict.fromkeys(str(Path(m.__file__).resolve().parents[1]) for m in (launchers, scaling))
+    return [root for root in roots if Path(root) not in known]
+
+
+def child_env(parent_env: dict, *, cpus: int | None) -> dict:
+    """Environment of a training child (or of the fork server): inherited, with the package
+    found where this process found it (package_paths first on PYTHONPATH) and `cpus` threads."""
+    env = dict(parent_env)
+    ours = package_paths()
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in ours]
+    if ours or rest:
+        env["PYTHONPATH"] = os.pathsep.join(ours + rest)
     env["PYTHONUNBUFFERED"] = "1"
     if cpus:  # torch would start one thread per core of the node on every rank
         env.setdefault("OMP_NUM_THREADS", str(cpus))
     return env
 
 
-def train_command(train_args: list[str]) -> list[str]:
-    """The command every rank runs."""
+def _command(train_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "scaling.train", *train_args]
 
 
+def train_command(cfg: TrainConfig) -> list[str]:
+    """The command every rank of a run executes: `python -m scaling.train` with the run's
+    config as flags (the one place a sweep's TrainConfig becomes a command line)."""
+    return _command(cfg.to_args())
+
+
 class TrainJob:
-    """The submitit callable of one run: each SLURM task runs the train CLI as a child."""
+    """The submitit callable of one run: each SLURM task runs the train CLI as a child.
+
+    It is pickled as its run dir and train flags (strings), so a job submitted by an older
+    version of the sweep still unpickles, and the job's own process never imports torch."""
 
     def __init__(self, run_dir: str, train_args: list[str], *, signal_name: str = "USR2",
                  max_requeues: int = 3, requeues: int = 0, save_timeout_s: int = SAVE_TIMEOUT_S):
@@ -65,6 +96,11 @@ class TrainJob:
         self._proc: subprocess.Popen | None = None
         self._rc: int | None = None
         self._updating = False
+
+    @classmethod
+    def for_config(cls, cfg: TrainConfig, **options) -> TrainJob:
+        """The job of the run `cfg` (its run dir is cfg.out); options as for TrainJob."""
+        return cls(cfg.out, cfg.to_args(), **options)
 
     def __getstate__(self) -> dict:
         """Pickle the recipe only, never the live child."""
@@ -133,8 +169,8 @@ class TrainJob:
         with open(log_path, "a") as log:
             log.write(f"==== {now()} job {_job_id()} rank {rank} requeues {self.requeues}\n")
             log.flush()
-            self._proc = subprocess.Popen(train_command(self.train_args), stdout=log,
-                                          stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            self._proc = subprocess.Popen(_command(self.train_args), stdout=log,
+                                          stderr=subprocess.STDOUT,
                                           env=child_env(dict(os.environ), cpus=cpus))
         threading.Thread(target=self._reap, daemon=True).start()
         signum = getattr(signal, "SIG" + self.signal_name)
@@ -194,31 +230,35 @@ def parse_signal(text: str) -> tuple[str, int]:
     return name, int(delay or 90)  # 90 s: submitit's default signal_delay_s
 
 
-def executor_parameters(s: dict, *, nodes: int, tasks_per_node: int, gpus: bool, name: str,
-                        count: int) -> dict:
-    """SlurmExecutor parameters (submitit's names) from merged settings `s` (SLURM_KEYS)."""
-    sig, delay = parse_signal(s.get("signal") or "USR2")
-    extra = dict(s.get("additional_parameters") or {})
+def executor_parameters(settings: dict, *, nodes: int, tasks_per_node: int, gpus: bool,
+                        name: str, count: int) -> dict:
+    """SlurmExecutor parameters (submitit's names) from the merged settings (SLURM_KEYS)."""
+    sig, delay = parse_signal(settings.get("signal") or "USR2")
+    extra = dict(settings.get("additional_parameters") or {})
     # --signal overrides the line submitit writes from SUBMITIT_PREEMPT_SIGNAL; --requeue lets
     # `scontrol requeue` work where the cluster's JobRequeue=0
     extra.update(signal=f"{sig}@{delay}", requeue=True)
+    # the job side of submitit reads the signal name from this variable; it unpickles TrainJob,
+    # so it must import launchers from where this sweep did (nothing to add when installed)
+    setup = [f"export SUBMITIT_PREEMPT_SIGNAL={sig}"]
+    if package_paths():
+        setup.append(f"export PYTHONPATH={shlex.quote(os.pathsep.join(package_paths()))}"
+                     "${PYTHONPATH:+:$PYTHONPATH}")
     params = {"job_name": name, "nodes": nodes, "ntasks_per_node": tasks_per_node,
-                  "cpus_per_task": int(s.get("cpus_per_task") or 1), "time": int(s["time"]),
-                  "signal_delay_s": delay, "additional_parameters": extra,
-                  "array_parallelism": int(s.get("max_parallel") or max(count, 1)),
-                  # the job side of submitit reads the signal name from this variable
-                  "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={sig}",
-                         f"export PYTHONPATH={REPO_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}",
-                         *(s.get("setup") or [])]}
+              "cpus_per_task": int(settings.get("cpus_per_task") or 1),
+              "time": int(settings["time"]), "signal_delay_s": delay,
+              "additional_parameters": extra,
+              "array_parallelism": int(settings.get("max_parallel") or max(count, 1)),
+              "setup": [*setup, *(settings.get("setup") or [])]}
     if gpus:
         params["gpus_per_node"] = tasks_per_node  # one GPU per task
-    if s.get("mem_gb"):
-        params["mem"] = f"{int(s['mem_gb'])}GB"
+    if settings.get("mem_gb"):
+        params["mem"] = f"{int(settings['mem_gb'])}GB"
     for key in ("partition", "account", "qos", "constraint", "exclude"):
-        if s.get(key):
-            params[key] = str(s[key])
-    if s.get("srun_args"):
-        params["srun_args"] = list(s["srun_args"])
+        if settings.get(key):
+            params[key] = str(settings[key])
+    if settings.get("srun_args"):
+        params["srun_args"] = list(settings["srun_args"])
     return params
 
 

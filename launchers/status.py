@@ -11,7 +11,7 @@ from pathlib import Path
 
 from launchers.grid import budget_token
 from launchers.runs import CLAIM_FILE, progress, read_claim, read_job, run_state, squeue_states
-from scaling.model import SIZES
+from scaling.model import SIZES, split_name
 from scaling.results import CONFIG_FILE, JOB_FILE, PLAN_FILE, SchemaError, read_json
 
 COLUMNS = ("run", "size", "budget", "state", "progress", "top1", "job")
@@ -53,11 +53,13 @@ def _total_steps(run_dir: Path, job: dict | None) -> int | None:
 def sort_key(row: dict) -> tuple:
     """Sweep, then size (in the order of scaling.model.SIZES) and patch, then budget by value
     (3e9 before 1e10, which a string sort would not give), then run id."""
-    size, _, patch = row["size"].partition("/")
+    try:
+        size, patch = split_name(row["size"])
+    except ValueError:  # '?' (no record of the run) or a name of another version
+        size, patch = row["size"], 0
     order = list(SIZES).index(size) if size in SIZES else len(SIZES)
     budget = row["_budget"] if row["_budget"] is not None else float("inf")
-    return (str(Path(row["run"]).parent), order, int(patch) if patch.isdigit() else 0,
-            row["_kind"] or "", budget, row["run"])
+    return (str(Path(row["run"]).parent), order, patch, row["_kind"] or "", budget, row["run"])
 
 
 def status_row(run_dir: Path, squeue: dict[str, str] | None, root: Path) -> dict:

@@ -7,7 +7,8 @@
 
 Rerunning the same command is safe: finished runs are skipped, unfinished ones resume, runs whose
 job is queued or running (or that another sweep has claimed) are left alone; failed / diverged
-runs are resubmitted only with --resubmit-failed. Ctrl-C checkpoints local runs and exits 130.
+runs are resubmitted only with --resubmit-failed. Ctrl-C checkpoints local runs and exits 130;
+output piped into a reader that exits early (`| head`) ends the sweep quietly (exit 141).
 See docs/sweeps.md.
 """
 
@@ -18,8 +19,18 @@ import sys
 import threading
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `launchers` and `scaling` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):
+    # Run as a file of a checkout (`python launchers/sweep.py`): Python put launchers/ itself
+    # first on sys.path, from where `import launchers` fails unless the package is installed
+    # (and its modules would shadow top-level names such as `progress`). The checkout's root
+    # takes that place, so the file runs its own checkout's code, installed or not; the runs'
+    # processes are pointed at the same place (launchers.slurm.child_env). The console script
+    # (vit-sweep) and `python -m launchers.sweep` import this module from the package: no edit.
+    _HERE = Path(__file__).resolve().parent
+    if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
+        sys.path[0] = str(_HERE.parent)
+    else:
+        sys.path.insert(0, str(_HERE.parent))
 
 from launchers.cli import parse_args, parse_status_args
 
@@ -30,7 +41,7 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep (or `status`); 0 ok, 1 a failure, 2 bad input, 128 + N stopped by signal N
-    (130: Ctrl-C)."""
+    (130: Ctrl-C, 141: the reader of stdout went away)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     main_thread = threading.current_thread() is threading.main_thread()  # signal's rule
     old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
@@ -38,12 +49,19 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["status"]:
             from launchers.status import status
 
-            args = parse_status_args(argv[1:])
-            print(status(Path(args.results)))
-            return 0
-        from launchers.launch import run_sweep
+            print(status(Path(parse_status_args(argv[1:]).results)))
+            code = 0
+        else:
+            from launchers.launch import run_sweep
 
-        return run_sweep(parse_args(argv))
+            code = run_sweep(parse_args(argv))
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit
+        return code
+    except BrokenPipeError:  # `sweep.py ... | head`: the reader has what it wanted
+        from launchers.progress import drop_stdout
+
+        drop_stdout()
+        return 128 + signal.SIGPIPE
     except ValueError as e:  # bad input: nothing was submitted
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2

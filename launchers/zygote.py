@@ -1,8 +1,9 @@
 """A fork server for local runs: import torch, DeepSpeed and the trainer once per sweep.
 
 Every `python -m scaling.train` process spends ~4 s on a CPU before its first step importing
-torch, DeepSpeed and torch._dynamo (which every torch optimizer imports): 7 % of a one-minute
-demo run (docs/benchmarks.md). `--cluster local` therefore starts this server once; it imports
+torch, DeepSpeed and torch._dynamo (which every torch optimizer imports): a fresh process spent
+8.1 % of a 74 s demo run outside its training steps, a forked one 2.9 % (docs/benchmarks.md,
+sweep overhead). `--cluster local` therefore starts this server once; it imports
 those modules (running no torch op, so no thread pool exists yet) and forks one child per rank.
 A child starts its own session, takes the rank's environment, working directory and log file,
 and runs `scaling.train.main` exactly as the command line would; its exit code comes back
@@ -147,7 +148,9 @@ class ForkServer:
     """The launcher's handle on a running server (started on first use by `get`)."""
 
     def __init__(self, log: str | os.PathLike):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        from launchers.slurm import child_env  # late: the server process itself needs none
+
+        env = child_env(dict(os.environ), cpus=None)  # finds the package where we did
         os.makedirs(os.path.dirname(log), exist_ok=True)
         with open(log, "a") as err:  # the server's own messages (imports, errors)
             self.proc = subprocess.Popen(
