@@ -70,11 +70,6 @@ class Choice:
     reason: str
     local_gpus: int = 0
 
-    @property
-    def where(self) -> str:
-        """The former name of `runs_on` (tests/test_sweep_preset_choice.py reads it)."""
-        return self.runs_on
-
 
 def choose_preset(cluster: str, why: str, cuda: int | None = None) -> Choice:
     """The default preset for runs on `cluster` (`why`: how the cluster was chosen); `cuda`

@@ -24,8 +24,8 @@ from scaling.config import (
     BUDGETS,
     RESUMABLE_FIELDS,
     TrainConfig,
-    _field_type,
     batch_layout,
+    field_type,
     resolve_steps,
 )
 from scaling.data import DatasetInfo
@@ -162,7 +162,7 @@ def field_value(name: str, value: object) -> object:
     `python -m scaling.train` parses the flag with): text from --set ('0.05', 'true'), or a
     preset's Python value (an int for a float field becomes a float, so a run's config and id
     do not depend on how the value was written). ValueError naming the flag otherwise."""
-    kind, flag = _field_type(TRAIN_FIELDS[name]), "--" + name.replace("_", "-")
+    kind, flag = field_type(TRAIN_FIELDS[name]), "--" + name.replace("_", "-")
     if value is None and str(TRAIN_FIELDS[name].type).endswith("| None"):
         return None
     if kind is bool:
@@ -225,7 +225,7 @@ def grid_point(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: 
     batch = int(opts.batch_size or preset.batch_size)
     cfg = TrainConfig(**{  # the grid's own fields first: the recipe may override (as flags did)
         "model": model, "data": str(info.root), "out": str(sweep_dir / "_pending"),
-        kind: _field_type(TRAIN_FIELDS[kind])(budget), "batch_size": batch,
+        kind: field_type(TRAIN_FIELDS[kind])(budget), "batch_size": batch,
         "lr": float(preset.lr(base_lr, batch)), "seed": int(seed), **shared})
     macs = forward_macs(cfg.vit(num_classes=info.num_classes, image_size=info.image_size))
     steps = resolve_steps(cfg, info.split("train").num_samples, macs)

@@ -139,7 +139,7 @@ class TrainConfig:
                                     formatter_class=DefaultsHelpFormatter)
         budget = p.add_mutually_exclusive_group(required=True)
         for f in dataclasses.fields(cls):
-            kind = _field_type(f)
+            kind = field_type(f)
             kw = dict(help=f.metadata["help"], dest=f.name)
             if kind is bool:
                 kw.update(action=argparse.BooleanOptionalAction, default=f.default)
@@ -156,7 +156,8 @@ class TrainConfig:
         return cls(**vars(cls.parser().parse_args(argv)))
 
 
-def _field_type(f: dataclasses.Field) -> type:
+def field_type(f: dataclasses.Field) -> type:
+    """The Python type of a TrainConfig field (int, float, bool or str), Optional or not."""
     t = str(f.type).removesuffix(" | None")  # annotations are strings (postponed evaluation)
     return {"int": int, "float": float, "bool": bool, "str": str}[t]
 

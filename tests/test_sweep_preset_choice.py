@@ -70,13 +70,13 @@ def plan_rows(out: str) -> list[list[str]]:
 def test_the_preset_follows_where_the_runs_execute():
     """The choosing function, with the CUDA probe's answer handed in (never a mock of torch)."""
     on_slurm = choose_preset("slurm", "sbatch found", cuda=0)
-    assert (on_slurm.preset, on_slurm.where) == ("imagenet", "slurm")
+    assert (on_slurm.preset, on_slurm.runs_on) == ("imagenet", "slurm")
     assert "SLURM" in on_slurm.reason and "sbatch found" in on_slurm.reason
     gpu_box = choose_preset("local", "no sbatch on PATH", cuda=2)
-    assert (gpu_box.preset, gpu_box.where, gpu_box.local_gpus) == ("imagenet", "local-gpu", 2)
+    assert (gpu_box.preset, gpu_box.runs_on, gpu_box.local_gpus) == ("imagenet", "local-gpu", 2)
     assert "2 CUDA GPU(s)" in gpu_box.reason
     cpu = choose_preset("local", "no sbatch on PATH", cuda=0)
-    assert (cpu.preset, cpu.where) == ("demo", "cpu") and "no CUDA GPU" in cpu.reason
+    assert (cpu.preset, cpu.runs_on) == ("demo", "cpu") and "no CUDA GPU" in cpu.reason
     # local GPU runs of the GPU study use this machine's GPUs, not the preset's 8
     args = argparse.Namespace(gpus=None, preset=None, sizes="S,B")
     assert world_size(args, get_preset("imagenet"), "local", gpu_box) == (2, 2)
