@@ -48,44 +48,32 @@ class Preset:
 
 
 def demo() -> Preset:
-    """CPU demo: the micro ladder on built-in 16 px shapes; about 2 minutes on 2 CPU cores."""
+    """CPU demo: the micro ladder on built-in digits; minutes on 2 CPU cores."""
     return Preset(
         name="demo",
-        description="micro ViTs on built-in 16 px shapes (difficulty 0.25), CPU, minutes",
+        description="micro ViTs on built-in 8x8 digits, CPU, minutes",
         sizes=("mu", "m1", "m2"),
-        # 8x8 patches: 4 tokens per 16 px image (+ the class token). Measured 2026-12-01 on the
-        # 2 shared cores: at patch 8 the IsoFLOP vertex lay inside the sizes at 3e10, 1e11 and
-        # 3e11 FLOPs; at patch 4 (16 tokens, 2.9x the MACs per image) at none below 3e11 (grid
-        # 3e10 to 3e12), so three budgets with a vertex would need runs to 3e12.
-        patch=8,
-        # mu gets 144 / 432 / 1441 / 4324 steps, m2 16 / 48 / 161 / 483: mu wins the smaller
-        # budgets, m1 the largest (measured table in docs/sweeps.md); mu's 3e11 run is the
-        # longest, about 40 s. m2 wins none: at 1e12 m1 still leads (0.9 % vs 1.4 % error)
-        # and those three runs alone took 2 min 22 s, more than the whole demo.
-        budgets=(1e10, 3e10, 1e11, 3e11),
-        # batch 128: a step of mu costs about the same at 64 and 128 images (5.9 vs 6.8 ms, run
-        # alone), so 128 nearly halves the smallest model's time per image
-        batch_size=128,
-        base_lr=1.6e-2,  # = 4e-3 at batch 128, the rate of the earlier digits demo
+        # 4x4 patches: 4 tokens per 8x8 digit. These learn several times faster per step than
+        # 2x2 patches (16 tokens) on CPU, so the larger rungs catch up within minutes.
+        patch=4,
+        # mu gets 108 / 362 / 1086 / 3621 / 10863 steps, m2 10 / 33 / 101 / 337 / 1011: mu wins
+        # the smaller budgets, m1 and m2 overtake it at the larger ones (measured table in
+        # docs/sweeps.md); 3e11 gives runs of about a minute, the longest ones
+        budgets=(3e9, 1e10, 3e10, 1e11, 3e11),
+        batch_size=64,
+        base_lr=3.2e-2,  # = 4e-3 at batch 64: micro models on 8x8 images take a high rate
         train={"weight_decay": 0.05, "warmup_fraction": 0.1, "label_smoothing": 0.0,
-               # log-spaced evals at steps 5, 9, 16, 28, 50, 89, ... (4 per decade) give each
-               # run a learning curve evenly spread in log compute for the frontier, from its
-               # first steps; an eval of the 2,000 val images takes 0.06-0.34 s
-               "eval_every": 5, "eval_spacing": "log", "ckpt_every": 0, "num_workers": 0,
-               # every run reads the 8,000 images into memory once (about 2.5 s), the short runs
-               # too, so the runs of one size see the same batches whatever their budget
-               "in_memory": "on",
+               # evals at steps 25, 44, 79, 141, ... (4 per decade) give each run a learning
+               # curve evenly spread in log compute, so the frontier has more than one point per
+               # budget to fit the law to, at a few evals per run (an eval of the 539 val images
+               # costs about as much as 2-3 training steps)
+               "eval_every": 25, "eval_spacing": "log", "ckpt_every": 0, "num_workers": 0,
                "precision": "fp32",
                "zero": 0, "log_every": 10, "progress": False},
         device="cpu",
         gpus=1,
-        builtin_data="shapes",
-        # 6,000 train / 2,000 val images (95 % intervals of +-2 points at 30 % error), made once
-        # in 5-6 s. Difficulty 0.25 keeps a quarter of every nuisance (colours, position, size,
-        # rotation, specks, noise); on the full shapes (1) these models reached at most 25 %
-        # top-1 at 1e12 FLOPs (patch 4) and about 20 % at 3e11 (patch 8)
-        data_args={"image_size": 16, "num_samples": 8000, "val_fraction": 0.25,
-                   "difficulty": 0.25, "workers": 2},
+        builtin_data="digits",
+        data_args={"val_fraction": 0.3},  # 539 val images: top-1 steps of 0.2%, not 0.6%
         slurm={"time": 30, "cpus_per_task": 1, "max_parallel": 2},  # 2 runs on 2 cores
     )
 
