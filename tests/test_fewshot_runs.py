@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import train_env
 from safetensors.torch import load_file
 
 from scaling import engine, fewshot, results
@@ -30,19 +31,9 @@ SHOTS, SEEDS, STEPS = (1, 5, 10), (0, 1, 2), (50, 100, 150)
 TIMING = {"wall_s", "images_per_s", "tflops", "mfu", "mem_gb"}
 
 
-def _env(faults=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-              "SLURM_NTASKS", "SLURM_JOB_ID", "VIT_SCALING_FAULTS"):
-        env.pop(k, None)
-    if faults:
-        env["VIT_SCALING_FAULTS"] = faults
-    return env
-
-
 def train(*args, faults=None, code=0):
     proc = subprocess.run([sys.executable, "-m", "scaling.train", *map(str, args)],
-                          env=_env(faults), capture_output=True, text=True, timeout=600,
+                          env=train_env(faults), capture_output=True, text=True, timeout=600,
                           check=False)
     assert proc.returncode == code, proc.stderr[-3000:]
     return proc
@@ -50,7 +41,7 @@ def train(*args, faults=None, code=0):
 
 def posthoc(*args):
     proc = subprocess.run([sys.executable, "-m", "scaling.fewshot", *map(str, args)],
-                          env=_env(), capture_output=True, text=True, timeout=600,
+                          env=train_env(), capture_output=True, text=True, timeout=600,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

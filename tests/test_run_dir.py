@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from conftest import train_env
 
 from scaling import engine, lockfile, results
 from scaling.data import make_builtin_shards
@@ -26,28 +27,18 @@ def digits(tmp_path_factory):
     return str(make_builtin_shards("digits", tmp_path_factory.mktemp("data") / "digits").root)
 
 
-def _env(faults=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-              "SLURM_NTASKS", "SLURM_JOB_ID", "VIT_SCALING_FAULTS"):
-        env.pop(k, None)
-    if faults:
-        env["VIT_SCALING_FAULTS"] = faults
-    return env
-
-
 def _cmd(data, out, *extra):
     return [sys.executable, "-m", "scaling.train", *FAST, "--data", data, "--out", str(out),
             *extra]
 
 
 def train(data, out, *extra, faults=None):
-    return subprocess.run(_cmd(data, out, *extra), env=_env(faults), capture_output=True,
+    return subprocess.run(_cmd(data, out, *extra), env=train_env(faults), capture_output=True,
                           text=True, timeout=600, check=False)
 
 
 def start(data, out, *extra):
-    return subprocess.Popen(_cmd(data, out, *extra), env=_env(), stdout=subprocess.DEVNULL,
+    return subprocess.Popen(_cmd(data, out, *extra), env=train_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -355,7 +346,7 @@ def test_two_rank_run_on_a_locked_dir_stops_on_every_rank(digits, tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "-m", "scaling.train", *FAST, "--data", digits,
                "--out", str(out), "--steps", "5"]
-        run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300,
+        run = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=300,
                              check=False)
     finally:
         sleeper.kill()

@@ -9,6 +9,8 @@ FLOPs (checked by `peer_model`); initialisation does not change speed.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from scaling.model import ViTConfig
@@ -16,13 +18,18 @@ from scaling.model import ViTConfig
 PEERS = ("transformers", "timm")
 
 
+def _check_shape(vit: ViTConfig, peer: str) -> None:
+    """Both peers model only a class-token head without a pre-logits layer."""
+    if vit.pool != "cls" or vit.representation_size or not vit.num_classes:
+        raise ValueError(f"{vit.name}: the {peer} peer needs pool='cls', no "
+                         "representation_size and num_classes > 0")
+
+
 def hf_config(vit: ViTConfig):
     """A transformers ViTConfig with the shape of one of ours."""
     from transformers import ViTConfig as HFViTConfig
 
-    if vit.pool != "cls" or vit.representation_size or not vit.num_classes:
-        raise ValueError(f"{vit.name}: the transformers peer needs pool='cls', no "
-                         "representation_size and num_classes > 0")
+    _check_shape(vit, "transformers")
     return HFViTConfig(
         hidden_size=vit.width, num_hidden_layers=vit.depth, num_attention_heads=vit.heads,
         intermediate_size=vit.mlp_dim, patch_size=vit.patch_size, image_size=vit.image_size,
@@ -48,18 +55,16 @@ class PeerLogits(torch.nn.Module):
 
 def timm_model(vit: ViTConfig) -> torch.nn.Module:
     """timm's VisionTransformer with our shape (class token, learned position embeddings,
-    pre-LN blocks with q/k/v biases, LayerNorm eps 1e-6, exact GELU, no dropout)."""
+    pre-LN blocks with q/k/v biases, our LayerNorm eps, exact GELU, no dropout)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    if vit.pool != "cls" or vit.representation_size or not vit.num_classes:
-        raise ValueError(f"{vit.name}: the timm peer needs pool='cls', no representation_size "
-                         "and num_classes > 0")
+    _check_shape(vit, "timm")
     return VisionTransformer(
         img_size=vit.image_size, patch_size=vit.patch_size, in_chans=vit.in_chans,
         num_classes=vit.num_classes, embed_dim=vit.width, depth=vit.depth,
         num_heads=vit.heads, mlp_ratio=vit.mlp_dim / vit.width, qkv_bias=True,
         class_token=True, global_pool="token", drop_rate=0.0, attn_drop_rate=0.0,
-        drop_path_rate=0.0)
+        drop_path_rate=0.0, norm_layer=functools.partial(torch.nn.LayerNorm, eps=vit.ln_eps))
 
 
 def peer_model(name: str, vit: ViTConfig, ours_params: int) -> torch.nn.Module:
