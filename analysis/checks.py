@@ -27,9 +27,15 @@ def _fraction_problem(name: str, v, *, allow_null: bool) -> str | None:
 TOP_TOL = 1e-9
 
 
-def eval_row_problem(row: dict) -> str | None:
+# Eval fields the checks below do not bound: each must be a number or null (null: NaN in the
+# tables), so that every kept row converts to floats (analysis.metrics_file.EVAL_FIELDS).
+FREE_NUMBERS = ("epoch", "images_seen", "flops_seen", "wall_s", "loss")
+
+
+def eval_row_problem(row: dict, *, numbers: bool = True) -> str | None:
     """Why a schema-valid eval row cannot be used (None when it can): see
-    analysis.load's module docstring."""
+    analysis.load's module docstring. `numbers=False` leaves FREE_NUMBERS unchecked (the rules
+    of analysis.load_reference, which raised on such a row instead)."""
     step = row["step"]
     if not _is_number(step) or not math.isfinite(step) or step < 0 or step != int(step):
         return f"step={step!r} is not a whole number >= 0"
@@ -44,6 +50,10 @@ def eval_row_problem(row: dict) -> str | None:
         return "num_samples is null"
     if not _is_number(n) or not math.isfinite(n) or n != int(n) or n <= 0:
         return f"num_samples={n!r} is not a positive count of images"
+    for name in FREE_NUMBERS if numbers else ():
+        v = row[name]
+        if v is not None and not _is_number(v):
+            return f"{name}={v!r} is not a number (nor null)"
     return None
 
 

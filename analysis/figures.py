@@ -1,19 +1,30 @@
-"""The scaling figures: curves vs compute with the frontier, the power-law fit, and benchmark
-throughput / MFU (the compute-optimal size: analysis.figures_optimal). Each function returns the figure;
-saving is left to the caller (analysis.style.save_figure)."""
+"""The scaling figures: curves vs compute with the frontier, and the power-law fit (the
+compute-optimal size: analysis.figures_optimal; benchmark throughput / MFU:
+analysis.figures_bench, re-exported here). Each function returns the figure; saving is left to
+the caller (analysis.style.save_figure)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib import pyplot as plt
+from matplotlib.collections import LineCollection
 from matplotlib.lines import Line2D
 
 from analysis import fit as F
+from analysis.figures_bench import BENCH_CONFIG, comparable_latest, throughput_figure  # noqa: F401
 from analysis.frontier import FRONTIER_STATUSES, x_column
 from analysis.noise import aggregate_seeds, with_intervals
-from analysis.style import ACCENT, X_LABELS, X_UNITS, legend_outside, log_axis, percent_axis
+from analysis.style import (
+    ACCENT,
+    X_LABELS,
+    X_UNITS,
+    legend_below,
+    log_axis,
+    percent_axis,
+)
 
 METRIC_LABELS = {"error": "Top-1 error", "top1": "Top-1 accuracy"}
 FIT_NAMES = {"huber": "Huber", "lsq": "least-squares"}
@@ -67,12 +78,53 @@ def interval_note(pts: pd.DataFrame) -> str:
     return note
 
 
-def _mark_runs(ax, good: pd.DataFrame, bad: pd.DataFrame, col: str, palette: dict) -> list:
-    """Final evals (joined per size across budgets), running and failed runs; legend extras."""
+# Above this many points the curves figure draws interval bars on final evals only: hundreds
+# of thousands of overlapping bars say nothing and take seconds to render.
+MAX_BARS = 20_000
+
+
+def _curves(ax, frame: pd.DataFrame, units: str, col: str, metric: str, palette: dict,
+            alpha: float, bars: bool = True) -> None:
+    """One line per `units` group (a recipe, or a run) through its points by x, and (`bars`)
+    every point's interval bar, each coloured by its model: two collections for all of them
+    (one plot call per curve costs seconds on thousands of runs)."""
+    if frame.empty:
+        return
+    f = frame.sort_values([units, col], kind="stable")
+    colors = [palette.get(m, "grey") for m in f["model"]]
+    xy = np.column_stack([f[col].to_numpy(float), f["_y"].to_numpy(float)])
+    codes = pd.factorize(f[units])[0]
+    starts = np.r_[0, np.flatnonzero(np.diff(codes)) + 1]
+    ax.add_collection(LineCollection(np.split(xy, starts[1:]), colors=[colors[i] for i in starts],
+                                     linewidths=1.0, alpha=alpha, zorder=2))
+    if bars:
+        _bar_collection(ax, f, col, metric, colors, alpha)
+
+
+def _bar_collection(ax, f: pd.DataFrame, col: str, metric: str, colors: list,
+                    alpha: float) -> None:
+    """Every row's interval bar (err_lo..err_hi), one collection for all."""
+    x, y = f[col].to_numpy(float), f["_y"].to_numpy(float)
+    lo_hi = _interval(f, metric)
+    segments = np.stack([np.column_stack([x, y - lo_hi[0]]), np.column_stack([x, y + lo_hi[1]])],
+                        axis=1)
+    ax.add_collection(LineCollection(segments, colors=colors, linewidths=0.7, alpha=alpha,
+                                     zorder=3))
+
+
+def _mark_runs(ax, good: pd.DataFrame, bad: pd.DataFrame, col: str, palette: dict,
+               metric: str, bars: bool = False) -> list:
+    """Final evals (joined per size across budgets; with `bars`, their interval bars), running
+    and failed runs; legend extras."""
     final = good[good["is_final"] & (good["status"] == "ok")].sort_values(col)
+    if bars and len(final):
+        _bar_collection(ax, final, col, metric, [palette.get(m, "grey") for m in final["model"]],
+                        0.9)
+    joined = False
     for model, grp in _by_model(final, palette):
         if len(grp) > 1:  # one curve per size through its runs' final points (one per budget)
             ax.plot(grp[col], grp["_y"], color=palette[model], lw=1.8, zorder=3)
+            joined = True
     ax.scatter(final[col], final["_y"], s=30, c=[palette[m] for m in final["model"]],
                edgecolors="white", linewidths=0.8, zorder=4)
     running = good[good["status"] == "running"].sort_values("step").groupby("recipe").tail(1)
@@ -80,32 +132,54 @@ def _mark_runs(ax, good: pd.DataFrame, bad: pd.DataFrame, col: str, palette: dic
     ax.scatter(last[col], last["_y"], marker="X", s=45, color=ACCENT["red"], zorder=5)
     ax.scatter(running[col], running["_y"], marker="o", s=34, facecolors="none",
                edgecolors="black", linewidths=0.9, zorder=5)
-    extra = [(Line2D([], [], marker="o", ls="", color="grey", mec="white"), "final eval")]
+    thin = "thin line: one run's evals in training\n(seeds of a recipe averaged)"
+    extra = [(Line2D([], [], color="grey", lw=1.0), thin)]
+    if joined:
+        extra.append((Line2D([], [], color="grey", lw=1.8, marker="o", mec="white"),
+                      "thick line: a size's final evals\nacross budgets"))
+    else:
+        extra.append((Line2D([], [], marker="o", ls="", color="grey", mec="white"),
+                      "final eval"))
     if len(running):
         extra.append((Line2D([], [], marker="o", ls="", mfc="none", mec="black"),
                       "running (latest eval)"))
     if len(last):
         extra.append((Line2D([], [], marker="X", ls="", color=ACCENT["red"]),
-                      "failed / diverged (last eval)"))
+                      "failed / diverged (faint line,\nlast eval crossed)"))
     return extra
 
 
+def legend_columns(fig, *columns: list, **kw) -> None:
+    """A legend under the axes, each list of (handle, text) pairs in a column of its own (e.g.
+    the sizes in one, what the marks mean in another). A text of several lines becomes one
+    entry per line (the handle on the first), so that columns padded to the same number of
+    entries have the same height."""
+    def blank():
+        return Line2D([], [], ls="", marker="")
+
+    lines = [[(h if i == 0 else blank(), part) for h, t in c
+              for i, part in enumerate(t.split("\n"))] for c in columns]
+    n = max(len(c) for c in lines)
+    items = [item for c in lines for item in c + [(blank(), "")] * (n - len(c))]
+    legend_below(fig, [h for h, _ in items], [t for _, t in items], ncol=len(columns), **kw)
+
+
 def compute_figure(points: pd.DataFrame, frontier: pd.DataFrame, order: list[str],
-                   palette: dict, *, x: str = "flops", metric: str = "error"):
+                   palette: dict, *, x: str = "flops", metric: str = "error", averaged=None):
     """Eval curves coloured by model size, seeds averaged per recipe (one curve per recipe,
     95 % interval bars on every point), failed/diverged runs drawn alone and faint, final
-    points marked, frontier in black. `points`: usable eval rows of every status."""
+    points marked, frontier in black. `points`: usable eval rows of every status; `averaged`:
+    those of ok/running runs seeds averaged, when the caller has them (frontier_points)."""
     col = x_column(x)
-    fig, ax = plt.subplots(figsize=(7.0, 4.6))
-    good = aggregate_seeds(points[points["status"].isin(FRONTIER_STATUSES)])
+    fig, ax = plt.subplots(figsize=(7.0, 6.4), layout="constrained")
+    good = (aggregate_seeds(points[points["status"].isin(FRONTIER_STATUSES)])
+            if averaged is None else averaged)
     bad = with_intervals(points[~points["status"].isin(FRONTIER_STATUSES)])
     good, bad = (f.assign(_y=_y(f["error"], metric)) for f in (good, bad))
+    every_bar = len(good) + len(bad) <= MAX_BARS
     for units, frame, alpha in (("recipe", good, 0.75), ("run", bad, 0.35)):
-        for _, grp in frame.sort_values(col).groupby(units, sort=False):
-            color = palette.get(grp["model"].iloc[0], "grey")
-            ax.plot(grp[col], grp["_y"], color=color, lw=1.0, alpha=alpha, zorder=2)
-            error_bars(ax, grp, col, metric, color, alpha=alpha, lw=0.7, capsize=0)
-    extra = _mark_runs(ax, good, bad, col, palette)
+        _curves(ax, frame, units, col, metric, palette, alpha, bars=every_bar)
+    extra = _mark_runs(ax, good, bad, col, palette, metric, bars=not every_bar)
     ax.plot(frontier[col], _y(frontier["error"], metric), color="black", lw=1.4, ls="--",
             marker="o", ms=3, zorder=3)
     log_axis(ax, "x")
@@ -113,17 +187,15 @@ def compute_figure(points: pd.DataFrame, frontier: pd.DataFrame, order: list[str
     ax.set_xlabel(X_LABELS[x])
     ax.set_title(f"{METRIC_LABELS[metric]} vs {X_LABELS[x].split(' (')[0].lower()}")
     seeds = good.groupby("model")["n_seeds"].max() if len(good) else pd.Series(dtype=int)
-    handles = [(Line2D([], [], color=palette[m], lw=1.6),
-                f"{m}" + (f" ({int(seeds[m])} seeds)" if seeds.get(m, 1) > 1 else ""))
-               for m in order if m in set(good["model"]) | set(bad["model"])]
-    handles.append((Line2D([], [], color="black", lw=1.4, ls="--", marker="o", ms=3),
-                    "compute-optimal frontier"))
-    handles += extra
-    handles.append((Line2D([], [], color="grey", lw=0.9, marker="|", ms=8, ls=""),
-                    interval_note(pd.concat([good, bad]))))
-    ax.legend([h for h, _ in handles], [t for _, t in handles], title="model",
-              loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
-              fontsize="small")
+    sizes = [(Line2D([], [], color=palette[m], lw=1.6),
+              f"{m}" + (f" ({int(seeds[m])} seeds)" if seeds.get(m, 1) > 1 else ""))
+             for m in order if m in set(good["model"]) | set(bad["model"])]
+    marks = [(Line2D([], [], color="black", lw=1.4, ls="--", marker="o", ms=3),
+              "compute-optimal frontier"), *extra,
+             (Line2D([], [], color="grey", lw=0.9, marker="|", ms=8, ls=""),
+              interval_note(pd.concat([good, bad])) + ("" if every_bar else
+              f"\n(drawn on final evals only: {len(good) + len(bad):,} points)"))]
+    legend_columns(fig, sizes, marks, fontsize="small")
     return fig
 
 
@@ -140,21 +212,29 @@ def _fmt(v: float) -> str:
 
 
 def law_label(fit: dict, intervals: dict | None, level: float, unit: str,
-              loose: list[str] = ()) -> str:
+              loose: list[str] = (), percent: bool = False) -> str:
     """Legend text: the law, its constants with bootstrap intervals, and a warning for the
-    constants the data do not determine (`loose`)."""
+    constants the data do not determine (`loose`). `percent`: E in percent (a and c x 100,
+    as the axes show error), `unit` saying so."""
+    scale = {"a": 100.0, "c": 100.0} if percent else {}
     lines = [r"$E = a\,(C + d)^{-b} + c$" + f",  {unit}"]
     for k in F.PARAMS:
+        m, pct = scale.get(k, 1.0), "%" if percent and k == "c" else ""
         ci = ""
         if intervals:
             lo, hi = intervals[k]
-            ci = f"  [{_fmt(lo)}, {_fmt(hi)}]"
-        lines.append(f"{k} = {_fmt(fit[k])}{ci}")
+            ci = f"  [{_fmt(m * lo)}, {_fmt(m * hi)}]"
+        lines.append(f"{k} = {_fmt(m * fit[k])}{pct}{ci}")
     if intervals:
         lines.append(f"(bootstrap {round(100 * level)}% intervals)")
     if loose:
         lines.append(f"poorly determined: {', '.join(loose)}")
     return "\n".join(lines)
+
+
+def _pct(v: float) -> str:
+    """An error fraction as a percentage for legends (3 significant digits)."""
+    return f"{100 * v:.3g}%"
 
 
 def _fit_lines(ax, result: dict, grid, metric: str, unit: str) -> None:
@@ -169,11 +249,11 @@ def _fit_lines(ax, result: dict, grid, metric: str, unit: str) -> None:
     name = FIT_NAMES[result["loss"]]
     ax.plot(grid, _y(np.clip(F.predict(fit, grid), 0, 1), metric), color=ACCENT["orange"], lw=2,
             label=f"{name} fit (used): " + law_label(fit, boot["intervals"], boot["level"], unit,
-                                                     F.poorly_determined(boot)))
+                                                     F.poorly_determined(boot), percent=True))
     alt = result["alt"]
     ax.plot(grid, _y(np.clip(F.predict(alt, grid), 0, 1), metric), color="dimgrey", lw=1.1,
             ls="-.", label=f"{FIT_NAMES[alt['loss']]} fit, for comparison\n"
-                           f"(b = {_fmt(alt['b'])}, c = {_fmt(alt['c'])})")
+                           f"(b = {_fmt(alt['b'])}, c = {_pct(alt['c'])})")
 
 
 def _holdout(ax, ex: dict, grid, metric: str) -> None:
@@ -189,24 +269,18 @@ def _holdout(ax, ex: dict, grid, metric: str) -> None:
                label="held-out points")
 
 
-def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = "flops",
-               metric: str = "error"):
-    """Frontier points (seeds averaged, 95 % interval bars), the law fitted with the chosen
-    loss and its bootstrap band, the other loss's fit, points the robust fit set aside, and
-    the hold-out check."""
-    col = x_column(x)
-    fig, ax = plt.subplots(figsize=(7.0, 4.6))
-    cx = frontier[col].to_numpy()
-    grid = np.logspace(np.log10(cx.min()) - 0.3, np.log10(cx.max()) + 1.0, 200)
-    _fit_lines(ax, result, grid, metric, f"C in {X_UNITS[x]}")
-    fit = result["fit"]
-    # The floor is drawn only where it is in view: a fitted c far below every observed error
-    # (the data show no saturation yet) would otherwise stretch the log axis over decades.
-    visible_floor = 0.25 * float(frontier["error"].min())
-    if metric == "error" and fit["c"] >= visible_floor:
-        ax.axhline(fit["c"], color="grey", ls=":", lw=1, label=f"floor c = {_fmt(fit['c'])}")
-    _holdout(ax, result["extrapolation"], grid, metric)
-    pts = frontier[frontier["error"] > 0].reset_index(drop=True)
+def _extrapolation_region(ax, lo: float, hi: float, grid) -> None:
+    """Shade the computes beyond the frontier's range, where the curves are extrapolated."""
+    ax.axvspan(hi, grid.max(), color="0.93", lw=0, zorder=0,
+               label="beyond the data: extrapolation")
+    ax.axvspan(grid.min(), lo, color="0.93", lw=0, zorder=0)
+    ax.text(math.sqrt(hi * grid.max()), 0.98, "extrapolation", transform=ax.get_xaxis_transform(),
+            ha="center", va="top", fontsize="x-small", color="0.35")
+
+
+def _frontier_marks(ax, pts: pd.DataFrame, result: dict, col: str, metric: str,
+                    palette: dict) -> None:
+    """The frontier points with their bars, and those the robust fit set aside."""
     for model, grp in _by_model(pts, palette):
         color = palette.get(model, "black")
         error_bars(ax, grp, col, metric, color, zorder=4)
@@ -218,64 +292,39 @@ def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = 
                    edgecolors=ACCENT["red"], linewidths=1.3, zorder=6,
                    label="> 3 robust sd from the fit")
     ax.plot([], [], color="grey", marker="|", ms=8, ls="", label=interval_note(pts))
+
+
+def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = "flops",
+               metric: str = "error"):
+    """Frontier points (seeds averaged, 95 % interval bars), the law fitted with the chosen
+    loss and its bootstrap band (constants in percent error, as the axis), the other loss's
+    fit, points the robust fit set aside, the hold-out check, and the computes beyond the
+    data shaded."""
+    col = x_column(x)
+    fig, ax = plt.subplots(figsize=(7.0, 6.6), layout="constrained")
+    cx = frontier[col].to_numpy()
+    grid = np.logspace(np.log10(cx.min()) - 0.3, np.log10(cx.max()) + 1.0, 200)
+    _extrapolation_region(ax, float(cx.min()), float(cx.max()), grid)
+    _fit_lines(ax, result, grid, metric, f"E: top-1 error (%), C: {X_UNITS[x]}")
+    fit = result["fit"]
+    # The floor is drawn only where it is in view: a fitted c far below every observed error
+    # (the data show no saturation yet) would otherwise stretch the log axis over decades.
+    visible_floor = 0.25 * float(frontier["error"].min())
+    if metric == "error" and fit["c"] >= visible_floor:
+        ax.axhline(fit["c"], color="grey", ls=":", lw=1, label=f"floor c = {_pct(fit['c'])}")
+    _holdout(ax, result["extrapolation"], grid, metric)
+    _frontier_marks(ax, frontier[frontier["error"] > 0].reset_index(drop=True), result, col,
+                    metric, palette)
     log_axis(ax, "x")
+    ax.set_xlim(grid.min(), grid.max())
     _metric_axis(ax, metric, frontier["error"])
     if metric == "error":
         ax.set_ylim(bottom=max(ax.get_ylim()[0], visible_floor))
     ax.set_xlabel(X_LABELS[x])
     ax.set_title("Saturating power law on the frontier (Zhai et al. 2022)")
-    legend_outside(ax, fontsize="x-small")
-    return fig
-
-
-# What makes two benchmark rows comparable (besides the model): the same machine and settings.
-BENCH_CONFIG = ("device", "precision", "compile", "batch_size", "image_size", "engine", "zero",
-                "world_size")
-
-
-def comparable_latest(bench: pd.DataFrame) -> pd.DataFrame:
-    """Per model, the rows of one configuration: the one of the most recent "ours" row (of any
-    row when there is none), each implementation's latest row in it. Picking rows per
-    implementation independently could set ours measured on 2 threads against a peer measured
-    on 1, or a new measurement against an old one."""
-    cols = [c for c in BENCH_CONFIG if c in bench.columns]
-    rows = bench.assign(**{c: bench[c].astype(str) for c in cols})  # NaN-safe grouping keys
-    if "time" in rows.columns:
-        rows = rows.sort_values("time", kind="stable")
-    latest = rows.groupby(["model", *cols, "impl"], as_index=False).tail(1)
-    lead = latest[latest["impl"] == "ours"] if (latest["impl"] == "ours").any() else latest
-    configs = lead.groupby("model", as_index=False).tail(1)[["model", *cols]]
-    return latest.merge(configs, on=["model", *cols])
-
-
-def throughput_figure(bench: pd.DataFrame, order: list[str]):
-    """Images/s and MFU per model size and implementation, each model's bars from one
-    benchmark configuration, its latest (`comparable_latest`)."""
-    best = comparable_latest(bench)
-    known = [m for m in order if m in set(best["model"])]
-    models = known + sorted(set(best["model"]) - set(known))
-    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0), constrained_layout=True)
-    kw = {"x": "model", "order": models, "hue": "impl", "palette": "colorblind", "legend": False}
-    impls = list(dict.fromkeys(best["impl"]))
-    sns.barplot(data=best, y="images_per_s", hue_order=impls, ax=axes[0], **kw)
-    log_axis(axes[0], "y")  # sizes differ by orders of magnitude in throughput
-    axes[0].set_ylabel("Throughput (images/s)")
-    mfu = best.assign(mfu_pct=pd.to_numeric(best.get("mfu"), errors="coerce") * 100)
-    if mfu["mfu_pct"].notna().any():
-        sns.barplot(data=mfu, y="mfu_pct", hue_order=impls, ax=axes[1], **kw)
-    else:
-        axes[1].text(0.5, 0.5, "MFU unknown\n(accelerator peak not in the table)",
-                     ha="center", va="center", transform=axes[1].transAxes)
-        axes[1].set_xticks([])
-        axes[1].set_yticks([])
-    axes[1].set_ylabel("Model FLOPs utilisation (%)")
-    for ax, title in zip(axes, ("Training throughput", "MFU")):
-        ax.set_xlabel("Model (size/patch)")
-        ax.set_title(title)
-    colours = dict(zip(impls, sns.color_palette("colorblind", len(impls))))
-    fig.legend([plt.Rectangle((0, 0), 1, 1, color=colours[i]) for i in impls], impls,
-               title="implementation", loc="outside right upper", frameon=False)
-    devices = sorted(set(map(str, best.get("device", pd.Series(dtype=str)).dropna())))
-    if devices:
-        fig.suptitle(f"Benchmark on {', '.join(devices)}", fontweight="bold")
+    # The fits in one column, the marks in the other: the used fit's constants take 7 lines.
+    items = list(zip(*ax.get_legend_handles_labels()))
+    fits = [i for i in items if any(k in i[1] for k in ("fit (used)", "bootstrap band",
+                                                        "for comparison", "floor c"))]
+    legend_columns(fig, fits, [i for i in items if i not in fits], fontsize="x-small")
     return fig

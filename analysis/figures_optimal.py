@@ -12,18 +12,16 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
 from analysis import isoflop as I
-from analysis.figures import _fmt, error_bars, interval_note
-from analysis.style import ACCENT, log_axis
+from analysis.figures import _fmt, error_bars, interval_note, legend_columns
+from analysis.style import ACCENT, log_axis, sequential_colours
 
 BOUND_MARKERS = {"lower": "^", "upper": "v"}  # N_opt at least / at most the size drawn
 
 
 def budget_colours(budgets) -> dict:
-    """Sequential colours, small -> large budget (plasma, its pale end cut off)."""
-    budgets = sorted(budgets)
-    cmap = plt.get_cmap("plasma")
-    stops = np.linspace(0.0, 0.8, len(budgets)) if len(budgets) > 1 else [0.4]
-    return {b: cmap(s) for b, s in zip(budgets, stops)}
+    """Sequential colours, small -> large budget (plasma, cut where it stops reading on
+    white)."""
+    return sequential_colours(sorted(budgets), "plasma")
 
 
 def _profiles_panel(ax, res: dict, colours: dict) -> None:
@@ -109,14 +107,12 @@ def _nopt_panel(ax, res: dict, colours: dict) -> None:
 
 def optimal_size_figure(res: dict):
     """Both panels for an analysis.isoflop.optimal_size result with at least one budget's
-    points; the legend (right) lists budgets and markers."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.6), constrained_layout=True)
+    points; the legend (under the panels) lists budgets, lines and markers."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 5.6), layout="constrained")
     colours = budget_colours(res["points"]["budget"].unique())
     _profiles_panel(left, res, colours)
     _nopt_panel(right, res, colours)
-    handles, labels = left.get_legend_handles_labels()
-    h2, l2 = right.get_legend_handles_labels()
-    extra = _legend_profiles(left, res["points"])
-    fig.legend(handles + h2 + [h for h, _ in extra], labels + l2 + [t for _, t in extra],
-               loc="outside right upper", fontsize="x-small", frameon=False)
+    legend_columns(fig, list(zip(*left.get_legend_handles_labels())),
+                   list(zip(*right.get_legend_handles_labels())),
+                   _legend_profiles(left, res["points"]), fontsize="x-small", frameon=False)
     return fig

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import fit as F
+from analysis.memo import plain
 from analysis.noise import aggregate_seeds
 from analysis.style import X_COLUMNS
 
@@ -49,9 +50,14 @@ def frontier_table(evals: pd.DataFrame, x: str,
                    rtol: float = FRONTIER_RTOL) -> pd.DataFrame:
     """The seed-averaged points on the compute-optimal (Pareto) frontier of error vs x, sorted
     by x; each keeps n_seeds, num_samples and err_lo/err_hi."""
-    pts = frontier_points(evals, x, statuses)
-    idx = F.pareto_frontier(pts[x_column(x)].to_numpy(), pts["error"].to_numpy(), rtol=rtol)
-    return pts.iloc[idx].reset_index(drop=True)
+    return frontier_of(frontier_points(evals, x, statuses), x, rtol)
+
+
+def frontier_of(points: pd.DataFrame, x: str, rtol: float = FRONTIER_RTOL) -> pd.DataFrame:
+    """The Pareto-frontier rows of seed-averaged points (frontier_points), sorted by x."""
+    idx = F.pareto_frontier(points[x_column(x)].to_numpy(), points["error"].to_numpy(),
+                            rtol=rtol)
+    return points.iloc[idx].reset_index(drop=True)
 
 
 # Why the robust fit is the default, for summary.md.
@@ -63,11 +69,11 @@ WHY = {"huber": ("the default: the frontier is a handful of points picked as min
 
 
 def fit_frontier(frontier: pd.DataFrame, x: str, *, n_boot: int = 200, seed: int = 0,
-                 loss: str = "huber") -> dict:
+                 loss: str = "huber", memo=plain) -> dict:
     """Bootstrap fit of the law to the frontier with `loss` ("huber" or "lsq"), the other loss's
     point fit for comparison (`alt`), and the top-20 % hold-out check of the chosen fit; or
     {"ok": False, "message"} with too few points. Points at zero error are dropped: the law is
-    fitted on log-error."""
+    fitted on log-error. `memo` (analysis.memo.FitMemo) remembers the fits."""
     F.check_loss(loss)
     pts = frontier[frontier["error"] > 0]
     n_min = len(F.PARAMS) + 1  # one more than the parameters, so the fit is not an interpolation
@@ -76,10 +82,10 @@ def fit_frontier(frontier: pd.DataFrame, x: str, *, n_boot: int = 200, seed: int
             f"only {len(pts)} frontier points with error > 0; need at least {n_min} to fit "
             f"the 4-parameter law (no fit drawn)")}
     compute, error = pts[x_column(x)].to_numpy(), pts["error"].to_numpy()
-    boot = F.bootstrap_fit(compute, error, n_boot=n_boot, seed=seed, loss=loss)
+    boot = memo(F.bootstrap_fit, compute, error, n_boot=n_boot, seed=seed, loss=loss)
     other = "lsq" if loss == "huber" else "huber"
-    alt = F.fit_saturating_power_law(compute, error, loss=other)
-    extrap = F.extrapolation_check(compute, error, loss=loss)
+    alt = memo(F.fit_saturating_power_law, compute, error, loss=other)
+    extrap = memo(F.extrapolation_check, compute, error, loss=loss)
     grid = np.logspace(np.log10(compute.min()), np.log10(compute.max()), 50)
     diff = float(np.max(np.abs(F.predict(alt, grid) / F.predict(boot["fit"], grid) - 1)))
     return {"ok": True, "n": len(pts), "boot": boot, "fit": boot["fit"], "loss": loss,

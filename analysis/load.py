@@ -28,22 +28,35 @@ Derived columns, and how they are approximated:
   world_size from plan.json (or config.json), else NaN.
 - ``budget``: the config's FLOPs budget (``flops``), NaN for another kind; ``recipe``: the
   experiment a run repeats with its seed (analysis.noise.recipe_key); ``num_samples`` is kept.
+
+Speed: metrics lines are read by analysis.metrics_file (train rows in the writer's byte form are
+recognised without being parsed; every line is still checked), the parsed rows of each file can
+be kept in a cache (analysis.cache, ``load_results(dir, cache_dir=...)``) so that only changed
+files are parsed again, and the tables are built in one pass over all runs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections import defaultdict
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from analysis.checks import eval_row_problem, final_problem
+from analysis.cache import MetricsCache
+from analysis.checks import final_problem
+from analysis.metrics_file import EVAL_FIELDS
 from analysis.noise import NOT_RECIPE, recipe_key  # noqa: F401 (NOT_RECIPE: part of the API)
+from analysis.parse_pool import MIN_BYTES, parse_all, read_and_parse
+from analysis.tables import (  # noqa: F401 (EVAL_COLUMNS: part of the API)
+    EVAL_COLUMNS,
+    STATUS_RUNNING,
+    eval_table,
+    fill_params,
+)
 from scaling.results import (
     CONFIG_FILE,
     FINAL_FILE,
@@ -53,24 +66,18 @@ from scaling.results import (
     iter_run_dirs,
     read_final,
     read_json,
-    validate_row,
 )
 
 log = logging.getLogger("analysis")
 
-STATUS_RUNNING = "running"
 STATUS_ORDER = ("ok", STATUS_RUNNING, "failed", "diverged")
-EVAL_COLUMNS = (
-    "sweep", "run_id", "run", "model", "size", "patch", "status", "seed", "lr", "batch_size",
-    "budget", "recipe", "params", "macs_per_image", "step", "epoch", "images_seen",
-    "flops_seen", "wall_s", "device_hours", "top1", "top5", "loss", "num_samples", "error",
-    "is_final",
-)
 RUN_COLUMNS = (
     "sweep", "run_id", "run", "model", "size", "patch", "status", "seed", "lr", "batch_size",
     "budget", "recipe", "params", "macs_per_image", "n_evals", "best_top1", "final_top1",
     "images_seen", "total_flops", "wall_hours", "device_hours", "message",
 )
+
+
 def _budget(config: dict) -> float:
     """The run's FLOPs budget (config `flops`), NaN when it had another kind of budget."""
     v = config.get("flops")
@@ -98,6 +105,7 @@ class Results:
     evals: pd.DataFrame
     runs: pd.DataFrame
     skipped: list[Skipped] = field(default_factory=list)
+    cache: dict | None = None  # {"path", "hits", "parsed"} when read through the cache
 
     @property
     def n_skipped(self) -> int:
@@ -134,70 +142,58 @@ def _reason(path, e: Exception) -> str:
     return str(e).removeprefix(f"{path}: ")
 
 
-def _parse_lines(path: Path, data: bytes, skipped: list[Skipped]) -> list[tuple[int, dict]]:
-    """(line number, row) of every schema-valid line; the others are skipped, each named."""
-    lines = data.splitlines()
-    rows = []
-    for i, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
+def _metrics_rows(path: Path, cache: MetricsCache | None, root: Path, parsed: dict):
+    """(rows, skips) of one metrics.jsonl: from the cache when its key is unchanged, else
+    parsed (by a worker, in `parsed`, or here) and stored."""
+    rel = str(path.relative_to(root))
+    if cache is not None:
+        hit = cache.get(rel, os.stat(path))
+        if hit is not None:
+            return hit
+    got = parsed.pop(path, None) or read_and_parse(str(path))
+    if isinstance(got, OSError):
+        raise got
+    rows, skips, before, after, read_ns = got
+    if cache is not None:
+        cache.put(rel, before, after, read_ns, rows, skips)
+    return rows, skips
+
+
+def _parse_ahead(run_dirs: list[Path], cache: MetricsCache | None, root: Path,
+                 workers: int | None) -> dict:
+    """The metrics files the cache cannot serve, parsed in worker processes when there are
+    enough of them (analysis.parse_pool); {} otherwise."""
+    todo = []
+    for run_dir in run_dirs:
+        path = run_dir / METRICS_FILE
         try:
-            row = json.loads(raw.decode("utf-8"))
-            if not isinstance(row, dict):
-                raise SchemaError(f"expected a JSON object, got {type(row).__name__}")
-            rows.append((i, validate_row(row)))
-        except UnicodeDecodeError as e:
-            _skip(skipped, path, f"not UTF-8 text ({e})", i)
-        except json.JSONDecodeError as e:
-            torn = " (torn last line: an interrupted append)" if i == len(lines) else ""
-            _skip(skipped, path, f"not valid JSON{torn}: {e}", i)
-        except SchemaError as e:
-            _skip(skipped, path, e, i)
+            if cache is None or not cache.has(str(path.relative_to(root)), os.stat(path)):
+                todo.append(path)
+        except OSError:
+            continue  # absent or unreadable: reported where it is read
+    # Asked for by number, workers are used however little there is to parse.
+    return parse_all(todo, workers, min_bytes=MIN_BYTES if workers is None else 0)
+
+
+def _read_metrics(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
+                  root: Path, parsed: dict) -> np.ndarray:
+    """The usable eval rows of a run (EVAL_FIELDS columns), by the rules of the module
+    docstring; every line left out is reported and counted once, naming file, line and
+    reason."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return _NO_ROWS
+    try:
+        rows, skips = _metrics_rows(path, cache, root, parsed)
+    except OSError as e:
+        _skip(skipped, path, e)
+        return _NO_ROWS
+    for line, reason in skips:
+        _skip(skipped, path, reason, line)
     return rows
 
 
-def _read_metrics(run_dir: Path, skipped: list[Skipped]) -> list[dict]:
-    """The usable eval rows of a run, by the rules of the module docstring; every line left
-    out is reported and counted once, naming file, line and reason."""
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        _skip(skipped, path, e)
-        return []
-    by_step: dict[int, list[tuple[int, dict]]] = defaultdict(list)
-    for i, row in _parse_lines(path, data, skipped):
-        if row["kind"] != "eval":
-            continue
-        problem = eval_row_problem(row)
-        if problem and problem.startswith("step="):
-            _skip(skipped, path, problem, i)
-        else:
-            by_step[int(row["step"])].append((i, row))
-    kept = []
-    for step, group in sorted(by_step.items()):
-        texts = [json.dumps(row, sort_keys=True) for _, row in group]
-        if len(set(texts)) > 1:  # one step, different numbers: none of them can be trusted
-            where = ", ".join(str(i) for i, _ in group)
-            for i, row in group:
-                problem = eval_row_problem(row)
-                _skip(skipped, path, problem or (
-                    f"eval step {step} is logged {len(group)} times with different values "
-                    f"(lines {where}): none of them is kept"), i)
-            continue
-        first, row = group[0]
-        problem = eval_row_problem(row)
-        for i, _ in group:
-            if problem:
-                _skip(skipped, path, problem, i)
-            elif i != first:
-                _skip(skipped, path, f"exact copy of the eval row of step {step} on line "
-                                     f"{first} (kept once)", i)
-        if not problem:
-            kept.append(row)
-    return kept
+_NO_ROWS = np.empty((0, len(EVAL_FIELDS)))
 
 
 def _read_plan(run_dir: Path, skipped: list[Skipped]) -> dict:
@@ -213,7 +209,8 @@ def _read_plan(run_dir: Path, skipped: list[Skipped]) -> dict:
     return {k: plan[k] for k in ("params", "macs_per_image", "world_size") if k in plan}
 
 
-def _read_run(run_dir: Path, skipped: list[Skipped]) -> tuple[dict, list[dict]] | None:
+def _read_run(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
+              root: Path, parsed: dict) -> tuple[dict, np.ndarray] | None:
     """Read one run dir into (run record, eval rows); None if it cannot be interpreted."""
     try:
         config = read_json(run_dir / CONFIG_FILE)
@@ -232,7 +229,7 @@ def _read_run(run_dir: Path, skipped: list[Skipped]) -> tuple[dict, list[dict]] 
         # Without a trustworthy final.json the run's status is unknown: skip it, never guess.
         _skip(skipped, path, f"{_reason(path, e)}; run skipped")
         return None
-    evals = _read_metrics(run_dir, skipped)
+    evals = _read_metrics(run_dir, skipped, cache, root, parsed)
     plan = _read_plan(run_dir, skipped)
     final = {**plan, **{k: v for k, v in (final or {}).items() if v is not None}}
     run = {
@@ -251,80 +248,46 @@ def _read_run(run_dir: Path, skipped: list[Skipped]) -> tuple[dict, list[dict]] 
     return run, evals
 
 
-def _device_hours(run: dict, wall_s: np.ndarray) -> np.ndarray:
-    """Device hours at each eval row (see the module docstring for the approximation)."""
-    dh, wh = run["device_hours"], run["wall_hours"]
-    if dh is not None and wh:
-        return dh * wall_s / (wh * 3600.0)
-    if run["_world_size"]:
-        return wall_s / 3600.0 * run["_world_size"]
-    return np.full(wall_s.shape, np.nan)
-
-
-def _eval_frame(run: dict, evals: list[dict]) -> pd.DataFrame:
-    """The eval rows of one run as a DataFrame with the run's columns repeated."""
-    df = pd.DataFrame(evals).reindex(columns=["step", "epoch", "images_seen", "flops_seen",
-                                              "wall_s", "top1", "top5", "loss",
-                                              "num_samples"])
-    df = df.astype(float).sort_values(["step", "images_seen"], kind="stable")
-    for key in EVAL_COLUMNS:
-        if key in run and key not in df:
-            df[key] = run[key]
-    if run["macs_per_image"] is None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            macs = (df["flops_seen"] / (6.0 * df["images_seen"])).replace(np.inf, np.nan)
-        df["macs_per_image"] = float(macs.median()) if macs.notna().any() else np.nan
-    df["device_hours"] = _device_hours(run, df["wall_s"].to_numpy())
-    df["error"] = 1.0 - df["top1"]
-    df["is_final"] = False
-    if run["status"] != STATUS_RUNNING and len(df):
-        df.iloc[-1, df.columns.get_loc("is_final")] = True
-    return df
-
-
-def _fill_params(runs: pd.DataFrame, evals: pd.DataFrame) -> None:
-    """Give unfinished runs the params of a finished run of the same model and sweep."""
-    known = runs.dropna(subset=["params"]).groupby(["sweep", "model"])["params"].median()
-    for frame in (runs, evals):
-        keys = list(zip(frame["sweep"], frame["model"]))
-        fill = pd.Series([known.get(k, np.nan) for k in keys], index=frame.index)
-        frame["params"] = frame["params"].astype(float).fillna(fill)
-    macs = evals.groupby("run")["macs_per_image"].first()
-    runs["macs_per_image"] = runs["macs_per_image"].astype(float).fillna(runs["run"].map(macs))
-
-
-def load_results(results_dir) -> Results:
-    """Read every run under `results_dir` into tidy eval and run tables (see module docstring)."""
+def load_results(results_dir, *, cache_dir=None, workers: int | None = None) -> Results:
+    """Read every run under `results_dir` into tidy eval and run tables (see module docstring);
+    with `cache_dir`, parsed metrics files are kept there and reused while unchanged
+    (analysis.cache); the files to parse are parsed by `workers` processes (analysis.parse_pool;
+    default: the CPUs, at most 8, and only when there is over MIN_BYTES to parse; 1: this
+    process only)."""
     root = Path(results_dir)
     if not root.is_dir():
         raise NoResultsError(f"results dir {str(root)!r} does not exist or is not a directory")
     run_dirs = list(iter_run_dirs(root))
     if not run_dirs:
         raise NoResultsError(f"no runs under {str(root)!r}: no <sweep>/<run>/{CONFIG_FILE} found")
+    cache = None if cache_dir is None else MetricsCache(cache_dir, root)
+    parsed = _parse_ahead(run_dirs, cache, root, workers)
     skipped: list[Skipped] = []
-    runs, frames = [], []
+    runs, blocks = [], []
     for run_dir in run_dirs:
-        read = _read_run(run_dir, skipped)
-        if read is None:
-            continue
-        run, evals = read
-        frame = _eval_frame(run, evals)
-        run["best_top1"] = float(frame["top1"].max()) if frame["top1"].notna().any() else math.nan
-        runs.append(run)
-        frames.append(frame)
+        read = _read_run(run_dir, skipped, cache, root, parsed)
+        if read is not None:
+            run, rows = read
+            top1 = rows[:, EVAL_FIELDS.index("top1")]
+            run["best_top1"] = float(top1.max()) if len(top1) else math.nan
+            runs.append(run)
+            blocks.append(rows)
     if not runs:
         raise NoResultsError(f"none of the {len(run_dirs)} runs under {str(root)!r} could be "
                              f"read; skipped: {[s.path for s in skipped]}")
+    if cache is not None:
+        cache.save()
     run_df = pd.DataFrame(runs).reindex(columns=RUN_COLUMNS)
-    eval_df = pd.concat([f for f in frames if len(f)] or [pd.DataFrame(columns=EVAL_COLUMNS)],
-                        ignore_index=True).reindex(columns=EVAL_COLUMNS)
-    _fill_params(run_df, eval_df)
+    fill_params(run_df, blocks)
+    eval_df = eval_table(runs, blocks, run_df)
     for frame in (run_df, eval_df):  # config values: numbers, so the parquet columns are typed
         for col in ("seed", "lr", "batch_size"):
             frame[col] = pd.to_numeric(frame[col], errors="coerce")
     run_df["final_top1"] = run_df["final_top1"].astype(float)  # null (no eval) -> NaN
     eval_df["is_final"] = eval_df["is_final"].astype(bool)
-    return Results(root, eval_df, run_df, skipped)
+    stats = None if cache is None else {"path": str(cache.path), "hits": cache.hits,
+                                        "parsed": cache.parsed}
+    return Results(root, eval_df, run_df, skipped, stats)
 
 
 def select_sweeps(res: Results, sweeps) -> Results:
@@ -337,38 +300,15 @@ def select_sweeps(res: Results, sweeps) -> Results:
                              f"found {known}")
     keep = res.runs["sweep"].isin(sweeps)
     return Results(res.results_dir, res.evals[res.evals["sweep"].isin(sweeps)].reset_index(
-        drop=True), res.runs[keep].reset_index(drop=True), res.skipped)
-
-
-# Rows of scaling.bench's other modes (docs/benchmarks.md), valid but not throughput rows.
-OTHER_BENCH_KINDS = ("zero_memory", "overhead")
+        drop=True), res.runs[keep].reset_index(drop=True), res.skipped, res.cache)
 
 
 def load_bench(results_dir) -> tuple[pd.DataFrame, list[Skipped]]:
-    """Throughput rows from RESULTS/bench/*.jsonl (empty frame if none); bad lines are skipped
-    and reported, rows of the other benchmark modes are left out."""
-    rows, skipped = [], []
-    for path in sorted((Path(results_dir) / "bench").glob("*.jsonl")):
-        try:
-            lines = path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            _skip(skipped, path, e)
-            continue
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if isinstance(row, dict) and row.get("kind") in OTHER_BENCH_KINDS:
-                    continue
-                if not isinstance(row, dict) or "model" not in row or "images_per_s" not in row:
-                    raise ValueError("expected an object with 'model' and 'images_per_s'")
-                parse_model_name(row["model"])
-            except ValueError as e:  # JSONDecodeError is a ValueError
-                _skip(skipped, path, e, i)
-                continue
-            rows.append({"impl": "unspecified", **row, "source": path.name})
-    return pd.DataFrame(rows), skipped
+    """Throughput rows of RESULTS/bench/*.jsonl and RESULTS/bench/local/*.jsonl
+    (analysis.bench_rows.load_bench)."""
+    from analysis.bench_rows import load_bench as load
+
+    return load(results_dir)
 
 
 def model_order(frame: pd.DataFrame) -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 
 import numpy as np
 import pandas as pd
@@ -70,17 +69,49 @@ def wilson_interval(p, n, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]
     return lo, hi
 
 
-def _seed_stats(errors: pd.Series, level: float) -> pd.Series:
-    """Mean, t interval of the mean and sd of log-error across the seeds of one point."""
-    e = errors.to_numpy(dtype=float)
-    k = e.size
-    if k < 2:
-        return pd.Series({"seed_lo": math.nan, "seed_hi": math.nan, "log_err_sd": math.nan})
-    half = float(stats.t.ppf(0.5 + level / 2, k - 1) * e.std(ddof=1) / math.sqrt(k))
-    with np.errstate(divide="ignore"):
-        log_sd = float(np.log(e).std(ddof=1)) if (e > 0).all() else math.nan
-    return pd.Series({"seed_lo": max(e.mean() - half, 0.0), "seed_hi": min(e.mean() + half, 1.0),
-                      "log_err_sd": log_sd})
+def _seed_spread(ev: pd.DataFrame, grouped, level: float) -> pd.DataFrame:
+    """Per group: the t interval of the mean error across its seeds (seed_lo, seed_hi) and the
+    sd of log-error (log_err_sd); NaN for one seed, and for a group with a NaN error."""
+    k = grouped["error"].size().to_numpy()
+    mean = grouped["error"].mean().to_numpy()
+    sd = grouped["error"].std(ddof=1).to_numpy()
+    ok = (k >= 2) & (grouped["error"].count().to_numpy() == k)
+    t = stats.t.ppf(0.5 + level / 2, np.maximum(k - 1, 1))
+    half = t * sd / np.sqrt(k)
+    positive = (ev["error"] > 0).groupby([ev[c] for c in GROUP], sort=False,
+                                          dropna=False).all().to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_err = np.log(ev["error"].where(ev["error"] > 0))
+    log_sd = log_err.groupby([ev[c] for c in GROUP], sort=False, dropna=False).std(ddof=1)
+    return pd.DataFrame({"seed_lo": np.where(ok, np.maximum(mean - half, 0.0), np.nan),
+                         "seed_hi": np.where(ok, np.minimum(mean + half, 1.0), np.nan),
+                         "log_err_sd": np.where(ok & positive, log_sd.to_numpy(), np.nan)})
+
+
+def _joined(texts: np.ndarray, rank: np.ndarray, codes: np.ndarray, sep: str) -> list[str]:
+    """Per group code 0..n-1: its `texts` ordered by `rank` (ties: row order), joined."""
+    order = np.lexsort((rank, codes))
+    texts, codes = texts[order], codes[order]
+    cut = np.flatnonzero(np.diff(codes)) + 1
+    return [sep.join(part) for part in np.split(texts, cut)]
+
+
+def _seed_texts(seed: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's seed as text ("3", not "3.0") and its rank (NaN last)."""
+    codes, uniques = pd.factorize(seed, sort=True, use_na_sentinel=True)
+    texts = np.array([_seed_text(v) for v in uniques] + ["nan"], dtype=object)
+    return texts[codes], np.where(codes < 0, len(uniques), codes)
+
+
+def _seed_text(v) -> str:
+    return str(int(v)) if pd.notna(v) and v == int(v) else str(v)
+
+
+def _status(ev: pd.DataFrame, index: pd.MultiIndex) -> np.ndarray:
+    """Per group: "ok" when every row is ok, else its first other status."""
+    other = ev[ev["status"] != "ok"]
+    first = other.groupby([other[c] for c in GROUP], sort=False, dropna=False)["status"].first()
+    return first.reindex(index).fillna("ok").to_numpy()
 
 
 def aggregate_seeds(evals: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
@@ -103,19 +134,20 @@ def aggregate_seeds(evals: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
     for col, how in (("num_samples", "min"), ("is_final", "all")):
         if col in ev:
             agg[col] = (col, how)
-    if "seed" in ev:
-        agg["seeds"] = ("seed", lambda s: ",".join(str(int(v)) if pd.notna(v) and v == int(v)
-                                                  else str(v) for v in sorted(s)))
     agg["n_seeds"] = ("error", "size")
-    if "run" in ev:
-        agg["runs"] = ("run", lambda s: "; ".join(sorted(map(str, s))))
-    if "status" in ev:
-        agg["status"] = ("status", lambda s: "ok" if (s == "ok").all() else
-                         next(v for v in s if v != "ok"))
     grouped = ev.groupby(list(GROUP), sort=False, dropna=False)
-    out = grouped.agg(**agg).reset_index()
-    spread = grouped["error"].apply(lambda e: _seed_stats(e, level)).unstack().reset_index()
-    out = out.merge(spread, on=list(GROUP), how="left")
+    out = grouped.agg(**agg)
+    codes = grouped.ngroup().to_numpy()  # groups numbered as `out` lists them
+    if "seed" in ev:
+        out.insert(out.columns.get_loc("n_seeds"), "seeds",
+                   _joined(*_seed_texts(ev["seed"]), codes, ","))
+    if "run" in ev:
+        rank, names = pd.factorize(ev["run"].map(str), sort=True)
+        out["runs"] = _joined(names.to_numpy(dtype=object)[rank], rank, codes, "; ")
+    if "status" in ev:
+        out["status"] = _status(ev, out.index)
+    out = out.reset_index()
+    out = pd.concat([out, _seed_spread(ev, grouped, level)], axis=1)
     n = out.get("num_samples", np.nan)
     out["wilson_lo"], out["wilson_hi"] = wilson_interval(out["error"], n, level)
     out["err_lo"] = np.fmin(out["wilson_lo"], out["seed_lo"])

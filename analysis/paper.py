@@ -16,6 +16,7 @@ from matplotlib import pyplot as plt
 
 from analysis import fit as F
 from analysis.figures import law_label
+from analysis.memo import plain
 from analysis.style import ACCENT, log_axis
 
 TABLE6 = Path(__file__).resolve().parent / "reference" / "vit_paper_table6.csv"
@@ -50,17 +51,18 @@ def load_table6(path=TABLE6) -> pd.DataFrame:
     return table
 
 
-def fit_table6(table: pd.DataFrame, column: str, *, n_boot: int = 200) -> dict:
-    """Bootstrap fit of E = a (C + d)^(-b) + c to the ViT rows, E = 1 - accuracy / 100."""
+def fit_table6(table: pd.DataFrame, column: str, *, n_boot: int = 200, memo=plain) -> dict:
+    """Bootstrap fit of E = a (C + d)^(-b) + c to the ViT rows, E = 1 - accuracy / 100
+    (`memo`, analysis.memo.FitMemo, remembers it)."""
     vit = table[table["family"] == "ViT"]
-    boot = F.bootstrap_fit(vit["exaflops"], 1.0 - vit[column] / 100.0, n_boot=n_boot)
+    boot = memo(F.bootstrap_fit, vit["exaflops"], 1.0 - vit[column] / 100.0, n_boot=n_boot)
     return {"column": column, "n": len(vit), "names": list(vit["name"]),
             "fit": boot["fit"], "boot": boot}
 
 
 def table6_figure(table: pd.DataFrame, fits: dict[str, dict]):
     """Two panels (Average-5, ImageNet): accuracy vs exaFLOPs per family, with the ViT fit."""
-    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.4), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 6.2), sharex=True, layout="constrained")
     grid = np.logspace(np.log10(table["exaflops"].min()) - 0.15,
                        np.log10(table["exaflops"].max()) + 0.3, 200)
     for ax, (column, title) in zip(axes, PANELS.items()):
@@ -75,19 +77,19 @@ def table6_figure(table: pd.DataFrame, fits: dict[str, dict]):
         res = fits[column]
         line, = ax.plot(grid, 100.0 * (1.0 - F.predict(res["fit"], grid)), color=ACCENT["blue"],
                         ls="--", lw=1.5, zorder=3)
-        # Each panel has its own fit: its constants go in a legend inside that panel, in the
-        # lower right, which the accuracy-vs-compute curves leave empty.
+        # Each panel has its own fit: its constants (in percent error) go under that panel,
+        # where they cover no point.
         ax.legend([line], [f"law fitted to the {res['n']} ViT points\n" + law_label(
-            res["fit"], res["boot"]["intervals"], res["boot"]["level"], "C in exaFLOPs",
-            F.poorly_determined(res["boot"]))],
-            loc="lower right", fontsize="x-small", frameon=True, framealpha=0.9)
+            res["fit"], res["boot"]["intervals"], res["boot"]["level"],
+            "E = 100 − accuracy (%), C in exaFLOPs", F.poorly_determined(res["boot"]),
+            percent=True)],
+            loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize="x-small")
         log_axis(ax, "x")
         ax.set_title(title)
         ax.set_xlabel("Pre-training compute (exaFLOPs)")
         ax.set_ylabel("Transfer accuracy (%)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3)
+    fig.legend(handles, labels, loc="outside lower center", ncol=3)
     fig.suptitle("ViT paper Fig. 5 redrawn from Table 6 (Dosovitskiy et al. 2021, JFT-300M)",
                  fontweight="bold")
-    fig.tight_layout()
     return fig

@@ -2,10 +2,11 @@
 
     python analysis/plot_scaling.py [--results results] [--out RESULTS/figures]
         [--metric error|top1] [--x flops|images|device_hours] [--formats png,pdf,svg]
-        [--sweep NAME[,NAME]] [--n-boot 200] [--fit huber|lsq]
+        [--sweep NAME[,NAME]] [--n-boot 200] [--fit huber|lsq] [--cache-dir DIR | --no-cache]
 
 Reads every run under --results (layout: scaling/results.py) and benchmark rows from
-RESULTS/bench/*.jsonl, and writes to --out (default: RESULTS/figures):
+RESULTS/bench/*.jsonl and RESULTS/bench/local/*.jsonl, and writes to --out (default:
+RESULTS/figures):
   <metric>_vs_<x>.*      eval curves per run, coloured by model size, with the Pareto frontier
   scaling_law_fit.*      E = a (C + d)^(-b) + c fitted to the frontier (Zhai et al. 2022, Sec. 2.2)
                          with the Huber loss (default) and least squares, a bootstrap band and
@@ -15,6 +16,8 @@ RESULTS/bench/*.jsonl, and writes to --out (default: RESULTS/figures):
   throughput_mfu.*       images/s and MFU per size (only when benchmark rows exist)
   vit_paper_table6.*     the ViT paper's Fig. 5 redrawn from its Table 6, law fitted to ViT rows
   evals.csv, evals.parquet, runs.csv, summary.md, summary.json
+Parsed metrics files are cached in --cache-dir (default: OUT/.analysis-cache, git-ignored by its
+own .gitignore), so a re-plot parses only the metrics.jsonl files that changed (analysis.cache).
 Exit status: 0 on success, 1 when there is no readable run, 2 on bad flags (one line).
 """
 
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import matplotlib
 
+from analysis.cache import CACHE_DIR
 from analysis.fit import LOSSES
 from analysis.load import NoResultsError, count_skipped
 from analysis.report import METRICS, analyse
@@ -73,6 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fit", choices=LOSSES, default="huber",
                    help="loss of the scaling-law fit: huber (robust, default) or lsq (least "
                         "squares); the other is reported for comparison")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--cache-dir", type=Path, default=None,
+                       help="where parsed metrics files are cached (default: "
+                            "OUT/.analysis-cache)")
+    cache.add_argument("--no-cache", action="store_true",
+                       help="parse every metrics file, read and write no cache")
     args = p.parse_args(argv)
     args.formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     bad = [f for f in args.formats if f not in FORMATS]
@@ -93,16 +103,21 @@ def main(argv=None) -> int:
     logging.getLogger("analysis").setLevel(logging.INFO)
     args = parse_args(argv)
     out = args.out if args.out is not None else args.results / "figures"
+    cache_dir = None if args.no_cache else args.cache_dir or out / CACHE_DIR
     try:
         report = analyse(args.results, out, metric=args.metric, x=args.x,
                          formats=args.formats, n_boot=args.n_boot, loss=args.fit,
-                         sweeps=[w for w in args.sweep.split(",") if w])
+                         sweeps=[w for w in args.sweep.split(",") if w], cache_dir=cache_dir)
     except NoResultsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for path in report["figures"] + report["tables"] + [report["summary"],
                                                          report["summary_json"]]:
         print(path)
+    cache = report["results"].cache
+    if cache is not None:
+        print(f"metrics cache {cache['path']}: {cache['hits']} files reused, {cache['parsed']} "
+              "parsed")
     files, lines = count_skipped(report["skipped"])
     print(f"{files} skipped files, {lines} skipped lines; {len(report['notes'])} notes "
           f"(see {report['summary']})")

@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
+from matplotlib import colors as mcolors
 from matplotlib import ticker
 
 DPI = 300
@@ -34,14 +35,40 @@ def set_style() -> None:
     })
 
 
+# Lines and markers need a contrast ratio of at least 3:1 against the white background
+# (WCAG 2.1, success criterion 1.4.11, non-text contrast).
+MIN_CONTRAST = 3.0
+
+
+def contrast_on_white(color) -> float:
+    """WCAG contrast ratio of `color` against white: 1.05 / (relative luminance + 0.05)."""
+    rgb = np.array(mcolors.to_rgb(color))
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    return 1.05 / (float(lin @ [0.2126, 0.7152, 0.0722]) + 0.05)
+
+
+def readable_end(cmap_name: str) -> float:
+    """The last stop of a dark-to-light colormap whose colour still has MIN_CONTRAST on white."""
+    cmap = plt.get_cmap(cmap_name)
+    stops = np.linspace(0.0, 1.0, 201)
+    ok = [s for s in stops if contrast_on_white(cmap(s)) >= MIN_CONTRAST]
+    return float(max(ok))
+
+
+def sequential_colours(keys, cmap_name: str) -> dict:
+    """One colour per key (in the order given), evenly spaced from the dark end of a
+    perceptually ordered colormap to its last stop with MIN_CONTRAST on white (viridis' and
+    plasma's pale ends read badly on white)."""
+    keys = list(keys)
+    cmap, end = plt.get_cmap(cmap_name), readable_end(cmap_name)
+    stops = np.linspace(0.0, end, len(keys)) if len(keys) > 1 else [end / 2]
+    return {k: cmap(s) for k, s in zip(keys, stops)}
+
+
 def size_palette(models: list[str]) -> dict[str, tuple]:
     """Sequential colours, small -> large; viridis is perceptually ordered and colour-blind safe.
-    Its pale yellow end is cut off so the largest model stays visible on white."""
-    if not models:
-        return {}
-    cmap = plt.get_cmap("viridis")
-    stops = np.linspace(0.0, 0.85, len(models)) if len(models) > 1 else [0.35]
-    return {m: cmap(s) for m, s in zip(models, stops)}
+    It is cut where its colours stop reading on white (about 0.6 of the way to its yellow)."""
+    return sequential_colours(models, "viridis")
 
 
 class _LogLabels(ticker.LogFormatterSciNotation):
@@ -94,6 +121,13 @@ def legend_outside(ax, **kw) -> None:
     if handles:
         ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0),
                   borderaxespad=0.0, **kw)
+
+
+def legend_below(fig, handles, labels, ncol: int = 2, **kw) -> None:
+    """Legend in columns under the axes (the figure needs layout="constrained"), so it never
+    covers data and the axes keep the figure's width."""
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=ncol, **kw)
 
 
 def save_figure(fig, out_dir, name: str, formats=("png",)) -> list[Path]:

@@ -8,12 +8,14 @@ import pandas as pd
 
 from analysis import fit as F
 from analysis.figures import FIT_NAMES
+from analysis.figures_bench import bench_order
 from analysis.frontier import x_column
 from analysis.load import count_skipped, status_counts
 from analysis.style import X_UNITS
 from analysis.summary_sections import (
     _num,
     _table,
+    bench_section,
     frontier_section,
     isoflop_section,
     noise_section,
@@ -131,6 +133,13 @@ def status_section(runs: pd.DataFrame, skipped: list) -> list[str]:
     return out + [""]
 
 
+def _bench(report: dict) -> list[str]:
+    best = report.get("bench_used")
+    if best is None or best.empty:
+        return []
+    return bench_section(best, bench_order(best, report["results"].runs))
+
+
 def render(report: dict) -> str:
     """The whole summary.md for a report dict built by analysis.report.analyse."""
     res = report["results"]
@@ -147,6 +156,7 @@ def render(report: dict) -> str:
              *extrapolation_section(report["fit"]),
              *isoflop_section(report["optimal"]),
              *paper_section(report["paper_fits"]),
+             *_bench(report),
              *status_section(res.runs, report["skipped"]),
              "## Figures", ""]
     lines += [f"- `{p.name}`" for p in report["figures"]]

@@ -114,3 +114,23 @@ def isoflop_section(res: dict) -> list[str]:
     if not fit["monotone"]:
         out.append("N_opt does not grow with every budget step: read a with care.")
     return out + [""]
+
+
+def bench_section(best: pd.DataFrame | None, order: list[str]) -> list[str]:
+    """The benchmark rows behind throughput_mfu.png: per model and implementation, its numbers,
+    the machine and settings, and the file it came from."""
+    if best is None or best.empty:
+        return []
+    out = ["## Benchmark rows", "",
+           ("The bars of `throughput_mfu.png`: per model, the newest configuration measured "
+            "(machine, precision, batch, resolution, ...), each implementation's newest row in "
+            "it. Files: `bench/*.jsonl` (committed reference rows) and `bench/local/*.jsonl` "
+            "(this machine's, git-ignored)."), ""]
+    rank = {m: i for i, m in enumerate(order)}
+    best = best.assign(_r=best["model"].map(rank)).sort_values(["_r", "impl"], kind="stable")
+    rows = [[r.get("model"), r.get("impl"), _num(r.get("images_per_s")), _pct(r.get("mfu"), ".1f"),
+             r.get("device", "–"), r.get("batch_size", "–"), r.get("image_size", "–"),
+             r.get("precision", "–"), str(r.get("time", "–"))[:19], f"`{r.get('source')}`"]
+            for _, r in best.iterrows()]
+    return out + _table(["model", "impl", "images/s", "MFU (%)", "device", "batch",
+                         "image px", "precision", "time", "file"], rows) + [""]

@@ -187,12 +187,13 @@ def write_bench(root, sizes=SIZES) -> Path:
     path = Path(root) / "bench" / "synthetic.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        for model, _, macs in sizes:
+        for model, params, macs in sizes:
             for impl, eff in (("ours", 0.45), ("transformers", 0.38)):
                 tflops = eff * 989.0
                 ips = tflops * 1e12 / (6 * macs)
                 f.write(json.dumps({
                     "model": model, "impl": impl, "images_per_s": ips, "step_s": 256 / ips,
+                    "params": params, "macs_per_image": macs,
                     "tflops": tflops, "mfu": eff, "mem_gb": 10.0, "batch_size": 256,
                     "image_size": 224, "precision": "bf16", "zero": 1, "compile": False,
                     "world_size": 1, "device": "NVIDIA H100 (synthetic)", "versions": {},

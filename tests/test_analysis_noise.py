@@ -130,5 +130,5 @@ def test_curves_figure_draws_each_points_wilson_interval(tmp_path):
     lo, hi = wilson_interval(0.5, 100)
     x = 6.0 * MACS * 1000
     assert any(np.allclose(seg, [[x, float(lo)], [x, float(hi)]]) for seg in segments)
-    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]  # under axes
     assert any("95% interval (Wilson on 100–1,000 images" in t for t in labels)
