@@ -20,16 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launchers.presets import Preset
-from scaling.config import (
-    BUDGETS,
-    RESUMABLE_FIELDS,
-    TrainConfig,
-    batch_layout,
-    field_type,
-    resolve_steps,
-)
+from scaling.config import BUDGETS, RESUMABLE_FIELDS, TrainConfig, field_type, resolve_plan
 from scaling.data import DatasetInfo
-from scaling.flops import forward_macs
 from scaling.model import split_name
 
 BUDGET_TOKENS = {"flops": "", "steps": "st", "epochs": "ep", "samples": "im"}
@@ -217,7 +209,8 @@ def recipe(preset: Preset, opts: GridOptions) -> dict:
 def grid_point(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: Path,
                point: tuple[str, float, int, float | None], shared: dict) -> RunSpec:
     """The validated run of one grid point (model, budget, seed, base lr or None) with the
-    recipe `shared`: its TrainConfig (checked by TrainConfig itself), steps, layout and id."""
+    recipe `shared`: its TrainConfig (checked by TrainConfig itself), its numbers
+    (scaling.config.resolve_plan, as training resolves them) and its id."""
     model, budget, seed, base_lr = point
     kind = opts.budget_kind or preset.budget_kind
     if kind not in BUDGETS:
@@ -227,15 +220,14 @@ def grid_point(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: 
         "model": model, "data": str(info.root), "out": str(sweep_dir / "_pending"),
         kind: field_type(TRAIN_FIELDS[kind])(budget), "batch_size": batch,
         "lr": float(preset.lr(base_lr, batch)), "seed": int(seed), **shared})
-    macs = forward_macs(cfg.vit(num_classes=info.num_classes, image_size=info.image_size))
-    steps = resolve_steps(cfg, info.split("train").num_samples, macs)
-    batch_layout(cfg, opts.world_size)
+    plan = resolve_plan(cfg, info, opts.world_size)  # what training resolves, too
     run_id = "_".join([model_token(model), budget_token(budget, kind),
                        config_hash(cfg, opts.world_size, data_fingerprint(info))])
     cfg = dataclasses.replace(cfg, out=str(sweep_dir / run_id))
     return RunSpec(run_id=run_id, model=model, budget=budget, budget_kind=kind, seed=seed,
                    base_lr=preset.base_lr if base_lr is None else base_lr,
-                   world_size=opts.world_size, total_steps=steps, cfg=cfg, macs_per_image=macs)
+                   world_size=plan.world_size, total_steps=plan.total_steps, cfg=cfg,
+                   macs_per_image=plan.macs_per_image)
 
 
 def build_grid(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: Path

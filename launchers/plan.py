@@ -16,7 +16,7 @@ ACTIONS = {"new": "submit", "preempted": "resume", "done": "skip", "queued": "sk
 @dataclass
 class PlannedRun:
     """A grid point, its current state and what this invocation does with it (not to be
-    confused with scaling.train.Plan, one run's own steps and schedule)."""
+    confused with scaling.config.TrainPlan, one run's own steps and batch layout)."""
 
     spec: RunSpec
     state: str

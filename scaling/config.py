@@ -1,7 +1,12 @@
-"""The frozen run config of one training run, its CLI flags, and budget -> steps.
+"""The frozen run config of one training run, its CLI flags, and what it resolves to.
 
 Every field is one CLI flag (`--batch-size` for `batch_size`), so `TrainConfig.from_args` and
 `cfg.to_args()` round-trip, and `config.json` in the run dir is `dataclasses.asdict(cfg)`.
+
+`resolve_plan(cfg, data_info, world_size)` is the one place a run's numbers are worked out
+(total steps, batch layout, epoch length, parameters and MACs): the sweep's table and job.json
+(launchers.grid), training (scaling.train, written as plan.json) and the loaders
+(scaling.loop passes them the plan's epoch length) all read its `TrainPlan`.
 """
 
 from __future__ import annotations
@@ -11,10 +16,15 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from scaling.clihelp import DefaultsHelpFormatter
 from scaling.data.memory import IN_MEMORY_CHOICES
+from scaling.flops import forward_macs, param_count
 from scaling.model import ViTConfig, split_name, vit_config
+
+if TYPE_CHECKING:
+    from scaling.data import DatasetInfo
 
 BUDGETS = ("steps", "epochs", "samples", "flops")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -266,6 +276,42 @@ def resolve_steps(cfg: TrainConfig, num_train_samples: int, macs_per_image: int 
         raise ValueError(f"budget --{kind} {amount:g} is less than one step of "
                          f"{cfg.batch_size} images; raise the budget or lower --batch-size")
     return steps
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What a config resolves to on a dataset and a world size (plan.json): `resolve_plan`."""
+
+    total_steps: int
+    world_size: int
+    micro_batch: int  # per rank
+    accumulation: int  # micro-batches per optimizer step and rank
+    steps_per_epoch: int
+    samples_per_epoch: int
+    params: int
+    macs_per_image: int  # forward MACs (scaling.flops)
+    num_classes: int
+    image_size: int
+
+
+def resolve_plan(cfg: TrainConfig, data_info: DatasetInfo, world_size: int) -> TrainPlan:
+    """The run's numbers on `data_info` (a scaling.data.DatasetInfo) and `world_size` ranks;
+    ValueError (one line) for a batch that does not split over the ranks or a budget under one
+    step. An epoch is samples_per_epoch (default: the train split) in whole global batches,
+    the last one filled up (at least one step)."""
+    if world_size < 1:
+        raise ValueError(f"world size {world_size}: must be >= 1")
+    micro, accum = batch_layout(cfg, world_size)
+    vit_cfg = cfg.vit(num_classes=data_info.num_classes, image_size=data_info.image_size)
+    macs = forward_macs(vit_cfg)
+    train_samples = data_info.split("train").num_samples
+    per_epoch = cfg.samples_per_epoch or train_samples
+    return TrainPlan(total_steps=resolve_steps(cfg, train_samples, macs),
+                     world_size=world_size, micro_batch=micro, accumulation=accum,
+                     steps_per_epoch=max(1, -(-per_epoch // cfg.batch_size)),
+                     samples_per_epoch=per_epoch, params=param_count(vit_cfg),
+                     macs_per_image=macs, num_classes=data_info.num_classes,
+                     image_size=vit_cfg.image_size)
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:

@@ -49,7 +49,7 @@ class Batches:
         kw = dict(image_size=plan.image_size, seed=cfg.seed,
                   batch_size=cfg.batch_size if shared else per_rank,
                   rank=0 if shared else where.rank, world_size=1 if shared else where.world_size,
-                  samples_per_epoch=plan.steps_per_epoch * cfg.batch_size,
+                  steps_per_epoch=plan.steps_per_epoch,
                   strict=cfg.strict_data, augment=aug)
         self.loader = None
         if self.in_memory:
@@ -61,7 +61,6 @@ class Batches:
                 self.in_memory = False  # auto: images of several sizes are streamed
         if self.loader is None:
             self.loader = make_train_loader(info, num_workers=cfg.num_workers, **kw)
-        assert self.loader.steps_per_epoch == plan.steps_per_epoch, "epoch length mismatch"
         self.slice = slice(where.rank * per_rank, (where.rank + 1) * per_rank) if shared else None
         self.count_skips = where.is_main or not shared  # global order: every rank sees them all
 

@@ -26,14 +26,14 @@ from scaling import dist, results
 from scaling.config import (
     RESUMABLE_FIELDS,
     TrainConfig,
-    batch_layout,
+    TrainPlan,
     eval_steps,
     lr_at,
-    resolve_steps,
+    resolve_plan,
 )
 from scaling.data import load_dataset_info
 from scaling.fewshot import TrainingProbe
-from scaling.flops import forward_macs, param_count, training_flops
+from scaling.flops import training_flops
 from scaling.loop import Batches, Meter, evaluate, memory_gb
 
 log = logging.getLogger("scaling.train")
@@ -62,50 +62,27 @@ def faults_from_env() -> dict[str, int]:
     return faults
 
 
-@dataclasses.dataclass
-class Plan:
-    """What a config resolves to on a given world size and dataset (written as plan.json)."""
-
-    total_steps: int
-    world_size: int
-    micro_batch: int
-    accumulation: int
-    steps_per_epoch: int
-    samples_per_epoch: int
-    params: int
-    macs_per_image: int
-    num_classes: int
-    image_size: int
-
-
 def prepare(cfg: TrainConfig, world_size: int):
     """Validate data, batch layout, budget, few-shot data and run dir; raises ValueError before
-    any training."""
+    any training. Returns (dataset info, model config, TrainPlan, few-shot probe or None)."""
     if not Path(cfg.data).is_dir():
         raise ValueError(f"data dir {cfg.data!r} does not exist")
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no "
                          "fp16); use bf16 or fp32 on a CPU")
-    info = load_dataset_info(cfg.data, verify=True)
-    if not info.has_split("val"):
-        raise ValueError(f"dataset {cfg.data} has no val split (splits: {sorted(info.splits)}); "
-                         "every run evaluates on it: rebuild it with a val split "
-                         "(make_shards --val-fraction > 0)")
-    micro, accum = batch_layout(cfg, world_size)
-    vit = cfg.vit(num_classes=info.num_classes, image_size=info.image_size)
-    macs = forward_macs(vit)
-    train_samples = info.split("train").num_samples
-    steps = resolve_steps(cfg, train_samples, macs)
-    per_epoch = cfg.samples_per_epoch or train_samples
-    steps_per_epoch = max(1, -(-per_epoch // cfg.batch_size))
-    plan = Plan(steps, world_size, micro, accum, steps_per_epoch, per_epoch, param_count(vit),
-                macs, info.num_classes, vit.image_size)
-    fewshot = TrainingProbe.from_config(cfg, vit)  # None without --fewshot
+    data_info = load_dataset_info(cfg.data, verify=True)
+    if not data_info.has_split("val"):
+        raise ValueError(f"dataset {cfg.data} has no val split (splits: "
+                         f"{sorted(data_info.splits)}); every run evaluates on it: rebuild it "
+                         "with a val split (make_shards --val-fraction > 0)")
+    plan = resolve_plan(cfg, data_info, world_size)
+    vit_cfg = cfg.vit(num_classes=data_info.num_classes, image_size=data_info.image_size)
+    fewshot = TrainingProbe.from_config(cfg, vit_cfg)  # None without --fewshot
     results.check_writable(cfg.out)
     results.check_readable(cfg.out)
     results.check_config(cfg.out, cfg.to_dict(), resumable=RESUMABLE_FIELDS,
                          defaults=TrainConfig.defaults())
-    return info, vit, plan, fewshot
+    return data_info, vit_cfg, plan, fewshot
 
 
 class DiskFull(RuntimeError):
@@ -140,7 +117,7 @@ class RunDirRefused(RuntimeError):
 class Run:
     """The state of one run on one rank."""
 
-    def __init__(self, cfg: TrainConfig, info, vit, plan: Plan, where: dist.DistInfo,
+    def __init__(self, cfg: TrainConfig, info, vit, plan: TrainPlan, where: dist.DistInfo,
                  fewshot=None):
         self.cfg, self.info, self.vit, self.plan, self.where = cfg, info, vit, plan, where
         self.fewshot = fewshot  # scaling.fewshot.TrainingProbe (--fewshot) or None

@@ -242,21 +242,40 @@ class EvalLoader:
         return _batches(self._stream, self._num_workers, self._pin)
 
 
+def epoch_length(split_samples: int, batch_size: int, world_size: int,
+                 samples_per_epoch: int | None = None, steps_per_epoch: int | None = None
+                 ) -> int:
+    """Batches per epoch of a train loader (both kinds): `steps_per_epoch` as given (a
+    TrainPlan's, scaling.config), else an epoch of samples_per_epoch (default: the split's
+    `split_samples`) in global batches of batch_size x world_size, the last one filled up."""
+    if steps_per_epoch is not None and samples_per_epoch is not None:
+        raise ValueError("give steps_per_epoch or samples_per_epoch, not both")
+    if steps_per_epoch is not None:
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch={steps_per_epoch}; expected >= 1")
+        return steps_per_epoch
+    samples = split_samples if samples_per_epoch is None else samples_per_epoch
+    if samples < 1:
+        raise ValueError(f"samples_per_epoch={samples_per_epoch}; expected >= 1")
+    return epoch_steps(samples, batch_size, world_size)
+
+
 def make_train_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int, batch_size: int,
                       rank: int, world_size: int, seed: int, num_workers: int = 2,
                       samples_per_epoch: int | None = None, strict: bool = False,
                       augment: Augment | None = None, shuffle_buffer: int = SHUFFLE_BUFFER,
-                      split: str = "train", pin_memory: bool | None = None) -> TrainLoader:
-    """Training loader of the data contract; `batch_size` is per rank, and an epoch is
-    ceil(samples_per_epoch / (batch_size x world_size)) steps (default: the split's size)."""
+                      split: str = "train", pin_memory: bool | None = None,
+                      steps_per_epoch: int | None = None) -> TrainLoader:
+    """Training loader of the data contract; `batch_size` is per rank. An epoch is
+    `steps_per_epoch` batches when given (training passes its TrainPlan's), else
+    ceil(samples_per_epoch / (batch_size x world_size)) (default: the split's size)."""
     check_loader_args(batch_size, rank, world_size, num_workers, image_size)
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer={shuffle_buffer}; expected >= 1")
     info = as_info(info)
     sp = info.split(split)
-    samples = sp.num_samples if samples_per_epoch is None else samples_per_epoch
-    if samples < 1 or shuffle_buffer < 1:
-        raise ValueError(f"samples_per_epoch={samples_per_epoch}, shuffle_buffer="
-                         f"{shuffle_buffer}; expected >= 1")
-    steps = epoch_steps(samples, batch_size, world_size)
+    steps = epoch_length(sp.num_samples, batch_size, world_size, samples_per_epoch,
+                         steps_per_epoch)
     shuffle_buffer = min(shuffle_buffer, sp.num_samples)  # a bigger buffer only holds repeats
     decode = make_decode(info, image_size, augment, strict)
     return TrainLoader(shard_counts(sp), decode, batch_size=batch_size, steps_per_epoch=steps,

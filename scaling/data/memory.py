@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from scaling.data.info import DataError, DatasetInfo
+from scaling.data.loader import epoch_length
 from scaling.data.samples import (
     Decode,
     as_info,
     check_loader_args,
-    epoch_steps,
     make_decode,
     shard_counts,
     stream_seed,
@@ -221,18 +221,17 @@ class MemoryEvalLoader:
 def make_memory_train_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int,
                              batch_size: int, rank: int, world_size: int, seed: int,
                              samples_per_epoch: int | None = None, strict: bool = False,
-                             augment: Augment | None = None,
-                             split: str = "train") -> MemoryTrainLoader:
-    """make_train_loader's counterpart for data read into memory (module doc)."""
+                             augment: Augment | None = None, split: str = "train",
+                             steps_per_epoch: int | None = None) -> MemoryTrainLoader:
+    """make_train_loader's counterpart for data read into memory (module doc), with its
+    epoch length (steps_per_epoch, or samples_per_epoch, or the split)."""
     check_loader_args(batch_size, rank, world_size, 0, image_size)
     info = as_info(info)
-    samples = info.split(split).num_samples if samples_per_epoch is None else samples_per_epoch
-    if samples < 1:
-        raise ValueError(f"samples_per_epoch={samples_per_epoch}; expected >= 1")
+    steps = epoch_length(info.split(split).num_samples, batch_size, world_size,
+                         samples_per_epoch, steps_per_epoch)
     aug = augment or default_augment(info.source)
     decode = make_decode(info, image_size, aug, strict)
     images, labels, keys, skipped = read_split(info, split, decode, crop=False)
-    steps = epoch_steps(samples, batch_size, world_size)
     return MemoryTrainLoader(images, labels, keys, skipped=skipped, batch_size=batch_size,
                              rank=rank, world_size=world_size, seed=seed, steps_per_epoch=steps,
                              image_size=image_size, augment=aug)
