@@ -134,10 +134,11 @@ def model_token(model: str) -> str:
     return f"{size}-{patch}" if size[-1].isdigit() else f"{size}{patch}"
 
 
-def data_fingerprint(info: DatasetInfo) -> dict:
+def data_fingerprint(data_info: DatasetInfo) -> dict:
     """What identifies a dataset independent of where it lies."""
-    return {"source": info.source, "image_size": info.image_size, "classes": info.num_classes,
-            "splits": {k: v.num_samples for k, v in sorted(info.splits.items())}}
+    return {"source": data_info.source, "image_size": data_info.image_size,
+            "classes": data_info.num_classes,
+            "splits": {k: v.num_samples for k, v in sorted(data_info.splits.items())}}
 
 
 def config_hash(cfg: TrainConfig, world_size: int, data: dict) -> str:
@@ -206,7 +207,7 @@ def recipe(preset: Preset, opts: GridOptions) -> dict:
     return values
 
 
-def grid_point(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: Path,
+def grid_point(preset: Preset, opts: GridOptions, data_info: DatasetInfo, sweep_dir: Path,
                point: tuple[str, float, int, float | None], shared: dict) -> RunSpec:
     """The validated run of one grid point (model, budget, seed, base lr or None) with the
     recipe `shared`: its TrainConfig (checked by TrainConfig itself), its numbers
@@ -217,12 +218,12 @@ def grid_point(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: 
         raise ValueError(f"budget kind {kind!r}; valid: {list(BUDGETS)}")
     batch = int(opts.batch_size or preset.batch_size)
     cfg = TrainConfig(**{  # the grid's own fields first: the recipe may override (as flags did)
-        "model": model, "data": str(info.root), "out": str(sweep_dir / "_pending"),
+        "model": model, "data": str(data_info.root), "out": str(sweep_dir / "_pending"),
         kind: field_type(TRAIN_FIELDS[kind])(budget), "batch_size": batch,
         "lr": float(preset.lr(base_lr, batch)), "seed": int(seed), **shared})
-    plan = resolve_plan(cfg, info, opts.world_size)  # what training resolves, too
+    plan = resolve_plan(cfg, data_info, opts.world_size)  # what training resolves, too
     run_id = "_".join([model_token(model), budget_token(budget, kind),
-                       config_hash(cfg, opts.world_size, data_fingerprint(info))])
+                       config_hash(cfg, opts.world_size, data_fingerprint(data_info))])
     cfg = dataclasses.replace(cfg, out=str(sweep_dir / run_id))
     return RunSpec(run_id=run_id, model=model, budget=budget, budget_kind=kind, seed=seed,
                    base_lr=preset.base_lr if base_lr is None else base_lr,
@@ -230,7 +231,7 @@ def grid_point(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: 
                    macs_per_image=plan.macs_per_image)
 
 
-def build_grid(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: Path
+def build_grid(preset: Preset, opts: GridOptions, data_info: DatasetInfo, sweep_dir: Path
                ) -> list[RunSpec]:
     """Every grid point, validated (a ValueError names the first bad value)."""
     models = [resolve_size(size, preset.patch) for size in opts.sizes]
@@ -243,7 +244,7 @@ def build_grid(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: 
             for seed in opts.seeds:
                 for lr in opts.lrs or (None,):
                     try:
-                        specs.append(grid_point(preset, opts, info, sweep_dir,
+                        specs.append(grid_point(preset, opts, data_info, sweep_dir,
                                                 (model, budget, seed, lr), shared))
                     except ValueError as e:
                         raise ValueError(f"{model} at budget {budget:g}: {e}") from None

@@ -56,7 +56,7 @@ def demo() -> Preset:
         # 4x4 patches: 4 tokens per 8x8 digit. These learn several times faster per step than
         # 2x2 patches (16 tokens) on CPU, so the larger rungs catch up within minutes.
         patch=4,
-        # mu gets 108 / 362 / 1086 / 3621 / 10863 steps, m2 10 / 33 / 101 / 337 / 1011: mu wins
+        # mu gets 108 / 362 / 1086 / 3621 / 10865 steps, m2 10 / 33 / 101 / 337 / 1013: mu wins
         # the smaller budgets, m1 and m2 overtake it at the larger ones (measured table in
         # docs/sweeps.md); 3e11 gives runs of about a minute, the longest ones
         budgets=(3e9, 1e10, 3e10, 1e11, 3e11),

@@ -27,7 +27,7 @@ class DistInfo:
     local_rank: int
     master_addr: str
     master_port: int
-    launcher: str  # "torchrun", "slurm" or "single"
+    launcher: str  # "torchrun", "slurm" or "single": where the variables came from (logged)
 
     @property
     def is_main(self) -> bool:
@@ -70,9 +70,9 @@ def dist_info(env: dict | None = None) -> DistInfo:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now (for a single-node rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def backend() -> str:
@@ -80,10 +80,10 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def device_for(info: DistInfo) -> torch.device:
+def device_for(dist_info: DistInfo) -> torch.device:
     """The device of this rank: its local GPU, or the CPU."""
     if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dist_info.local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -101,12 +101,12 @@ def fused_adamw(device: torch.device) -> bool:
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def export_env(info: DistInfo) -> None:
+def export_env(dist_info: DistInfo) -> None:
     """Publish the torchrun-style variables (LAUNCHER_VARS) that torch.distributed and
     DeepSpeed read."""
-    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size),
-                      LOCAL_RANK=str(info.local_rank), MASTER_ADDR=info.master_addr,
-                      MASTER_PORT=str(info.master_port))
+    os.environ.update(RANK=str(dist_info.rank), WORLD_SIZE=str(dist_info.world_size),
+                      LOCAL_RANK=str(dist_info.local_rank), MASTER_ADDR=dist_info.master_addr,
+                      MASTER_PORT=str(dist_info.master_port))
 
 
 def fresh_env(**extra: str) -> dict:

@@ -35,9 +35,9 @@ class Batches:
     memory (`in_memory`, scaling.data.memory) is cut into the same global batches either way.
     """
 
-    def __init__(self, cfg, info, plan, where: dist.DistInfo):
-        self.cfg, self.info, self.plan, self.where = cfg, info, plan, where
-        aug = default_augment(info.source)
+    def __init__(self, cfg, data_info, plan, dist_info: dist.DistInfo):
+        self.cfg, self.data_info, self.plan, self.dist_info = cfg, data_info, plan, dist_info
+        aug = default_augment(data_info.source)
         if cfg.min_crop_scale is not None:
             aug = dataclasses.replace(aug, scale=(cfg.min_crop_scale, 1.0))
         if cfg.hflip is not None:
@@ -45,24 +45,26 @@ class Batches:
         self.augment = aug
         per_rank = plan.micro_batch * plan.accumulation
         shared = cfg.data_order == "global"
-        self.in_memory = use_memory(info, cfg.in_memory, plan.total_steps * cfg.batch_size)
+        self.in_memory = use_memory(data_info, cfg.in_memory, plan.total_steps * cfg.batch_size)
         kw = dict(image_size=plan.image_size, seed=cfg.seed,
                   batch_size=cfg.batch_size if shared else per_rank,
-                  rank=0 if shared else where.rank, world_size=1 if shared else where.world_size,
+                  rank=0 if shared else dist_info.rank,
+                  world_size=1 if shared else dist_info.world_size,
                   steps_per_epoch=plan.steps_per_epoch,
                   strict=cfg.strict_data, augment=aug)
         self.loader = None
         if self.in_memory:
             try:
-                self.loader = make_memory_train_loader(info, **kw)
+                self.loader = make_memory_train_loader(data_info, **kw)
             except MixedSizes:
                 if cfg.in_memory == "on":
                     raise
                 self.in_memory = False  # auto: images of several sizes are streamed
         if self.loader is None:
-            self.loader = make_train_loader(info, num_workers=cfg.num_workers, **kw)
-        self.slice = slice(where.rank * per_rank, (where.rank + 1) * per_rank) if shared else None
-        self.count_skips = where.is_main or not shared  # global order: every rank sees them all
+            self.loader = make_train_loader(data_info, num_workers=cfg.num_workers, **kw)
+        mine = slice(dist_info.rank * per_rank, (dist_info.rank + 1) * per_rank)
+        self.slice = mine if shared else None
+        self.count_skips = dist_info.is_main or not shared  # global order: every rank sees them all
 
     def iterate(self, start_step: int) -> Iterator[tuple[list, int]]:
         """(micro-batches, corrupt samples skipped) for steps start_step .. total_steps - 1.
@@ -99,7 +101,7 @@ class Batches:
             return x, y
         # A generator seeded by (seed, step, rank, micro-batch): resume-exact, no state to save.
         g = torch.Generator().manual_seed(
-            hash((cfg.seed, step, self.where.rank, micro)) & 0x7FFF_FFFF_FFFF_FFFF)
+            hash((cfg.seed, step, self.dist_info.rank, micro)) & 0x7FFF_FFFF_FFFF_FFFF)
         return mixup_cutmix(x, y, self.plan.num_classes, mixup_alpha=cfg.mixup_alpha,
                             cutmix_alpha=cfg.cutmix_alpha, label_smoothing=cfg.label_smoothing,
                             generator=g)
@@ -107,14 +109,15 @@ class Batches:
     def eval_loader(self):
         """The val split for this rank (every sample once over all ranks)."""
         if not hasattr(self, "_eval"):
-            kw = dict(image_size=self.plan.image_size, rank=self.where.rank,
-                      world_size=self.where.world_size,
+            kw = dict(image_size=self.plan.image_size, rank=self.dist_info.rank,
+                      world_size=self.dist_info.world_size,
                       batch_size=self.cfg.eval_batch_size or self.plan.micro_batch,
                       strict=self.cfg.strict_data, augment=self.augment)
             if self.in_memory:
-                self._eval = make_memory_eval_loader(self.info, **kw)
+                self._eval = make_memory_eval_loader(self.data_info, **kw)
             else:
-                self._eval = make_eval_loader(self.info, num_workers=self.cfg.num_workers, **kw)
+                self._eval = make_eval_loader(self.data_info, num_workers=self.cfg.num_workers,
+                                              **kw)
         return self._eval
 
 

@@ -117,9 +117,10 @@ class RunDirRefused(RuntimeError):
 class Run:
     """The state of one run on one rank."""
 
-    def __init__(self, cfg: TrainConfig, info, vit, plan: TrainPlan, where: dist.DistInfo,
-                 fewshot=None):
-        self.cfg, self.info, self.vit, self.plan, self.where = cfg, info, vit, plan, where
+    def __init__(self, cfg: TrainConfig, data_info, vit_cfg, plan: TrainPlan,
+                 dist_info: dist.DistInfo, fewshot=None):
+        self.cfg, self.data_info, self.vit_cfg, self.plan = cfg, data_info, vit_cfg, plan
+        self.dist_info = dist_info
         self.fewshot = fewshot  # scaling.fewshot.TrainingProbe (--fewshot) or None
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / results.CHECKPOINT_DIR
@@ -136,17 +137,17 @@ class Run:
 
         self.meter.add("startup", self.meter.process_s())
         t0 = time.perf_counter()
-        self.meter.op_build_s += eng.init_distributed(self.where)
-        self.device = dist.device_for(self.where)
+        self.meter.op_build_s += eng.init_distributed(self.dist_info)
+        self.device = dist.device_for(self.dist_info)
         self._own_run_dir()
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
-        model = create_model(self.vit)
+        model = create_model(self.vit_cfg)
         self.engine = eng.initialize(model, self.cfg, micro=self.plan.micro_batch,
                                      accum=self.plan.accumulation,
                                      total_steps=self.plan.total_steps)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision,
                                                                        torch.float32)
-        if self.where.is_main:
+        if self.dist_info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if not (self.out / results.CONFIG_FILE).exists():
                 results.write_json(self.out / results.CONFIG_FILE, self.cfg.to_dict())
@@ -159,7 +160,7 @@ class Run:
                 log.warning("retrying a failed/diverged run; its final.json is kept as %s",
                             kept.name)
         dist.barrier()
-        self.batches = Batches(self.cfg, self.info, self.plan, self.where)
+        self.batches = Batches(self.cfg, self.data_info, self.plan, self.dist_info)
         self.window = torch.zeros((), dtype=torch.float64, device=self.device)
         self._resume()
         self.meter.add("build", time.perf_counter() - t0)
@@ -167,7 +168,7 @@ class Run:
     def _own_run_dir(self) -> None:
         """Rank 0 takes the run dir's lock; every rank stops (RunDirRefused) if it could not."""
         refused = None
-        if self.where.is_main:
+        if self.dist_info.is_main:
             try:
                 self.lock = results.RunLock(self.out).acquire()
             except results.RunDirInUse as e:
@@ -189,11 +190,11 @@ class Run:
             self.step, self.best_top1 = client["step"], client.get("best_top1")
             self.last_eval = client.get("last_eval")
             # Totals over ranks were saved; rank 0 carries them on so all-reduces stay exact.
-            main = self.where.is_main
+            main = self.dist_info.is_main
             self.meter.restore(client["meter"], skipped=client["skipped"] if main else 0)
             self.window.fill_(client["window_loss"] if main else 0.0)
             self.meter.window_step = client["window_step"]
-        if self.where.is_main:  # a start without a checkpoint re-runs from step 0
+        if self.dist_info.is_main:  # a start without a checkpoint re-runs from step 0
             rows = client.get("metrics_rows") if done else 0
             dropped = results.truncate_metrics(self.out, self.step, rows)
             self.rows_logged = len(results.read_metrics(self.out))
@@ -264,7 +265,7 @@ class Run:
         loss = loss_sum / (steps * self.plan.world_size)
         self.window.zero_()
         images = steps * self.cfg.batch_size
-        flops = training_flops(self.vit, images)
+        flops = training_flops(self.vit_cfg, images)
         seconds = self.meter.end_window(self.step)
         tflops = flops / max(seconds, 1e-9) / self.plan.world_size / 1e12
         lr = lr_at(self.cfg, self.step - 1, self.plan.total_steps)
@@ -311,7 +312,8 @@ class Run:
         self._emit(row)
         if self.fewshot is not None:
             t0 = time.perf_counter()
-            for probe in self.fewshot.evaluate(self.engine, self.vit, self.where, self.device):
+            for probe in self.fewshot.evaluate(self.engine, self.vit_cfg, self.dist_info,
+                                               self.device):
                 self._emit({**probe, "source": "train", **{k: row[k] for k in (
                     "step", "images_seen", "flops_seen")}}, results.TRANSFER_FILE)
             self.meter.add("fewshot", time.perf_counter() - t0)
@@ -348,7 +350,7 @@ class Run:
             self.save()
         if self.last_eval is None or self.last_eval["step"] != self.step:
             self.run_eval()
-        meta = {"vit_config": json.dumps(dataclasses.asdict(self.vit)), "step": str(self.step)}
+        meta = {"vit_config": json.dumps(dataclasses.asdict(self.vit_cfg)), "step": str(self.step)}
         t0 = time.perf_counter()
         eng.export_safetensors(self.engine, self.out / results.EXPORT_FILE, meta)
         self.meter.add("export", time.perf_counter() - t0)
@@ -362,16 +364,16 @@ class Run:
             "status": status, "final_top1": ev.get("top1"), "best_top1": self.best_top1,
             "final_top5": ev.get("top5"), "final_loss": ev.get("loss"), "steps": self.step,
             "images_seen": self.step * self.cfg.batch_size,
-            "total_flops": training_flops(self.vit, self.step * self.cfg.batch_size),
+            "total_flops": training_flops(self.vit_cfg, self.step * self.cfg.batch_size),
             "params": self.plan.params, "macs_per_image": self.plan.macs_per_image,
-            "model": self.vit.name, "wall_hours": wall / 3600,
+            "model": self.vit_cfg.name, "wall_hours": wall / 3600,
             "device_hours": (wall - self.meter.op_build_s) / 3600 * self.plan.world_size,
             "op_build_s": self.meter.op_build_s,
             "world_size": self.plan.world_size, "skipped_samples": self.meter.skipped_global,
             "overhead_fraction": self.meter.overhead_fraction(wall),
             "overhead_breakdown_s": self.meter.breakdown(wall), "error": error,
         }
-        if self.where.is_main and self.lock is not None:
+        if self.dist_info.is_main and self.lock is not None:
             try:
                 results.write_json(self.out / results.FINAL_FILE, final)
             except OSError as e:
@@ -381,11 +383,11 @@ class Run:
     def _row(self, kind: str, **values) -> dict:
         images = self.step * self.cfg.batch_size
         return {"kind": kind, "step": self.step, "epoch": images / self.plan.samples_per_epoch,
-                "images_seen": images, "flops_seen": training_flops(self.vit, images),
+                "images_seen": images, "flops_seen": training_flops(self.vit_cfg, images),
                 "wall_s": self.meter.wall(), **values}
 
     def _emit(self, row: dict, name: str = results.METRICS_FILE) -> None:
-        if not self.where.is_main:
+        if not self.dist_info.is_main:
             return
         metrics = name == results.METRICS_FILE
         try:
@@ -402,7 +404,7 @@ class Run:
     _bar = None
 
     def _progress_bar(self):
-        if not (self.where.is_main and self.cfg.progress and sys.stderr.isatty()):
+        if not (self.dist_info.is_main and self.cfg.progress and sys.stderr.isatty()):
             return None
         from tqdm import tqdm
 
@@ -461,20 +463,23 @@ def execute(run: Run) -> int:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     _install_signal_handlers()
-    where = dist.dist_info()
-    logging.basicConfig(level=logging.INFO if where.is_main else logging.WARNING,
-                        format=f"%(asctime)s [rank {where.rank}] %(levelname)s %(message)s")
+    dist_info = dist.dist_info()
+    logging.basicConfig(level=logging.INFO if dist_info.is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank {dist_info.rank}] %(levelname)s %(message)s")
     try:
         cfg = TrainConfig.from_args(argv)
-        info, vit, plan, fewshot = prepare(cfg, where.world_size)
+        data_info, vit_cfg, plan, fewshot = prepare(cfg, dist_info.world_size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return results.EXIT_BAD_INPUT
+    log.info("rank %d of %d (local rank %d, launcher: %s, master %s:%d)", dist_info.rank,
+             dist_info.world_size, dist_info.local_rank, dist_info.launcher,
+             dist_info.master_addr, dist_info.master_port)
     final = results.read_final(cfg.out)
     if final and final["status"] == results.STATUS_OK:
         log.info("%s already finished (final.json status ok); nothing to do", cfg.out)
         return results.EXIT_OK
-    return execute(Run(cfg, info, vit, plan, where, fewshot))
+    return execute(Run(cfg, data_info, vit_cfg, plan, dist_info, fewshot))
 
 
 def exit_now(code: int) -> None:

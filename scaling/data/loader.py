@@ -117,11 +117,11 @@ class _TrainStream(_Stream):
         """Decode and augment one batch; corrupt slots are refilled from the same batch."""
         rng = random.Random(stream_seed(self.seed, self.epoch, self.rank, index, 2))
         images, labels, keys = [], [], []
-        for s in raw:
-            label = self.decode.label(s)
-            image = self.decode.image(s, rng) if label is not None else None
+        for sample in raw:
+            label = self.decode.label(sample)
+            image = self.decode.image(sample, rng) if label is not None else None
             if image is not None:
-                images.append(image), labels.append(label), keys.append(s["__key__"])
+                images.append(image), labels.append(label), keys.append(sample["__key__"])
         skipped = len(raw) - len(images)
         if not images:
             raise DataError(f"all {len(raw)} samples of batch {index} are corrupt (last shard "
@@ -165,15 +165,15 @@ class _EvalStream(_Stream):
         if not urls:
             return
         raw = checked_samples(urls, dict(zip(self.urls, self.counts)))
-        mine = (s for i, s in enumerate(raw) if i % mod == res)
+        mine = (sample for i, sample in enumerate(raw) if i % mod == res)
         pending, images, labels, keys, skipped = None, [], [], [], 0
-        for s in mine:
-            label = self.decode.label(s)
-            image = self.decode.image(s, None) if label is not None else None
+        for sample in mine:
+            label = self.decode.label(sample)
+            image = self.decode.image(sample, None) if label is not None else None
             if image is None:
                 skipped += 1
                 continue
-            images.append(image), labels.append(label), keys.append(s["__key__"])
+            images.append(image), labels.append(label), keys.append(sample["__key__"])
             if len(images) == self.batch_size:
                 if pending:
                     yield _batch(*pending, self.decode.augment)

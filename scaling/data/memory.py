@@ -84,14 +84,14 @@ def read_split(info: DatasetInfo, split: str, decode: Decode, *, crop: bool
     images, labels, keys, skipped, shapes = [], [], [], 0, set()
     pixels = (lambda sample: decode.image(sample, None)) if crop else decode.stored_image
     sp = info.split(split)
-    for s in checked_samples(sp.urls, shard_counts(sp)):
-        label = decode.label(s)
-        image = pixels(s) if label is not None else None
+    for sample in checked_samples(sp.urls, shard_counts(sp)):
+        label = decode.label(sample)
+        image = pixels(sample) if label is not None else None
         if image is None:
             skipped += 1
             continue
         shapes.add(image.shape)
-        images.append(image), labels.append(label), keys.append(s["__key__"])
+        images.append(image), labels.append(label), keys.append(sample["__key__"])
     if not images:
         raise DataError(f"{info.root}: split {split!r} has no readable samples")
     if len(shapes) > 1:
