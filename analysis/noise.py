@@ -10,7 +10,9 @@ point, which carries its seed count and the spread across seeds.
 The interval of a point (`err_lo`, `err_hi`, what figures draw and comparisons use) is the wider
 of two: the Wilson interval at the mean error with the images of one eval (every seed is scored
 on the same validation images, so pooling them would not add information about the eval set),
-and, with 2 or more seeds, the t interval of the mean across seeds (training noise).
+and, with 2 or more seeds, the t interval of the mean across seeds (training noise). Points of
+a transfer metric (analysis.transfer) also carry `probe_half`, the t half-width of their mean
+over the draws of the k-shot set; the interval is then the widest of the three.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from scipy import stats
 # only by it are repeats, averaged by aggregate_seeds) and where or how often things are
 # written (scaling.config.RESUMABLE_FIELDS; tests/test_analysis_noise.py keeps this a superset).
 NOT_RECIPE = ("seed", "out", "data", "num_workers", "log_every", "progress", "eval_every",
-              "eval_spacing", "ckpt_every", "keep_ckpts")
+              "eval_spacing", "ckpt_every", "keep_ckpts", "tensorboard", "wandb",
+              "trunk_run")  # a branch's trunk is per seed (launchers/branching.py)
 
 
 def recipe_key(sweep: str, config: dict) -> str:
@@ -131,7 +134,8 @@ def aggregate_seeds(evals: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
         ev["step"] = np.arange(len(ev))
     agg = {c: (c, "first") for c in _FIRST if c in ev}
     agg |= {c: (c, "mean") for c in _MEAN if c in ev}
-    for col, how in (("num_samples", "min"), ("is_final", "all")):
+    for col, how in (("num_samples", "min"), ("is_final", "all"), ("probe_seeds", "min"),
+                     ("probe_sd", "mean"), ("probe_half", "mean")):
         if col in ev:
             agg[col] = (col, how)
     agg["n_seeds"] = ("error", "size")
@@ -152,6 +156,9 @@ def aggregate_seeds(evals: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
     out["wilson_lo"], out["wilson_hi"] = wilson_interval(out["error"], n, level)
     out["err_lo"] = np.fmin(out["wilson_lo"], out["seed_lo"])
     out["err_hi"] = np.fmax(out["wilson_hi"], out["seed_hi"])
+    if "probe_half" in out:  # a transfer metric: the draws of the k-shot set
+        out["err_lo"] = np.fmin(out["err_lo"], (out["error"] - out["probe_half"]).clip(lower=0))
+        out["err_hi"] = np.fmax(out["err_hi"], (out["error"] + out["probe_half"]).clip(upper=1))
     return out
 
 

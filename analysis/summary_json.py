@@ -11,10 +11,12 @@ import numpy as np
 import pandas as pd
 
 from analysis import fit as F
+from analysis.compute import sweep_compute
 from analysis.frontier import x_column
 from analysis.load import count_skipped, status_counts
 from analysis.noise import LEVEL, seeds_per_point
 from analysis.style import X_UNITS
+from analysis.summary_transfer import transfer_json
 
 SCHEMA_VERSION = 1
 LAW = "E = a (C + d)^(-b) + c"
@@ -88,7 +90,8 @@ def _optimal(res: dict) -> dict:
 
 def _frontier(frontier: pd.DataFrame, x: str) -> list[dict]:
     cols = {"model": "model", x_column(x): "compute", "error": "error", "err_lo": "err_lo",
-            "err_hi": "err_hi", "n_seeds": "n_seeds", "num_samples": "num_samples"}
+            "err_hi": "err_hi", "n_seeds": "n_seeds", "num_samples": "num_samples",
+            "probe_seeds": "probe_seeds"}
     cols = {k: v for k, v in cols.items() if k in frontier}
     return frontier[list(cols)].rename(columns=cols).to_dict(orient="records")
 
@@ -100,6 +103,8 @@ def build(report: dict) -> dict:
     return clean({
         "schema_version": SCHEMA_VERSION, "results_dir": str(res.results_dir),
         "metric": report["metric"], "x": x, "x_unit": X_UNITS[x], "level": LEVEL,
+        "transfer": transfer_json(report),
+        **sweep_compute(res.results_dir),  # compute_spent, compute_independent (branching)
         "fit": _fit(report["fit"], report["frontier"], x),
         "extrapolation": _extrapolation(report["fit"]),
         "optimal_size": _optimal(report["optimal"]),

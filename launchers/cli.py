@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--slurm-config", help="YAML with SLURM settings (keys as these flags, with _; flags win)")
     add("--resubmit-failed", action="store_true",
         help="also resubmit failed and diverged runs (their final.json is kept, renamed)")
+    add("--branching", choices=("cooldown",),
+        help="cooldown: one trunk per size, lr and seed at a constant/rsqrt lr, and each budget "
+             "a branch that trains only its cooldown from the trunk's checkpoint "
+             "(launchers/branching.py; docs/sweeps.md, 'Branching sweeps')")
     add("--dry-run", action="store_true",
         help="print the grid and the sbatch script; submit nothing")
     return parser
@@ -81,4 +85,7 @@ def parse_status_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python launchers/sweep.py status",
                                      description="State of every run under a results dir.")
     parser.add_argument("--results", default="results", help="results root (default: results)")
+    parser.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
+                        help="refresh the table every SECONDS (default 10) with an ETA per "
+                             "running run, until Ctrl-C")
     return parser.parse_args(argv)

@@ -12,11 +12,19 @@ import signal
 import sys
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
-from launchers import slurm
+from launchers import branching, slurm
 from launchers.checks import plan_warnings
-from launchers.defaults import Choice, cuda_devices, default_preset, pick_cluster, resolve_data
+from launchers.defaults import (
+    Choice,
+    cuda_devices,
+    default_preset,
+    pick_cluster,
+    resolve_data,
+    with_builtin_fewshot,
+)
 from launchers.grid import GridOptions, build_grid, node_layout, parse_list, parse_overrides
 from launchers.local import log_tail, run_local
 from launchers.plan import PlannedRun, classify, set_aside_final
@@ -45,7 +53,7 @@ def placement_settings(args: argparse.Namespace, preset: Preset) -> dict:
             raise ValueError(f"--{key.replace('_', '-')} {merged[key]} must be >= 1")
     if int(merged["max_requeues"]) < 0:
         raise ValueError(f"--max-requeues {merged['max_requeues']} must be >= 0")
-    slurm.parse_signal(merged["signal"])
+    slurm.check_timing(merged)  # the signal, its lead against --time
     return merged
 
 
@@ -135,7 +143,7 @@ def submit_slurm(todo: list[PlannedRun], placement: dict, layout: tuple[int, int
 
 
 def run_here(todo: list[PlannedRun], placement: dict, sweep_dir: Path, dry_run: bool,
-             claims: Claims | None) -> int:
+             claims: Claims | None, runner=run_local) -> int:
     """Run the runs on this machine (launchers.local), `max_parallel` at a time; 1 if any
     failed. Stopped by Ctrl-C (or SIGTERM, or a closed stdout), the runs checkpoint and the sweep
     raises KeyboardInterrupt (exit 130 / 143 / 141)."""
@@ -146,7 +154,7 @@ def run_here(todo: list[PlannedRun], placement: dict, sweep_dir: Path, dry_run: 
         return 0
     parallel = int(placement.get("max_parallel") or 1)
     progress = SweepProgress([p.spec for p in todo], parallel)
-    codes, stopped = run_local([p.spec for p in todo], sweep_dir.name, parallel, claims=claims,
+    codes, stopped = runner([p.spec for p in todo], sweep_dir.name, parallel, claims=claims,
                                progress=progress)
     # after a stop, a checkpointed run (75) or one killed before it could catch the signal
     # (-N) is interrupted, not failed: the next sweep resumes it
@@ -217,11 +225,15 @@ def run_sweep(args: argparse.Namespace) -> int:
     layout = node_layout(world, int(placement["gpus_per_node"]))
     options = grid_options(args, preset, world)  # flag errors before any data is made
     info, placeholder = resolve_data(args, preset)
+    preset = with_builtin_fewshot(args, preset)  # the preset's downstream sets, made once
     sweep_dir = Path(args.results).resolve() / (args.name or preset.name)
-    specs = build_grid(preset, options, info, sweep_dir)
+    tree = branching.build_tree(preset, options, info, sweep_dir) if args.branching else None
+    specs = tree.specs if tree else build_grid(preset, options, info, sweep_dir)
     planned = classify(specs, args.resubmit_failed)
     print(f"sweep {sweep_dir.name}: preset {preset.name}, {len(specs)} run(s), {world} rank(s) "
           f"each = {layout[0]} node(s) x {layout[1]} task(s), cluster {cluster}")
+    if tree:
+        print(tree.describe())
     for warning in plan_warnings(preset, specs, info, cluster, placement,
                                  placeholder=placeholder, local_gpus=local_gpus):
         print(f"warning: {warning}")
@@ -237,6 +249,8 @@ def run_sweep(args: argparse.Namespace) -> int:
                 if p.action == "resubmit":
                     set_aside_final(p.spec.run_dir)
         if cluster == "slurm":
-            return submit_slurm(todo, placement, layout, preset.device == "cuda", sweep_dir,
+            submit = partial(branching.submit_slurm, tree=tree) if tree else submit_slurm
+            return submit(todo, placement, layout, preset.device == "cuda", sweep_dir,
                                 args.dry_run, claims)
-        return run_here(todo, placement, sweep_dir, args.dry_run, claims)
+        return run_here(todo, placement, sweep_dir, args.dry_run, claims,
+                        runner=branching.run_local if tree else run_local)

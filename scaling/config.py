@@ -18,24 +18,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from scaling import schedule as sched
 from scaling.clihelp import DefaultsHelpFormatter
 from scaling.data.memory import IN_MEMORY_CHOICES
 from scaling.flops import forward_macs, param_count
 from scaling.model import ViTConfig, split_name, vit_config
+from scaling.schedule import COOLDOWN_SHAPES, SCHEDULES, STABLE
 
 if TYPE_CHECKING:
     from scaling.data import DatasetInfo
 
 BUDGETS = ("steps", "epochs", "samples", "flops")
 PRECISIONS = ("fp32", "bf16", "fp16")
-SCHEDULES = ("cosine", "linear", "constant")
 DATA_ORDERS = ("sharded", "global")
 EVAL_SPACINGS = ("linear", "log")
 EVALS_PER_DECADE = 4
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_FIELDS = ("num_workers", "log_every", "progress", "out", "data", "eval_every",
                     "eval_spacing",
-                    "ckpt_every", "keep_ckpts")
+                    "ckpt_every", "keep_ckpts", "tensorboard", "wandb")
 
 
 def _f(default, help, **kw):
@@ -60,7 +61,16 @@ class TrainConfig:
     min_lr: float = _f(0.0, "final learning rate of the decay")
     warmup_steps: int | None = _f(None, "linear warmup steps (default: warmup_fraction)")
     warmup_fraction: float = _f(0.05, "warmup as a fraction of the run when warmup_steps unset")
-    schedule: str = _f("cosine", "decay after warmup", choices=SCHEDULES)
+    schedule: str = _f("cosine", "after warmup: cosine/linear decay to the end, or constant/rsqrt "
+                       "(lr / sqrt(1 + (step - warmup) / rsqrt_timescale)) with an optional "
+                       "cooldown (scaling.schedule)", choices=SCHEDULES)
+    cooldown_steps: int | None = _f(None, "constant/rsqrt: the final cooldown in steps "
+                                    "(default: cooldown_fraction)")
+    cooldown_fraction: float = _f(0.0, "constant/rsqrt: the final cooldown as a fraction of the "
+                                  "run when cooldown_steps is unset (0: none)")
+    cooldown_shape: str = _f("linear", "cooldown factor: linear (big_vision) or 1-sqrt "
+                             "(Hagele et al. 2024)", choices=COOLDOWN_SHAPES)
+    rsqrt_timescale: int = _f(10000, "rsqrt schedule's timescale in steps")
     weight_decay: float = _f(0.05, "AdamW decoupled weight decay (not on norms/biases/pos/cls)")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.999, "AdamW beta2")
@@ -96,15 +106,25 @@ class TrainConfig:
                              "in RUN_DIR/transfer.jsonl)")
     fewshot_shots: str = _f("1,5,10,25", "few-shot train images per class, comma-separated")
     fewshot_seeds: int = _f(3, "few-shot draws of each k-shot train set (a row per seed)")
-    ckpt_every: int = _f(0, "checkpoint every N steps (0: only at the end and on a signal)")
+    ckpt_every: str = _f("0", "checkpoint every N steps, or every N minutes of wall time with "
+                         "Nm (e.g. 30m); 0: only at the end and on a signal")
     keep_ckpts: int = _f(2, "complete checkpoints kept")
+    ckpt_at: str | None = _f(None, "also checkpoint after these steps, comma-separated; never "
+                             "rotated away (a branching trunk's branch points)")
+    trunk_run: str | None = _f(None, "start from this run's checkpoint at branch_step (a "
+                               "relative path is taken from --out's parent: a sibling run id)")
+    branch_step: int | None = _f(None, "the trunk step this run branches at (with --trunk-run)")
     log_every: int = _f(10, "log a train row every N steps")
     num_workers: int = _f(2, "data loader workers per rank")
     strict_data: bool = _f(False, "a corrupt image is an error instead of a counted skip")
     peak_tflops: float | None = _f(None, "device peak TFLOP/s for MFU (default: table)")
     progress: bool = _f(True, "progress bar on a terminal")
+    tensorboard: bool = _f(True, "TensorBoard event files in RUN_DIR/tb (scaling.tracking)")
+    wandb: str | None = _f(None, "also log to this Weights & Biases project (needs wandb; "
+                           "WANDB_MODE=offline works without a network)")
 
     def __post_init__(self):
+        object.__setattr__(self, "ckpt_every", str(self.ckpt_every).strip())  # 500 or "500"
         _validate(self)
 
     @property
@@ -174,7 +194,8 @@ def field_type(f: dataclasses.Field) -> type:
 
 # Fields whose valid values are a fraction in [0, 1): momentum coefficients (AdamW needs
 # beta < 1), probabilities, and the smoothing mass moved off the true class.
-FRACTIONS = ("beta1", "beta2", "label_smoothing", "dropout", "drop_path", "warmup_fraction")
+FRACTIONS = ("beta1", "beta2", "label_smoothing", "dropout", "drop_path", "warmup_fraction",
+             "cooldown_fraction")
 
 
 def _validate(c: TrainConfig) -> None:
@@ -196,13 +217,14 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"give exactly one budget of {list(BUDGETS)}, got {given or 'none'}")
     if not getattr(c, given[0]) > 0:
         raise ValueError(f"budget --{given[0]} must be positive, got {getattr(c, given[0])}")
-    positive = ("batch_size", "lr", "keep_ckpts", "log_every", "fewshot_seeds")
+    positive = ("batch_size", "lr", "keep_ckpts", "log_every", "fewshot_seeds", "rsqrt_timescale")
     bad = [f"{n}={getattr(c, n)}" for n in positive if not getattr(c, n) > 0]
-    nonneg = ("eval_every", "ckpt_every", "num_workers", "weight_decay", "grad_clip", "min_lr",
+    ckpt_interval(c.ckpt_every)
+    nonneg = ("eval_every", "num_workers", "weight_decay", "grad_clip", "min_lr",
               "mixup_alpha", "cutmix_alpha", "label_smoothing")
     bad += [f"{n}={getattr(c, n)}" for n in nonneg if getattr(c, n) < 0]
     for n in ("micro_batch_size", "image_size", "warmup_steps", "eval_batch_size",
-              "samples_per_epoch", "peak_tflops"):
+              "samples_per_epoch", "peak_tflops", "cooldown_steps", "branch_step"):
         v = getattr(c, n)
         if v is not None and not v > 0:
             bad.append(f"{n}={v}")
@@ -215,15 +237,70 @@ def _validate(c: TrainConfig) -> None:
                          f"{c.micro_batch_size}")
     choices = {"zero": (0, 1, 2, 3), "precision": PRECISIONS, "schedule": SCHEDULES,
                "data_order": DATA_ORDERS, "pool": ("cls", "gap"),
-               "in_memory": IN_MEMORY_CHOICES, "eval_spacing": EVAL_SPACINGS}
+               "in_memory": IN_MEMORY_CHOICES, "eval_spacing": EVAL_SPACINGS,
+               "cooldown_shape": COOLDOWN_SHAPES}
     for n, valid in choices.items():
         if getattr(c, n) not in valid:
             raise ValueError(f"{n}={getattr(c, n)!r}; valid: {list(valid)}")
     if not 0 < (c.min_crop_scale or 1) <= 1:
         raise ValueError(f"--min-crop-scale {c.min_crop_scale}: must be in (0, 1]")
     parse_list(c.fewshot_shots, "--fewshot-shots", int)
+    _validate_schedule(c)
     if c.fewshot is not None:
         parse_list(c.fewshot, "--fewshot", str)
+
+
+def ckpt_interval(value) -> tuple[int, float]:
+    """(steps, minutes) of --ckpt-every, the one parser of the field: "N" steps or "Nm"
+    minutes (one of the two is 0; both 0: only at the end and on a signal); ValueError (one
+    line) for any other text."""
+    text = str(value).strip()
+    try:
+        if text.isdigit():
+            return int(text), 0.0
+        if text.endswith("m") and math.isfinite(float(text[:-1])) and float(text[:-1]) >= 0:
+            return 0, float(text[:-1])
+    except ValueError:
+        pass
+    raise ValueError(f"--ckpt-every {value!r}: expected steps (e.g. 500) or minutes of wall "
+                     "time (e.g. 30m)")
+
+
+def _validate_schedule(c: TrainConfig) -> None:
+    """Cooldown, checkpoint steps and branch fields (scaling.schedule, launchers.branching)."""
+    if (c.cooldown_steps or c.cooldown_fraction) and c.schedule not in STABLE:
+        raise ValueError(f"--cooldown-steps/--cooldown-fraction need --schedule constant or "
+                         f"rsqrt; {c.schedule} already decays to the end of the run")
+    if c.ckpt_at is not None:
+        parse_list(c.ckpt_at, "--ckpt-at", int)
+    if (c.trunk_run is None) != (c.branch_step is None):
+        raise ValueError("--trunk-run and --branch-step go together: give both or neither")
+    if c.trunk_run is not None and c.warmup_steps is None:
+        raise ValueError("a branch (--trunk-run) needs --warmup-steps: a warmup fraction "
+                         "depends on the run's length, so the trunk's would differ")
+
+
+def pinned_steps(cfg: TrainConfig) -> frozenset[int]:
+    """The --ckpt-at steps: checkpointed, and kept whatever keep_ckpts says."""
+    return frozenset(parse_list(cfg.ckpt_at, "--ckpt-at", int)) if cfg.ckpt_at else frozenset()
+
+
+def check_schedule(cfg: TrainConfig, total_steps: int) -> None:
+    """ValueError (one line) when the schedule does not fit a run of total_steps: a cooldown
+    that starts inside the warmup, a branch step after the cooldown starts, a --ckpt-at step
+    beyond the run."""
+    warm, cool = warmup_steps(cfg, total_steps), cooldown_steps(cfg, total_steps)
+    start = sched.cooldown_start(total_steps, cool)
+    if cool and start < warm:
+        raise ValueError(f"the cooldown ({cool} steps) starts at step {start}, inside the "
+                         f"{warm}-step warmup of this {total_steps}-step run")
+    if cfg.branch_step is not None and cfg.branch_step > start:
+        raise ValueError(f"--branch-step {cfg.branch_step} is after this run's cooldown start "
+                         f"{start} ({total_steps} steps, cooldown {cool})")
+    late = [s for s in parse_list(cfg.ckpt_at, "--ckpt-at", int) if s > total_steps] \
+        if cfg.ckpt_at else []
+    if late:
+        raise ValueError(f"--ckpt-at {late} beyond the run's {total_steps} steps")
 
 
 def parse_list(text: str, flag: str, kind: type) -> list:
@@ -306,7 +383,9 @@ def resolve_plan(cfg: TrainConfig, data_info: DatasetInfo, world_size: int) -> T
     macs = forward_macs(vit_cfg)
     train_samples = data_info.split("train").num_samples
     per_epoch = cfg.samples_per_epoch or train_samples
-    return TrainPlan(total_steps=resolve_steps(cfg, train_samples, macs),
+    total = resolve_steps(cfg, train_samples, macs)
+    check_schedule(cfg, total)
+    return TrainPlan(total_steps=total,
                      world_size=world_size, micro_batch=micro, accumulation=accum,
                      steps_per_epoch=max(1, -(-per_epoch // cfg.batch_size)),
                      samples_per_epoch=per_epoch, params=param_count(vit_cfg),
@@ -338,17 +417,22 @@ def eval_steps(cfg: TrainConfig, total_steps: int) -> set[int]:
     return steps
 
 
+def cooldown_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """Cooldown length of a constant/rsqrt run: cooldown_steps if given, else cooldown_fraction
+    of the run (0 for cosine/linear, which decay to the end)."""
+    if cfg.schedule not in STABLE:
+        return 0
+    return sched.cooldown_length(total_steps, cfg.cooldown_steps, cfg.cooldown_fraction)
+
+
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then the decay.
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then the decay, or the
+    stable rate and its cooldown (scaling.schedule.lr_at, the formulas).
 
     The ViT paper pre-trained with linear decay after a 10k-step warmup (Appendix B.1); DeiT
     uses cosine decay (Touvron et al. 2021, Table 9).
     """
-    warm = warmup_steps(cfg, total_steps)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    if cfg.schedule == "constant" or total_steps <= warm:
-        return cfg.lr
-    t = (step - warm) / max(total_steps - warm, 1)
-    shape = 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else 1 - t
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
+    return sched.lr_at(step, total=total_steps, lr=cfg.lr, min_lr=cfg.min_lr,
+                       schedule=cfg.schedule, warmup=warmup_steps(cfg, total_steps),
+                       cooldown=cooldown_steps(cfg, total_steps),
+                       cooldown_shape=cfg.cooldown_shape, timescale=cfg.rsqrt_timescale)

@@ -5,10 +5,19 @@ crash-safe by our own bookkeeping: DeepSpeed writes a tag folder, every rank add
 state, all ranks meet at a barrier, and only then does rank 0 drop a COMPLETE marker into the
 folder and atomically rewrite `latest`. A kill at any point leaves either no marker (the folder is
 ignored and later removed) or a checkpoint that loads.
+
+The marker records the world size the checkpoint was saved at, so a run can continue on another
+one (docs/failure-model.md, "Resuming on another world size"). ZeRO 1-3 partition the optimizer
+state by rank, and DeepSpeed refuses to load it at a new world size; there the checkpoint is
+converted once, by rank 0, to DeepSpeed's universal format (`ds_to_universal`, into TAG/universal)
+and loaded with `load_universal`. Every save carries UNIVERSAL_CHECKPOINT_INFO, which the
+conversion needs. ZeRO 0 keeps the whole optimizer in mp_rank_00_model_states.pt (not covered by
+the universal format, and not needed): a plain load works at any world size.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -24,6 +33,11 @@ from typing import Any
 
 import deepspeed
 import numpy as np
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 import torch
 from safetensors.torch import save_file
 
@@ -34,6 +48,7 @@ from scaling.results import atomic_write_text
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"  # TAG/universal: the checkpoint converted for another world size
 _TAG = re.compile(r"^step(\d{8})$")
 
 
@@ -79,6 +94,9 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, *, micro: int, accum: i
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_at(cfg, step, total_steps) / cfg.lr)
+    # saved into every checkpoint; ds_to_universal refuses a checkpoint without it (#5405)
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO,
+            {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule,
         config=ds_config(cfg, micro, accum), dist_init_required=True)
@@ -146,8 +164,9 @@ def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, str]]:
 
 
 def save_checkpoint(engine, root: str | os.PathLike, step: int, client_state: dict,
-                    keep: int, crash: bool = False) -> str:
-    """Save a complete checkpoint for `step` (all ranks call this); returns its tag.
+                    keep: int, crash: bool = False, pinned: frozenset[int] = frozenset()) -> str:
+    """Save a complete checkpoint for `step` (all ranks call this); returns its tag. The
+    newest `keep` ones are kept, and those of the steps in `pinned` (--ckpt-at) always.
     crash=True is fault injection for tests: SIGKILL before the checkpoint is complete."""
     root, tag = Path(root), f"step{step:08d}"
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
@@ -157,9 +176,11 @@ def save_checkpoint(engine, root: str | os.PathLike, step: int, client_state: di
         os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()  # every rank's shards and RNG state are on disk
     if rank == 0:
-        atomic_write_text(root / tag / COMPLETE, json.dumps({"step": step}) + "\n")
+        marker = {"step": step, "world_size": dist_world(engine),
+                  "zero": engine.zero_optimization_stage()}
+        atomic_write_text(root / tag / COMPLETE, json.dumps(marker) + "\n")
         atomic_write_text(root / "latest", tag + "\n")
-        for _, old in complete_checkpoints(root)[:-keep]:
+        for _, old in [c for c in complete_checkpoints(root) if c[0] not in pinned][:-keep]:
             shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
     return tag
@@ -176,16 +197,97 @@ def remove_incomplete(root: str | os.PathLike) -> list[str]:
     return removed
 
 
+def dist_world(engine) -> int:
+    """The number of data-parallel ranks of `engine` (this process group's world size)."""
+    return int(engine.world_size)
+
+
+def saved_world_size(root: str | os.PathLike, tag: str) -> int:
+    """The world size a complete checkpoint was saved at: its COMPLETE marker's, or (a marker
+    from before it recorded one) the number of per-rank RNG files."""
+    folder = Path(root) / tag
+    marker = json.loads((folder / COMPLETE).read_text() or "{}")
+    if "world_size" in marker:
+        return int(marker["world_size"])
+    return len(list(folder.glob("rng_rank*.pt")))
+
+
 def load_checkpoint(engine, root: str | os.PathLike, tag: str) -> dict:
-    """Load a complete checkpoint into the engine and restore this rank's RNG; client state."""
-    path, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True,
-                                          load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    """Load a complete checkpoint into the engine and restore this rank's RNG; client state.
+
+    Saved at another world size, a ZeRO 1-3 checkpoint is converted to DeepSpeed's universal
+    format (once, rank 0, into TAG/universal) and loaded from there; ZeRO 0 loads as it is.
+    Rank r takes the RNG state of saved rank r % N (N ranks saved)."""
+    saved, now = saved_world_size(root, tag), dist_world(engine)
+    universal = saved != now and engine.zero_optimization_stage() > 0
+    if universal:
+        path, client = _load_universal(engine, Path(root) / tag)
+    else:
+        path, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True,
+                                              load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root}/{tag}")
-    rng_file = Path(root) / tag / f"rng_rank{engine.global_rank:05d}.pt"
+    rng_file = Path(root) / tag / f"rng_rank{engine.global_rank % saved:05d}.pt"
     _set_rng_state(torch.load(rng_file, weights_only=False))
     return client
+
+
+def _load_universal(engine, folder: Path):
+    """(path, client state) of `folder` loaded through its universal conversion."""
+    failed = None
+    if engine.global_rank == 0 and not (folder / UNIVERSAL).is_dir():
+        try:
+            to_universal(folder)
+        except Exception as e:  # noqa: BLE001 - every rank raises it below, in one line
+            failed = f"{type(e).__name__}: {e}"
+    if dist.all_reduce_max(int(failed is not None), engine.device):
+        raise RuntimeError(f"converting {folder} to a universal checkpoint failed: "
+                           f"{failed or 'on rank 0'}")
+    config = engine._config  # what {"checkpoint": {"load_universal": true}} sets; load-time only
+    groups = _hyperparameters(engine)
+    config.load_universal_checkpoint = True
+    try:
+        loaded = engine.load_checkpoint(str(folder), tag=UNIVERSAL, load_module_strict=True,
+                                        load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
+    finally:
+        config.load_universal_checkpoint = False
+    # ZeRO-3's universal load (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3) gives
+    # every param group the hyperparameters of group 0, so weight decay on the no-decay group;
+    # they come from the run's config: put them back (the lr is the loaded one) ...
+    for group, saved in zip(engine.optimizer.param_groups, groups):
+        group.update(saved)
+    # ... and one `step` tensor to all of them, which a fused / foreach AdamW then increments
+    # once per group and step: give each its own.
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    return loaded
+
+
+def _hyperparameters(engine) -> list[dict]:
+    """Each optimizer param group's settings but its params and lr."""
+    return [{k: v for k, v in g.items() if k not in ("params", "lr")}
+            for g in engine.optimizer.param_groups]
+
+
+def to_universal(folder: Path) -> Path:
+    """Convert the DeepSpeed checkpoint in `folder` to the universal format in folder/universal
+    (written beside, then renamed: a crash leaves no half conversion); returns its path."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp, out = folder / f".{UNIVERSAL}.tmp", folder / UNIVERSAL
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(folder), output_folder=str(tmp),
+                              num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
+    (folder / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's; we pass the tag
+    os.replace(tmp, out)
+    return out
 
 
 def _rng_state() -> dict:

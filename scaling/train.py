@@ -22,13 +22,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scaling import dist, results
+from scaling import branch, dist, results, tracking
 from scaling.config import (
     RESUMABLE_FIELDS,
     TrainConfig,
     TrainPlan,
+    ckpt_interval,
     eval_steps,
     lr_at,
+    pinned_steps,
     resolve_plan,
 )
 from scaling.data import load_dataset_info
@@ -78,10 +80,13 @@ def prepare(cfg: TrainConfig, world_size: int):
     plan = resolve_plan(cfg, data_info, world_size)
     vit_cfg = cfg.vit(num_classes=data_info.num_classes, image_size=data_info.image_size)
     fewshot = TrainingProbe.from_config(cfg, vit_cfg)  # None without --fewshot
+    tracking.check(cfg)  # --tensorboard / --wandb can run here
     results.check_writable(cfg.out)
     results.check_readable(cfg.out)
     results.check_config(cfg.out, cfg.to_dict(), resumable=RESUMABLE_FIELDS,
                          defaults=TrainConfig.defaults())
+    if cfg.trunk_run is not None:  # a branch: its trunk's recipe and checkpoint (scaling.branch)
+        branch.check_branch(cfg.to_dict(), TrainConfig.defaults(), RESUMABLE_FIELDS)
     return data_info, vit_cfg, plan, fewshot
 
 
@@ -128,6 +133,9 @@ class Run:
         self.meter = Meter()
         self.window = None  # this rank's summed loss since the last train row
         self.faults = faults_from_env()
+        self.ckpt_steps, self.ckpt_minutes = ckpt_interval(cfg.ckpt_every)
+        self.pinned = pinned_steps(cfg)  # --ckpt-at: checkpointed and never rotated away
+        self.ckpt_cost, self.tracker = tracking.CheckpointCost(), None
 
     # -- set-up -------------------------------------------------------------------------------
     def build(self) -> None:
@@ -155,6 +163,9 @@ class Run:
             removed = eng.remove_incomplete(self.ckpt_dir)
             if removed:
                 log.warning("removed incomplete checkpoints %s", removed)
+            if self.cfg.trunk_run is not None:  # a branch's first start: the trunk's state
+                seeded = branch.seed_from_trunk(self.out, self.cfg.trunk_run, self.cfg.branch_step)
+                log.info("branch: %s", seeded or "seeded earlier, resuming its own checkpoints")
             kept = results.set_aside_final(self.out)  # a retry keeps the earlier outcome
             if kept:
                 log.warning("retrying a failed/diverged run; its final.json is kept as %s",
@@ -163,6 +174,9 @@ class Run:
         self.batches = Batches(self.cfg, self.data_info, self.plan, self.dist_info)
         self.window = torch.zeros((), dtype=torch.float64, device=self.device)
         self._resume()
+        if self.dist_info.is_main:
+            self.tracker = tracking.Tracker.open(self.cfg, self.out, self.step)
+        self._last_save = time.monotonic()
         self.meter.add("build", time.perf_counter() - t0)
 
     def _own_run_dir(self) -> None:
@@ -189,6 +203,8 @@ class Run:
             client = eng.load_checkpoint(self.engine, self.ckpt_dir, tag)
             self.step, self.best_top1 = client["step"], client.get("best_top1")
             self.last_eval = client.get("last_eval")
+            self.ckpt_cost = tracking.CheckpointCost.restore(client.get("ckpt_cost"),
+                                                             self.ckpt_dir / tag / eng.COMPLETE)
             # Totals over ranks were saved; rank 0 carries them on so all-reduces stay exact.
             main = self.dist_info.is_main
             self.meter.restore(client["meter"], skipped=client["skipped"] if main else 0)
@@ -239,7 +255,7 @@ class Run:
             last = self.step == plan.total_steps
             if self.step in evals:
                 self.run_eval()
-            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not last:
+            if not last and self._ckpt_due():
                 self.save()
         if bar is not None:
             bar.close()
@@ -285,6 +301,19 @@ class Run:
         self.meter.skipped_global = int(skipped)
         return loss_sum, int(skipped)
 
+    def _ckpt_due(self) -> bool:
+        """--ckpt-every N: every N steps. Nm: once N minutes passed since the last save (or
+        the start) by rank 0's clock, asked at log steps only, where all ranks take the same
+        decision from one all-reduce."""
+        if self.step in self.pinned:
+            return True
+        if self.ckpt_steps:
+            return self.step % self.ckpt_steps == 0
+        if not self.ckpt_minutes or self.step % self.cfg.log_every:
+            return False
+        due = time.monotonic() - self._last_save >= 60 * self.ckpt_minutes
+        return bool(dist.all_reduce_max(int(due and self.dist_info.is_main), self.device))
+
     def _should_stop(self) -> bool:
         """Whether a stop signal reached any rank; raises RunDirRefused (on every rank) when
         rank 0 lost the run dir's lock, since another process now trains in it."""
@@ -328,11 +357,11 @@ class Run:
         client = {"step": self.step, "best_top1": self.best_top1, "last_eval": self.last_eval,
                   "meter": self.meter.state(), "skipped": skipped, "window_loss": window_loss,
                   "window_step": self.meter.window_step, "metrics_rows": self.rows_logged,
-                  "transfer_rows": self.transfer_rows}
+                  "transfer_rows": self.transfer_rows, "ckpt_cost": self.ckpt_cost.state()}
         error = None
         try:
             eng.save_checkpoint(self.engine, self.ckpt_dir, self.step, client,
-                                self.cfg.keep_ckpts,
+                                self.cfg.keep_ckpts, pinned=self.pinned,
                                 crash=self.faults.get("kill_in_save") == self.step)
         except (OSError, RuntimeError) as e:
             error = DiskFull.check(e, f"writing a checkpoint under {self.ckpt_dir}",
@@ -340,6 +369,8 @@ class Run:
         if error is not None:  # raised out here, so the frames holding the partial files'
             raise error  # handles (in the save's traceback) are gone and their space is freed
         self.meter.add("checkpoint", time.perf_counter() - t0)
+        self.ckpt_cost.add(time.perf_counter() - t0)
+        self._last_save = time.monotonic()
 
     def finish(self) -> dict:
         """Checkpoint (before anything that can still fail), final eval, export, final.json."""
@@ -372,6 +403,7 @@ class Run:
             "world_size": self.plan.world_size, "skipped_samples": self.meter.skipped_global,
             "overhead_fraction": self.meter.overhead_fraction(wall),
             "overhead_breakdown_s": self.meter.breakdown(wall), "error": error,
+            **self.ckpt_cost.final(self._last_complete()),
         }
         if self.dist_info.is_main and self.lock is not None:
             try:
@@ -379,6 +411,13 @@ class Run:
             except OSError as e:
                 log.error("could not write %s: %s", self.out / results.FINAL_FILE, e)
         return final
+
+    def _last_complete(self) -> Path | None:
+        """The newest complete checkpoint's folder, or None."""
+        from scaling import engine as eng
+
+        done = eng.complete_checkpoints(self.ckpt_dir)
+        return self.ckpt_dir / done[-1][1] if done else None
 
     def _row(self, kind: str, **values) -> dict:
         images = self.step * self.cfg.batch_size
@@ -396,6 +435,8 @@ class Run:
             raise DiskFull.check(e, str(e), self.ckpt_dir) from None
         self.rows_logged += metrics
         self.transfer_rows += not metrics
+        if self.tracker is not None:
+            self.tracker.log(row)
         if self._bar is None and metrics:
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()
                      if k in ("step", "loss", "lr", "top1", "images_per_s", "mfu")}
@@ -455,6 +496,8 @@ def execute(run: Run) -> int:
         run.record_final(results.STATUS_FAILED, f"{type(e).__name__}: {e}")
         return results.EXIT_FAILED
     finally:
+        if run.tracker is not None:
+            run.tracker.close()
         if run.lock is not None:
             run.lock.release()
         dist.shutdown()

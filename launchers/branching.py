@@ -1,0 +1,270 @@
+"""Branching sweeps (`sweep.py --branching cooldown`): a whole curve of budgets from one run.
+
+For each (size, lr, seed) of the grid, one *trunk* trains the stable schedule (constant or
+rsqrt, scaling.schedule) without a cooldown up to the largest budget's cooldown start, and keeps a
+complete checkpoint (--ckpt-at, never rotated away) at every budget's cooldown start. Each budget
+is then a *branch*: an ordinary run dir whose config is the grid point's own (its budget, its
+cooldown), plus `trunk_run` (the trunk's run id, a sibling dir) and `branch_step` (its cooldown
+start). On its first start it seeds itself from the trunk's checkpoint (scaling.branch) and
+trains only its cooldown; its rows and `flops_seen` count the trunk prefix, so it plots and fits
+like any run. What the grid costs: the trunk plus every cooldown, against every budget in full
+for independent runs (`Tree.spent` and `Tree.independent`, printed by the sweep).
+
+The schedule of a branch equals its trunk's before the branch step only when the warmup does
+not depend on the run's length and the data are read the same way: the tree fixes
+`warmup_steps` (the recipe's, else its warmup fraction of the group's shortest run) and
+`in_memory` ("auto" resolved for the group's longest run) for trunk and branches alike.
+
+Where the runs start: locally, trunks first; a branch starts as soon as its trunk checkpoint
+exists (while the trunk trains on); a branch whose trunk died before its point is left pending
+(never started, so never failed) and the next sweep resumes the trunk and then starts it. On
+SLURM, branches whose checkpoint exists are submitted as they are, the others with
+`--dependency=afterok:TRUNK_JOB --kill-on-invalid-dep=yes`: they start when the trunk has
+finished, and a trunk that fails cancels them (the next sweep resubmits both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from launchers.grid import (
+    GridOptions,
+    RunSpec,
+    build_grid,
+    config_hash,
+    data_fingerprint,
+    model_token,
+)
+from launchers.local import LocalSweep
+from launchers.presets import Preset
+from launchers.runs import read_job
+from scaling import branch
+from scaling.config import (
+    TrainConfig,
+    cooldown_steps,
+    resolve_plan,
+    warmup_steps,
+)
+from scaling.data import DatasetInfo
+from scaling.data.memory import use_memory
+from scaling.schedule import STABLE
+
+MODES = ("cooldown",)
+# What --branching sets when neither the preset nor --set does (Hagele et al. 2024: constant lr,
+# a 20 % cooldown of 1-sqrt shape matches cosine at each length)
+STABLE_DEFAULTS = (("schedule", "constant"), ("cooldown_fraction", 0.2),
+                   ("cooldown_shape", "1-sqrt"))
+_DEFAULTS = TrainConfig.defaults()
+
+
+@dataclass(frozen=True)
+class Tree:
+    """The runs of a branching sweep: trunks first, then branches by branch step."""
+
+    trunks: tuple[RunSpec, ...]
+    branches: tuple[RunSpec, ...]
+
+    @property
+    def specs(self) -> list[RunSpec]:
+        return [*self.trunks, *sorted(self.branches, key=lambda s: s.cfg.branch_step)]
+
+    @property
+    def spent(self) -> float:
+        """Training FLOPs of the whole sweep: the trunks, and each branch's cooldown."""
+        cooldowns = sum(s.train_flops * (1 - s.cfg.branch_step / s.total_steps)
+                        for s in self.branches)
+        return sum(s.train_flops for s in self.trunks) + cooldowns
+
+    @property
+    def independent(self) -> float:
+        """Training FLOPs of the same grid as independent runs (every budget in full)."""
+        return sum(s.train_flops for s in self.branches)
+
+    def describe(self) -> str:
+        ratio = self.spent / self.independent if self.independent else float("nan")
+        first = self.branches[0].cfg if self.branches else None
+        recipe = (f"{first.schedule}, warmup {first.warmup_steps} steps, cooldown "
+                  f"{first.cooldown_steps or f'{first.cooldown_fraction:g} of each run'} "
+                  f"({first.cooldown_shape})") if first else ""
+        return (f"branching: {len(self.trunks)} trunk(s), {len(self.branches)} branch(es); "
+                f"{recipe}\ncompute: {self.spent:.3g} FLOPs for the sweep vs "
+                f"{self.independent:.3g} as independent runs ({ratio:.2f}x)")
+
+    def trunk_of(self, spec: RunSpec) -> RunSpec | None:
+        """The trunk a branch starts from (None for a trunk)."""
+        if spec.cfg.trunk_run is None:
+            return None
+        return next(t for t in self.trunks if t.run_id == spec.cfg.trunk_run)
+
+
+def with_stable_defaults(preset: Preset, opts: GridOptions) -> GridOptions:
+    """The grid options with STABLE_DEFAULTS for the fields neither preset nor --set gives; a
+    cosine/linear schedule given by --set is an error (it has no stable phase to branch)."""
+    given = dict(opts.overrides)
+    if given.get("schedule", "constant") not in STABLE:
+        raise ValueError(f"--branching needs --set schedule=constant or rsqrt, not "
+                         f"{given['schedule']!r}: a decay to the end has no stable phase")
+    explicit = {**preset.train, **given}
+    cooldown_given = "cooldown_steps" in explicit or "cooldown_fraction" in explicit
+    extra = [(k, v) for k, v in STABLE_DEFAULTS if k not in given and not (
+        k == "cooldown_fraction" and cooldown_given) and not (
+        k == "schedule" and explicit.get("schedule") in STABLE)]
+    return dataclasses.replace(opts, overrides=(*extra, *opts.overrides))
+
+
+def build_tree(preset: Preset, opts: GridOptions, info: DatasetInfo, sweep_dir: Path) -> Tree:
+    """The trunks and branches of the grid; ValueError (one line) for a grid that cannot
+    branch (a budget whose cooldown would start at step 0 or inside the warmup)."""
+    specs = build_grid(preset, with_stable_defaults(preset, opts), info, sweep_dir)
+    groups: dict[tuple, list[RunSpec]] = defaultdict(list)
+    for spec in specs:
+        groups[(spec.model, spec.seed, spec.base_lr)].append(spec)
+    trunks, branches = [], []
+    for group in groups.values():
+        trunk, members = _group(sorted(group, key=lambda s: s.total_steps), info, sweep_dir,
+                                opts.world_size)
+        trunks.append(trunk)
+        branches += members
+    return Tree(tuple(trunks), tuple(branches))
+
+
+def _shared_fields(group: list[RunSpec], info: DatasetInfo) -> dict:
+    """warmup_steps and in_memory, fixed for a whole group (see the module docstring)."""
+    shortest, longest = group[0], group[-1]
+    cfg = shortest.cfg
+    warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(
+        1, warmup_steps(cfg, shortest.total_steps))
+    memory = cfg.in_memory
+    if memory == "auto":
+        samples = longest.total_steps * longest.cfg.batch_size
+        memory = "on" if use_memory(info, "auto", samples) else "off"
+    return {"warmup_steps": warm, "in_memory": memory}
+
+
+def _spec(spec: RunSpec, cfg: TrainConfig, run_id: str, sweep_dir: Path, world: int,
+          info: DatasetInfo, **changes) -> RunSpec:
+    cfg = dataclasses.replace(cfg, out=str(sweep_dir / run_id))
+    plan = resolve_plan(cfg, info, world)  # checks the schedule against the run's length
+    return dataclasses.replace(spec, run_id=run_id, cfg=cfg, total_steps=plan.total_steps,
+                               **changes)
+
+
+def _group(group: list[RunSpec], info: DatasetInfo, sweep_dir: Path, world: int
+           ) -> tuple[RunSpec, list[RunSpec]]:
+    """One (size, seed, lr): its trunk and its branches."""
+    shared = _shared_fields(group, info)
+    fingerprint = data_fingerprint(info)
+    starts = {}
+    for spec in group:
+        cfg = dataclasses.replace(spec.cfg, **shared)
+        start = spec.total_steps - cooldown_steps(cfg, spec.total_steps)
+        if start < max(1, shared["warmup_steps"]):
+            raise ValueError(f"{spec.model} at budget {spec.budget:g}: its cooldown would "
+                             f"start at step {start}, before the {shared['warmup_steps']}-step "
+                             "warmup ends; raise the budget or shorten the cooldown")
+        starts[spec.run_id] = (cfg, start)
+    last = max(start for _, start in starts.values())
+    base = starts[group[-1].run_id][0]
+    trunk_cfg = dataclasses.replace(
+        base, steps=last, flops=None, epochs=None, samples=None, cooldown_steps=None,
+        cooldown_fraction=0.0, cooldown_shape=_DEFAULTS["cooldown_shape"],
+        ckpt_at=",".join(str(s) for s in sorted({s for _, s in starts.values()})))
+    trunk_id = "_".join([model_token(base.model), f"trunk{last}st",
+                         config_hash(trunk_cfg, world, fingerprint)])
+    trunk = _spec(group[-1], trunk_cfg, trunk_id, sweep_dir, world, info, budget=last,
+                  budget_kind="steps")
+    branches = []
+    for spec in group:
+        cfg, start = starts[spec.run_id]
+        cfg = dataclasses.replace(cfg, trunk_run=trunk_id, branch_step=start)
+        run_id = "_".join([spec.run_id.rsplit("_", 1)[0], config_hash(cfg, world, fingerprint)])
+        branches.append(_spec(spec, cfg, run_id, sweep_dir, world, info))
+    return trunk, branches
+
+
+def ready(spec: RunSpec) -> bool:
+    """Whether a run may start now (a trunk always; a branch once its trunk point exists)."""
+    return branch.ready(spec.cfg.out, spec.cfg.trunk_run, spec.cfg.branch_step)
+
+
+class BranchingSweep(LocalSweep):
+    """LocalSweep that starts a branch only once its trunk checkpoint exists; branches left
+    waiting when nothing runs any more (their trunk died) are `blocked`, never started."""
+
+    blocked: list[RunSpec]
+
+    def step(self) -> None:
+        self.reap()
+        while len(self.running) < self.max_parallel and not self.stopped:
+            i = next((i for i, s in enumerate(self.pending) if ready(s)), None)
+            if i is None:
+                break
+            self.pending.insert(0, self.pending.pop(i))
+            self.start_next()
+        if self.stopped or not self.running:
+            self.blocked = [*getattr(self, "blocked", []), *self.pending]
+            self.pending.clear()  # their claims are released by the sweep
+        self.progress.tick()
+
+
+def run_local(specs, sweep, max_parallel, log=None, claims=None, progress=None):
+    """launchers.local.run_local for a branching sweep; prints the branches left waiting."""
+    runner = BranchingSweep(specs, sweep, max_parallel, log, claims, progress)
+    codes, stopped = runner.run()
+    waiting = getattr(runner, "blocked", [])
+    if waiting and not stopped:
+        print(f"{len(waiting)} branch(es) wait for their trunk's checkpoint (trunk stopped "
+              f"before it): {', '.join(s.run_id for s in waiting)}; rerun the sweep to resume "
+              "the trunk and then them")
+    return codes, stopped
+
+
+def dependencies(todo: list, tree: Tree) -> dict[str | None, list]:
+    """The branches to submit on SLURM grouped by the trunk job they wait for (None: their
+    checkpoint exists); a branch whose trunk has no live or just-submitted job is left out."""
+    groups: dict[str | None, list] = defaultdict(list)
+    for p in todo:
+        if ready(p.spec):
+            groups[None].append(p)
+            continue
+        job = read_job(tree.trunk_of(p.spec).run_dir) or {}
+        if job.get("cluster") == "slurm" and job.get("job_id"):
+            groups[str(job["job_id"])].append(p)
+    return groups
+
+
+def submit_slurm(todo: list, placement: dict, layout: tuple[int, int], gpus: bool,
+                 sweep_dir: Path, dry_run: bool, claims, *, tree: Tree) -> int:
+    """Trunks as one array, then each trunk's waiting branches as an array that depends on
+    it (afterok), and the branches whose checkpoint exists as one more."""
+    from launchers.launch import submit_slurm as submit_array
+
+    trunk_ids = {t.run_id for t in tree.trunks}
+    trunks = [p for p in todo if p.spec.run_id in trunk_ids]
+    rest = [p for p in todo if p.spec.run_id not in trunk_ids]
+    if trunks:
+        submit_array(trunks, placement, layout, gpus, sweep_dir, dry_run, claims)
+    if dry_run:
+        groups = {None: [p for p in rest if ready(p.spec)],
+                  "TRUNK_JOB": [p for p in rest if not ready(p.spec)]}
+    else:
+        groups = dependencies(rest, tree)
+    left = {p.spec.run_id for p in rest} - {p.spec.run_id for g in groups.values() for p in g}
+    for job_id, group in groups.items():
+        if not group:
+            continue
+        extra = dict(placement.get("additional_parameters") or {})
+        if job_id is not None:
+            extra.update(dependency=f"afterok:{job_id}", kill_on_invalid_dep="yes")
+        submit_array(group, {**placement, "additional_parameters": extra}, layout, gpus,
+                     sweep_dir, dry_run, claims)
+    for p in rest:
+        if p.spec.run_id in left and claims is not None:
+            claims.release(p.spec.run_dir)
+    if left:
+        print(f"{len(left)} branch(es) wait for a trunk that has no job: {', '.join(sorted(left))}"
+              "; rerun the sweep (with --resubmit-failed if the trunk failed)")
+    return 0
