@@ -25,14 +25,22 @@ from analysis.style import (
     log_axis,
     percent_axis,
 )
+from analysis.transfer import parse_metric
 
 METRIC_LABELS = {"error": "Top-1 error", "top1": "Top-1 accuracy"}
 FIT_NAMES = {"huber": "Huber", "lsq": "least-squares"}
 
 
+def metric_label(metric: str) -> str:
+    """Axis text of a --metric: upstream top-1 error or accuracy, or a transfer error
+    (analysis.transfer.Metric.label)."""
+    return METRIC_LABELS.get(metric) or parse_metric(metric).label
+
+
 def _y(error, metric: str):
-    """Error -> the plotted metric (error itself, or accuracy = 1 - error)."""
-    return error if metric == "error" else 1.0 - np.asarray(error)
+    """Error -> the plotted metric (error itself, or accuracy = 1 - error for top1; transfer
+    metrics are errors)."""
+    return error if metric != "top1" else 1.0 - np.asarray(error)
 
 
 def _metric_axis(ax, metric: str, errors) -> None:
@@ -40,11 +48,11 @@ def _metric_axis(ax, metric: str, errors) -> None:
     less than a factor of 2 (a log axis would show a single tick); accuracy linear."""
     errors = np.asarray(errors, dtype=float)
     errors = errors[np.isfinite(errors) & (errors > 0)]
-    if metric == "error" and errors.size and errors.max() / errors.min() >= 2:
+    if metric != "top1" and errors.size and errors.max() / errors.min() >= 2:
         log_axis(ax, "y", fmt=lambda v: f"{100 * v:.3g}%")
     else:
         percent_axis(ax, "y")
-    ax.set_ylabel(f"{METRIC_LABELS[metric]} (%)")
+    ax.set_ylabel(f"{metric_label(metric)} (%)")
 
 
 def _interval(pts: pd.DataFrame, metric: str) -> np.ndarray:
@@ -72,6 +80,13 @@ def interval_note(pts: pd.DataFrame) -> str:
     seeds = f"{k.min()}" if k.min() == k.max() else f"{k.min()}–{k.max()}"
     note = (f"bars: 95% interval (Wilson on {imgs} images;\nacross seeds when > 1); "
             f"{seeds} seed(s)/point")
+    draws = (pd.to_numeric(pts["probe_seeds"], errors="coerce").dropna()
+             if "probe_seeds" in pts else ())
+    if len(draws):  # a transfer metric: the k-shot draws of each point
+        d = (f"{int(draws.min())}" if draws.min() == draws.max()
+             else f"{int(draws.min())}–{int(draws.max())}")
+        note = note.replace("seeds when > 1)", f"seeds when > 1;\nt over the {d} k-shot draws "
+                                                 "averaged)")
     width = ((pts["err_hi"] - pts["err_lo"]) / pts["error"]).median() if len(pts) else 0.0
     if width < 0.03:  # on these axes a marker spans about 3 % of the value
         note += "\n(most bars are narrower than the markers)"
@@ -185,7 +200,7 @@ def compute_figure(points: pd.DataFrame, frontier: pd.DataFrame, order: list[str
     log_axis(ax, "x")
     _metric_axis(ax, metric, pd.concat([good["error"], bad["error"]]))
     ax.set_xlabel(X_LABELS[x])
-    ax.set_title(f"{METRIC_LABELS[metric]} vs {X_LABELS[x].split(' (')[0].lower()}")
+    ax.set_title(f"{metric_label(metric)} vs {X_LABELS[x].split(' (')[0].lower()}")
     seeds = good.groupby("model")["n_seeds"].max() if len(good) else pd.Series(dtype=int)
     sizes = [(Line2D([], [], color=palette[m], lw=1.6),
               f"{m}" + (f" ({int(seeds[m])} seeds)" if seeds.get(m, 1) > 1 else ""))
@@ -305,12 +320,13 @@ def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = 
     cx = frontier[col].to_numpy()
     grid = np.logspace(np.log10(cx.min()) - 0.3, np.log10(cx.max()) + 1.0, 200)
     _extrapolation_region(ax, float(cx.min()), float(cx.max()), grid)
-    _fit_lines(ax, result, grid, metric, f"E: top-1 error (%), C: {X_UNITS[x]}")
+    what = "top-1 error" if metric in METRIC_LABELS else metric_label(metric)
+    _fit_lines(ax, result, grid, metric, f"E: {what} (%), C: {X_UNITS[x]}")
     fit = result["fit"]
     # The floor is drawn only where it is in view: a fitted c far below every observed error
     # (the data show no saturation yet) would otherwise stretch the log axis over decades.
     visible_floor = 0.25 * float(frontier["error"].min())
-    if metric == "error" and fit["c"] >= visible_floor:
+    if metric != "top1" and fit["c"] >= visible_floor:
         ax.axhline(fit["c"], color="grey", ls=":", lw=1, label=f"floor c = {_pct(fit['c'])}")
     _holdout(ax, result["extrapolation"], grid, metric)
     _frontier_marks(ax, frontier[frontier["error"] > 0].reset_index(drop=True), result, col,
@@ -318,7 +334,7 @@ def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = 
     log_axis(ax, "x")
     ax.set_xlim(grid.min(), grid.max())
     _metric_axis(ax, metric, frontier["error"])
-    if metric == "error":
+    if metric != "top1":
         ax.set_ylim(bottom=max(ax.get_ylim()[0], visible_floor))
     ax.set_xlabel(X_LABELS[x])
     ax.set_title("Saturating power law on the frontier (Zhai et al. 2022)")

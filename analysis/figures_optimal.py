@@ -24,7 +24,8 @@ def budget_colours(budgets) -> dict:
     return sequential_colours(sorted(budgets), "plasma")
 
 
-def _profiles_panel(ax, res: dict, colours: dict) -> None:
+def _profiles_panel(ax, res: dict, colours: dict,
+                    label: str = "Top-1 error") -> None:
     """Left: every budget's points with interval bars, its parabola and vertex (or bound)."""
     pts = res["points"]
     fits = {p["compute"]: p for p in res["profiles"]}
@@ -53,7 +54,7 @@ def _profiles_panel(ax, res: dict, colours: dict) -> None:
     else:
         ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{100 * v:.3g}%"))
     ax.set_xlabel("Parameters")
-    ax.set_ylabel("Top-1 error (%), final eval")
+    ax.set_ylabel(f"{label} (%), final eval")
     ax.set_title("IsoFLOP profiles")
 
 
@@ -105,12 +106,12 @@ def _nopt_panel(ax, res: dict, colours: dict) -> None:
     ax.set_title("Compute-optimal model size")
 
 
-def optimal_size_figure(res: dict):
+def optimal_size_figure(res: dict, label: str = "Top-1 error"):
     """Both panels for an analysis.isoflop.optimal_size result with at least one budget's
     points; the legend (under the panels) lists budgets, lines and markers."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 5.6), layout="constrained")
     colours = budget_colours(res["points"]["budget"].unique())
-    _profiles_panel(left, res, colours)
+    _profiles_panel(left, res, colours, label)
     _nopt_panel(right, res, colours)
     legend_columns(fig, list(zip(*left.get_legend_handles_labels())),
                    list(zip(*right.get_legend_handles_labels())),

@@ -1,24 +1,32 @@
 """Scaling figures, tidy tables and summary.md from a results directory.
 
     python analysis/plot_scaling.py [--results results] [--out RESULTS/figures]
-        [--metric error|top1] [--x flops|images|device_hours] [--formats png,pdf,svg]
+        [--metric error|top1|fewshot:NAME:K|finetune:NAME] [--x flops|images|device_hours]
+        [--formats png,pdf,svg]
         [--sweep NAME[,NAME]] [--n-boot 200] [--fit huber|lsq] [--cache-dir DIR | --no-cache]
 
 Reads every run under --results (layout: scaling/results.py) and benchmark rows from
 RESULTS/bench/*.jsonl and RESULTS/bench/local/*.jsonl, and writes to --out (default:
 RESULTS/figures):
   <metric>_vs_<x>.*      eval curves per run, coloured by model size, with the Pareto frontier
+                         (a transfer metric: fewshot-NAME-Kshot_vs_<x>, finetune-NAME_vs_<x>)
   scaling_law_fit.*      E = a (C + d)^(-b) + c fitted to the frontier (Zhai et al. 2022, Sec. 2.2)
                          with the Huber loss (default) and least squares, a bootstrap band and
                          the hold-out extrapolation check
   optimal_model_size.*   IsoFLOP profiles per FLOPs budget and N_opt ∝ C^a from their vertices
                          (Hoffmann et al. 2022, approach 2)
   throughput_mfu.*       images/s and MFU per size (only when benchmark rows exist)
+  upstream_vs_transfer.* upstream and transfer error side by side against pre-training compute
+                         (as the ViT paper's Fig. 5; only when transfer.jsonl rows exist)
   vit_paper_table6.*     the ViT paper's Fig. 5 redrawn from its Table 6, law fitted to ViT rows
-  evals.csv, evals.parquet, runs.csv, summary.md, summary.json
+  evals.csv, evals.parquet, runs.csv, transfer.csv (with transfer rows), summary.md, summary.json
+--metric fewshot:NAME:K (K-shot linear-probe error on downstream set NAME, the `dataset` of
+RUN_DIR/transfer.jsonl rows) or finetune:NAME puts a transfer error through the same frontier,
+fit, IsoFLOP profiles and summaries, against pre-training compute (analysis.transfer).
 Parsed metrics files are cached in --cache-dir (default: OUT/.analysis-cache, git-ignored by its
 own .gitignore), so a re-plot parses only the metrics.jsonl files that changed (analysis.cache).
-Exit status: 0 on success, 1 when there is no readable run, 2 on bad flags (one line).
+Exit status: 0 on success, 1 when there is no readable run, 2 on bad flags or a --metric with
+no rows (one line, listing the metrics there are).
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ import matplotlib
 from analysis.cache import CACHE_DIR
 from analysis.fit import LOSSES
 from analysis.load import NoResultsError, count_skipped
-from analysis.report import METRICS, analyse
+from analysis.report import analyse
 from analysis.style import FORMATS, X_COLUMNS
+from analysis.transfer import MetricError, parse_metric
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,8 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="results directory holding <sweep>/<run>/ dirs (default: results)")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: RESULTS/figures)")
-    p.add_argument("--metric", choices=METRICS, default="error",
-                   help="y axis: top-1 error (log axis) or top-1 accuracy (default: error)")
+    p.add_argument("--metric", default="error",
+                   help="y axis: upstream top-1 error (log axis) or top1 accuracy, or a "
+                        "transfer error: fewshot:NAME:K (K-shot probe on downstream set NAME) "
+                        "or finetune:NAME (default: error)")
     p.add_argument("--x", choices=sorted(X_COLUMNS), default="flops",
                    help="compute axis: training FLOPs, images seen or device hours "
                         "(default: flops)")
@@ -84,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     cache.add_argument("--no-cache", action="store_true",
                        help="parse every metrics file, read and write no cache")
     args = p.parse_args(argv)
+    try:
+        parse_metric(args.metric)
+    except ValueError as e:
+        p.error(str(e))
     args.formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     bad = [f for f in args.formats if f not in FORMATS]
     if bad or not args.formats:
@@ -111,6 +126,9 @@ def main(argv=None) -> int:
     except NoResultsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except MetricError as e:  # a --metric without rows: nothing was written
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        return 2
     for path in report["figures"] + report["tables"] + [report["summary"],
                                                          report["summary_json"]]:
         print(path)

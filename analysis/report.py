@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
-from analysis import figures, figures_optimal, paper
+from analysis import figures, figures_optimal, figures_transfer, paper, transfer
 from analysis.figures_bench import comparable_latest
 from analysis.fit import check_loss
 from analysis.frontier import (
@@ -21,21 +21,29 @@ from analysis.frontier import (
     x_column,
 )
 from analysis.isoflop import optimal_size
-from analysis.load import load_bench, load_results, model_order, select_sweeps
+from analysis.load import (
+    Results,
+    Skipped,
+    _skip,
+    load_bench,
+    load_results,
+    model_order,
+    select_sweeps,
+)
 from analysis.memo import FitMemo, plain
 from analysis.noise import close_calls
 from analysis.style import FORMATS, save_figure, set_style, size_palette
 from analysis.summary import render
 from analysis.summary_json import write_summary_json
+from scaling.results import iter_run_dirs
 
 log = logging.getLogger("analysis")
-METRICS = ("top1", "error")
+METRICS = ("top1", "error")  # upstream; transfer metrics: fewshot:NAME:K, finetune:NAME
 
 
 def _check_options(metric: str, x: str, formats) -> tuple[str, ...]:
     """Validate the options up front, so a typo fails before any work is done."""
-    if metric not in METRICS:
-        raise ValueError(f"metric={metric!r}; expected one of {METRICS}")
+    transfer.parse_metric(metric)  # ValueError naming the forms
     x_column(x)
     formats = tuple(formats)
     bad = [f for f in formats if f not in FORMATS]
@@ -51,12 +59,19 @@ def write_csv(frame, path: Path) -> None:
     pcsv.write_csv(table, path, write_options=pcsv.WriteOptions(quoting_style="needed"))
 
 
-def _write_tables(res, out: Path) -> list[Path]:
-    """The tidy eval table (CSV and parquet) and the per-run table (CSV)."""
+def _write_tables(res, rows, out: Path) -> list[Path]:
+    """The tidy eval table (CSV and parquet), the per-run table (CSV) and, when there are
+    transfer rows, transfer.csv (one row per transfer.jsonl row, with its run)."""
     paths = [out / "evals.csv", out / "evals.parquet", out / "runs.csv"]
     write_csv(res.evals, paths[0])
     res.evals.to_parquet(paths[1], index=False)
     write_csv(res.runs, paths[2])
+    stale = out / "transfer.csv"
+    if len(rows):
+        write_csv(rows, stale)
+        paths.append(stale)
+    elif stale.exists():
+        stale.unlink()
     return paths
 
 
@@ -64,6 +79,7 @@ def _scaling_figures(report: dict, out: Path, formats, n_boot: int) -> None:
     """Curves and fit figures from the runs' seed-averaged points (notes where data are
     missing)."""
     res, x, metric, palette = report["results"], report["x"], report["metric"], report["palette"]
+    slug = transfer.parse_metric(metric).slug
     points = usable_points(res.evals, x)
     averaged = frontier_points(res.evals, x)  # seeds averaged, once for all that follows
     frontier = frontier_of(averaged, x)
@@ -76,7 +92,7 @@ def _scaling_figures(report: dict, out: Path, formats, n_boot: int) -> None:
         return
     fig = figures.compute_figure(points, frontier, report["order"], palette, x=x, metric=metric,
                                  averaged=averaged)
-    report["figures"] += save_figure(fig, out, f"{metric}_vs_{x}", formats)
+    report["figures"] += save_figure(fig, out, f"{slug}_vs_{x}", formats)
     report["fit"] = fit_frontier(frontier, x, n_boot=n_boot, loss=report["loss"],
                                  memo=report["memo"])
     if report["fit"]["ok"]:
@@ -91,7 +107,9 @@ def _optimal_figure(report: dict, out: Path, formats, n_boot: int) -> None:
     report["optimal"] = optimal_size(report["results"].evals, n_boot=n_boot)
     pts = report["optimal"]["points"]
     if len(pts) and pts.groupby("budget")["model"].nunique().max() >= 2:
-        fig = figures_optimal.optimal_size_figure(report["optimal"])
+        label = "Top-1 error" if report["metric"] in METRICS else \
+            figures.metric_label(report["metric"])
+        fig = figures_optimal.optimal_size_figure(report["optimal"], label)
         report["figures"] += save_figure(fig, out, "optimal_model_size", formats)
     else:
         report["notes"].append(f"optimal-size figure skipped: {report['optimal']['reason']}")
@@ -118,13 +136,44 @@ def _other_figures(report: dict, out: Path, formats, n_boot: int) -> None:
 def _remove_stale(report: dict, out: Path) -> None:
     """Delete our own figure files that this run did not produce (a fit that no longer holds
     must not survive from an earlier run); other files in `out` are left alone."""
-    names = (f"{report['metric']}_vs_{report['x']}", "scaling_law_fit", "optimal_model_size",
-             "throughput_mfu", "vit_paper_table6")
+    names = (f"{transfer.parse_metric(report['metric']).slug}_vs_{report['x']}",
+             "scaling_law_fit", "optimal_model_size", "throughput_mfu", "vit_paper_table6",
+             "upstream_vs_transfer")
     produced = set(report["figures"])
     for path in (out / f"{n}.{f}" for n in names for f in FORMATS):
         if path.exists() and path not in produced:
             log.info("removing stale %s", path)
             path.unlink()
+
+
+def _transfer_figure(report: dict, out: Path, formats) -> None:
+    """Upstream and transfer panels side by side (ViT paper Fig. 5), whenever transfer rows
+    exist, whatever --metric is."""
+    rows, res, x = report["transfer_rows"], report["upstream"], report["x"]
+    if rows.empty:
+        report["notes"].append("upstream-vs-transfer figure skipped: no transfer.jsonl rows")
+        return
+    panels = []
+    for metric in ["error", *figures_transfer.panel_metrics(rows, report["metric"])]:
+        m = transfer.parse_metric(metric)
+        evals = res.evals if not m.transfer else transfer.transfer_evals(res, rows, m)
+        averaged = frontier_points(evals, x)
+        panels.append({"metric": metric, "averaged": averaged,
+                       "frontier": frontier_of(averaged, x)})
+    fig = figures_transfer.transfer_figure(panels, report["order"], report["palette"], x=x)
+    report["figures"] += save_figure(fig, out, "upstream_vs_transfer", formats)
+
+
+def read_transfer(results_dir, sweeps=None) -> tuple:
+    """(transfer rows of the named sweeps, or all; the lines skipped) under `results_dir`."""
+    skipped: list[Skipped] = []
+    rows = transfer.read_rows(results_dir, lambda path, reason, line: _skip(
+        skipped, path, reason, line))
+    if sweeps:
+        keep = rows["run"].str.split("/").str[0].isin(list(sweeps))
+        skipped = [s for s in skipped if Path(s.path).parent.parent.name in sweeps]
+        rows = rows[keep].reset_index(drop=True)
+    return rows, skipped
 
 
 def analyse(results_dir, out_dir, *, metric: str = "error", x: str = "flops",
@@ -133,35 +182,57 @@ def analyse(results_dir, out_dir, *, metric: str = "error", x: str = "flops",
     """Run the analysis of `results_dir` (optionally only some sweeps) and write figures, tables,
     summary.md and summary.json to `out_dir`; the law is fitted with `loss` ("huber", the
     default, or "lsq"); parsed metrics are cached in `cache_dir` when given (analysis.cache).
-    Raises analysis.load.NoResultsError when there is no run."""
+    `metric`: error, top1, fewshot:NAME:K or finetune:NAME (analysis.transfer); one without
+    rows raises transfer.MetricError before anything is written. Raises
+    analysis.load.NoResultsError when there is no run."""
     _check_options(metric, x, formats)
     check_loss(loss)
+    root = Path(results_dir)
+    runs_here = root.is_dir() and next(iter_run_dirs(root), None) is not None
+    rows = read_transfer(root, sweeps) if runs_here else None
+    if rows is not None and all((root / w).is_dir() for w in sweeps or ()):
+        transfer.check_metric(transfer.parse_metric(metric), rows[0], results_dir)
     res = load_results(results_dir, cache_dir=cache_dir)
     return analyse_results(res, out_dir, metric=metric, x=x, formats=formats, n_boot=n_boot,
-                           sweeps=sweeps, loss=loss, cache_dir=cache_dir)
+                           sweeps=sweeps, loss=loss, cache_dir=cache_dir, transfer_rows=rows)
+
+
+def _metric_results(res: Results, rows, metric: str) -> Results:
+    """`res` with its eval table replaced by the transfer metric's points (unchanged for an
+    upstream metric)."""
+    m = transfer.parse_metric(metric)
+    if not m.transfer:
+        return res
+    return Results(res.results_dir, transfer.transfer_evals(res, rows, m), res.runs,
+                   res.skipped, res.cache)
 
 
 def analyse_results(res, out_dir, *, metric: str = "error", x: str = "flops",
                     formats=("png",), n_boot: int = 200, sweeps=None,
-                    loss: str = "huber", cache_dir=None) -> dict:
+                    loss: str = "huber", cache_dir=None, transfer_rows=None) -> dict:
     """`analyse` from loaded results (analysis.load.Results); benchmark rows are read from
-    its results dir; fits are remembered in `cache_dir` when given (analysis.memo)."""
+    its results dir; fits are remembered in `cache_dir` when given (analysis.memo);
+    `transfer_rows`: (rows, skipped) of analysis.report.read_transfer, read when None."""
     formats = _check_options(metric, x, formats)
     check_loss(loss)
     if sweeps:
         res = select_sweeps(res, sweeps)
+    rows, t_skipped = transfer_rows or read_transfer(res.results_dir, sweeps)
+    transfer.check_metric(transfer.parse_metric(metric), rows, res.results_dir)
+    rows = rows[rows["run"].isin(set(res.runs["run"]))].reset_index(drop=True)
     bench, bench_skipped = load_bench(res.results_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_style()
     order = model_order(res.runs)
-    report = {"results": res, "bench": bench, "bench_used": None,
-              "skipped": res.skipped + bench_skipped,
+    report = {"results": _metric_results(res, rows, metric), "upstream": res,
+              "transfer_rows": rows, "bench": bench, "bench_used": None,
+              "skipped": res.skipped + t_skipped + bench_skipped,
               "metric": metric, "x": x, "loss": loss, "order": order,
               "palette": size_palette(order),
               "memo": plain if cache_dir is None else FitMemo(cache_dir),
-              "figures": [], "notes": [], "tables": _write_tables(res, out)}
-    report["sizes"] = size_table(res.runs, res.evals, order, x)
+              "figures": [], "notes": [], "tables": _write_tables(res, rows, out)}
+    report["sizes"] = size_table(res.runs, report["results"].evals, order, x)
     if res.runs["sweep"].nunique() > 1:
         # One frontier over several sweeps only makes sense if they share data and recipe.
         report["notes"].append(f"runs of {res.runs['sweep'].nunique()} sweeps are combined "
@@ -169,6 +240,7 @@ def analyse_results(res, out_dir, *, metric: str = "error", x: str = "flops",
                                "to analyse one")
     _scaling_figures(report, out, formats, n_boot)
     _optimal_figure(report, out, formats, n_boot)
+    _transfer_figure(report, out, formats)
     _other_figures(report, out, formats, n_boot)
     _remove_stale(report, out)
     report["summary"] = out / "summary.md"

@@ -20,6 +20,7 @@ from analysis.summary_sections import (
     isoflop_section,
     noise_section,
 )
+from analysis.summary_transfer import transfer_section
 
 # A rough guide for reading the hold-out error, not a statistical test.
 TRUST = ((0.05, "the law extrapolated well"), (0.15, "the law extrapolated roughly"),
@@ -155,6 +156,7 @@ def render(report: dict) -> str:
              *fit_section(report["fit"], report["x"], report["frontier"]),
              *extrapolation_section(report["fit"]),
              *isoflop_section(report["optimal"]),
+             *transfer_section(report),
              *paper_section(report["paper_fits"]),
              *_bench(report),
              *status_section(res.runs, report["skipped"]),

@@ -68,14 +68,16 @@ def noise_section(frontier: pd.DataFrame, close: pd.DataFrame, x: str) -> list[s
 
 def frontier_section(frontier: pd.DataFrame, col: str, x: str) -> list[str]:
     """Every frontier point: compute, size, error with interval, seeds and images."""
+    draws = "probe_seeds" in frontier and frontier["probe_seeds"].notna().any()
     rows = [[_num(r[col]), r["model"], _pct(r["error"]),
              f"[{_pct(r['err_lo'])}, {_pct(r['err_hi'])}]", int(r["n_seeds"]),
+             *([_num(r["probe_seeds"], ".0f")] if draws else []),
              _num(r.get("num_samples"), ",.0f")] for _, r in frontier.iterrows()]
     return ["## Frontier points", "",
             ("The compute-optimal (Pareto) points of the seed-averaged evals, which the law is "
              "fitted to:"), "",
             *_table([f"compute ({X_UNITS[x]})", "model", "error (%)", "95% interval (%)",
-                     "seeds", "images"], rows), ""]
+                     "seeds", *(["k-shot draws"] if draws else []), "images"], rows), ""]
 
 
 def _profile_row(p: dict) -> list:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scaling.results import append_metrics, write_json
+from scaling.results import append_metrics, append_transfer, iter_run_dirs, read_metrics, write_json
 
 TRUE_LAW = {"a": 4.0e4, "b": 0.3, "c": 0.05, "d": 5.0e15}
 # (model, params, forward MACs per image): ViT paper Table 1 shapes, 224px, as in
@@ -182,6 +182,26 @@ def write_isoflop_results(root, *, sweep: str = "isoflop", budgets=ISOFLOP_BUDGE
             "runs": runs}
 
 
+def write_transfer(root, *, dataset: str = "shapes", shots=(1, 5, 10), seeds: int = 3,
+                   num_test: int = 1000, noise: float = 0.02, seed: int = 0) -> int:
+    """Few-shot rows (scaling.results.TRANSFER_KEYS) at every eval step of every run under
+    `root`: k-shot error = 1 - (1 - upstream error) x (1 - 0.5 / k), times a log-normal draw
+    per probe seed. Returns the number of rows written."""
+    rng, n = np.random.default_rng(seed), 0
+    for run_dir in iter_run_dirs(root):
+        for ev in (r for r in read_metrics(run_dir) if r["kind"] == "eval"):
+            for k in shots:
+                for s in range(seeds):
+                    top1 = ev["top1"] * (1 - 0.5 / k) * np.exp(rng.normal(0.0, noise))
+                    append_transfer(run_dir, {
+                        "kind": "fewshot", "dataset": dataset, "shots": k, "seed": s,
+                        "top1": float(np.clip(top1, 0.0, 1.0)), "step": ev["step"],
+                        "images_seen": ev["images_seen"], "flops_seen": ev["flops_seen"],
+                        "num_train": 10 * k, "num_test": num_test, "source": "train"})
+                    n += 1
+    return n
+
+
 def write_bench(root, sizes=SIZES) -> Path:
     """Benchmark rows (results/bench/*.jsonl schema, docs/architecture.md) for two impls."""
     path = Path(root) / "bench" / "synthetic.jsonl"
@@ -209,12 +229,16 @@ def main(argv=None) -> int:
                    help="isoflop: sizes x FLOPs budgets x seeds (default); curves: one long "
                         "run per size")
     p.add_argument("--seeds", type=int, default=2, help="seeds per run of --kind isoflop")
+    p.add_argument("--transfer", action="store_true",
+                   help="also write few-shot rows (1/5/10 shots, 3 probe seeds) at every eval")
     args = p.parse_args(argv)
     if args.kind == "isoflop":
         info = write_isoflop_results(args.out, seeds=tuple(range(args.seeds)))
     else:
         info = write_synthetic_results(args.out)
     write_bench(args.out)
+    if args.transfer:
+        write_transfer(args.out)
     print(f"wrote {len(info['runs'])} runs and a benchmark file under {args.out}")
     return 0
 

@@ -202,17 +202,37 @@ def placeholder_data(preset: Preset) -> DatasetInfo:
                        splits={k: SplitInfo(k, int(n[k]), ()) for k in ("train", "val")})
 
 
+def _builtin(source: str, data_args: dict, what: str, name: str | None = None) -> DatasetInfo:
+    """Built-in shards of `source`, made once under $VIT_SCALING_DATA (default ./data) in the
+    folder `name` (default: named by the arguments), then reused; made again if its arguments
+    change."""
+    tag = name or "-".join([source] + [f"{k}{v}" for k, v in sorted(data_args.items())])
+    out = Path(os.environ.get("VIT_SCALING_DATA", "data")) / tag
+    print(f"{what}: {out} ({source}; made once, then reused)")
+    return make_builtin_shards(source, out, **data_args)
+
+
+def with_builtin_fewshot(args: argparse.Namespace, preset: Preset) -> Preset:
+    """The preset with its built-in downstream sets (made once, like its built-in data) as
+    few-shot probes of every run: only when its built-in data is used (no --data) and the
+    recipe names no --fewshot of its own (--set fewshot=... still wins)."""
+    spec = preset.fewshot_builtin
+    if not spec or args.data or not preset.builtin_data or "fewshot" in preset.train:
+        return preset
+    dirs = [str(_builtin(src, kw, "downstream data", name).root)
+            for name, src, kw in spec["sets"]]
+    train = {"fewshot": ",".join(dirs), "fewshot_shots": spec["shots"],
+             "fewshot_seeds": spec["seeds"]}
+    return preset.replace(train={**preset.train, **train})
+
+
 def resolve_data(args: argparse.Namespace, preset: Preset) -> tuple[DatasetInfo, bool]:
     """(dataset, whether it is a placeholder): --data, the preset's built-in shards (made once
     in a cache dir), the documented defaults, or (dry run) the nominal dataset."""
     if args.data:
         return load_dataset_info(args.data, verify="size"), False  # DataError names it
     if preset.builtin_data:
-        tag = "-".join([preset.builtin_data] + [f"{k}{v}" for k, v in sorted(
-            preset.data_args.items())])
-        out = Path(os.environ.get("VIT_SCALING_DATA", "data")) / tag
-        print(f"built-in data: {out} ({preset.builtin_data}; made once, then reused)")
-        return make_builtin_shards(preset.builtin_data, out, **preset.data_args), False
+        return _builtin(preset.builtin_data, preset.data_args, "built-in data"), False
     found = data_default(preset.name)
     if found:
         print(f"data: {found[0]} (from {found[1]})")

@@ -145,6 +145,8 @@ def config_hash(cfg: TrainConfig, world_size: int, data: dict) -> str:
     """Six hex digits over the result-changing, non-default config fields and the layout."""
     fields = {k: v for k, v in cfg.to_dict().items()
               if k not in RESUMABLE_FIELDS and v is not None and v != TRAIN_FIELDS[k].default}
+    if "fewshot" in fields:  # downstream sets by name (their rows' `dataset`), not location
+        fields["fewshot"] = [Path(d).name for d in fields["fewshot"].split(",")]
     payload = json.dumps({"cfg": fields, "world_size": world_size, "data": data},
                          sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()[:6]

@@ -32,6 +32,10 @@ class Preset:
     gpus: int = 1  # default GPUs (ranks) per run
     builtin_data: str | None = None  # "digits"/"shapes": made on demand when --data is absent
     data_args: dict = field(default_factory=dict)  # scaling.data.make_builtin_shards kwargs
+    # built-in downstream sets probed (scaling.fewshot) at every eval when the built-in data is
+    # used: {"sets": ((name, source, make_builtin_shards kwargs), ...), "shots": "1,5",
+    # "seeds": 3}; `name` is the folder's, so the `dataset` of the rows and of --metric
+    fewshot_builtin: dict = field(default_factory=dict)
     slurm: dict = field(default_factory=dict)  # defaults for launchers.slurm (time, cpus...)
     # the dataset the recipe is made for (name, image_size, classes, train, val): a dry run
     # without --data plans with it, clearly marked as a placeholder (launchers.defaults)
@@ -67,13 +71,18 @@ def demo() -> Preset:
                # curve evenly spread in log compute, so the frontier has more than one point per
                # budget to fit the law to, at a few evals per run (an eval of the 539 val images
                # costs about as much as 2-3 training steps)
-               "eval_every": 25, "eval_spacing": "log", "ckpt_every": 0, "num_workers": 0,
+               "eval_every": 25, "eval_spacing": "log", "ckpt_every": "0", "num_workers": 0,
                "precision": "fp32",
                "zero": 0, "log_every": 10, "progress": False},
         device="cpu",
         gpus=1,
         builtin_data="digits",
         data_args={"val_fraction": 0.3},  # 539 val images: top-1 steps of 0.2%, not 0.6%
+        # transfer: 1/5/10-shot linear probes on procedural shapes (another dataset, drawn at
+        # the same 8 px) at every eval point, 3 draws each (docs/sweeps.md: their cost)
+        fewshot_builtin={"sets": (("shapes8", "shapes", {"image_size": 8, "num_samples": 2000,
+                                                         "val_fraction": 0.25}),),
+                         "shots": "1,5,10", "seeds": 3},
         slurm={"time": 30, "cpus_per_task": 1, "max_parallel": 2},  # 2 runs on 2 cores
     )
 
@@ -90,7 +99,7 @@ def cifar() -> Preset:
         base_lr=1e-3,  # common from-scratch CIFAR ViT setting at batch 512
         train={"weight_decay": 0.05, "warmup_fraction": 0.05, "label_smoothing": 0.1,
                "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "drop_path": 0.1, "grad_clip": 0.0,
-               "precision": "bf16", "zero": 1, "eval_every": 500, "ckpt_every": 1000,
+               "precision": "bf16", "zero": 1, "eval_every": 500, "ckpt_every": "1000",
                "num_workers": 4},
         device="cuda",
         gpus=1,
@@ -120,7 +129,7 @@ def imagenet() -> Preset:
         train={"image_size": 224, "weight_decay": 0.05, "warmup_fraction": 5 / 300,
                "min_lr": 1e-5, "schedule": "cosine", "label_smoothing": 0.1, "mixup_alpha": 0.8,
                "cutmix_alpha": 1.0, "drop_path": 0.1, "grad_clip": 0.0, "precision": "bf16",
-               "zero": 1, "eval_every": 2000, "ckpt_every": 2000, "num_workers": 8},
+               "zero": 1, "eval_every": 2000, "ckpt_every": "2000", "num_workers": 8},
         device="cuda",
         gpus=8,
         slurm={"time": 24 * 60, "cpus_per_task": 10},
