@@ -36,7 +36,7 @@ EVALS_PER_DECADE = 4
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_FIELDS = ("num_workers", "log_every", "progress", "out", "data", "eval_every",
                     "eval_spacing",
-                    "ckpt_every", "keep_ckpts", "tensorboard", "wandb")
+                    "ckpt_every", "keep_ckpts", "stop_poll_every", "tensorboard", "wandb")
 
 
 def _f(default, help, **kw):
@@ -115,6 +115,9 @@ class TrainConfig:
                                "relative path is taken from --out's parent: a sibling run id)")
     branch_step: int | None = _f(None, "the trunk step this run branches at (with --trunk-run)")
     log_every: int = _f(10, "log a train row every N steps")
+    stop_poll_every: int = _f(0, "check for a stop signal (SIGTERM, SIGUSR2) every N steps and at "
+                              "every eval and checkpoint step; 0: every step on a CPU, every 10 "
+                              "on a GPU, where a check syncs host and device (scaling.loop)")
     num_workers: int = _f(2, "data loader workers per rank")
     strict_data: bool = _f(False, "a corrupt image is an error instead of a counted skip")
     peak_tflops: float | None = _f(None, "device peak TFLOP/s for MFU (default: table)")
@@ -221,7 +224,7 @@ def _validate(c: TrainConfig) -> None:
     bad = [f"{n}={getattr(c, n)}" for n in positive if not getattr(c, n) > 0]
     ckpt_interval(c.ckpt_every)
     nonneg = ("eval_every", "num_workers", "weight_decay", "grad_clip", "min_lr",
-              "mixup_alpha", "cutmix_alpha", "label_smoothing")
+              "mixup_alpha", "cutmix_alpha", "label_smoothing", "stop_poll_every")
     bad += [f"{n}={getattr(c, n)}" for n in nonneg if getattr(c, n) < 0]
     for n in ("micro_batch_size", "image_size", "warmup_steps", "eval_batch_size",
               "samples_per_epoch", "peak_tflops", "cooldown_steps", "branch_step"):

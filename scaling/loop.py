@@ -1,4 +1,5 @@
-"""The parts of the training loop that are not the step: batches, timing, evaluation."""
+"""The parts of the training loop that are not the step: batches, timing, evaluation, and
+when the loop asks whether to stop."""
 
 from __future__ import annotations
 
@@ -144,6 +145,62 @@ def prefetch(items: Iterator, depth: int) -> Iterator:
         yield item
 
 
+GPU_STOP_POLL = 10  # steps between stop checks on a GPU (stop_poll_every=0); log_every's default
+
+
+def stop_poll_every(cfg, device: torch.device) -> int:
+    """Steps between stop checks: cfg.stop_poll_every, or with 0 every step on a CPU (a check
+    there costs no host-device sync) and every GPU_STOP_POLL steps on a GPU."""
+    if cfg.stop_poll_every:
+        return cfg.stop_poll_every
+    return GPU_STOP_POLL if device.type == "cuda" else 1
+
+
+def is_stop_boundary(step: int, every: int, evals: set[int], ckpt_every: int,
+                     total_steps: int) -> bool:
+    """Whether the loop checks for a stop signal (an all-reduce that reads a device value back)
+    after `step`: a multiple of `every`, an eval step, a checkpoint step (every ckpt_every
+    steps, 0: none) or the last one. A function of the step alone, so every rank checks at the
+    same steps; a signal is acted on at the first boundary after it arrived."""
+    return (step % every == 0 or step in evals or step == total_steps
+            or bool(ckpt_every) and step % ckpt_every == 0)
+
+
+class StepClock:
+    """Seconds in training steps. On a GPU a pair of CUDA events per step, read back only by
+    `drain` (at log steps, saves and the end, where the loop reads the device anyway), so the
+    timing adds no host-device sync per step; on a CPU the wall clock around the step."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.cuda = device is not None and device.type == "cuda"
+        self._start, self._pending = None, []
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def stop(self) -> float:
+        """The step's seconds on a CPU; 0 on a GPU, where they come with the next drain."""
+        if not self.cuda:
+            return time.perf_counter() - self._start
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._pending.append((self._start, end))
+        return 0.0
+
+    def drain(self) -> float:
+        """GPU seconds of the steps stopped since the last drain (waits for the last one)."""
+        if not self._pending:
+            return 0.0
+        self._pending[-1][1].synchronize()
+        seconds = sum(a.elapsed_time(b) for a, b in self._pending) / 1e3
+        self._pending.clear()
+        return seconds
+
+
 class Meter:
     """Wall time, time in training steps, where the rest went, and skipped samples; carried
     across restarts (a resumed run adds each process's time from its own start)."""
@@ -169,6 +226,11 @@ class Meter:
         self.op_build_s = 0.0
         self.skipped = 0  # this rank, cumulative
         self.window_step, self._window_t0 = 0, time.perf_counter()
+        self.clock = StepClock()
+
+    def use_device(self, device: torch.device) -> None:
+        """Time the steps on `device`: CUDA events on a GPU (StepClock)."""
+        self.clock = StepClock(device)
 
     def wall(self) -> float:
         return self._wall_before + time.time() - self._t0
@@ -177,9 +239,17 @@ class Meter:
         """Seconds since this process started."""
         return time.time() - self._t0
 
-    def add_compute(self, seconds: float, skipped: int) -> None:
-        self.compute_s += seconds
+    def start_step(self) -> None:
+        self.clock.start()
+
+    def end_step(self, skipped: int) -> None:
+        """A training step ended; `skipped`: corrupt samples its batch skipped on this rank."""
+        self.compute_s += self.clock.stop()
         self.skipped += skipped
+
+    def flush(self) -> None:
+        """Add the GPU time of the steps timed since the last flush (a sync on a GPU)."""
+        self.compute_s += self.clock.drain()
 
     def add(self, part: str, seconds: float) -> None:
         """Count `seconds` outside training steps as `part` (one of PARTS)."""
@@ -192,6 +262,7 @@ class Meter:
 
     def end_window(self, step: int) -> float:
         """Seconds since the window started (eval/checkpoint time excluded); opens the next."""
+        self.flush()  # a train row: the loop has just read the device anyway
         now = time.perf_counter()
         seconds, self.window_step, self._window_t0 = now - self._window_t0, step, now
         return seconds
@@ -201,11 +272,15 @@ class Meter:
     def overhead_fraction(self, wall: float) -> float:
         """Share of `wall` (a reading of wall()) outside training steps (start-up, data
         stalls, eval, saves)."""
+        self.flush()
         return max(0.0, 1.0 - self.compute_s / wall) if wall > 0 else 0.0
 
     def breakdown(self, wall: float) -> dict[str, float]:
         """Seconds of wall time by part: PARTS, "steps", and "other" (logging, the loop's
-        all-reduces, anything unmeasured); the values sum to `wall` (a reading of wall())."""
+        all-reduces, anything unmeasured); the values sum to `wall` (a reading of wall()). On a
+        GPU "steps" is the GPU's time in them (CUDA events), which can overlap the host's
+        data_wait, so "other" can then be slightly negative."""
+        self.flush()
         parts = {**self.parts, "steps": self.compute_s}
         parts["other"] = wall - sum(parts.values())
         return parts
@@ -215,6 +290,7 @@ class Meter:
         return mfu(tflops * 1e12, given_peak or peak_tflops(name))
 
     def state(self) -> dict:
+        self.flush()
         return {"wall": self.wall(), "compute": self.compute_s, "skipped": self.skipped,
                 "parts": dict(self.parts), "op_build": self.op_build_s}
 

@@ -36,7 +36,7 @@ from scaling.config import (
 from scaling.data import load_dataset_info
 from scaling.fewshot import TrainingProbe
 from scaling.flops import training_flops
-from scaling.loop import Batches, Meter, evaluate, memory_gb
+from scaling.loop import Batches, Meter, evaluate, is_stop_boundary, memory_gb, stop_poll_every
 
 log = logging.getLogger("scaling.train")
 
@@ -147,6 +147,8 @@ class Run:
         t0 = time.perf_counter()
         self.meter.op_build_s += eng.init_distributed(self.dist_info)
         self.device = dist.device_for(self.dist_info)
+        self.meter.use_device(self.device)  # steps timed by CUDA events on a GPU
+        self.poll_every = stop_poll_every(self.cfg, self.device)
         self._own_run_dir()
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
         model = create_model(self.vit_cfg)
@@ -240,8 +242,9 @@ class Run:
             if item is None:
                 break
             micro_batches, skipped = item
+            self.meter.start_step()
             self.window += self._step(micro_batches)
-            self.meter.add_compute(time.perf_counter() - t1, skipped)
+            self.meter.end_step(skipped)
             self.step += 1
             if self.faults.get("sigterm") == self.step:
                 os.kill(os.getpid(), signal.SIGTERM)  # fault injection: a real signal, here
@@ -249,7 +252,7 @@ class Run:
                 bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
                 self._log_train()
-            if self._should_stop():
+            if self._stop_boundary(evals) and self._should_stop():
                 self.save()
                 raise SystemExit(results.EXIT_PREEMPTED)
             last = self.step == plan.total_steps
@@ -313,6 +316,12 @@ class Run:
             return False
         due = time.monotonic() - self._last_save >= 60 * self.ckpt_minutes
         return bool(dist.all_reduce_max(int(due and self.dist_info.is_main), self.device))
+
+    def _stop_boundary(self, evals: set[int]) -> bool:
+        """Whether to check for a stop here (scaling.loop.is_stop_boundary): every
+        poll_every steps, at eval and checkpoint steps and at the last one."""
+        return is_stop_boundary(self.step, self.poll_every, evals, self.ckpt_steps,
+                                self.plan.total_steps)
 
     def _should_stop(self) -> bool:
         """Whether a stop signal reached any rank; raises RunDirRefused (on every rank) when
@@ -454,13 +463,14 @@ class Run:
 
 
 _LOCK_LOST = 1000  # above every signal number
-_STOP = {"signal": 0}  # set by the handler; the loop checks it (all ranks agree) every step
+_STOP = {"signal": 0}  # set by the handler; the loop checks it (all ranks agree) at each
+# stop boundary (Run._stop_boundary: every stop_poll_every steps, eval and checkpoint steps)
 
 
 def _install_signal_handlers() -> None:
     """SIGTERM (preemption, torchrun) and SIGUSR2 (SLURM's warning before a time limit) only
     set a flag, so a signal delivered twice, or during start-up, is harmless: the run saves a
-    checkpoint at the next step boundary and exits with EXIT_PREEMPTED."""
+    checkpoint at the next stop boundary (Run._stop_boundary) and exits with EXIT_PREEMPTED."""
     def handler(signum, frame):
         _STOP["signal"] = signum
         log.warning("received %s: will checkpoint and exit", signal.Signals(signum).name)
