@@ -21,6 +21,7 @@ but the last attempt exited with an error), new (never submitted).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import getpass
@@ -37,12 +38,13 @@ from scaling.results import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     JOB_FILE,
+    METRICS_FILE,
     SchemaError,
     read_final,
     read_json,
-    read_metrics,
     write_json,
 )
+from scaling.tail import reverse_rows
 
 DONE_STATES = {"ok": "done", "failed": "failed", "diverged": "diverged"}
 # squeue states of a job that has ended (squeue keeps them for MinJobAge seconds)
@@ -165,14 +167,59 @@ def run_state(run_dir: Path, job: dict | None, squeue: dict[str, str] | None) ->
 
 def progress(run_dir: Path, job: dict | None) -> tuple[int, int | None, float | None]:
     """(steps done, total steps or None, latest top-1 or None) from metrics.jsonl."""
+    tail = read_progress(run_dir)
+    return tail.steps, (job or {}).get("total_steps"), tail.top1
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the end of a metrics.jsonl tells: steps done, the latest top-1, and the rate of
+    the last rows (steps per second of the run's wall_s; None with fewer than two rows)."""
+
+    steps: int = 0
+    top1: float | None = None
+    rate: float | None = None
+
+
+RATE_ROWS = 20  # status --watch measures the rate over this many of the last rows
+
+
+def read_progress(run_dir: Path, rate_rows: int = 1) -> Progress:
+    """Progress from the end of RUN_DIR/metrics.jsonl, in time that does not grow with the
+    file (scaling.tail): the same steps (the last row's, rows being in step order) and top-1
+    (the last eval row's with one) as reading it whole with read_metrics(strict=False). Lines
+    are parsed from the end until the newest `rate_rows` rows (the rate needs 2 or more, e.g.
+    RATE_ROWS) and an eval row with top-1 are found; older lines without the text "eval" are
+    skipped unparsed."""
+    newest: list[dict] = []
+    top1, want_rows = None, max(1, rate_rows)
     try:
-        rows = read_metrics(run_dir, strict=False)
-    except (OSError, SchemaError):
-        rows = []
-    steps = max((r["step"] for r in rows), default=0)
-    evals = [r for r in rows if r["kind"] == "eval" and r.get("top1") is not None]
-    top1 = evals[-1]["top1"] if evals else None
-    return steps, (job or {}).get("total_steps"), top1
+        for row in reverse_rows(Path(run_dir) / METRICS_FILE,
+                                want=lambda line: len(newest) < want_rows or b'"eval"' in line):
+            if len(newest) < want_rows:
+                newest.append(row)
+            if top1 is None and row["kind"] == "eval" and row.get("top1") is not None:
+                top1 = row["top1"]
+            if top1 is not None and len(newest) >= want_rows:
+                break
+    except OSError:
+        return Progress()
+    if not newest:
+        return Progress()
+    return Progress(newest[0]["step"], top1, _rate(newest))
+
+
+def _rate(rows: list[dict]) -> float | None:
+    """Steps per second between the oldest and newest of `rows` (newest first)."""
+    if len(rows) < 2:
+        return None
+    first, last = rows[-1], rows[0]
+    try:
+        seconds, steps = float(last["wall_s"]) - float(first["wall_s"]), last["step"] - first[
+            "step"]
+    except (TypeError, ValueError):
+        return None
+    return steps / seconds if seconds > 0 and steps > 0 else None
 
 
 # -- claims: which sweep submits (or starts) a run -----------------------------------------------

@@ -2,19 +2,39 @@
 
 Rows are grouped by sweep and sorted by size, then by budget *value* (3e9, 1e10, 3e10, 1e11),
 each with its state, progress (steps done / planned, from metrics.jsonl and job.json or
-plan.json), latest top-1 and job id.
+plan.json), latest top-1 and job id. metrics.jsonl is read from its end only
+(launchers.runs.read_progress), so the table costs O(runs), not O(rows).
+
+`status --watch [SECONDS]` prints the table again every SECONDS (default 10; on a terminal
+in place of the last one) with an `eta` column for running runs: the steps still to do over
+the rate of the run's last rows, until Ctrl-C (exit 130) or SIGTERM (exit 143).
 """
 
 from __future__ import annotations
 
+import math
+import signal
+import sys
+import time
 from pathlib import Path
 
 from launchers.grid import budget_token
-from launchers.runs import CLAIM_FILE, progress, read_claim, read_job, run_state, squeue_states
+from launchers.progress import duration, isatty
+from launchers.runs import (
+    CLAIM_FILE,
+    RATE_ROWS,
+    read_claim,
+    read_job,
+    read_progress,
+    run_state,
+    squeue_states,
+)
 from scaling.model import SIZES, split_name
 from scaling.results import CONFIG_FILE, JOB_FILE, PLAN_FILE, SchemaError, read_json
 
 COLUMNS = ("run", "size", "budget", "state", "progress", "top1", "job")
+WATCH_COLUMNS = COLUMNS + ("eta",)
+WATCH_DEFAULT_S = 10.0
 BUDGET_FIELDS = ("flops", "steps", "epochs", "samples")
 
 
@@ -62,21 +82,31 @@ def sort_key(row: dict) -> tuple:
     return (str(Path(row["run"]).parent), order, patch, row["_kind"] or "", budget, row["run"])
 
 
-def status_row(run_dir: Path, squeue: dict[str, str] | None, root: Path) -> dict:
-    """The table row of one run (with `_budget` and `_kind`, the numeric budget to sort by)."""
+def status_row(run_dir: Path, squeue: dict[str, str] | None, root: Path, rate_rows: int = 1
+               ) -> dict:
+    """The table row of one run (with `_budget` and `_kind`, the numeric budget to sort by, and
+    `eta`, which needs rate_rows >= 2: launchers.runs.read_progress)."""
     try:
         job = read_job(run_dir)
     except SchemaError:
         job = None
     size, budget, kind = _describe(run_dir, job)
-    steps, _, top1 = progress(run_dir, job)
+    done = read_progress(run_dir, rate_rows)
     total = _total_steps(run_dir, job)
+    state = run_state(run_dir, job, squeue)
     return {"run": str(run_dir.relative_to(root)) if run_dir != root else run_dir.name,
             "size": size, "budget": budget_token(budget, kind) if kind else "?",
-            "state": run_state(run_dir, job, squeue),
-            "progress": f"{steps}/{total if total is not None else '?'}",
-            "top1": "-" if top1 is None else f"{top1:.4f}",
-            "job": (job or {}).get("job_id") or "-", "_budget": budget, "_kind": kind}
+            "state": state, "progress": f"{done.steps}/{total if total is not None else '?'}",
+            "top1": "-" if done.top1 is None else f"{done.top1:.4f}",
+            "job": (job or {}).get("job_id") or "-", "_budget": budget, "_kind": kind,
+            "eta": eta(done.steps, total, done.rate) if state == "running" else "-"}
+
+
+def eta(steps: int, total: int | None, rate: float | None) -> str:
+    """Time to the last step at `rate` steps per second; "?" when unknown."""
+    if total is None or not rate:
+        return "?"
+    return duration(max(0, total - steps) / rate)
 
 
 def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
@@ -88,7 +118,7 @@ def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
     return "\n".join(lines)
 
 
-def status(results_dir: Path) -> str:
+def status(results_dir: Path, columns: tuple[str, ...] = COLUMNS) -> str:
     """The status table of every run below results_dir, plus a count per state."""
     if not results_dir.is_dir():
         raise ValueError(f"results dir {results_dir} does not exist")
@@ -102,9 +132,44 @@ def status(results_dir: Path) -> str:
             squeue = squeue_states()
         except RuntimeError as e:
             squeue, note = None, f"\nwarning: {e}"
-    rows = sorted((status_row(d, squeue, results_dir) for d in runs), key=sort_key)
+    rate_rows = RATE_ROWS if "eta" in columns else 1
+    rows = sorted((status_row(d, squeue, results_dir, rate_rows) for d in runs), key=sort_key)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return f"{format_table(rows)}\n{len(rows)} runs: {summary}{note}"
+    return f"{format_table(rows, columns)}\n{len(rows)} runs: {summary}{note}"
+
+
+def watch(results_dir: Path, every_s: float, stream=None, times: int | None = None) -> None:
+    """Print the table with ETAs every `every_s` seconds (`times` tables; None: until
+    interrupted); on a terminal each one replaces the last."""
+    stream = stream or sys.stdout
+    clear = "\x1b[H\x1b[2J" if isatty(stream) else ""
+    shown = 0
+    while times is None or shown < times:
+        table = status(results_dir, WATCH_COLUMNS)
+        stamp = time.strftime("%H:%M:%S")
+        print(f"{clear}{stamp}  every {every_s:g} s, Ctrl-C to stop\n{table}", file=stream,
+              flush=True)
+        shown += 1
+        if times is None or shown < times:
+            time.sleep(every_s)
+
+
+def run_status(results: str, watch_s: float | None) -> int:
+    """`sweep.py status`: the table once, or --watch until Ctrl-C (130) or SIGTERM (143)."""
+    if watch_s is None:
+        print(status(Path(results)))
+        return 0
+    if not (math.isfinite(watch_s) and watch_s > 0):
+        raise ValueError(f"--watch {watch_s:g}: the refresh interval must be a positive number "
+                         "of seconds")
+    if not Path(results).is_dir():
+        raise ValueError(f"results dir {results} does not exist")
+    try:
+        watch(Path(results), watch_s)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM via sweep._interrupt
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        return 128 + signum
+    return 0

@@ -3,7 +3,7 @@
     python launchers/sweep.py --preset demo                      # CPU demo, built-in data
     python launchers/sweep.py --sizes S,B --gpus 8 --preset imagenet --data /data/in1k \\
         --budgets 1e18,3e18 --partition gpu --time 1440 --dry-run
-    python launchers/sweep.py status [--results results]
+    python launchers/sweep.py status [--results results] [--watch [SECONDS]]
 
 Rerunning the same command is safe: finished runs are skipped, unfinished ones resume, runs whose
 job is queued or running (or that another sweep has claimed) are left alone; failed / diverged
@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         if argv[:1] == ["status"]:
-            from launchers.status import status
+            from launchers.status import run_status
 
-            print(status(Path(parse_status_args(argv[1:]).results)))
-            code = 0
+            args = parse_status_args(argv[1:])
+            code = run_status(args.results, args.watch)
         else:
             from launchers.launch import run_sweep
 

@@ -16,6 +16,8 @@ Run directory (``RUN_DIR``)::
     checkpoints/        DeepSpeed checkpoints, one folder per step; ``latest`` names the newest
     model.safetensors   the final weights, loadable without DeepSpeed by
                         ``scaling.export.load_exported``
+    tb/                 TensorBoard event files, one per start of the run (scaling.tracking;
+                        absent with --no-tensorboard)
     job.json            written by launchers/sweep.py: job id, submission time, requeues
     logs/rank{r}.log    each rank's stdout and stderr under the launchers (rank_log_path)
     .run.lock           held by rank 0 of the one process group training here (RunLock)
@@ -45,7 +47,11 @@ existed): ``overhead_breakdown_s``, the wall seconds by part, summing to wall_ho
 (process group, model, DeepSpeed engine, loaders, resuming), ``data_wait``, ``eval``,
 ``checkpoint``, ``export``, ``fewshot`` (few-shot probes at eval points, scaling.fewshot),
 ``steps`` (inside optimizer steps), ``other`` (logging, the loop's all-reduces); over restarts,
-each process's start-up and build are added.
+each process's start-up and build are added. Also optional (scaling.tracking.CheckpointCost):
+``checkpoints`` (checkpoint saves, over restarts), ``checkpoint_s_sum`` and ``checkpoint_s_max``
+(seconds of those saves, summed and the longest; a save a restart resumed from is timed by its
+COMPLETE marker), ``checkpoint_bytes`` (size of the last complete checkpoint's folder, null
+without one).
 
 ``transfer.jsonl`` rows (scaling.fewshot; one row per dataset, shots and seed, so that the
 analysis can compute intervals over seeds): ``kind`` ("fewshot"), ``dataset`` (the downstream

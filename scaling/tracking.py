@@ -1,0 +1,202 @@
+"""Live tracking of one run (rank 0): the rows of metrics.jsonl and transfer.jsonl, as they are
+appended, also go to TensorBoard event files and, when asked, to Weights & Biases; and what the
+run's checkpoints cost (final.json).
+
+TensorBoard (on by default, `--no-tensorboard` turns it off) writes RUN_DIR/tb/events.out.*, so
+`tensorboard --logdir results/SWEEP` shows every run of a sweep, each under its run id. Tags:
+
+    train/loss  train/lr  train/images_per_s  train/tflops  train/mfu (when the peak is known)
+    eval/top1  eval/top5  eval/loss
+    fewshot/DATASET/Kshot   the mean top-1 over the draws (seeds) of the k-shot set
+
+Every value is logged at its row's `step` (optimizer steps done), with the same value as the
+row (TensorBoard keeps 32-bit floats). Events are flushed after every row, so what metrics.jsonl
+holds when a checkpoint is saved is on disk in the event file too.
+
+Restarts: each process (segment) writes a fresh event file, which opens with a restart marker
+at the step it resumed from, S (SummaryWriter's purge_step: TensorBoard drops the earlier
+files' events at steps >= S, the rows of a lost attempt that metrics.jsonl dropped too), and
+then logs again the rows that metrics.jsonl and transfer.jsonl kept at step S. TensorBoard's
+readers also drop a tag's events at and after a step that is logged again (out-of-order steps),
+so what TensorBoard shows is, tag by tag, one value per step: metrics.jsonl's.
+
+Weights & Biases (`--wandb PROJECT`, needs the `wandb` package): the same values as one W&B run
+per run dir (its id is derived from the run dir, so a restart resumes it; W&B ignores steps
+below its last one). Offline (no network): set WANDB_MODE=offline and sync later with
+`wandb sync`. Without the package, `--wandb` is refused before any work (exit 2).
+
+Checkpoint cost (final.json, see scaling.results): `checkpoints` (saves done, over restarts),
+`checkpoint_s_sum`, `checkpoint_s_max` (seconds per save) and `checkpoint_bytes` (the size of
+the last complete checkpoint's folder). A save's time is measured after it, so the save a
+restart resumed from is counted by its COMPLETE marker's time less the save's start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+from scaling.results import METRICS_FILE, TRANSFER_FILE
+from scaling.tail import rows_at_step
+
+TB_DIR = "tb"
+TRAIN_TAGS = ("loss", "lr", "images_per_s", "tflops", "mfu")
+EVAL_TAGS = ("top1", "top5", "loss")
+
+
+def check(cfg) -> None:
+    """ValueError (one line) when a tracker the config asks for cannot run here."""
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard);"
+                         " or pass --no-tensorboard")
+    if cfg.wandb is not None and not cfg.wandb.strip():
+        raise ValueError("--wandb '': give a project name or leave --wandb out")
+    if cfg.wandb is not None and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"--wandb {cfg.wandb} needs the wandb package (pip install wandb; "
+                         "offline: WANDB_MODE=offline); or leave --wandb out")
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path, step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / TB_DIR), purge_step=step)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    def __init__(self, run_dir: Path, cfg):
+        import wandb
+
+        run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        self.run = wandb.init(project=cfg.wandb, dir=str(run_dir), id=run_id,
+                              name=run_dir.name, config=cfg.to_dict(), resume="allow")
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Tracker:
+    """Where rank 0 sends each row it appends (Run._emit); `Tracker.open` at every start."""
+
+    def __init__(self, sinks: list, fewshot_seeds: int = 1):
+        self.sinks, self.fewshot_seeds = sinks, fewshot_seeds
+        self._draws: dict[tuple, list[float]] = {}  # (dataset, shots, step) -> top-1 per seed
+
+    @classmethod
+    def open(cls, cfg, run_dir: str | os.PathLike, step: int) -> Tracker:
+        """The trackers `cfg` asks for, on a run resumed at `step` (0: a fresh start); the
+        rows kept at `step` are logged again (module doc, "Restarts")."""
+        run_dir = Path(run_dir)
+        sinks = ([_TensorBoard(run_dir, step)] if cfg.tensorboard else []) + (
+            [_WandB(run_dir, cfg)] if cfg.wandb is not None else [])
+        tracker = cls(sinks, cfg.fewshot_seeds)
+        if sinks and step > 0:
+            for name in (METRICS_FILE, TRANSFER_FILE):
+                for row in rows_at_step(run_dir / name, step):
+                    tracker.log(row)
+        return tracker
+
+    def log(self, row: dict) -> None:
+        """A metrics or transfer row, by its kind."""
+        {"train": self.log_train, "eval": self.log_eval,
+         "fewshot": self.log_fewshot}[row["kind"]](row)
+
+    def log_train(self, row: dict) -> None:
+        self._send("train", TRAIN_TAGS, row)
+
+    def log_eval(self, row: dict) -> None:
+        self._send("eval", EVAL_TAGS, row)
+
+    def log_fewshot(self, row: dict) -> None:
+        """One draw of a k-shot probe; the mean is logged once every draw of it is in."""
+        key = (row["dataset"], row["shots"], row["step"])
+        draws = self._draws.setdefault(key, [])
+        draws.append(row["top1"])
+        if len(draws) >= self.fewshot_seeds:
+            self._fewshot_mean(key)
+
+    def _fewshot_mean(self, key: tuple) -> None:
+        dataset, shots, step = key
+        draws = [v for v in self._draws.pop(key) if v is not None]
+        if draws:
+            for sink in self.sinks:
+                sink.scalars({f"fewshot/{dataset}/{shots}shot": sum(draws) / len(draws)}, step)
+
+    def _send(self, prefix: str, tags: tuple[str, ...], row: dict) -> None:
+        values = {f"{prefix}/{t}": float(row[t]) for t in tags if row.get(t) is not None}
+        for sink in self.sinks:
+            sink.scalars(values, row["step"])
+
+    def close(self) -> None:
+        """Log what is pending (a probe cut short) and close every sink."""
+        for key in list(self._draws):
+            self._fewshot_mean(key)
+        for sink in self.sinks:
+            sink.close()
+
+
+# -- what checkpoints cost -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class CheckpointCost:
+    """Saves done and their seconds, carried over restarts in the checkpoints' client state."""
+
+    count: int = 0
+    total_s: float = 0.0
+    max_s: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.total_s += seconds
+        self.max_s = max(self.max_s, seconds)
+
+    def state(self) -> dict:
+        """For the client state of the save now starting (its own time is not known yet)."""
+        return {**dataclasses.asdict(self), "started": time.time()}
+
+    @classmethod
+    def restore(cls, state: dict | None, marker: Path) -> CheckpointCost:
+        """The cost as of the checkpoint whose COMPLETE marker is `marker`, its own save
+        included (timed by the marker); a checkpoint of before these fields counts from 0."""
+        if not state:
+            return cls()
+        cost = cls(state["count"], state["total_s"], state["max_s"])
+        try:
+            cost.add(max(0.0, marker.stat().st_mtime - state["started"]))
+        except OSError:
+            pass
+        return cost
+
+    def final(self, last_complete: Path | None) -> dict:
+        """final.json's checkpoint fields; `last_complete`: the newest complete checkpoint's
+        folder (None: there is none)."""
+        return {"checkpoints": self.count, "checkpoint_s_sum": self.total_s,
+                "checkpoint_s_max": self.max_s,
+                "checkpoint_bytes": None if last_complete is None else dir_bytes(last_complete)}
+
+
+def dir_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (0 when it is gone)."""
+    total = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(parent, name)).st_size
+            except OSError:
+                pass
+    return total
