@@ -12,13 +12,25 @@ Preemption, as verified against submitit 1.5 and SLURM 22.05 (tests/test_slurm_s
    TrainJob and reruns the same command, which resumes from RUN_DIR/checkpoints.
 3. submitit counts a signal as a *time-out* (not a preemption) once the job ran
    min(0.8 x time, time - 10 min), and stops requeuing after max_num_timeout time-outs; both it
-   and TrainJob stop after `max_requeues`.
+   and TrainJob stop after `max_requeues`. That rule calls every signal of a job under 50 min a
+   time-out, so job.json's attempts say which it was by themselves (`stop`, see stop_kind): a
+   time-out when the job's end was at most the lead (+ EARLY_S) away, a preemption when
+   SIGTERM came first or the end was further.
+4. The time-limit signal never comes later than LEAD seconds before the limit, but it may come
+   earlier: slurmctld looks every 30 s and sends it when at most LEAD + 30 s are left (sbatch(1)
+   allows "up to 60 seconds earlier"); measured here: 66-72 s left with USR2@60, 41-47 s
+   with USR2@30 (tests/test_slurm_timeout.py). Each attempt records `seconds_left` at the signal, `stop_s`
+   (signal to the child's exit, its checkpoint included), and a warning when that, or a
+   checkpoint time in final.json, exceeds the lead.
 The handler runs inside the main thread's wait, so the child is waited for by a helper thread
 (a blocking Popen.wait would deadlock on its own lock when re-entered from the handler).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import json
 import os
 import shlex
 import signal
@@ -34,13 +46,16 @@ from typing import TYPE_CHECKING
 import launchers
 import scaling
 from launchers.runs import now, update_job
-from scaling.results import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, rank_log_path
+from scaling.results import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, FINAL_FILE, rank_log_path
 
 if TYPE_CHECKING:  # scaling.config imports torch, which the job's submitit process does not need
     from scaling.config import TrainConfig
 
 SAVE_TIMEOUT_S = 600  # upper bound on waiting for the child's checkpoint after the signal
 PREEMPT_GRACE_S = 20  # after a SIGTERM exit, how long rank 0 waits for the requeue signal
+LEAD_ENV = "VIT_SCALING_SIGNAL_LEAD_S"  # the job's signal lead (set by the sbatch script)
+EARLY_S = 65  # the time-limit signal comes up to 60 s before the lead (sbatch(1)), + latency
+CKPT_KEYS = ("ckpt_max_s", "ckpt_s", "checkpoint_s")  # final.json's checkpoint times, if any
 
 
 def package_paths() -> list[str]:
@@ -85,6 +100,11 @@ class TrainJob:
     It is pickled as its run dir and train flags (strings), so a job submitted by an older
     version of the sweep still unpickles, and the job's own process never imports torch."""
 
+    # signal bookkeeping of one attempt; class defaults for pickles of older versions
+    _end: float | None = None  # when the job's time limit ends it (epoch s), rank 0
+    _sigterm_at: float | None = None
+    _signal_at: float | None = None
+
     def __init__(self, run_dir: str, train_args: list[str], *, signal_name: str = "USR2",
                  max_requeues: int = 3, requeues: int = 0, save_timeout_s: int = SAVE_TIMEOUT_S):
         self.run_dir = str(run_dir)
@@ -96,6 +116,7 @@ class TrainJob:
         self._proc: subprocess.Popen | None = None
         self._rc: int | None = None
         self._updating = False
+        self._end = self._sigterm_at = self._signal_at = None
 
     @classmethod
     def for_config(cls, cfg: TrainConfig, **options) -> TrainJob:
@@ -105,7 +126,8 @@ class TrainJob:
     def __getstate__(self) -> dict:
         """Pickle the recipe only, never the live child."""
         state = dict(self.__dict__)
-        state.update(_proc=None, _rc=None, _updating=False)
+        state.update(_proc=None, _rc=None, _updating=False, _end=None, _sigterm_at=None,
+                     _signal_at=None)
         return state
 
     def __call__(self) -> dict:
@@ -113,13 +135,15 @@ class TrainJob:
         rank = int(os.environ.get("SLURM_PROCID", "0"))
         job_id = _job_id()
         if rank == 0:
-            self._record(job_id=job_id, attempt={"job_id": job_id, "start": now(),
-                                                 "host": socket.gethostname(),
-                                                 "requeues": self.requeues})
+            self._end = job_end_time(os.environ.get("SLURM_JOB_ID", ""))
+            self._record(job_id=job_id, attempt={
+                "job_id": job_id, "start": now(), "host": socket.gethostname(),
+                "nodes": os.environ.get("SLURM_JOB_NODELIST"), "requeues": self.requeues,
+                "time_limit_at": self._end})
         self._start(rank)
         rc = self._wait(None)
         if rank == 0:
-            self._record(attempt_end={"end": now(), "exit": rc})
+            self._record(attempt_end={"end": now(), "exit": rc, **self._lead_warning(None)})
         if rc in (EXIT_OK, EXIT_DIVERGED) or rank != 0:
             return {"run_dir": self.run_dir, "rank": rank, "exit": rc}
         if rc == EXIT_PREEMPTED:
@@ -133,7 +157,8 @@ class TrainJob:
     def checkpoint(self, *args, **kwargs):
         """Rank 0, from submitit's signal handler: wait for the child's checkpoint, requeue."""
         rc = self._wait(self.save_timeout_s) if self._proc is not None else None
-        self._record(attempt_end={"end": now(), "exit": rc, "signal": self.signal_name})
+        self._record(attempt_end={"end": now(), "exit": rc, "signal": self.signal_name,
+                                  **self._stop_record()})
         if rc in (EXIT_OK, EXIT_DIVERGED):
             return None  # finished just in time: nothing to resume
         if self.requeues >= self.max_requeues:
@@ -158,6 +183,32 @@ class TrainJob:
         finally:
             self._updating = False
 
+    def _stop_record(self) -> dict:
+        """How this attempt was stopped: time-out or preemption, the time that was left, how
+        long the child took to checkpoint and exit, and a warning when that beat the lead."""
+        got = self._signal_at or time.time()
+        left = None if self._end is None else round(self._end - got, 1)
+        sigterm_first = self._sigterm_at is not None and self._sigterm_at <= got
+        record = {"stop": stop_kind(sigterm_first, left, signal_lead_s()), "seconds_left": left,
+                  "stop_s": round(time.time() - got, 2)}
+        return {**record, **self._lead_warning(record["stop_s"])}
+
+    def _lead_warning(self, stop_s: float | None) -> dict:
+        """{"warning": ...} when this attempt's stop, or a checkpoint final.json reports, took
+        longer than the signal lead; also written to rank 0's log. {} otherwise."""
+        lead = signal_lead_s()
+        slowest = max([stop_s or 0.0, *final_checkpoint_seconds(self.run_dir)])
+        if slowest <= lead:
+            return {}
+        text = (f"a checkpoint took {slowest:.0f} s, more than the {lead} s lead of "
+                f"--signal {self.signal_name}@{lead}: the time limit may kill the job before it "
+                f"saves; raise the lead (e.g. --signal {self.signal_name}@{int(2 * slowest)})")
+        with contextlib.suppress(OSError):
+            self._log_path(0).parent.mkdir(parents=True, exist_ok=True)
+            with open(self._log_path(0), "a") as log:
+                log.write(f"==== warning: {text}\n")
+        return {"warning": text}
+
     def _log_path(self, rank: int) -> Path:
         return rank_log_path(self.run_dir, rank)
 
@@ -167,7 +218,8 @@ class TrainJob:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0")) or None
         with open(log_path, "a") as log:
-            log.write(f"==== {now()} job {_job_id()} rank {rank} requeues {self.requeues}\n")
+            log.write(f"==== {now()} job {_job_id()} rank {rank} host {socket.gethostname()} "
+                      f"node {os.environ.get('SLURM_NODEID', '0')} requeues {self.requeues}\n")
             log.flush()
             self._proc = subprocess.Popen(_command(self.train_args), stdout=log,
                                           stderr=subprocess.STDOUT,
@@ -177,12 +229,27 @@ class TrainJob:
         previous = signal.getsignal(signum)
 
         def forward(sig, frame):
+            self._signal_at = self._signal_at or time.time()
             if self._proc is not None and self._rc is None:
                 self._proc.send_signal(sig)
             if callable(previous):
                 previous(sig, frame)  # submitit's handler: checkpoint() and requeue on rank 0
 
         signal.signal(signum, forward)
+        if signum != signal.SIGTERM:
+            self._note_sigterm()
+
+    def _note_sigterm(self) -> None:
+        """Remember when SIGTERM came (a preemption sends it before the requeue signal); the
+        child gets its own from SLURM. submitit's handler (it logs) still runs."""
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def note(sig, frame):
+            self._sigterm_at = self._sigterm_at or time.time()
+            if callable(previous):
+                previous(sig, frame)
+
+        signal.signal(signal.SIGTERM, note)
 
     def _reap(self) -> None:
         self._rc = self._proc.wait()
@@ -193,6 +260,60 @@ class TrainJob:
         while self._rc is None and (deadline is None or time.monotonic() < deadline):
             time.sleep(0.2)
         return self._rc
+
+
+def stop_kind(sigterm_first: bool, seconds_left: float | None, lead: int) -> str:
+    """"preemption" when SIGTERM came before the requeue signal or the time limit was further
+    than the lead (+ EARLY_S); "timeout" when it was at most that far; "unknown" when the
+    limit could not be read."""
+    if sigterm_first:
+        return "preemption"
+    if seconds_left is None:
+        return "unknown"
+    return "timeout" if seconds_left <= lead + EARLY_S else "preemption"
+
+
+def signal_lead_s() -> int:
+    """The job's signal lead in seconds (from the sbatch script's LEAD_ENV; 90 without it)."""
+    text = os.environ.get(LEAD_ENV, "")
+    return int(text) if text.isdigit() else 90
+
+
+def job_end_time(job_id: str) -> float | None:
+    """When SLURM ends `job_id` at its time limit (epoch seconds, from squeue's EndTime), or
+    None: no id, no squeue, no answer, or no limit."""
+    if not job_id:
+        return None
+    try:
+        text = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True,
+                              text=True, timeout=20, check=True).stdout.strip()
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def final_checkpoint_seconds(run_dir: str | os.PathLike) -> list[float]:
+    """Checkpoint times that RUN_DIR/final.json reports (keys CKPT_KEYS), [] without any."""
+    try:
+        final = json.loads((Path(run_dir) / FINAL_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(final, dict):
+        return []
+    return [float(final[k]) for k in CKPT_KEYS if isinstance(final.get(k), (int, float))]
+
+
+def check_timing(settings: dict) -> tuple[str, int]:
+    """The signal and its lead, checked against the time limit: a lead of at least 1 s (0
+    would mean at the limit itself), shorter than the limit."""
+    name, lead = parse_signal(settings.get("signal") or "USR2")
+    if lead < 1:
+        raise ValueError(f"--signal {settings['signal']}: the lead after @ must be >= 1 s")
+    minutes = settings.get("time")
+    if minutes is not None and lead >= int(minutes) * 60:
+        raise ValueError(f"--signal {settings['signal']}: the lead ({lead} s) must be shorter "
+                         f"than --time {minutes} ({int(minutes) * 60} s)")
+    return name, lead
 
 
 SLURM_KEYS = ("partition", "account", "qos", "time", "gpus_per_node", "cpus_per_task", "mem_gb",
@@ -240,7 +361,7 @@ def executor_parameters(settings: dict, *, nodes: int, tasks_per_node: int, gpus
     extra.update(signal=f"{sig}@{delay}", requeue=True)
     # the job side of submitit reads the signal name from this variable; it unpickles TrainJob,
     # so it must import launchers from where this sweep did (nothing to add when installed)
-    setup = [f"export SUBMITIT_PREEMPT_SIGNAL={sig}"]
+    setup = [f"export SUBMITIT_PREEMPT_SIGNAL={sig}", f"export {LEAD_ENV}={delay}"]
     if package_paths():
         setup.append(f"export PYTHONPATH={shlex.quote(os.pathsep.join(package_paths()))}"
                      "${PYTHONPATH:+:$PYTHONPATH}")

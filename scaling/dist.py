@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import socket
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ class DistInfo:
     master_addr: str
     master_port: int
     launcher: str  # "torchrun", "slurm" or "single": where the variables came from (logged)
+    node_rank: int = 0  # which node of the job (SLURM_NODEID, torchrun's GROUP_RANK)
 
     @property
     def is_main(self) -> bool:
@@ -45,6 +47,17 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def master_host(nodelist: str) -> str:
+    """The first host of a SLURM node list as SLURM expands it (`scontrol show hostnames`:
+    every syntax SLURM knows), or first_host's parse where scontrol is absent or fails."""
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                               text=True, timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        hosts = []
+    return hosts[0] if hosts else first_host(nodelist)
+
+
 def _port_for_job(job_id: str) -> int:
     """A port derived from the job id, so concurrent jobs on one node do not collide."""
     return 20000 + int(hashlib.sha1(job_id.encode()).hexdigest(), 16) % 20000
@@ -56,16 +69,24 @@ def dist_info(env: dict | None = None) -> DistInfo:
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
-                        "torchrun")
+                        "torchrun", int(env.get("GROUP_RANK", 0)))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
-        job = env.get("SLURM_JOB_ID", "0")
-        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                        int(env.get("SLURM_LOCALID", 0)),
-                        env.get("MASTER_ADDR") or first_host(nodelist),
-                        int(env.get("MASTER_PORT") or _port_for_job(job)), "slurm")
+        return _slurm_info(env)
     return DistInfo(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(),
                     "single")
+
+
+def _slurm_info(env) -> DistInfo:
+    """Rank, world, local and node rank from SLURM's task variables; the master is the first
+    host of the step's nodes (every task computes the same one) and the port follows the job
+    id, unless MASTER_ADDR / MASTER_PORT are set."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+    job = env.get("SLURM_JOB_ID", "0")
+    return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                    int(env.get("SLURM_LOCALID", 0)),
+                    env.get("MASTER_ADDR") or master_host(nodelist),
+                    int(env.get("MASTER_PORT") or _port_for_job(job)), "slurm",
+                    int(env.get("SLURM_NODEID", 0)))
 
 
 def free_port() -> int:
