@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--slurm-config", help="YAML with SLURM settings (keys as these flags, with _; flags win)")
     add("--resubmit-failed", action="store_true",
         help="also resubmit failed and diverged runs (their final.json is kept, renamed)")
+    add("--allow-world-size-change", action="store_true",
+        help="continue a partly done run started with another --gpus on this one (a resume "
+             "on another world size, docs/failure-model.md); without it that is an error")
     add("--branching", choices=("cooldown",),
         help="cooldown: one trunk per size, lr and seed at a constant/rsqrt lr, and each budget "
              "a branch that trains only its cooldown from the trunk's checkpoint "

@@ -27,7 +27,7 @@ from launchers.defaults import (
 )
 from launchers.grid import GridOptions, build_grid, node_layout, parse_list, parse_overrides
 from launchers.local import log_tail, run_local
-from launchers.plan import PlannedRun, classify, set_aside_final
+from launchers.plan import PlannedRun, classify, other_world_sizes, set_aside_final
 from launchers.presets import Preset
 from launchers.progress import PLOT, SweepProgress, shown_path
 from launchers.runs import Claims, claim_holder, record_submission
@@ -229,6 +229,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     sweep_dir = Path(args.results).resolve() / (args.name or preset.name)
     tree = branching.build_tree(preset, options, info, sweep_dir) if args.branching else None
     specs = tree.specs if tree else build_grid(preset, options, info, sweep_dir)
+    if not tree:  # a partly done run started on another --gpus (launchers.plan)
+        specs = other_world_sizes(specs, args.allow_world_size_change)
     planned = classify(specs, args.resubmit_failed)
     print(f"sweep {sweep_dir.name}: preset {preset.name}, {len(specs)} run(s), {world} rank(s) "
           f"each = {layout[0]} node(s) x {layout[1]} task(s), cluster {cluster}")

@@ -33,12 +33,12 @@ from typing import Any
 
 import deepspeed
 import numpy as np
+import torch
 from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_INFO,
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
-import torch
 from safetensors.torch import save_file
 
 from scaling import dist
@@ -197,6 +197,10 @@ def remove_incomplete(root: str | os.PathLike) -> list[str]:
     return removed
 
 
+class ResumeRefused(RuntimeError):
+    """A checkpoint that cannot be loaded at this world size (one line; the run exits 2)."""
+
+
 def dist_world(engine) -> int:
     """The number of data-parallel ranks of `engine` (this process group's world size)."""
     return int(engine.world_size)
@@ -220,6 +224,10 @@ def load_checkpoint(engine, root: str | os.PathLike, tag: str) -> dict:
     Rank r takes the RNG state of saved rank r % N (N ranks saved)."""
     saved, now = saved_world_size(root, tag), dist_world(engine)
     universal = saved != now and engine.zero_optimization_stage() > 0
+    if saved != now and engine.global_rank == 0:
+        log.info("resuming step %d saved at world size %d on world size %d (%s)",
+                 int(_TAG.match(tag)[1]), saved, now, "universal checkpoint" if universal else
+                 "ZeRO 0: the whole optimizer state is in one file, loaded as saved")
     if universal:
         path, client = _load_universal(engine, Path(root) / tag)
     else:
@@ -242,8 +250,12 @@ def _load_universal(engine, folder: Path):
         except Exception as e:  # noqa: BLE001 - every rank raises it below, in one line
             failed = f"{type(e).__name__}: {e}"
     if dist.all_reduce_max(int(failed is not None), engine.device):
-        raise RuntimeError(f"converting {folder} to a universal checkpoint failed: "
-                           f"{failed or 'on rank 0'}")
+        saved = saved_world_size(folder.parent, folder.name)
+        reason = " ".join((failed or "it failed on rank 0").split())
+        raise ResumeRefused(
+            f"cannot resume {folder} (ZeRO {engine.zero_optimization_stage()}, saved at world "
+            f"size {saved}) on world size {dist_world(engine)}: DeepSpeed's conversion to a "
+            f"universal checkpoint (ds_to_universal) failed: {reason}; rerun on {saved} ranks")
     config = engine._config  # what {"checkpoint": {"load_universal": true}} sets; load-time only
     groups = _hyperparameters(engine)
     config.load_universal_checkpoint = True

@@ -39,7 +39,8 @@ the run first started, summed over restarts). Then:
 ``final_loss``, ``steps``, ``images_seen``, ``total_flops``, ``params``, ``macs_per_image``,
 ``model``, ``wall_hours``, ``device_hours`` (wall hours x world size, less ``op_build_s``: the
 seconds spent compiling DeepSpeed's CPU comm op on its first multi-rank use on a machine, a cost
-of the machine and not of the run; optional, absent before it existed), ``world_size``,
+of the machine and not of the run; optional, absent before it existed; summed over
+``segments``), ``world_size`` (of the last segment),
 ``skipped_samples``, ``overhead_fraction`` (share of wall time outside training steps), and
 ``error`` (a message, for failed/diverged runs). Optional (absent in files written before it
 existed): ``overhead_breakdown_s``, the wall seconds by part, summing to wall_hours x 3600:
@@ -51,7 +52,10 @@ each process's start-up and build are added. Also optional (scaling.tracking.Che
 ``checkpoints`` (checkpoint saves, over restarts), ``checkpoint_s_sum`` and ``checkpoint_s_max``
 (seconds of those saves, summed and the longest; a save a restart resumed from is timed by its
 COMPLETE marker), ``checkpoint_bytes`` (size of the last complete checkpoint's folder, null
-without one).
+without one). Also optional (scaling.segments): ``segments``, one per process start that trained,
+oldest first, each ending at the checkpoint the next one resumed from (a run may resume on
+another world size, docs/failure-model.md): ``world_size``, ``start_step``, ``end_step``,
+``wall_s`` (its wall seconds, start-up included) and ``device_hours``.
 
 ``transfer.jsonl`` rows (scaling.fewshot; one row per dataset, shots and seed, so that the
 analysis can compute intervals over seeds): ``kind`` ("fewshot"), ``dataset`` (the downstream

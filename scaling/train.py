@@ -37,6 +37,7 @@ from scaling.data import load_dataset_info
 from scaling.fewshot import TrainingProbe
 from scaling.flops import training_flops
 from scaling.loop import Batches, Meter, evaluate, is_stop_boundary, memory_gb, stop_poll_every
+from scaling.segments import Segments, device_hours
 
 log = logging.getLogger("scaling.train")
 
@@ -131,6 +132,7 @@ class Run:
         self.ckpt_dir = self.out / results.CHECKPOINT_DIR
         self.step, self.best_top1, self.last_eval = 0, None, None
         self.meter = Meter()
+        self.segments = Segments(plan.world_size)  # replaced by a resume's (scaling.segments)
         self.window = None  # this rank's summed loss since the last train row
         self.faults = faults_from_env()
         self.ckpt_steps, self.ckpt_minutes = ckpt_interval(cfg.ckpt_every)
@@ -202,7 +204,11 @@ class Run:
         done = eng.complete_checkpoints(self.ckpt_dir)
         if done:
             tag = done[-1][1]
-            client = eng.load_checkpoint(self.engine, self.ckpt_dir, tag)
+            saved_world = eng.saved_world_size(self.ckpt_dir, tag)
+            try:  # at another world size, through a universal checkpoint (scaling.engine)
+                client = eng.load_checkpoint(self.engine, self.ckpt_dir, tag)
+            except eng.ResumeRefused as e:
+                raise RunDirRefused(str(e)) from None
             self.step, self.best_top1 = client["step"], client.get("best_top1")
             self.last_eval = client.get("last_eval")
             self.ckpt_cost = tracking.CheckpointCost.restore(client.get("ckpt_cost"),
@@ -210,7 +216,10 @@ class Run:
             # Totals over ranks were saved; rank 0 carries them on so all-reduces stay exact.
             main = self.dist_info.is_main
             self.meter.restore(client["meter"], skipped=client["skipped"] if main else 0)
-            self.window.fill_(client["window_loss"] if main else 0.0)
+            # the window's loss was summed over saved_world ranks; rows divide by world_size
+            scale = self.plan.world_size / saved_world
+            self.window.fill_(client["window_loss"] * scale if main else 0.0)
+            self.segments = Segments.resume(client, saved_world, self.plan.world_size)
             self.meter.window_step = client["window_step"]
         if self.dist_info.is_main:  # a start without a checkpoint re-runs from step 0
             rows = client.get("metrics_rows") if done else 0
@@ -366,7 +375,9 @@ class Run:
         client = {"step": self.step, "best_top1": self.best_top1, "last_eval": self.last_eval,
                   "meter": self.meter.state(), "skipped": skipped, "window_loss": window_loss,
                   "window_step": self.meter.window_step, "metrics_rows": self.rows_logged,
-                  "transfer_rows": self.transfer_rows, "ckpt_cost": self.ckpt_cost.state()}
+                  "transfer_rows": self.transfer_rows, "ckpt_cost": self.ckpt_cost.state(),
+                  "segments": self.segments.upto(self.step, self.meter.wall(),
+                                                 self.meter.op_build_s)}
         error = None
         try:
             eng.save_checkpoint(self.engine, self.ckpt_dir, self.step, client,
@@ -400,6 +411,7 @@ class Run:
         """final.json, written by rank 0 only while it owns the run dir."""
         wall = self.meter.wall()
         ev = self.last_eval or {}
+        segments = self.segments.upto(self.step, wall, self.meter.op_build_s)
         final = {
             "status": status, "final_top1": ev.get("top1"), "best_top1": self.best_top1,
             "final_top5": ev.get("top5"), "final_loss": ev.get("loss"), "steps": self.step,
@@ -407,9 +419,10 @@ class Run:
             "total_flops": training_flops(self.vit_cfg, self.step * self.cfg.batch_size),
             "params": self.plan.params, "macs_per_image": self.plan.macs_per_image,
             "model": self.vit_cfg.name, "wall_hours": wall / 3600,
-            "device_hours": (wall - self.meter.op_build_s) / 3600 * self.plan.world_size,
+            "device_hours": device_hours(segments),
             "op_build_s": self.meter.op_build_s,
-            "world_size": self.plan.world_size, "skipped_samples": self.meter.skipped_global,
+            "world_size": self.plan.world_size, "segments": segments,
+            "skipped_samples": self.meter.skipped_global,
             "overhead_fraction": self.meter.overhead_fraction(wall),
             "overhead_breakdown_s": self.meter.breakdown(wall), "error": error,
             **self.ckpt_cost.final(self._last_complete()),
