@@ -209,6 +209,16 @@ def _read_plan(run_dir: Path, skipped: list[Skipped]) -> dict:
     return {k: plan[k] for k in ("params", "macs_per_image", "world_size") if k in plan}
 
 
+def _own_evals(evals: np.ndarray, config: dict) -> np.ndarray:
+    """A branch run (launchers/branching.py) starts with a copy of its trunk's metrics rows up
+    to `branch_step`; those evals are the trunk's measurements and are counted in the trunk's
+    run dir, so a branch keeps only the rows it measured itself (step > branch_step)."""
+    branch_step = config.get("branch_step")
+    if branch_step is None or not len(evals):
+        return evals
+    return evals[evals[:, EVAL_FIELDS.index("step")] > branch_step]
+
+
 def _read_run(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
               root: Path, parsed: dict) -> tuple[dict, np.ndarray] | None:
     """Read one run dir into (run record, eval rows); None if it cannot be interpreted."""
@@ -229,7 +239,7 @@ def _read_run(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
         # Without a trustworthy final.json the run's status is unknown: skip it, never guess.
         _skip(skipped, path, f"{_reason(path, e)}; run skipped")
         return None
-    evals = _read_metrics(run_dir, skipped, cache, root, parsed)
+    evals = _own_evals(_read_metrics(run_dir, skipped, cache, root, parsed), config)
     plan = _read_plan(run_dir, skipped)
     final = {**plan, **{k: v for k, v in (final or {}).items() if v is not None}}
     run = {

@@ -219,3 +219,18 @@ def test_throughput_bars_of_a_model_come_from_one_configuration():
     assert set(got["device"]) == {"cpu (1 threads)"}
     assert got.loc["ours", "images_per_s"] == 2.8
     assert got.loc["transformers", "images_per_s"] == 2.5
+
+
+def test_a_branch_counts_only_its_own_evals(tmp_path):
+    """A branch run dir starts with a copy of its trunk's rows up to branch_step (scaling/branch
+    .py); those evals are the trunk's measurements and must be counted once, in the trunk."""
+    model, params, macs = SIZES[0]
+    trunk_rows = [_eval_row(s, 1000 * s, macs, 0.1 * s) for s in (1, 2, 3, 4)]
+    write_run(tmp_path / "sw" / "trunk", model, params, macs, trunk_rows)
+    branch_rows = trunk_rows[:2] + [_eval_row(s, 1000 * s, macs, 0.15 * s) for s in (3, 4)]
+    write_run(tmp_path / "sw" / "branch", model, params, macs, branch_rows,
+              config={"trunk_run": "trunk", "branch_step": 2})
+    res = load_results(tmp_path, cache_dir=tmp_path / "cache")
+    steps = {run: sorted(g["step"]) for run, g in res.evals.groupby("run_id")}
+    assert steps == {"trunk": [1, 2, 3, 4], "branch": [3, 4]}
+    assert int(res.runs.set_index("run_id").loc["branch", "n_evals"]) == 2
