@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 BUDGETS = ("steps", "epochs", "samples", "flops")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_ORDERS = ("sharded", "global")
+OPTIMIZERS = ("adamw", "sgd")
 EVAL_SPACINGS = ("linear", "log")
 EVALS_PER_DECADE = 4
 # Fields that may change between a run and its resumption without changing its results.
@@ -71,7 +72,11 @@ class TrainConfig:
     cooldown_shape: str = _f("linear", "cooldown factor: linear (big_vision) or 1-sqrt "
                              "(Hagele et al. 2024)", choices=COOLDOWN_SHAPES)
     rsqrt_timescale: int = _f(10000, "rsqrt schedule's timescale in steps")
-    weight_decay: float = _f(0.05, "AdamW decoupled weight decay (not on norms/biases/pos/cls)")
+    optimizer: str = _f("adamw", "adamw (pre-training) or sgd with momentum (fine-tuning, ViT "
+                        "paper App. B.1.1; scaling.finetune)", choices=OPTIMIZERS)
+    momentum: float = _f(0.9, "SGD momentum (--optimizer sgd)")
+    weight_decay: float = _f(0.05, "AdamW decoupled weight decay (not on norms/biases/pos/cls); "
+                             "with sgd, L2 on the same parameters")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.999, "AdamW beta2")
     grad_clip: float = _f(1.0, "global gradient-norm clipping (0: off)")
@@ -114,6 +119,9 @@ class TrainConfig:
     trunk_run: str | None = _f(None, "start from this run's checkpoint at branch_step (a "
                                "relative path is taken from --out's parent: a sibling run id)")
     branch_step: int | None = _f(None, "the trunk step this run branches at (with --trunk-run)")
+    init_from: str | None = _f(None, "fine-tune: start from this finished run's export "
+                               "(model.safetensors) with position embeddings resized and a new "
+                               "zero head (scaling.finetune); a resume uses its own checkpoint")
     log_every: int = _f(10, "log a train row every N steps")
     stop_poll_every: int = _f(0, "check for a stop signal (SIGTERM, SIGUSR2) every N steps and at "
                               "every eval and checkpoint step; 0: every step on a CPU, every 10 "
@@ -198,7 +206,7 @@ def field_type(f: dataclasses.Field) -> type:
 # Fields whose valid values are a fraction in [0, 1): momentum coefficients (AdamW needs
 # beta < 1), probabilities, and the smoothing mass moved off the true class.
 FRACTIONS = ("beta1", "beta2", "label_smoothing", "dropout", "drop_path", "warmup_fraction",
-             "cooldown_fraction")
+             "cooldown_fraction", "momentum")
 
 
 def _validate(c: TrainConfig) -> None:
@@ -241,7 +249,7 @@ def _validate(c: TrainConfig) -> None:
     choices = {"zero": (0, 1, 2, 3), "precision": PRECISIONS, "schedule": SCHEDULES,
                "data_order": DATA_ORDERS, "pool": ("cls", "gap"),
                "in_memory": IN_MEMORY_CHOICES, "eval_spacing": EVAL_SPACINGS,
-               "cooldown_shape": COOLDOWN_SHAPES}
+               "cooldown_shape": COOLDOWN_SHAPES, "optimizer": OPTIMIZERS}
     for n, valid in choices.items():
         if getattr(c, n) not in valid:
             raise ValueError(f"{n}={getattr(c, n)!r}; valid: {list(valid)}")

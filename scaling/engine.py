@@ -76,7 +76,7 @@ def ds_config(cfg: TrainConfig, micro: int, accum: int) -> dict:
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW, which ZeRO handles fine
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW / SGD: ZeRO handles them
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0,
                  "initial_scale_power": 16},
@@ -85,13 +85,22 @@ def ds_config(cfg: TrainConfig, micro: int, accum: int) -> dict:
     }
 
 
-def initialize(model: torch.nn.Module, cfg: TrainConfig, *, micro: int, accum: int,
-               total_steps: int):
-    """Wrap the model in a DeepSpeed engine with AdamW and the run's LR schedule."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (pre-training), or SGD with momentum (--optimizer sgd: fine-tuning, ViT paper App.
+    B.1.1), over param_groups; a client optimizer, which every ZeRO stage wraps."""
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     # DeepSpeed moves the model to the accelerator; the optimizer runs where it lands.
     fused = dist.fused_adamw(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                             fused=fused)
+
+
+def initialize(model: torch.nn.Module, cfg: TrainConfig, *, micro: int, accum: int,
+               total_steps: int):
+    """Wrap the model in a DeepSpeed engine with the run's optimizer and LR schedule."""
+    optimizer = make_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_at(cfg, step, total_steps) / cfg.lr)
     # saved into every checkpoint; ds_to_universal refuses a checkpoint without it (#5405)

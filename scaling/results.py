@@ -67,6 +67,17 @@ Also written: ``l2`` (the ridge penalty), ``image_size`` (the resolution probed)
 ("train": at an eval point during training; "export" or "checkpoint": after it). One
 (dataset, shots, seed, step) is in the file at most once.
 
+Fine-tune rows in the same file (scaling.finetune, appended to the PRE-TRAINING run's
+transfer.jsonl when a fine-tune run started from its export finishes): ``kind`` ("finetune"),
+``dataset`` (the fine-tune data's basename), ``shots`` (null), ``seed`` (the fine-tune's),
+``top1`` (the fine-tuned model's on the downstream val split), ``step``, ``images_seen``,
+``flops_seen`` (of the pre-training at its export), ``num_test`` (val images evaluated). Also
+written: ``num_train`` (the downstream train split), ``image_size`` (the fine-tune resolution),
+``finetune_run`` (its run dir), ``finetune_steps``, ``finetune_flops``, ``source`` ("finetune").
+One (dataset, seed, step) is in the file at most once. The fine-tune run's own final.json adds
+``pretrain_run`` (the run dir it started from) and ``pretrain_flops`` (that run's training
+FLOPs at its export).
+
 Rules every writer follows (the failure model, docs/architecture.md): one process group owns a
 run dir at a time (RunLock); each (re)start first truncates metrics.jsonl and transfer.jsonl to
 the rows saved with the checkpoint it resumes from, or to none without one (truncate_rows), so no
@@ -116,7 +127,10 @@ TRAIN_KEYS = COMMON_KEYS + (
 EVAL_KEYS = COMMON_KEYS + ("loss", "top1", "top5", "num_samples")
 TRANSFER_KEYS = ("kind", "dataset", "shots", "seed", "top1", "step", "images_seen", "flops_seen",
                  "num_train", "num_test")
-TRANSFER_KINDS = ("fewshot",)
+# A fine-tune row (scaling.finetune) is one per fine-tune run: no shots, `seed` the fine-tune's.
+FINETUNE_KEYS = ("kind", "dataset", "shots", "seed", "top1", "step", "images_seen", "flops_seen",
+                 "num_test")
+TRANSFER_KINDS = ("fewshot", "finetune")
 FINAL_KEYS = (
     "status", "final_top1", "best_top1", "final_top5", "final_loss", "steps", "images_seen",
     "total_flops", "params", "macs_per_image", "model", "wall_hours", "device_hours",
@@ -157,9 +171,10 @@ def validate_transfer(row: dict) -> dict:
     if row.get("kind") not in TRANSFER_KINDS:
         raise SchemaError(f"transfer row has kind={row.get('kind')!r}; expected one of "
                           f"{TRANSFER_KINDS}")
-    missing = [k for k in TRANSFER_KEYS if k not in row]
+    keys = FINETUNE_KEYS if row["kind"] == "finetune" else TRANSFER_KEYS
+    missing = [k for k in keys if k not in row]
     if missing:
-        raise SchemaError(f"transfer row is missing {missing}")
+        raise SchemaError(f"{row['kind']} transfer row is missing {missing}")
     return row
 
 

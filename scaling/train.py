@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scaling import branch, dist, results, tracking
+from scaling import branch, dist, finetune, results, tracking
 from scaling.config import (
     RESUMABLE_FIELDS,
     TrainConfig,
@@ -88,6 +88,8 @@ def prepare(cfg: TrainConfig, world_size: int):
                          defaults=TrainConfig.defaults())
     if cfg.trunk_run is not None:  # a branch: its trunk's recipe and checkpoint (scaling.branch)
         branch.check_branch(cfg.to_dict(), TrainConfig.defaults(), RESUMABLE_FIELDS)
+    if cfg.init_from is not None:  # a fine-tune: a finished run's export (scaling.finetune)
+        finetune.check(cfg, vit_cfg, data_info.root)
     return data_info, vit_cfg, plan, fewshot
 
 
@@ -138,6 +140,7 @@ class Run:
         self.ckpt_steps, self.ckpt_minutes = ckpt_interval(cfg.ckpt_every)
         self.pinned = pinned_steps(cfg)  # --ckpt-at: checkpointed and never rotated away
         self.ckpt_cost, self.tracker = tracking.CheckpointCost(), None
+        self.pretrained = finetune.Pretrained.open(cfg.init_from) if cfg.init_from else None
 
     # -- set-up -------------------------------------------------------------------------------
     def build(self) -> None:
@@ -154,6 +157,8 @@ class Run:
         self._own_run_dir()
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
         model = create_model(self.vit_cfg)
+        if self.pretrained is not None and not eng.complete_checkpoints(self.ckpt_dir):
+            finetune.init_weights(model, self.pretrained)  # a fine-tune's first start only
         self.engine = eng.initialize(model, self.cfg, micro=self.plan.micro_batch,
                                      accum=self.plan.accumulation,
                                      total_steps=self.plan.total_steps)
@@ -405,6 +410,8 @@ class Run:
         t0 = time.perf_counter()
         eng.export_safetensors(self.engine, self.out / results.EXPORT_FILE, meta)
         self.meter.add("export", time.perf_counter() - t0)
+        if self.pretrained is not None and self.dist_info.is_main:  # its row, in the pre-training
+            finetune.record_transfer(self.cfg, self.pretrained, self.out, self.data_info)
         return self.record_final(results.STATUS_OK)
 
     def record_final(self, status: str, error: str | None = None) -> dict:
@@ -426,6 +433,7 @@ class Run:
             "overhead_fraction": self.meter.overhead_fraction(wall),
             "overhead_breakdown_s": self.meter.breakdown(wall), "error": error,
             **self.ckpt_cost.final(self._last_complete()),
+            **(finetune.final_fields(self.pretrained) if self.pretrained else {}),
         }
         if self.dist_info.is_main and self.lock is not None:
             try:
