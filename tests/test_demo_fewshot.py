@@ -15,11 +15,12 @@ def _with_fewshot(monkeypatch, cache, data=None):
     return with_builtin_fewshot(argparse.Namespace(data=data), get_preset("demo"))
 
 
-def test_demo_runs_probe_a_cached_shapes_set_at_8px(tmp_path, monkeypatch, digits_data):
+def test_demo_runs_probe_a_cached_mirrored_digits_set_at_8px(tmp_path, monkeypatch, digits_data):
     preset = _with_fewshot(monkeypatch, tmp_path / "a")
     (folder,) = preset.train["fewshot"].split(",")
     info = load_dataset_info(folder)
-    assert info.root.name == "shapes8" and info.source == "shapes" and info.image_size == 8
+    assert info.root.name == "digits-mirror" and info.source == "digits-mirror"
+    assert info.image_size == 8
     assert info.image_size == load_dataset_info(digits_data).image_size  # no resize needed
     assert (preset.train["fewshot_shots"], preset.train["fewshot_seeds"]) == ("1,5,10", 3)
     stamp = (info.root / "dataset.json").stat().st_mtime_ns

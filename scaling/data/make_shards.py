@@ -42,24 +42,29 @@ from scaling.data.writer import (
     write_info,
 )
 
-SOURCES = ("imagefolder", "cifar", "parquet", "webdataset", "digits", "shapes")
+SOURCES = ("imagefolder", "cifar", "parquet", "webdataset", "digits", "digits-mirror",
+           "shapes")
 EXTERNAL = ("parquet", "webdataset")  # take --image-key, --label-key, --classes
 KEY_DEFAULTS = {"webdataset": ("jpg;jpeg;png;webp", "cls"), "parquet": ("image", "label")}
-BUILTIN = ("digits", "shapes")
+BUILTIN = ("digits", "digits-mirror", "shapes")
+HOLDOUT_FRACTION = 0.3  # digits-mirror: the val fraction of the digits set it is drawn from
 FORMATS = ("png", "jpg")
 LOCK_SUFFIX = ".make_shards.lock"  # the lock of OUT is PARENT/.OUT.make_shards.lock
 
 
 def _source_args(source: str, *, src: str | None, val_src: str | None, val_fraction: float,
                  image_size: int | None, image_format: str | None, quality: int, seed: int,
-                 num_samples: int | None, shard_size: int) -> dict:
+                 num_samples: int | None, shard_size: int,
+                 holdout_fraction: float | None = None) -> dict:
     """Validate the arguments and fill per-source defaults; the result goes into dataset.json."""
+    if holdout_fraction is not None and source != "digits-mirror":
+        raise ValueError(f"holdout_fraction={holdout_fraction} only applies to digits-mirror")
     if source not in SOURCES:
         raise ValueError(f"source={source!r}; expected one of {SOURCES}")
     if (src is None) != (source in BUILTIN):
         need = "needs" if source not in BUILTIN else "takes no"
         raise ValueError(f"source {source!r} {need} --src (got src={src!r})")
-    native = {"cifar": 32, "digits": 8}.get(source)
+    native = {"cifar": 32, "digits": 8, "digits-mirror": 8}.get(source)
     if native and image_size not in (None, native):
         raise ValueError(f"image_size={image_size}: {source} images are {native}px as stored")
     _check_sizes(source, image_size, num_samples, shard_size)
@@ -84,7 +89,15 @@ def _source_args(source: str, *, src: str | None, val_src: str | None, val_fract
         "num_samples": (10_000 if num_samples is None else int(num_samples))
         if source == "shapes" else None,
         "shard_size": int(shard_size),
-    }
+    } | (_holdout(holdout_fraction) if source == "digits-mirror" else {})
+
+
+def _holdout(fraction: float | None) -> dict:
+    """digits-mirror's extra argument: which digits val split it mirrors (checked)."""
+    fraction = HOLDOUT_FRACTION if fraction is None else float(fraction)
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout_fraction={fraction}; expected 0 < F < 1")
+    return {"holdout_fraction": fraction}
 
 
 def _abs(src: str) -> str:
@@ -169,6 +182,9 @@ def _build_source(a: dict) -> Source:
         return sources.cifar(a["src"], seed=a["seed"])
     if a["source"] == "digits":
         return sources.digits(val_fraction=a["val_fraction"], seed=a["seed"])
+    if a["source"] == "digits-mirror":
+        return sources.digits_mirror(holdout_fraction=a["holdout_fraction"],
+                                     val_fraction=a["val_fraction"], seed=a["seed"])
     return sources.shapes_source(num_samples=a["num_samples"], val_fraction=a["val_fraction"],
                                  seed=a["seed"], image_size=a["image_size"])
 
@@ -193,7 +209,8 @@ def make_shards(source: str, out: str | os.PathLike, *, src: str | None = None,
                 quality: int = 95, seed: int = 0, num_samples: int | None = None,
                 shard_size: int = 1000, workers: int = 1, strict: bool = False,
                 image_key: str | None = None, label_key: str | None = None,
-                classes: str | None = None, scan: bool = False) -> DatasetInfo:
+                classes: str | None = None, scan: bool = False,
+                holdout_fraction: float | None = None) -> DatasetInfo:
     """Write shards of `source` into OUT (replacing what is there) and return its DatasetInfo;
     for "webdataset", write only a dataset.json that indexes the shards where they are."""
     if source not in EXTERNAL and (image_key or label_key or classes or scan):
@@ -206,7 +223,8 @@ def make_shards(source: str, out: str | os.PathLike, *, src: str | None = None,
     else:
         args = _source_args(source, src=src, val_src=val_src, val_fraction=val_fraction,
                             image_size=image_size, image_format=image_format, quality=quality,
-                            seed=seed, num_samples=num_samples, shard_size=shard_size)
+                            seed=seed, num_samples=num_samples, shard_size=shard_size,
+                            holdout_fraction=holdout_fraction)
     if source in EXTERNAL:
         args = _external_args(source, args, image_key=image_key, label_key=label_key,
                               classes=classes, scan=scan)
@@ -248,13 +266,15 @@ def _write(args: dict, out: Path, workers: int, source: Source | None = None,
 def make_builtin_shards(source: str, out: str | os.PathLike, *, image_size: int | None = None,
                         num_samples: int | None = None, val_fraction: float = 0.1,
                         seed: int = 0, image_format: str = "png", shard_size: int = 1000,
-                        workers: int = 1) -> DatasetInfo:
-    """Create `digits` or `shapes` shards in OUT, or reuse them if made with the same args."""
+                        workers: int = 1, holdout_fraction: float | None = None) -> DatasetInfo:
+    """Create `digits`, `digits-mirror` or `shapes` shards in OUT, or reuse them if made with
+    the same args."""
     if source not in BUILTIN:
         raise ValueError(f"source={source!r}; built-in sources are {BUILTIN}")
     args = _source_args(source, src=None, val_src=None, val_fraction=val_fraction,
                         image_size=image_size, image_format=image_format, quality=95,
-                        seed=seed, num_samples=num_samples, shard_size=shard_size)
+                        seed=seed, num_samples=num_samples, shard_size=shard_size,
+                        holdout_fraction=holdout_fraction)
     if workers < 1:
         raise ValueError(f"workers={workers}; expected >= 1")
     info = _reusable(Path(out).expanduser().resolve(), args)  # first without the lock: a
@@ -301,6 +321,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
     p.add_argument("--seed", type=int, default=0, help="shuffle / split / generator seed")
     p.add_argument("--num-samples", type=int, default=None, help="shapes: train + val samples")
+    p.add_argument("--holdout-fraction", type=float, default=None,
+                   help=f"digits-mirror: mirror the val split of digits made with this "
+                        f"--val-fraction and the same --seed (default {HOLDOUT_FRACTION})")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="encoding / scanning processes (output does not depend on it)")
     p.add_argument("--strict", action="store_true",

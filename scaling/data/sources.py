@@ -214,6 +214,23 @@ def digits(*, val_fraction: float, seed: int) -> Source:
     return Source("digits", tuple(str(c) for c in range(10)), split_items, load_array, 8)
 
 
+def digits_mirror(*, holdout_fraction: float, val_fraction: float, seed: int) -> Source:
+    """A downstream set for few-shot probes of models pre-trained on `digits`: the images that
+    `digits(val_fraction=holdout_fraction, seed=seed)` holds out as its val split (so never
+    trained on, in any orientation), mirrored left-right (digits are not mirror-symmetric and
+    the digits recipe trains without flips: a domain shift), cut again into train (the k-shot
+    draws) and val (the test images)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.round(d.images[:, :, ::-1] * (255 / 16)).astype(np.uint8)
+    _, held_out = _split_indices(len(images), holdout_fraction, seed)
+    tr, va = _split_indices(len(held_out), val_fraction, seed + 1)
+    split_items = {s: [(images[held_out[i]], int(d.target[held_out[i]])) for i in idx]
+                   for s, idx in (("train", tr), ("val", va))}
+    return Source("digits-mirror", tuple(str(c) for c in range(10)), split_items, load_array, 8)
+
+
 def shapes_source(*, num_samples: int, val_fraction: float, seed: int, image_size: int) -> Source:
     """`num_samples` procedural shapes (train + val) at `image_size` px, deterministic per seed."""
     if num_samples < 1 or image_size < 4:

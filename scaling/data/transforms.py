@@ -54,6 +54,7 @@ class Augment:
 # flips for digits (a mirrored 2 is not a 2), and evaluation on the whole image.
 SOURCE_AUGMENT = {
     "digits": Augment(scale=(0.6, 1.0), hflip=False, crop_pct=1.0),
+    "digits-mirror": Augment(scale=(0.6, 1.0), hflip=False, crop_pct=1.0),
     "shapes": Augment(scale=(0.35, 1.0), crop_pct=1.0),
     "cifar10": Augment(scale=(0.25, 1.0), crop_pct=1.0),
     "cifar100": Augment(scale=(0.25, 1.0), crop_pct=1.0),
