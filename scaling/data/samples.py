@@ -24,6 +24,7 @@ from scaling.data.info import (
 from scaling.data.transforms import Augment, decode_crop, default_augment
 
 IMAGE_KEYS = DEFAULT_IMAGE_KEYS
+JPEG_DRAFT_ENV = "VIT_SCALING_JPEG_DRAFT"
 JSON_PREFIX = "json:"
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
@@ -78,6 +79,9 @@ class Decode:
     strict: bool
     image_keys: tuple[str, ...] = DEFAULT_IMAGE_KEYS
     label_key: str = DEFAULT_LABEL_KEY
+    # JPEGs at reduced DCT scale where the crop allows (scaling.data.jpeg); rows are cut to the
+    # crop's reach except when strict, which must notice damage anywhere in an image
+    jpeg_draft: bool = True
 
     def label(self, sample: dict) -> int | None:
         """The class index of a raw sample; None if missing or unreadable (a damaged sample:
@@ -98,8 +102,9 @@ class Decode:
 
     def image(self, sample: dict, rng: random.Random | None) -> np.ndarray | None:
         """The cropped uint8 image, or None for a corrupt one (DataError when strict)."""
-        return self._decoded(sample, lambda data: decode_crop(data, self.image_size, rng=rng,
-                                                              aug=self.augment))
+        return self._decoded(sample, lambda data: decode_crop(
+            data, self.image_size, rng=rng, aug=self.augment, draft=self.jpeg_draft,
+            rows=not self.strict))
 
     def stored_image(self, sample: dict) -> np.ndarray | None:
         """The (H, W, 3) uint8 image as stored, uncropped; None for a corrupt one."""
@@ -121,11 +126,21 @@ class Decode:
             return None
 
 
+def jpeg_draft_setting(environ=os.environ) -> bool:
+    """`VIT_SCALING_JPEG_DRAFT`: 1 (the default) decodes JPEGs at reduced DCT scale where the
+    crop allows, 0 always at full size (the switch of the accuracy check in docs/data.md);
+    DataError for any other value."""
+    value = environ.get(JPEG_DRAFT_ENV, "1")
+    if value not in ("0", "1"):
+        raise DataError(f"{JPEG_DRAFT_ENV}={value!r}; expected 0 or 1")
+    return value == "1"
+
+
 def make_decode(info: DatasetInfo, image_size: int, augment: Augment | None,
                 strict: bool) -> Decode:
     """The Decode of a dataset: its classes, transform defaults and sample keys."""
     return Decode(image_size, info.num_classes, augment or default_augment(info.source), strict,
-                  info.image_keys, info.label_key)
+                  info.image_keys, info.label_key, jpeg_draft_setting())
 
 
 def shard_counts(split: SplitInfo) -> dict[str, int]:

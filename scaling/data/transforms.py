@@ -1,11 +1,10 @@
 """Image transforms with PIL, numpy and torch only (no torchvision), and DeiT's mixup/cutmix.
 
 Train: random-resized-crop + optional horizontal flip; eval: resize + centre crop. Both are one
-`Image.resize(..., box=...)` call on an image decoded with `Image.draft` (JPEG DCT-domain
-downscaling, Pillow docs: "configures the image file loader so it returns a version of the image
-that as closely as possible matches the given mode and size"), so a large JPEG is decoded at 1/2,
-1/4 or 1/8 scale whenever the crop still has at least the output resolution. Normalisation
-happens once per batch (`to_tensor_batch`), not per image.
+`Image.resize(..., box=...)` call on an image decoded only as far as the box needs
+(scaling.data.jpeg): a JPEG at 1/2, 1/4 or 1/8 DCT scale (`Image.draft`) whenever the box still
+has at least the output resolution there, and only down to the last row the resize reads.
+Normalisation happens once per batch (`to_tensor_batch`), not per image.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
+
+from scaling.data.jpeg import reduce_for_box
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,23 +106,23 @@ def center_crop_box(width: int, height: int, crop_pct: float) -> tuple[float, ..
     return x0, y0, x0 + side, y0 + side
 
 
-def decode_crop(data: bytes, size: int, *, rng: random.Random | None, aug: Augment) -> np.ndarray:
+def decode_crop(data: bytes, size: int, *, rng: random.Random | None, aug: Augment,
+                draft: bool = True, rows: bool = True) -> np.ndarray:
     """Decode an encoded image and crop/resize it to (size, size, 3) uint8: a random-resized crop
-    and flip when `rng` is given (train), else the centre crop (eval)."""
-    img = Image.open(io.BytesIO(data))
+    and flip when `rng` is given (train), else the centre crop (eval). The box is drawn in the
+    stored image's coordinates first; then a JPEG is decoded at reduced DCT scale (`draft`) and
+    only down to the rows the resize reads (`rows`, bit-exact), scaling.data.jpeg."""
+    img = Image.open(io.BytesIO(data))  # reads the header only
     w, h = img.size
     if rng is None:
         box = center_crop_box(w, h, aug.crop_pct)
     else:
         box = random_resized_crop_box(w, h, rng, aug.scale, aug.ratio)
-    if img.format == "JPEG":  # decode at the smallest DCT scale that keeps >= size px in the box
-        bw, bh = box[2] - box[0], box[3] - box[1]
-        img.draft("RGB", (math.ceil(w * size / bw), math.ceil(h * size / bh)))
-        sx, sy = img.size[0] / w, img.size[1] / h
-        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    resample = RESAMPLE[aug.interpolation]
+    img, box = reduce_for_box(img, data, box, size, resample, draft=draft, rows=rows)
     if img.mode != "RGB":
         img = img.convert("RGB")
-    img = img.resize((size, size), RESAMPLE[aug.interpolation], box=box)
+    img = img.resize((size, size), resample, box=box)
     if rng is not None and aug.hflip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(img)
