@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         help="cooldown: one trunk per size, lr and seed at a constant/rsqrt lr, and each budget "
              "a branch that trains only its cooldown from the trunk's checkpoint "
              "(launchers/branching.py; docs/sweeps.md, 'Branching sweeps')")
+    add("--finetune", metavar="DIR",
+        help="also fine-tune every pre-training run on this shard dir once it has finished "
+             "(scaling.finetune; runs in RESULTS/NAME-finetune, rows in the pre-training "
+             "runs' transfer.jsonl; launchers/finetune_runs.py)")
+    add("--finetune-image-size", type=int, help="fine-tune resolution (default: the data's)")
+    add("--finetune-steps", type=int, help="fine-tune steps (default 100)")
+    add("--finetune-lr", type=float, help="fine-tune SGD learning rate (default 0.01)")
     add("--dry-run", action="store_true",
         help="print the grid and the sbatch script; submit nothing")
     return parser

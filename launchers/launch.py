@@ -15,7 +15,7 @@ import uuid
 from functools import partial
 from pathlib import Path
 
-from launchers import branching, slurm
+from launchers import branching, finetune_runs, slurm
 from launchers.checks import plan_warnings
 from launchers.defaults import (
     Choice,
@@ -231,6 +231,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     specs = tree.specs if tree else build_grid(preset, options, info, sweep_dir)
     if not tree:  # a partly done run started on another --gpus (launchers.plan)
         specs = other_world_sizes(specs, args.allow_world_size_change)
+    if args.finetune:  # one fine-tune per run, after it (launchers.finetune_runs)
+        if tree:
+            raise ValueError("--finetune with --branching is not supported yet")
+        specs = [*specs, *finetune_runs.finetune_specs(args, specs, sweep_dir)]
     planned = classify(specs, args.resubmit_failed)
     print(f"sweep {sweep_dir.name}: preset {preset.name}, {len(specs)} run(s), {world} rank(s) "
           f"each = {layout[0]} node(s) x {layout[1]} task(s), cluster {cluster}")
@@ -251,8 +255,10 @@ def run_sweep(args: argparse.Namespace) -> int:
                 if p.action == "resubmit":
                     set_aside_final(p.spec.run_dir)
         if cluster == "slurm":
-            submit = partial(branching.submit_slurm, tree=tree) if tree else submit_slurm
+            submit = partial(branching.submit_slurm, tree=tree) if tree else (
+                finetune_runs.submit_slurm if args.finetune else submit_slurm)
             return submit(todo, placement, layout, preset.device == "cuda", sweep_dir,
                                 args.dry_run, claims)
         return run_here(todo, placement, sweep_dir, args.dry_run, claims,
-                        runner=branching.run_local if tree else run_local)
+                        runner=branching.run_local if tree else (
+                            finetune_runs.run_local if args.finetune else run_local))

@@ -162,3 +162,32 @@ def test_bad_input_is_one_line_and_exit_2(setup, tmp_path, capsys, case, message
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def sweep(setup, tmp_path, *extra):
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "launchers" / "sweep.py"),
+           "--preset", "demo", "--data", setup["digits"], "--results", tmp_path / "res",
+           "--sizes", "mu", "--budget-kind", "steps", "--budgets", "30",
+           "--finetune", setup["stripes"], "--finetune-image-size", "16",
+           "--finetune-steps", "20", *extra]
+    return subprocess.run([str(c) for c in cmd], env=train_env(), capture_output=True,
+                          text=True, timeout=900, check=False, cwd=tmp_path)
+
+
+def test_sweep_fine_tunes_each_run_after_it_and_a_rerun_submits_nothing(setup, tmp_path):
+    first = sweep(setup, tmp_path, "--cluster", "local")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    (pre,) = [d for d in (tmp_path / "res" / "demo").iterdir() if (d / "final.json").exists()]
+    (ft,) = list((tmp_path / "res" / "demo-finetune").glob(f"{pre.name}_ft16_*"))
+    assert results.read_final(ft)["pretrain_run"] == str(pre)
+    assert [r["kind"] for r in results.read_transfer(pre)] == ["finetune"]
+    again = sweep(setup, tmp_path, "--cluster", "local")
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout[-2000:]
+
+
+def test_slurm_dry_run_makes_the_fine_tune_depend_on_its_pre_training_job(setup, tmp_path):
+    out = sweep(setup, tmp_path, "--cluster", "slurm", "--dry-run")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "#SBATCH --dependency=afterok:PRETRAIN_JOB" in out.stdout
+    assert "#SBATCH --kill-on-invalid-dep=yes" in out.stdout
+    assert out.stdout.count("--init-from") == 1 and "--optimizer sgd" in out.stdout

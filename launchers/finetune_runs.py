@@ -1,0 +1,148 @@
+"""`sweep.py --finetune DIR [--finetune-image-size N] [--finetune-steps N] [--finetune-lr LR]`:
+one fine-tune run (scaling.finetune) per pre-training run of the grid, started after it.
+
+A fine-tune run is an ordinary run (a TrainConfig with `init_from`, built by
+scaling.finetune.fine_tune_config from the pre-training run's config) whose id is the pre-training
+run's id, `ft<size>` and a hash of its own config (without the init_from path) and data; it lies
+in the sibling sweep dir `RESULTS/<sweep>-finetune/`, so the upstream analysis of
+`RESULTS/<sweep>` never mistakes it for a pre-training run; its result is a row of the
+pre-training run's transfer.jsonl (`--metric finetune:NAME`). Idempotent like every run: a
+finished one is skipped.
+
+Locally, a fine-tune starts once its pre-training run's final.json is ok; one whose pre-training
+run failed is left waiting (never started). On SLURM, fine-tunes of finished pre-training runs
+are submitted as they are, the others with `--dependency=afterok:PRE_JOB
+--kill-on-invalid-dep=yes`, one array per pre-training job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from pathlib import Path
+
+from launchers.grid import RunSpec, config_hash, data_fingerprint
+from launchers.local import LocalSweep
+from launchers.runs import read_job
+from scaling import finetune, results
+from scaling.config import resolve_plan
+from scaling.data import load_dataset_info
+
+RUNTIME = ("num_workers", "log_every", "progress", "tensorboard", "in_memory",
+           "stop_poll_every")  # taken from the pre-training run: how, not what, it trains
+DEFAULT_STEPS = 100
+
+
+def sweep_dir_of(sweep_dir: Path) -> Path:
+    """Where a sweep's fine-tune runs lie: RESULTS/<sweep>-finetune."""
+    return sweep_dir.parent / f"{sweep_dir.name}-finetune"
+
+
+def finetune_spec(pre: RunSpec, info, out_root: Path, *, image_size: int | None, steps: int,
+                  lr: float | None) -> RunSpec:
+    """The fine-tune run of pre-training run `pre` on downstream data `info`."""
+    given = {k: getattr(pre.cfg, k) for k in RUNTIME}
+    given.update(data=str(info.root), out=str(out_root / "_pending"), steps=steps,
+                 image_size=image_size, lr=lr, seed=pre.seed)
+    cfg = finetune.fine_tune_config(pre.cfg.to_dict(), init_from=str(pre.run_dir), **given)
+    plan = resolve_plan(cfg, info, pre.world_size)
+    digest = config_hash(dataclasses.replace(cfg, init_from=None), pre.world_size,
+                         data_fingerprint(info))
+    run_id = f"{pre.run_id}_ft{plan.image_size}_{digest}"
+    cfg = dataclasses.replace(cfg, out=str(out_root / run_id))
+    return RunSpec(run_id=run_id, model=pre.model, budget=steps, budget_kind="steps",
+                   seed=pre.seed, base_lr=cfg.lr, world_size=pre.world_size,
+                   total_steps=plan.total_steps, cfg=cfg, macs_per_image=plan.macs_per_image)
+
+
+def finetune_specs(args, specs: list[RunSpec], sweep_dir: Path) -> list[RunSpec]:
+    """One fine-tune per pre-training spec; ValueError (one line) for bad --finetune flags."""
+    info = load_dataset_info(args.finetune, verify=True)
+    if not info.has_split("val"):
+        raise ValueError(f"--finetune {args.finetune}: no val split to evaluate on")
+    steps = args.finetune_steps if args.finetune_steps is not None else DEFAULT_STEPS
+    out_root = sweep_dir_of(sweep_dir)
+    try:
+        return [finetune_spec(s, info, out_root, image_size=args.finetune_image_size,
+                              steps=steps, lr=args.finetune_lr) for s in specs]
+    except ValueError as e:
+        raise ValueError(f"--finetune: {e}") from None
+
+
+def ready(spec: RunSpec) -> bool:
+    """A pre-training run may start now; a fine-tune once its pre-training run finished ok."""
+    if spec.cfg.init_from is None:
+        return True
+    final = results.read_final(spec.cfg.init_from)
+    return final is not None and final["status"] == results.STATUS_OK
+
+
+class FinetuneSweep(LocalSweep):
+    """LocalSweep that starts a fine-tune only once its pre-training run finished ok; those
+    still waiting when nothing runs any more are `blocked`, never started."""
+
+    blocked: list[RunSpec]
+
+    def step(self) -> None:
+        self.reap()
+        while len(self.running) < self.max_parallel and not self.stopped:
+            i = next((i for i, s in enumerate(self.pending) if ready(s)), None)
+            if i is None:
+                break
+            self.pending.insert(0, self.pending.pop(i))
+            self.start_next()
+        if self.stopped or not self.running:
+            self.blocked = [*getattr(self, "blocked", []), *self.pending]
+            self.pending.clear()  # their claims are released by the sweep
+        self.progress.tick()
+
+
+def run_local(specs, sweep, max_parallel, log=None, claims=None, progress=None):
+    """launchers.local.run_local with fine-tunes after their pre-training runs."""
+    runner = FinetuneSweep(specs, sweep, max_parallel, log, claims, progress)
+    codes, stopped = runner.run()
+    waiting = getattr(runner, "blocked", [])
+    if claims is not None:
+        for s in waiting:
+            claims.release(s.run_dir)
+    if waiting and not stopped:
+        print(f"{len(waiting)} fine-tune(s) wait for a pre-training run that did not finish "
+              f"ok: {', '.join(s.run_id for s in waiting)}; rerun the sweep")
+    return codes, stopped
+
+
+def submit_slurm(todo: list, placement: dict, layout: tuple[int, int], gpus: bool,
+                 sweep_dir: Path, dry_run: bool, claims) -> int:
+    """Pre-training runs as one array, then the fine-tunes: those of finished runs as one
+    array, the others one array per pre-training job, each `afterok` on it."""
+    from launchers.launch import submit_slurm as submit_array
+
+    pre = [p for p in todo if p.spec.cfg.init_from is None]
+    rest = [p for p in todo if p.spec.cfg.init_from is not None]
+    if pre:
+        submit_array(pre, placement, layout, gpus, sweep_dir, dry_run, claims)
+    groups: dict[str | None, list] = defaultdict(list)
+    left = []
+    for p in rest:
+        job = read_job(p.spec.cfg.init_from) or {}
+        if ready(p.spec):
+            groups[None].append(p)
+        elif dry_run:
+            groups["PRETRAIN_JOB"].append(p)
+        elif job.get("cluster") == "slurm" and job.get("job_id"):
+            groups[str(job["job_id"])].append(p)
+        else:
+            left.append(p)
+    for job_id, group in groups.items():
+        extra = dict(placement.get("additional_parameters") or {})
+        if job_id is not None:
+            extra.update(dependency=f"afterok:{job_id}", kill_on_invalid_dep="yes")
+        submit_array(group, {**placement, "additional_parameters": extra}, layout, gpus,
+                     sweep_dir_of(sweep_dir), dry_run, claims)
+    for p in left:
+        if claims is not None:
+            claims.release(p.spec.run_dir)
+    if left:
+        print(f"{len(left)} fine-tune(s) wait for a pre-training run without a job: "
+              f"{', '.join(p.spec.run_id for p in left)}; rerun the sweep")
+    return 0
