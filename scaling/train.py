@@ -34,6 +34,7 @@ from scaling.config import (
     resolve_plan,
 )
 from scaling.data import load_dataset_info
+from scaling.data.samples import jpeg_draft_setting
 from scaling.fewshot import TrainingProbe
 from scaling.flops import training_flops
 from scaling.loop import Batches, Meter, evaluate, is_stop_boundary, memory_gb, stop_poll_every
@@ -74,6 +75,7 @@ def prepare(cfg: TrainConfig, world_size: int):
         raise ValueError("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no "
                          "fp16); use bf16 or fp32 on a CPU")
     data_info = load_dataset_info(cfg.data, verify=True)
+    jpeg_draft_setting()  # a bad VIT_SCALING_JPEG_DRAFT is a DataError (ValueError) here
     if not data_info.has_split("val"):
         raise ValueError(f"dataset {cfg.data} has no val split (splits: "
                          f"{sorted(data_info.splits)}); every run evaluates on it: rebuild it "

@@ -231,6 +231,8 @@ def test_zero3_export_loads_without_deepspeed(digits, tmp_path):
     (["--flops", "1e3"], {}, "less than one step of 16 images"),
     (["--steps", "5"], {"RANK": "0", "WORLD_SIZE": "3"},
      "global batch size 16 is not divisible by the world size 3"),
+    (["--steps", "5"], {"VIT_SCALING_JPEG_DRAFT": "yes"},
+     "VIT_SCALING_JPEG_DRAFT='yes'; expected 0 or 1"),
     (["--steps", "5", "--data", "/nonexistent/shards"], {},
      "data dir '/nonexistent/shards' does not exist"),
     pytest.param(["--steps", "5", "--precision", "fp16"], {}, "fp16 needs a GPU",
