@@ -16,6 +16,7 @@ CLI's --n-boot 200 unless told otherwise; the reference re-plot parses every fil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -256,10 +257,18 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true",
                    help="keep OUT-DIR afterwards; a kept tree of the same shape is reused")
     args = p.parse_args(argv)
+    check_byte_form(args.out_dir / "byte_form")
+    with prepared_tree(args):
+        measure(args.out_dir, args)
+
+
+@contextlib.contextmanager
+def prepared_tree(args):
+    """OUT-DIR/results holding a generated tree of --runs x --rows (one eval per --eval-every),
+    reused when a kept one has that shape; OUT-DIR is removed afterwards unless --keep."""
     out = args.out_dir
     shape = {"runs": args.runs, "rows": args.rows, "eval_every": args.eval_every}
     marker = out / "tree.json"
-    check_byte_form(out / "byte_form")
     if not (marker.exists() and json.loads(marker.read_text()) == shape):
         shutil.rmtree(out / "results", ignore_errors=True)
         gen_s, size = _timed(write_tree, out / "results", args.runs, args.rows, args.eval_every)
@@ -269,7 +278,7 @@ def main(argv=None) -> int:
     print(f"tree: {args.runs} runs x {args.rows} rows, one eval per {args.eval_every}; "
           f"{os.cpu_count()} CPUs")
     try:
-        measure(out, args)
+        yield out / "results"
     finally:
         if not args.keep:
             shutil.rmtree(out)

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import launchers.status as status_mod
-from analysis.bench_load import write_tree
+from analysis.bench_load import prepared_tree
 from launchers.runs import Progress, read_progress
 from scaling.results import read_metrics
 
@@ -97,22 +95,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if min(args.runs, args.rows, args.eval_every) < 1:
         p.error("--runs, --rows and --eval-every must be positive")
-    out = args.out_dir
-    shape = {"runs": args.runs, "rows": args.rows, "eval_every": args.eval_every}
-    marker = out / "tree.json"
-    if not (marker.exists() and json.loads(marker.read_text()) == shape):
-        shutil.rmtree(out / "results", ignore_errors=True)
-        gen_s, size = _timed(write_tree, out / "results", args.runs, args.rows, args.eval_every)
-        marker.write_text(json.dumps(shape))
-        print(f"wrote {args.runs} runs x {args.rows} rows ({size / 1e6:.0f} MB of metrics) "
-              f"in {gen_s:.0f} s")
-    print(f"tree: {args.runs} runs x {args.rows} rows, one eval per {args.eval_every}; "
-          f"{os.cpu_count()} CPUs")
-    try:
-        measure(out / "results")
-    finally:
-        if not args.keep:
-            shutil.rmtree(out)
+    with prepared_tree(args) as tree:
+        measure(tree)
     return 0
 
 

@@ -38,7 +38,7 @@ from launchers.grid import (
     data_fingerprint,
     model_token,
 )
-from launchers.local import LocalSweep
+from launchers.local import GatedSweep
 from launchers.presets import Preset
 from launchers.runs import read_job
 from scaling import branch
@@ -190,31 +190,11 @@ def ready(spec: RunSpec) -> bool:
     return branch.ready(spec.cfg.out, spec.cfg.trunk_run, spec.cfg.branch_step)
 
 
-class BranchingSweep(LocalSweep):
-    """LocalSweep that starts a branch only once its trunk checkpoint exists; branches left
-    waiting when nothing runs any more (their trunk died) are `blocked`, never started."""
-
-    blocked: list[RunSpec]
-
-    def step(self) -> None:
-        self.reap()
-        while len(self.running) < self.max_parallel and not self.stopped:
-            i = next((i for i, s in enumerate(self.pending) if ready(s)), None)
-            if i is None:
-                break
-            self.pending.insert(0, self.pending.pop(i))
-            self.start_next()
-        if self.stopped or not self.running:
-            self.blocked = [*getattr(self, "blocked", []), *self.pending]
-            self.pending.clear()  # their claims are released by the sweep
-        self.progress.tick()
-
-
 def run_local(specs, sweep, max_parallel, log=None, claims=None, progress=None):
     """launchers.local.run_local for a branching sweep; prints the branches left waiting."""
-    runner = BranchingSweep(specs, sweep, max_parallel, log, claims, progress)
+    runner = GatedSweep(specs, sweep, max_parallel, log, claims, progress, ready=ready)
     codes, stopped = runner.run()
-    waiting = getattr(runner, "blocked", [])
+    waiting = runner.blocked
     if waiting and not stopped:
         print(f"{len(waiting)} branch(es) wait for their trunk's checkpoint (trunk stopped "
               f"before it): {', '.join(s.run_id for s in waiting)}; rerun the sweep to resume "

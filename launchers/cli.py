@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     add("--results", default="results", help="results root (default: results)")
     add("--cluster", choices=CLUSTERS, default="auto",
         help="slurm, local processes, or auto: slurm where sbatch exists and sinfo answers")
+    _add_cluster_flags(add)
+    _add_mode_flags(add)
+    return parser
+
+
+def _add_cluster_flags(add) -> None:
+    """Where and how the runs are submitted (SLURM settings, requeues, resubmission)."""
     add("--partition", help="SLURM partition")
     add("--account", help="SLURM account")
     add("--qos", help="SLURM QOS")
@@ -59,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--allow-world-size-change", action="store_true",
         help="continue a partly done run started with another --gpus on this one (a resume "
              "on another world size, docs/failure-model.md); without it that is an error")
+
+
+def _add_mode_flags(add) -> None:
+    """Sweep modes beyond a plain grid (branching, fine-tuning) and the dry run."""
     add("--branching", choices=("cooldown",),
         help="cooldown: one trunk per size, lr and seed at a constant/rsqrt lr, and each budget "
              "a branch that trains only its cooldown from the trunk's checkpoint "
@@ -72,7 +83,6 @@ def _parser() -> argparse.ArgumentParser:
     add("--finetune-lr", type=float, help="fine-tune SGD learning rate (default 0.01)")
     add("--dry-run", action="store_true",
         help="print the grid and the sbatch script; submit nothing")
-    return parser
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

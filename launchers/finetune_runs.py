@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from launchers.grid import RunSpec, config_hash, data_fingerprint
-from launchers.local import LocalSweep
+from launchers.local import GatedSweep
 from launchers.runs import read_job
 from scaling import finetune, results
 from scaling.config import resolve_plan
@@ -77,31 +77,11 @@ def ready(spec: RunSpec) -> bool:
     return final is not None and final["status"] == results.STATUS_OK
 
 
-class FinetuneSweep(LocalSweep):
-    """LocalSweep that starts a fine-tune only once its pre-training run finished ok; those
-    still waiting when nothing runs any more are `blocked`, never started."""
-
-    blocked: list[RunSpec]
-
-    def step(self) -> None:
-        self.reap()
-        while len(self.running) < self.max_parallel and not self.stopped:
-            i = next((i for i, s in enumerate(self.pending) if ready(s)), None)
-            if i is None:
-                break
-            self.pending.insert(0, self.pending.pop(i))
-            self.start_next()
-        if self.stopped or not self.running:
-            self.blocked = [*getattr(self, "blocked", []), *self.pending]
-            self.pending.clear()  # their claims are released by the sweep
-        self.progress.tick()
-
-
 def run_local(specs, sweep, max_parallel, log=None, claims=None, progress=None):
     """launchers.local.run_local with fine-tunes after their pre-training runs."""
-    runner = FinetuneSweep(specs, sweep, max_parallel, log, claims, progress)
+    runner = GatedSweep(specs, sweep, max_parallel, log, claims, progress, ready=ready)
     codes, stopped = runner.run()
-    waiting = getattr(runner, "blocked", [])
+    waiting = runner.blocked
     if claims is not None:
         for s in waiting:
             claims.release(s.run_dir)

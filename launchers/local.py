@@ -173,6 +173,30 @@ class LocalSweep:
         return self.codes, self.stopped
 
 
+class GatedSweep(LocalSweep):
+    """LocalSweep whose runs start only once `ready(spec)` is true (a branch once its trunk's
+    checkpoint exists, a fine-tune once its pre-training run finished ok); those still waiting
+    when nothing runs any more are `blocked`, never started (their claims are released by the
+    sweep)."""
+
+    def __init__(self, *args, ready, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ready, self.blocked = ready, []
+
+    def step(self) -> None:
+        self.reap()
+        while len(self.running) < self.max_parallel and not self.stopped:
+            i = next((i for i, s in enumerate(self.pending) if self.ready(s)), None)
+            if i is None:
+                break
+            self.pending.insert(0, self.pending.pop(i))
+            self.start_next()
+        if self.stopped or not self.running:
+            self.blocked += self.pending
+            self.pending.clear()
+        self.progress.tick()
+
+
 def run_local(specs: list[RunSpec], sweep: str, max_parallel: int, log=None,
               claims: Claims | None = None, progress: SweepProgress | None = None
               ) -> tuple[dict[str, int], int | None]:

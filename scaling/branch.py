@@ -77,11 +77,8 @@ def check_trunk(cfg: dict, defaults: dict, resumable: tuple[str, ...]) -> None:
         raise ValueError(f"--trunk-run {trunk} has a cooldown of its own; a trunk runs its "
                          "stable schedule to the end")
     skip = set(BRANCH_FIELDS) | set(resumable)
-    differ = sorted(k for k in set(old) | set(cfg) if k not in skip
-                    and old.get(k, defaults.get(k)) != cfg.get(k, defaults.get(k)))
-    if differ:
-        detail = ", ".join(f"{k}: {old.get(k, defaults.get(k))!r} vs {cfg.get(k)!r}"
-                           for k in differ)
+    detail = results.config_differences(old, cfg, defaults=defaults, skip=skip, sep="vs")
+    if detail:
         raise ValueError(f"--trunk-run {trunk} was trained with another recipe ({detail}); a "
                          "branch must share every result-changing field but budget and cooldown")
 

@@ -324,6 +324,15 @@ def iter_run_dirs(results_dir: str | os.PathLike) -> Iterator[Path]:
 
 # -- the rules of a run directory, shared by training and the launchers -------------------------
 
+def config_differences(old: dict, new: dict, *, defaults: dict, skip=(), sep: str = "->"
+                       ) -> str:
+    """'key: old -> new, ...' for every field outside `skip` in which two configs differ, a
+    field missing from either counting as its default ('' when they agree)."""
+    differ = sorted(k for k in set(old) | set(new) if k not in skip
+                    and old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
+    return ", ".join(f"{k}: {old.get(k, defaults.get(k))!r} {sep} {new.get(k)!r}" for k in differ)
+
+
 def check_config(run_dir: str | os.PathLike, new: dict, *, resumable: tuple[str, ...],
                  defaults: dict) -> None:
     """Raise ValueError when RUN_DIR/config.json is another run's config.
@@ -335,12 +344,8 @@ def check_config(run_dir: str | os.PathLike, new: dict, *, resumable: tuple[str,
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         return
-    old = read_json(path)
-    differ = sorted(k for k in set(old) | set(new) if k not in resumable
-                    and old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
-    if differ:
-        detail = ", ".join(f"{k}: {old.get(k, defaults.get(k))!r} -> {new.get(k)!r}"
-                           for k in differ)
+    detail = config_differences(read_json(path), new, defaults=defaults, skip=resumable)
+    if detail:
         raise ValueError(f"run dir {run_dir} holds another run's config ({detail}); "
                          "use a new --out (or --name) or the same flags")
 

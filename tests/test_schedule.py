@@ -1,5 +1,6 @@
 """Learning-rate schedules (scaling.schedule) and their TrainConfig fields: pure math, no run."""
 
+import itertools
 import math
 import re
 
@@ -53,7 +54,7 @@ def test_cooldown_shapes(shape):
     for step in range(80, 100):
         f = (100 - step) / 20 if shape == "linear" else 1 - math.sqrt((step - 80) / 20)
         assert lrs[step] == pytest.approx(1e-2 * f)
-    assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))  # strictly falling
+    assert all(a > b for a, b in itertools.pairwise(lrs[80:]))  # strictly falling
     assert 0 < lrs[-1] < 1e-3
 
 
