@@ -46,7 +46,7 @@ def _profiles_panel(ax, res: dict, colours: dict,
         ax.plot(p["params_opt"], p["error_opt"], marker=marker, ms=13 if marker == "*" else 9,
                 color=colour, mec="black", mew=0.8, ls="", zorder=6)
         if p["interval"]:
-            ax.hlines(p["error_opt"], *p["interval"], color=colour, lw=2.2, zorder=5)
+            _clipped_bar(ax, p["error_opt"], p["interval"], np.exp(grid[[0, -1]]), colour)
     log_axis(ax, "x")
     errors = pts["error"]
     if errors.max() / errors.min() >= 2:
@@ -62,12 +62,23 @@ def _legend_profiles(ax, pts: pd.DataFrame) -> list:
     """Legend entries explaining the markers of both panels."""
     grey = {"color": "lightgrey", "mec": "black", "ls": ""}
     return [(Line2D([], [], marker="*", ms=12, **grey),
-             "vertex: N_opt(C)\n(bar: bootstrap 95% interval)"),
+             "vertex: N_opt(C)\n(bar: bootstrap 95% interval;\n< >: it goes on beyond)"),
             (Line2D([], [], marker="^", ms=8, **grey),
              "vertex beyond the largest size:\nN_opt ≥ this (a bound)"),
             (Line2D([], [], marker="v", ms=8, **grey),
              "vertex below the smallest size:\nN_opt ≤ this (a bound)"),
             (Line2D([], [], color="grey", marker="|", ms=8, ls=""), interval_note(pts))]
+
+
+def _clipped_bar(ax, y: float, interval, span, colour) -> None:
+    """A vertex's horizontal interval bar, cut to the span its parabola is drawn over (a
+    bootstrap interval can reach orders of magnitude beyond the sizes tried and would squash the
+    axis); a cut end gets an arrowhead: the interval goes on beyond it."""
+    lo, hi = max(interval[0], span[0]), min(interval[1], span[1])
+    ax.hlines(y, lo, hi, color=colour, lw=2.2, zorder=5)
+    for end, cut, head in ((lo, interval[0] < span[0], "<"), (hi, interval[1] > span[1], ">")):
+        if cut:
+            ax.plot(end, y, marker=head, ms=7, color=colour, ls="", zorder=5)
 
 
 def _nopt_panel(ax, res: dict, colours: dict) -> None:
