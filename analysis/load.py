@@ -219,6 +219,17 @@ def _own_evals(evals: np.ndarray, config: dict) -> np.ndarray:
     return evals[evals[:, EVAL_FIELDS.index("step")] > branch_step]
 
 
+def _mark_trunks(runs: list[dict]) -> None:
+    """`_trunk`: the run is a branching sweep's trunk (some run of its sweep names it as
+    `trunk_run`). Its evals are measurements like any (learning curve, frontier), but its last
+    one is no budget's final eval: it stops at a constant (or rsqrt) lr, before any cooldown,
+    at the largest branch point; so it never counts as a final eval (analysis.tables)."""
+    trunks = {(Path(t).parent.name, Path(t).name) if Path(t).is_absolute() else (r["sweep"], t)
+              for r in runs if (t := r["_trunk_run"])}  # a sibling's id, or a run dir's path
+    for r in runs:
+        r["_trunk"] = (r["sweep"], r["run_id"]) in trunks
+
+
 def _read_run(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
               root: Path, parsed: dict) -> tuple[dict, np.ndarray] | None:
     """Read one run dir into (run record, eval rows); None if it cannot be interpreted."""
@@ -253,6 +264,7 @@ def _read_run(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
         "images_seen": final.get("images_seen"), "total_flops": final.get("total_flops"),
         "wall_hours": final.get("wall_hours"), "device_hours": final.get("device_hours"),
         "message": final.get("error"),
+        "_trunk_run": config.get("trunk_run"),
         "_world_size": final.get("world_size") or config.get("world_size"),
     }
     return run, evals
@@ -282,6 +294,7 @@ def load_results(results_dir, *, cache_dir=None, workers: int | None = None) -> 
             run["best_top1"] = float(top1.max()) if len(top1) else math.nan
             runs.append(run)
             blocks.append(rows)
+    _mark_trunks(runs)
     if not runs:
         raise NoResultsError(f"none of the {len(run_dirs)} runs under {str(root)!r} could be "
                              f"read; skipped: {[s.path for s in skipped]}")

@@ -72,7 +72,8 @@ def eval_table(runs: list[dict], blocks: list[np.ndarray],
     cols["device_hours"] = _device_hours(runs, idx, cols["wall_s"])
     cols["error"] = 1.0 - cols["top1"]
     cols["is_final"] = np.zeros(len(idx), dtype=bool)
-    cols["is_final"][np.cumsum(counts) - 1] = [r["status"] != STATUS_RUNNING for r in runs]
+    cols["is_final"][np.cumsum(counts) - 1] = [r["status"] != STATUS_RUNNING
+                                               and not r.get("_trunk") for r in runs]
     return pd.DataFrame(cols, columns=list(EVAL_COLUMNS))
 
 

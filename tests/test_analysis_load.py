@@ -234,3 +234,19 @@ def test_a_branch_counts_only_its_own_evals(tmp_path):
     steps = {run: sorted(g["step"]) for run, g in res.evals.groupby("run_id")}
     assert steps == {"trunk": [1, 2, 3, 4], "branch": [3, 4]}
     assert int(res.runs.set_index("run_id").loc["branch", "n_evals"]) == 2
+
+
+def test_a_trunk_has_no_final_eval(tmp_path):
+    """A branching sweep's trunk stops before any cooldown: its evals are curve points, but its
+    last one is no budget's final eval (not on a size's final line, not in IsoFLOP profiles)."""
+    model, params, macs = SIZES[0]
+    rows = [_eval_row(s, 1000 * s, macs, 0.1 * s) for s in (1, 2, 3, 4)]
+    write_run(tmp_path / "sw" / "trunk", model, params, macs, rows)
+    write_run(tmp_path / "sw" / "branch", model, params, macs,
+              rows[:2] + [_eval_row(3, 3000, macs, 0.5)],
+              config={"trunk_run": "trunk", "branch_step": 2})
+    write_run(tmp_path / "sw" / "plain", model, params, macs, rows[:3])
+    res = load_results(tmp_path, cache_dir=None)
+    finals = res.evals[res.evals["is_final"]]
+    assert sorted(finals["run_id"]) == ["branch", "plain"]
+    assert len(res.evals[res.evals["run_id"] == "trunk"]) == 4  # its curve is kept
