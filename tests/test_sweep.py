@@ -137,7 +137,8 @@ def test_local_demo_preset_end_to_end_and_idempotent(tmp_path, monkeypatch, caps
     args = ["--preset", "demo", "--sizes", "mu,m1", "--budgets", "1e9", "--cluster", "local",
             "--max-parallel", "2", "--results", tmp_path / "results"]
     assert sweep(*args) == 0, capsys.readouterr()
-    assert len(list((tmp_path / "cache").glob("digits*/dataset.json"))) == 1
+    assert len(list((tmp_path / "cache").glob("digits-val*/dataset.json"))) == 1
+    assert (tmp_path / "cache" / "digits-mirror" / "dataset.json").is_file()  # downstream set
     runs = sorted((tmp_path / "results" / "demo").glob("*/final.json"))
     assert len(runs) == 2
     finals = [read_final(p.parent) for p in runs]
