@@ -55,7 +55,7 @@ SAVE_TIMEOUT_S = 600  # upper bound on waiting for the child's checkpoint after 
 PREEMPT_GRACE_S = 20  # after a SIGTERM exit, how long rank 0 waits for the requeue signal
 LEAD_ENV = "VIT_SCALING_SIGNAL_LEAD_S"  # the job's signal lead (set by the sbatch script)
 EARLY_S = 65  # the time-limit signal comes up to 60 s before the lead (sbatch(1)), + latency
-CKPT_KEYS = ("ckpt_max_s", "ckpt_s", "checkpoint_s")  # final.json's checkpoint times, if any
+CKPT_KEYS = ("checkpoint_s_max",)  # final.json's slowest checkpoint (scaling.tracking)
 
 
 def package_paths() -> list[str]:

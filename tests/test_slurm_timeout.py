@@ -116,7 +116,7 @@ def test_slow_checkpoint_in_final_json_is_warned_about(tmp_path, monkeypatch):
     monkeypatch.setenv(LEAD_ENV, "60")
     job = TrainJob(str(tmp_path), [])
     assert job._lead_warning(12.0) == {}
-    (tmp_path / "final.json").write_text('{"status": "ok", "ckpt_s": 75.5}')
+    (tmp_path / "final.json").write_text('{"status": "ok", "checkpoint_s_max": 75.5}')
     warning = job._lead_warning(None)["warning"]
     assert "76 s, more than the 60 s lead" in warning and "USR2@151" in warning
     assert "warning: a checkpoint took" in (tmp_path / "logs" / "rank0.log").read_text()
