@@ -109,6 +109,7 @@ def _nopt_panel(ax, res: dict, colours: dict) -> None:
                 transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small",
                 bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     ax.set_ylim(sizes.min() / 2, sizes.max() * 2)  # bounds sit on the edges: keep them inside
+    ax.set_xlim(min(computes) / 2, max(computes) * 2)  # also when no budget has a profile
     log_axis(ax, "x")
     log_axis(ax, "y")
     ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow panel: decades only

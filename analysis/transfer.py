@@ -152,7 +152,10 @@ def row_problem(row) -> str | None:
     top1 = row["top1"]
     if not isinstance(top1, (int, float)) or isinstance(top1, bool) or not 0 <= top1 <= 1:
         return f"top1={top1!r} is not a fraction in [0, 1]"
-    for key, low in (("num_test", 1), ("step", 0), ("shots", 1), ("seed", 0)):
+    if row["kind"] == "finetune" and row.get("shots") is not None:
+        return f"shots={row['shots']!r} in a finetune row (a fine-tune uses no k-shot set: null)"
+    shots = (("shots", 1),) if row["kind"] == "fewshot" else ()
+    for key, low in (("num_test", 1), ("step", 0), *shots, ("seed", 0)):
         if key in row and not _whole(row[key], low):
             return f"{key}={row[key]!r} is not a whole number >= {low}"
     if not isinstance(row["dataset"], str) or not row["dataset"]:

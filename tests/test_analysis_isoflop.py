@@ -122,3 +122,15 @@ def test_monotone_flags_an_optimum_that_shrinks_with_compute():
     # the t interval with 1 degree of freedom is wide, and the reported one contains it
     assert dips["interval"][0] <= dips["interval_t"][0] and dips["interval_t"][1] <= \
         dips["interval"][1]
+
+
+def test_two_sizes_draw_the_profiles_without_a_line(tmp_path):
+    """A sweep of two sizes (the headline `--sizes S,B`) has no parabola to fit: the figure is
+    still drawn (both sizes per budget on the left, no line on the right), and says why."""
+    root = tmp_path / "results"
+    write_isoflop_results(root, sweep="s", sizes=(("Ti/16", 5_717_416, 1.26e9),
+                                                  ("S/16", 22_050_664, 4.61e9)),
+                          budgets=(1e18, 3e18))
+    report = analyse(root, tmp_path / "out", n_boot=10)
+    assert "optimal_model_size.png" in {p.name for p in report["figures"]}
+    assert report["optimal"]["fit"] is None and "at least 3 sizes" in report["optimal"]["reason"]

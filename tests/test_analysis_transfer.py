@@ -169,3 +169,24 @@ def test_no_transfer_rows_lists_the_upstream_metrics(tmp_path):
     report = analyse(root, tmp_path / "out2", n_boot=10)  # upstream: a note, no figure
     assert not any(p.name.startswith("upstream_vs_transfer") for p in report["figures"])
     assert any("no transfer.jsonl rows" in n for n in report["notes"])
+
+
+def test_finetune_rows_give_the_finetune_metric(tmp_path):
+    """The rows scaling.finetune writes (kind finetune, shots null; scaling.results schema)
+    are read and analysed as `--metric finetune:NAME`; a finetune row with shots is skipped."""
+    root = tmp_path / "results"
+    write_isoflop_results(root, sweep="s", sizes=(("Ti/16", 5_717_416, 1.26e9),
+                                                  ("S/16", 22_050_664, 4.61e9)),
+                          budgets=(1e18, 3e18))
+    for k, run in enumerate(sorted((root / "s").iterdir())):
+        append_transfer(run, {"kind": "finetune", "dataset": "stripes", "shots": None,
+                              "seed": 0, "top1": 0.6 + 0.05 * k, "step": 10, "images_seen": 640,
+                              "flops_seen": 1e18 * (k + 1), "num_test": 200})
+    (run / "transfer.jsonl").open("a").write(json.dumps(
+        {**_row(10, 0.7, dataset="stripes"), "kind": "finetune"}) + "\n")
+    rows, skipped = read_transfer(root)
+    assert len(rows) == 4 and set(rows["kind"]) == {"finetune"} and rows["shots"].isna().all()
+    assert len(skipped) == 1 and "a fine-tune uses no k-shot set" in skipped[0].reason
+    assert "finetune:stripes" in transfer.metric_names(rows)
+    report = analyse(root, tmp_path / "out", metric="finetune:stripes", n_boot=10)
+    assert report["results"].evals["num_samples"].eq(200).all()
