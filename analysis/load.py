@@ -37,6 +37,7 @@ files are parsed again, and the tables are built in one pass over all runs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -106,6 +107,9 @@ class Results:
     runs: pd.DataFrame
     skipped: list[Skipped] = field(default_factory=list)
     cache: dict | None = None  # {"path", "hits", "parsed"} when read through the cache
+    # branching sweeps: {run: branch_step} of every branch, and the runs that are trunks
+    branches: dict = field(default_factory=dict)
+    trunks: frozenset = frozenset()
 
     @property
     def n_skipped(self) -> int:
@@ -264,7 +268,7 @@ def _read_run(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
         "images_seen": final.get("images_seen"), "total_flops": final.get("total_flops"),
         "wall_hours": final.get("wall_hours"), "device_hours": final.get("device_hours"),
         "message": final.get("error"),
-        "_trunk_run": config.get("trunk_run"),
+        "_trunk_run": config.get("trunk_run"), "_branch_step": config.get("branch_step"),
         "_world_size": final.get("world_size") or config.get("world_size"),
     }
     return run, evals
@@ -310,7 +314,9 @@ def load_results(results_dir, *, cache_dir=None, workers: int | None = None) -> 
     eval_df["is_final"] = eval_df["is_final"].astype(bool)
     stats = None if cache is None else {"path": str(cache.path), "hits": cache.hits,
                                         "parsed": cache.parsed}
-    return Results(root, eval_df, run_df, skipped, stats)
+    branches = {r["run"]: r["_branch_step"] for r in runs if r["_branch_step"] is not None}
+    trunks = frozenset(r["run"] for r in runs if r["_trunk"])
+    return Results(root, eval_df, run_df, skipped, stats, branches, trunks)
 
 
 def select_sweeps(res: Results, sweeps) -> Results:
@@ -322,8 +328,9 @@ def select_sweeps(res: Results, sweeps) -> Results:
         raise NoResultsError(f"sweep(s) {unknown} not found under {str(res.results_dir)!r}; "
                              f"found {known}")
     keep = res.runs["sweep"].isin(sweeps)
-    return Results(res.results_dir, res.evals[res.evals["sweep"].isin(sweeps)].reset_index(
-        drop=True), res.runs[keep].reset_index(drop=True), res.skipped, res.cache)
+    return dataclasses.replace(
+        res, evals=res.evals[res.evals["sweep"].isin(sweeps)].reset_index(drop=True),
+        runs=res.runs[keep].reset_index(drop=True))
 
 
 def load_bench(results_dir) -> tuple[pd.DataFrame, list[Skipped]]:

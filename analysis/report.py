@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -203,8 +204,7 @@ def _metric_results(res: Results, rows, metric: str) -> Results:
     m = transfer.parse_metric(metric)
     if not m.transfer:
         return res
-    return Results(res.results_dir, transfer.transfer_evals(res, rows, m), res.runs,
-                   res.skipped, res.cache)
+    return dataclasses.replace(res, evals=transfer.transfer_evals(res, rows, m))
 
 
 def analyse_results(res, out_dir, *, metric: str = "error", x: str = "flops",

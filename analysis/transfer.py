@@ -242,13 +242,16 @@ def transfer_evals(res, rows: pd.DataFrame, metric: Metric) -> pd.DataFrame:
     wall time and device hours at that step, and `is_final` at the step of the run's final
     upstream eval (the last probed step of a finished run without upstream evals)."""
     pts = probe_points(select(rows, metric))
+    # a branch's rows up to its branch_step are copies of its trunk's (analysis.load)
+    start = pts["run"].map(res.branches).astype(float).fillna(-1.0)
+    pts = pts[pts["step"] > start]
     pts = pts.merge(res.runs[["run", *_FROM_RUN]], on="run", how="inner")
     up = res.evals[["run", "step", *_FROM_EVAL, "is_final"]].rename(
         columns={"is_final": "_final"})
     pts = pts.merge(up, on=["run", "step"], how="left")
     last = pts.groupby("run")["step"].transform("max") == pts["step"]
     has_final = pts.groupby("run")["_final"].transform(lambda s: s.fillna(False).any())
-    done = pts["status"] != STATUS_RUNNING
+    done = (pts["status"] != STATUS_RUNNING) & ~pts["run"].isin(res.trunks)  # no trunk final
     pts["is_final"] = (pts["_final"].fillna(False).astype(bool)
                        | (last & ~has_final.astype(bool) & done))
     pts["error"] = 1.0 - pts["top1"]

@@ -190,3 +190,32 @@ def test_finetune_rows_give_the_finetune_metric(tmp_path):
     assert "finetune:stripes" in transfer.metric_names(rows)
     report = analyse(root, tmp_path / "out", metric="finetune:stripes", n_boot=10)
     assert report["results"].evals["num_samples"].eq(200).all()
+
+
+def test_a_branch_counts_only_its_own_probes_and_a_trunk_has_no_final(tmp_path):
+    """A branch run starts with copies of its trunk's transfer rows up to branch_step
+    (scaling/branch.py): those are the trunk's, counted once there; the trunk's last probe is no
+    budget's final point (it stops before any cooldown)."""
+    from analysis.synthetic import SIZES, write_run
+
+    model, params, macs = SIZES[0]
+
+    def ev(step, top1):
+        return {"kind": "eval", "step": step, "epoch": step / 10, "images_seen": 64 * step,
+                "flops_seen": 1e12 * step, "wall_s": step, "loss": 1.0, "top1": top1,
+                "top5": None, "num_samples": 100}
+
+    trunk = write_run(tmp_path / "sw" / "trunk", model, params, macs,
+                      [ev(s, 0.5) for s in (1, 2, 3)])
+    branch = write_run(tmp_path / "sw" / "branch", model, params, macs,
+                       [ev(1, 0.5), ev(2, 0.5), ev(3, 0.6)],
+                       config={"trunk_run": "trunk", "branch_step": 2})
+    for run, steps in ((trunk, (1, 2, 3)), (branch, (1, 2, 3))):
+        for s in steps:
+            append_transfer(run, _row(s, 0.3 + 0.01 * s + (0.1 if run == branch else 0)))
+    res = load_results(tmp_path, cache_dir=None)
+    rows, _ = read_transfer(tmp_path)
+    pts = transfer.transfer_evals(res, rows, transfer.parse_metric("fewshot:shapes:10"))
+    steps = {run: sorted(g["step"]) for run, g in pts.groupby("run_id")}
+    assert steps == {"trunk": [1, 2, 3], "branch": [3]}
+    assert sorted(pts[pts["is_final"]]["run_id"]) == ["branch"]
