@@ -110,6 +110,9 @@ class Results:
     # branching sweeps: {run: branch_step} of every branch, and the runs that are trunks
     branches: dict = field(default_factory=dict)
     trunks: frozenset = frozenset()
+    # fine-tune run dirs (config `init_from`, scaling.finetune) left out: they train on another
+    # data set from a finished run; their results are that run's transfer rows (finetune:NAME)
+    finetunes: tuple = ()
 
     @property
     def n_skipped(self) -> int:
@@ -223,6 +226,15 @@ def _own_evals(evals: np.ndarray, config: dict) -> np.ndarray:
     return evals[evals[:, EVAL_FIELDS.index("step")] > branch_step]
 
 
+def _is_finetune(run_dir: Path) -> bool:
+    """Whether RUN_DIR's config.json is a fine-tune's (`init_from` set); False if unreadable
+    (then _read_run reports it)."""
+    try:
+        return bool(read_json(run_dir / CONFIG_FILE).get("init_from"))
+    except (SchemaError, OSError, UnicodeDecodeError, AttributeError):
+        return False
+
+
 def _mark_trunks(runs: list[dict]) -> None:
     """`_trunk`: the run is a branching sweep's trunk (some run of its sweep names it as
     `trunk_run`). Its evals are measurements like any (learning curve, frontier), but its last
@@ -290,7 +302,10 @@ def load_results(results_dir, *, cache_dir=None, workers: int | None = None) -> 
     parsed = _parse_ahead(run_dirs, cache, root, workers)
     skipped: list[Skipped] = []
     runs, blocks = [], []
+    finetunes = tuple(str(d.relative_to(root)) for d in run_dirs if _is_finetune(d))
     for run_dir in run_dirs:
+        if str(run_dir.relative_to(root)) in finetunes:
+            continue
         read = _read_run(run_dir, skipped, cache, root, parsed)
         if read is not None:
             run, rows = read
@@ -316,7 +331,7 @@ def load_results(results_dir, *, cache_dir=None, workers: int | None = None) -> 
                                         "parsed": cache.parsed}
     branches = {r["run"]: r["_branch_step"] for r in runs if r["_branch_step"] is not None}
     trunks = frozenset(r["run"] for r in runs if r["_trunk"])
-    return Results(root, eval_df, run_df, skipped, stats, branches, trunks)
+    return Results(root, eval_df, run_df, skipped, stats, branches, trunks, finetunes)
 
 
 def select_sweeps(res: Results, sweeps) -> Results:

@@ -232,6 +232,12 @@ def analyse_results(res, out_dir, *, metric: str = "error", x: str = "flops",
               "palette": size_palette(order),
               "memo": plain if cache_dir is None else FitMemo(cache_dir),
               "figures": [], "notes": [], "tables": _write_tables(res, rows, out)}
+    if res.finetunes:
+        report["notes"].append(
+            f"{len(res.finetunes)} fine-tune run(s) left out of the curves (they train on "
+            "another data set from a finished run; their top-1 is in that run's transfer rows: "
+            f"--metric finetune:NAME): {', '.join(res.finetunes[:5])}"
+            + (" ..." if len(res.finetunes) > 5 else ""))
     report["sizes"] = size_table(res.runs, report["results"].evals, order, x)
     if res.runs["sweep"].nunique() > 1:
         # One frontier over several sweeps only makes sense if they share data and recipe.

@@ -250,3 +250,18 @@ def test_a_trunk_has_no_final_eval(tmp_path):
     finals = res.evals[res.evals["is_final"]]
     assert sorted(finals["run_id"]) == ["branch", "plain"]
     assert len(res.evals[res.evals["run_id"] == "trunk"]) == 4  # its curve is kept
+
+
+def test_fine_tune_runs_are_left_out_and_said(tmp_path):
+    """A fine-tune run dir (config init_from: scaling.finetune) trains on another data set from
+    a finished run: it is no pre-training point; the analysis leaves it out and says so."""
+    from analysis.report import analyse
+
+    write_synthetic_results(tmp_path, n_evals=4)
+    model, params, macs = SIZES[0]
+    write_run(tmp_path / "synth-finetune" / "ft", model, params, macs,
+              [_eval_row(1, 10, macs, 0.9)], config={"init_from": str(tmp_path / "synth" / "x")})
+    res = load_results(tmp_path, cache_dir=None)
+    assert res.finetunes == ("synth-finetune/ft",) and "ft" not in set(res.runs["run_id"])
+    report = analyse(tmp_path, tmp_path / "out", n_boot=10)
+    assert any("1 fine-tune run(s) left out" in n for n in report["notes"])
