@@ -245,21 +245,27 @@ def measure(out: Path, args) -> None:
 def main(argv=None) -> int:
     """python -m analysis.bench_load [--runs 5000] [--rows 2000] --out-dir DIR"""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_tree_args(p, "the tree, cache and figures go")
+    p.add_argument("--n-boot", type=int, default=200,
+                   help="bootstrap resamples of the re-plots (default: 200, the CLI's)")
+    args = p.parse_args(argv)
+    check_byte_form(args.out_dir / "byte_form")
+    with prepared_tree(args):
+        measure(args.out_dir, args)
+
+
+def add_tree_args(p: argparse.ArgumentParser, what: str) -> None:
+    """The generated tree's options (--runs, --rows, --eval-every, --out-dir, --keep), shared
+    by the benchmarks that use prepared_tree; `what`: "where ... (required)" for OUT-DIR."""
     p.add_argument("--runs", type=int, default=5000, help="runs in the tree (default: 5000)")
     p.add_argument("--rows", type=int, default=2000,
                    help="metrics rows per run (default: 2000)")
     p.add_argument("--eval-every", type=int, default=21,
                    help="one eval row per this many rows (default: 21)")
-    p.add_argument("--n-boot", type=int, default=200,
-                   help="bootstrap resamples of the re-plots (default: 200, the CLI's)")
     p.add_argument("--out-dir", type=Path, required=True,
-                   help="where the tree, cache and figures go (required; never the repo)")
+                   help=f"where {what} (required; never the repo)")
     p.add_argument("--keep", action="store_true",
                    help="keep OUT-DIR afterwards; a kept tree of the same shape is reused")
-    args = p.parse_args(argv)
-    check_byte_form(args.out_dir / "byte_form")
-    with prepared_tree(args):
-        measure(args.out_dir, args)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import launchers.status as status_mod
-from analysis.bench_load import prepared_tree
+from analysis.bench_load import add_tree_args, prepared_tree
 from launchers.runs import Progress, read_progress
 from scaling.results import read_metrics
 
@@ -84,14 +84,7 @@ def measure(tree: Path) -> None:
 def main(argv=None) -> int:
     """python -m analysis.bench_status [--runs 5000] [--rows 2000] --out-dir DIR"""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=5000, help="runs in the tree (default: 5000)")
-    p.add_argument("--rows", type=int, default=2000, help="metrics rows per run (default: 2000)")
-    p.add_argument("--eval-every", type=int, default=21,
-                   help="one eval row per this many rows (default: 21)")
-    p.add_argument("--out-dir", type=Path, required=True,
-                   help="where the tree goes (required; never the repo)")
-    p.add_argument("--keep", action="store_true",
-                   help="keep OUT-DIR afterwards; a kept tree of the same shape is reused")
+    add_tree_args(p, "the tree goes")
     args = p.parse_args(argv)
     if min(args.runs, args.rows, args.eval_every) < 1:
         p.error("--runs, --rows and --eval-every must be positive")
