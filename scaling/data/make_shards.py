@@ -100,6 +100,18 @@ def _holdout(fraction: float | None) -> dict:
     return {"holdout_fraction": fraction}
 
 
+def _with_difficulty(args: dict, source: str, difficulty: float | None) -> dict:
+    """args plus the shapes `difficulty` (shapes.render), recorded only when it is not 1, so the
+    default keeps the arguments, and the datasets, made before the knob existed."""
+    if difficulty is None:
+        return args
+    if source != "shapes":
+        raise ValueError(f"difficulty={difficulty} only applies to shapes")
+    if not 0 <= difficulty <= 1:
+        raise ValueError(f"difficulty={difficulty}; expected 0 <= D <= 1")
+    return args if difficulty == 1 else {**args, "difficulty": float(difficulty)}
+
+
 def _abs(src: str) -> str:
     """A local source path or pattern made absolute (other URLs unchanged)."""
     from scaling.data import urls
@@ -186,7 +198,8 @@ def _build_source(a: dict) -> Source:
         return sources.digits_mirror(holdout_fraction=a["holdout_fraction"],
                                      val_fraction=a["val_fraction"], seed=a["seed"])
     return sources.shapes_source(num_samples=a["num_samples"], val_fraction=a["val_fraction"],
-                                 seed=a["seed"], image_size=a["image_size"])
+                                 seed=a["seed"], image_size=a["image_size"],
+                                 difficulty=a.get("difficulty", 1.0))
 
 
 @contextmanager
@@ -210,7 +223,8 @@ def make_shards(source: str, out: str | os.PathLike, *, src: str | None = None,
                 shard_size: int = 1000, workers: int = 1, strict: bool = False,
                 image_key: str | None = None, label_key: str | None = None,
                 classes: str | None = None, scan: bool = False,
-                holdout_fraction: float | None = None) -> DatasetInfo:
+                holdout_fraction: float | None = None,
+                difficulty: float | None = None) -> DatasetInfo:
     """Write shards of `source` into OUT (replacing what is there) and return its DatasetInfo;
     for "webdataset", write only a dataset.json that indexes the shards where they are."""
     if source not in EXTERNAL and (image_key or label_key or classes or scan):
@@ -225,6 +239,7 @@ def make_shards(source: str, out: str | os.PathLike, *, src: str | None = None,
                             image_size=image_size, image_format=image_format, quality=quality,
                             seed=seed, num_samples=num_samples, shard_size=shard_size,
                             holdout_fraction=holdout_fraction)
+    args = _with_difficulty(args, source, difficulty)
     if source in EXTERNAL:
         args = _external_args(source, args, image_key=image_key, label_key=label_key,
                               classes=classes, scan=scan)
@@ -266,7 +281,8 @@ def _write(args: dict, out: Path, workers: int, source: Source | None = None,
 def make_builtin_shards(source: str, out: str | os.PathLike, *, image_size: int | None = None,
                         num_samples: int | None = None, val_fraction: float = 0.1,
                         seed: int = 0, image_format: str = "png", shard_size: int = 1000,
-                        workers: int = 1, holdout_fraction: float | None = None) -> DatasetInfo:
+                        workers: int = 1, holdout_fraction: float | None = None,
+                        difficulty: float | None = None) -> DatasetInfo:
     """Create `digits`, `digits-mirror` or `shapes` shards in OUT, or reuse them if made with
     the same args."""
     if source not in BUILTIN:
@@ -275,6 +291,7 @@ def make_builtin_shards(source: str, out: str | os.PathLike, *, image_size: int 
                         image_size=image_size, image_format=image_format, quality=95,
                         seed=seed, num_samples=num_samples, shard_size=shard_size,
                         holdout_fraction=holdout_fraction)
+    args = _with_difficulty(args, source, difficulty)
     if workers < 1:
         raise ValueError(f"workers={workers}; expected >= 1")
     info = _reusable(Path(out).expanduser().resolve(), args)  # first without the lock: a
@@ -324,6 +341,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--holdout-fraction", type=float, default=None,
                    help=f"digits-mirror: mirror the val split of digits made with this "
                         f"--val-fraction and the same --seed (default {HOLDOUT_FRACTION})")
+    p.add_argument("--difficulty", type=float, default=None,
+                   help="shapes: how far each nuisance (colours, position, size, rotation, "
+                        "specks, noise) is applied, 0..1 (1, the default: all of it)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="encoding / scanning processes (output does not depend on it)")
     p.add_argument("--strict", action="store_true",

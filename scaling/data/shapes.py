@@ -8,6 +8,12 @@ compute instead of saturating at once; see docs/data.md for baselines.
 
 Each sample is drawn from its own generator seeded by (seed, split, index), so any sample can be
 made alone, in any order, in any process, at any resolution, for any number of samples.
+
+`difficulty` (0..1, default 1) scales every nuisance toward a canonical image: colours toward a
+light grey shape on a dark grey ground, centre toward the middle, radius toward 0.3, rotation,
+aspect, specks, gradient and pixel noise toward none. 1 draws exactly the images above; 0 is a
+plain upright shape, which any model learns at once. The same random draws are made at every
+difficulty, so sample i differs between difficulties only in how far each nuisance is applied.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from PIL import Image
 CLASSES = ("circle", "ring", "square", "frame", "triangle", "cross", "star", "stripes",
            "checker", "dots")
 SPLIT_IDS = {"train": 0, "val": 1}
+CANONICAL_BG, CANONICAL_FG, CANONICAL_RADIUS = 0.15, 0.85, 0.3  # the difficulty-0 image
 
 
 def _sdf(name: str, u: np.ndarray, v: np.ndarray, freq: float) -> np.ndarray:
@@ -68,13 +75,24 @@ def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return bg, fg
 
 
-def render(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Draw one sample of class `label` as a (size, size, 3) uint8 array."""
+def _toward(canonical: float, value, k: float):
+    """canonical (k = 0) .. value (k = 1), exact at both ends."""
+    return canonical * (1.0 - k) + value * k
+
+
+def render(label: int, size: int, rng: np.random.Generator,
+           difficulty: float = 1.0) -> np.ndarray:
+    """Draw one sample of class `label` as a (size, size, 3) uint8 array; `difficulty` scales
+    the nuisances (module docstring)."""
+    k = float(difficulty)
+    if not 0.0 <= k <= 1.0:
+        raise ValueError(f"difficulty={difficulty!r}; expected 0 <= difficulty <= 1")
     bg, fg = _colours(rng)
-    cx, cy = rng.uniform(0.3, 0.7, 2)
-    radius = rng.uniform(0.14, 0.34)
-    theta = rng.uniform(0, 2 * np.pi)
-    aspect = np.exp(rng.uniform(-0.2, 0.2))
+    bg, fg = _toward(CANONICAL_BG, bg, k), _toward(CANONICAL_FG, fg, k)
+    cx, cy = _toward(0.5, rng.uniform(0.3, 0.7, 2), k)
+    radius = _toward(CANONICAL_RADIUS, rng.uniform(0.14, 0.34), k)
+    theta = rng.uniform(0, 2 * np.pi) * k
+    aspect = np.exp(rng.uniform(-0.2, 0.2) * k)
     freq = rng.uniform(1.5, 3.0)
     t = (np.arange(size, dtype=np.float32) + 0.5) / size  # pixel centres in [0, 1]
     x, y = t[None, :] - np.float32(cx), t[:, None] - np.float32(cy)
@@ -86,17 +104,18 @@ def render(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     for _ in range(rng.integers(0, 4)):  # distractor specks, far smaller than any shape
         sx, sy, sr = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.01, 0.05)
         speck = np.clip(0.5 - (np.hypot(t[None, :] - sx, t[:, None] - sy) - sr) * size, 0, 1)
-        alpha = np.maximum(alpha, speck * rng.uniform(0.3, 1.0))
-    gx, gy = rng.normal(0, 0.25, 2).astype(np.float32)
+        alpha = np.maximum(alpha, speck * (rng.uniform(0.3, 1.0) * k))
+    gx, gy = (rng.normal(0, 0.25, 2) * k).astype(np.float32)
     background = bg.astype(np.float32)[None, None, :] + (gx * x + gy * y)[:, :, None]
     image = background + (fg.astype(np.float32) - background) * alpha[:, :, None]
     noise = rng.standard_normal(image.shape, dtype=np.float32)
-    image += noise * np.float32(rng.uniform(0, 0.08))
+    image += noise * np.float32(rng.uniform(0, 0.08) * k)
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def make_sample(index: int, *, seed: int, split: str, size: int) -> tuple[Image.Image, int]:
+def make_sample(index: int, *, seed: int, split: str, size: int,
+                difficulty: float = 1.0) -> tuple[Image.Image, int]:
     """Sample `index` of a split as (RGB PIL image, label); labels cycle through the classes."""
     label = index % len(CLASSES)
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
-    return Image.fromarray(render(label, size, rng), "RGB"), label
+    return Image.fromarray(render(label, size, rng, difficulty), "RGB"), label

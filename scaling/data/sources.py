@@ -231,18 +231,21 @@ def digits_mirror(*, holdout_fraction: float, val_fraction: float, seed: int) ->
     return Source("digits-mirror", tuple(str(c) for c in range(10)), split_items, load_array, 8)
 
 
-def shapes_source(*, num_samples: int, val_fraction: float, seed: int, image_size: int) -> Source:
-    """`num_samples` procedural shapes (train + val) at `image_size` px, deterministic per seed."""
+def shapes_source(*, num_samples: int, val_fraction: float, seed: int, image_size: int,
+                  difficulty: float = 1.0) -> Source:
+    """`num_samples` procedural shapes (train + val) at `image_size` px, deterministic per seed
+    (`difficulty`: shapes.render)."""
     if num_samples < 1 or image_size < 4:
         raise ValueError(f"num_samples={num_samples}, image_size={image_size}; expected >= 1, >= 4")
     n_val = round(num_samples * val_fraction)
     items = {"train": [("train", i) for i in range(num_samples - n_val)],
              "val": [("val", i) for i in range(n_val)]}
-    load = partial(load_shape_item, seed=seed, size=image_size)
+    load = partial(load_shape_item, seed=seed, size=image_size, difficulty=difficulty)
     return Source("shapes", shapes.CLASSES, items, load, image_size)
 
 
-def load_shape_item(item: tuple[str, int], *, seed: int, size: int) -> tuple[Image.Image, int]:
+def load_shape_item(item: tuple[str, int], *, seed: int, size: int,
+                    difficulty: float = 1.0) -> tuple[Image.Image, int]:
     """(split, index) -> a shapes sample (picklable, for pool workers)."""
     split, index = item
-    return shapes.make_sample(index, seed=seed, split=split, size=size)
+    return shapes.make_sample(index, seed=seed, split=split, size=size, difficulty=difficulty)
