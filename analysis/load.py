@@ -113,6 +113,9 @@ class Results:
     # fine-tune run dirs (config `init_from`, scaling.finetune) left out: they train on another
     # data set from a finished run; their results are that run's transfer rows (finetune:NAME)
     finetunes: tuple = ()
+    # {data dir as the runs' configs name it: the sweeps whose runs trained on it}; runs of
+    # several data sets in one frontier are not one scaling study (analysis.report notes it)
+    data_sets: dict = field(default_factory=dict)
 
     @property
     def n_skipped(self) -> int:
@@ -282,6 +285,7 @@ def _read_run(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
         "message": final.get("error"),
         "_trunk_run": config.get("trunk_run"), "_branch_step": config.get("branch_step"),
         "_world_size": final.get("world_size") or config.get("world_size"),
+        "_data": config.get("data"),
     }
     return run, evals
 
@@ -331,7 +335,11 @@ def load_results(results_dir, *, cache_dir=None, workers: int | None = None) -> 
                                         "parsed": cache.parsed}
     branches = {r["run"]: r["_branch_step"] for r in runs if r["_branch_step"] is not None}
     trunks = frozenset(r["run"] for r in runs if r["_trunk"])
-    return Results(root, eval_df, run_df, skipped, stats, branches, trunks, finetunes)
+    data_sets: dict[str, set] = {}
+    for r in runs:
+        data_sets.setdefault(str(r["_data"]), set()).add(r["sweep"])
+    return Results(root, eval_df, run_df, skipped, stats, branches, trunks, finetunes,
+                   {d: sorted(s) for d, s in sorted(data_sets.items())})
 
 
 def select_sweeps(res: Results, sweeps) -> Results:
@@ -345,7 +353,9 @@ def select_sweeps(res: Results, sweeps) -> Results:
     keep = res.runs["sweep"].isin(sweeps)
     return dataclasses.replace(
         res, evals=res.evals[res.evals["sweep"].isin(sweeps)].reset_index(drop=True),
-        runs=res.runs[keep].reset_index(drop=True))
+        runs=res.runs[keep].reset_index(drop=True),
+        data_sets={d: kept for d, ss in res.data_sets.items()
+                   if (kept := [s for s in ss if s in sweeps])})
 
 
 def load_bench(results_dir) -> tuple[pd.DataFrame, list[Skipped]]:

@@ -244,6 +244,11 @@ def analyse_results(res, out_dir, *, metric: str = "error", x: str = "flops",
         report["notes"].append(f"runs of {res.runs['sweep'].nunique()} sweeps are combined "
                                f"({', '.join(sorted(set(res.runs['sweep'])))}); use --sweep "
                                "to analyse one")
+    if len(res.data_sets) > 1:
+        report["notes"].append(
+            f"runs on {len(res.data_sets)} different data sets are combined ("
+            + "; ".join(f"{d}: {', '.join(s)}" for d, s in res.data_sets.items())
+            + "): one frontier and one law over them mix different tasks; use --sweep")
     _scaling_figures(report, out, formats, n_boot)
     _optimal_figure(report, out, formats, n_boot)
     _transfer_figure(report, out, formats)

@@ -197,8 +197,20 @@ class SweepProgress:
             lines.append(f"best top-1 {top1:.4f}: {spec.model} at "
                          f"{budget_token(spec.budget, spec.budget_kind)} ({spec.run_id})")
         if counts.get("done"):
-            lines.append(f"next: {PLOT} --results {shlex.quote(shown_path(results_root))}")
+            lines.append(f"next: {PLOT} --results {shlex.quote(shown_path(results_root))}"
+                         + self._only_these(results_root))
         return "\n".join(lines)
+
+    def _only_these(self, results_root: Path) -> str:
+        """' --sweep NAME' when RESULTS also holds runs of other sweeps (say the demo's digits
+        beside demo-full's shapes), which the plot would otherwise put on the same curves."""
+        mine = sorted({spec.run_dir.parent.name for spec, _, _ in self.results})
+        try:
+            others = [d for d in Path(results_root).iterdir() if d.is_dir()
+                      and d.name not in mine and any(d.glob("*/config.json"))]
+        except OSError:
+            return ""
+        return f" --sweep {shlex.quote(','.join(mine))}" if others else ""
 
 
 def drop_stdout() -> None:

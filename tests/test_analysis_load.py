@@ -265,3 +265,28 @@ def test_fine_tune_runs_are_left_out_and_said(tmp_path):
     assert res.finetunes == ("synth-finetune/ft",) and "ft" not in set(res.runs["run_id"])
     report = analyse(tmp_path, tmp_path / "out", n_boot=10)
     assert any("1 fine-tune run(s) left out" in n for n in report["notes"])
+
+
+def test_runs_on_different_data_sets_are_named_and_noted(tmp_path):
+    """Two sweeps on two data sets (the demo's digits and demo-full's shapes, say) in one
+    results dir: load_results says which sweeps used which data, --sweep narrows it, and the
+    report notes the mix, naming both, because one law over two tasks is no scaling law."""
+    from analysis.report import analyse
+
+    for sweep, data in (("digits", "/d/digits"), ("shapes", "/d/shapes")):
+        for model, params, macs in SIZES[:3]:
+            evals = [{"kind": "eval", "step": s, "epoch": 0.0, "images_seen": s * 256,
+                      "flops_seen": 6.0 * macs * s * 256, "wall_s": float(s), "loss": 1.0,
+                      "top1": 0.5 + s / 1000, "top5": 0.95, "num_samples": 1000}
+                     for s in (100, 200, 400)]
+            write_run(tmp_path / sweep / model.replace("/", "-"), model, params, macs, evals,
+                      config={"data": data})
+    res = load_results(tmp_path)
+    assert res.data_sets == {"/d/digits": ["digits"], "/d/shapes": ["shapes"]}
+    assert select_sweeps(res, ["shapes"]).data_sets == {"/d/shapes": ["shapes"]}
+    report = analyse(tmp_path, tmp_path / "out", n_boot=10)
+    mixed = [n for n in report["notes"] if "different data sets" in n]
+    assert len(mixed) == 1 and "/d/digits: digits" in mixed[0] and "/d/shapes: shapes" in mixed[0]
+    assert "different data sets" in (tmp_path / "out" / "summary.md").read_text()
+    one = analyse(tmp_path, tmp_path / "one", n_boot=10, sweeps=["shapes"])
+    assert not [n for n in one["notes"] if "different data sets" in n]

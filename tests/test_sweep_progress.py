@@ -93,6 +93,11 @@ def test_local_sweep_prints_k_of_n_with_results_eta_and_a_summary(digits_data, t
     assert sweep(*TINY, "--budgets", "8,16,24", "--data", digits_data, "--results", "res") == 0
     again = capsys.readouterr().out
     assert "nothing to submit" in again and "[1/" not in again
+    # a second sweep beside it: its next command plots only its own runs
+    assert sweep(*TINY, "--budgets", "8", "--data", digits_data, "--results", "res",
+                 "--name", "other") == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "next: python analysis/plot_scaling.py --results res --sweep other")
 
 
 @pytest.mark.slow
