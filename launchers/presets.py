@@ -94,22 +94,23 @@ def demo() -> Preset:
 
 
 def demo_full() -> Preset:
-    """The longer CPU study (about 25 min on 2 cores): mu, m1, m2 on built-in 16 px shapes.
+    """The longer CPU study (about 20 min on 2 cores): mu, m1, m2 on built-in 16 px shapes.
 
     What the 3-minute `demo` cannot show, and what this one does and does not, is measured in
-    docs/sweeps.md ("demo-full"): the compute-optimal size grows with compute (IsoFLOP
-    vertices inside the sizes at 3e11..1e13), and a larger size wins the larger budgets by far
-    more than the intervals; a law that extrapolates is out of reach of CPU budgets.
+    docs/sweeps.md ("demo-full"): the compute-optimal size grows with compute (every budget's
+    IsoFLOP vertex inside the sizes, N_opt ~ C^0.32 [0.26, 0.50]), and m1 beats mu at the larger
+    budgets by far more than the intervals; a law that extrapolates, and m2 winning, are out of
+    reach of CPU budgets.
     """
     return demo().replace(
         name="demo-full",
-        description="micro ViTs on built-in 16 px shapes (difficulty 0.5), CPU, ~25 min",
+        description="micro ViTs on built-in 16 px shapes (difficulty 0.5), CPU, ~20 min",
         sizes=("mu", "m1", "m2"),
-        # mu gets 999 / 2999 / 9998 / 29996 / 99986 steps, m2 96 ... 9624: mu wins 1e11, m1 the
-        # budgets from 1e12 (measured table in docs/sweeps.md); 1e13 costs ~2/3 of the time
+        # mu gets 999 / 2999 / 9998 / 29996 / 99987 steps, m2 96 ... 9625: mu wins 1e11, m1 the
+        # budgets from 3e11 (measured table in docs/sweeps.md); 1e13 costs ~2/3 of the time
         budgets=(1e11, 3e11, 1e12, 3e12, 1e13),
         builtin_data="shapes",
-        # 36,000 train / 4,000 val images at 16 px (16 tokens at patch 4), made once in ~40 s;
+        # 36,000 train / 4,000 val images at 16 px (16 tokens at patch 4), made once in ~20 s;
         # 4,000 val images: 95 % intervals of about +-1.5 points at 50 % error
         data_args={"num_samples": 40_000, "val_fraction": 0.1, "image_size": 16,
                    "difficulty": 0.5},

@@ -1,5 +1,5 @@
 """The `demo-full` preset (launchers.presets.demo_full) and the shapes `difficulty` knob it uses:
-cheap properties of its grid and its data, not the sweep itself (about 25 minutes on 2 cores;
+cheap properties of its grid and its data, not the sweep itself (about 20 minutes on 2 cores;
 its measured table and law are in docs/sweeps.md, "demo-full")."""
 
 from __future__ import annotations
