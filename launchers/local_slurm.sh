@@ -9,6 +9,7 @@
 # Environment: SLURM_LOCAL_CPUS (default: nproc), SLURM_LOCAL_PARTITION (default: debug),
 # SLURM_LOCAL_WAIT_S (default: 60).
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/slurm_common.sh"  # slurm_conf_common
 
 CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf
@@ -94,21 +95,7 @@ SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
-# no cgroups in containers: track processes by ancestry, bind no tasks
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-# no slurmdbd: sacct has nothing to show, squeue is the source of truth
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-ReturnToService=2
-JobRequeue=1
-SchedulerType=sched/backfill
-# schedule every few seconds (defaults: 60 s main, 30 s backfill) so short test jobs start at once
-SchedulerParameters=sched_interval=2,bf_interval=5
+$(slurm_conf_common)
 NodeName=$HOST CPUs=$CPUS RealMemory=$mem_mb State=UNKNOWN
 PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF

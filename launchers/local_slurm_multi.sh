@@ -15,6 +15,7 @@
 # Needs root, iproute2 (ip netns), util-linux (unshare) and munge (local_slurm.sh sets it up).
 # Environment: SLURM_MULTI_SUBNET (default 10.77.0), SLURM_MULTI_WAIT_S (default 60).
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/slurm_common.sh"  # slurm_conf_common
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 CONF_DIR=/etc/slurm-multi
@@ -58,18 +59,7 @@ SlurmctldPidFile=$RUN/slurmctld.pid
 SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmctldLogFile=$LOG_DIR/multi-slurmctld.log
 SlurmdLogFile=$LOG_DIR/multi-slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-ReturnToService=2
-JobRequeue=1
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2,bf_interval=5
+$(slurm_conf_common)
 # the nodes share this host's cores: take the CPUs below as given
 SlurmdParameters=config_overrides
 NodeName=vsn1 NodeAddr=${ADDR[vsn1]} CPUs=4 RealMemory=$mem_mb State=UNKNOWN
