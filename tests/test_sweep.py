@@ -44,7 +44,7 @@ def test_grid_ids_are_stable_and_follow_the_config(digits_data, tmp_path):
     assert imagenet[0].model == "S/16" and imagenet[0].cfg.lr == pytest.approx(1e-3)
     assert budget_token(3.5e10, "flops") == "3.5e10" and budget_token(8, "steps") == "8st"
     assert model_token("B/16") == "B16" and node_layout(16, 8) == (2, 8)
-    assert set(PRESETS) == {"demo", "cifar", "imagenet"}
+    assert set(PRESETS) == {"demo", "demo-full", "cifar", "imagenet"}
 
 
 def test_dry_run_shows_sbatch_directives_for_16_gpus(digits_data, tmp_path, capsys):
