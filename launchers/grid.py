@@ -134,11 +134,20 @@ def model_token(model: str) -> str:
     return f"{size}-{patch}" if size[-1].isdigit() else f"{size}{patch}"
 
 
+# Builder arguments (dataset.json "args") that change a data set's images or its split without
+# changing its size, with the value that leaves run ids as they were before they counted: a
+# shapes set at difficulty 0.5, or any set split with another seed, is another data set.
+CONTENT_ARGS = {"difficulty": 1.0, "seed": 0}
+
+
 def data_fingerprint(data_info: DatasetInfo) -> dict:
     """What identifies a dataset independent of where it lies."""
-    return {"source": data_info.source, "image_size": data_info.image_size,
-            "classes": data_info.num_classes,
-            "splits": {k: v.num_samples for k, v in sorted(data_info.splits.items())}}
+    out = {"source": data_info.source, "image_size": data_info.image_size,
+           "classes": data_info.num_classes,
+           "splits": {k: v.num_samples for k, v in sorted(data_info.splits.items())}}
+    content = {k: data_info.args[k] for k, default in CONTENT_ARGS.items()
+               if data_info.args.get(k, default) != default}
+    return {**out, "content": content} if content else out
 
 
 def config_hash(cfg: TrainConfig, world_size: int, data: dict) -> str:

@@ -116,3 +116,18 @@ def test_a_bad_difficulty_on_the_command_line_is_one_line_and_exit_2(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "difficulty=2.0; expected 0 <= D <= 1" in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_data_that_differs_only_in_difficulty_or_seed_gets_other_run_ids(tmp_path):
+    """Run ids fingerprint the data by size and shape, and by the builder arguments that change
+    its content at the same size: otherwise a sweep on difficulty-0.5 shapes would find the
+    difficulty-1 runs of the same name 'done' and reuse their results."""
+    def ids(**kw):
+        info = make_builtin_shards("shapes", tmp_path / "-".join(f"{k}{v}" for k, v in kw.items()),
+                                   image_size=8, num_samples=20, **kw)
+        return [s.run_id for s in build_grid(FULL, GridOptions(sizes=("mu",), budgets=(1e11,)),
+                                             info, tmp_path / "r")]
+    plain = ids()
+    assert ids(difficulty=1.0) == plain  # the default is the data made before the knob
+    assert ids(difficulty=0.5) != plain and ids(seed=1) != plain
+    assert ids(difficulty=0.5) != ids(difficulty=0.25)
