@@ -61,6 +61,7 @@ from analysis.tables import (  # noqa: F401 (EVAL_COLUMNS: part of the API)
 from scaling.results import (
     CONFIG_FILE,
     FINAL_FILE,
+    INPUT_BOUND,
     METRICS_FILE,
     PLAN_FILE,
     SchemaError,
@@ -75,7 +76,7 @@ STATUS_ORDER = ("ok", STATUS_RUNNING, "failed", "diverged")
 RUN_COLUMNS = (
     "sweep", "run_id", "run", "model", "size", "patch", "status", "seed", "lr", "batch_size",
     "budget", "recipe", "params", "macs_per_image", "n_evals", "best_top1", "final_top1",
-    "images_seen", "total_flops", "wall_hours", "device_hours", "message",
+    "images_seen", "total_flops", "wall_hours", "device_hours", "data_wait_fraction", "message",
 )
 
 
@@ -282,6 +283,7 @@ def _read_run(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
         "n_evals": len(evals), "final_top1": final.get("final_top1"),
         "images_seen": final.get("images_seen"), "total_flops": final.get("total_flops"),
         "wall_hours": final.get("wall_hours"), "device_hours": final.get("device_hours"),
+        "data_wait_fraction": final.get("data_wait_fraction"),  # absent before it existed
         "message": final.get("error"),
         "_trunk_run": config.get("trunk_run"), "_branch_step": config.get("branch_step"),
         "_world_size": final.get("world_size") or config.get("world_size"),
@@ -330,6 +332,7 @@ def load_results(results_dir, *, cache_dir=None, workers: int | None = None) -> 
         for col in ("seed", "lr", "batch_size"):
             frame[col] = pd.to_numeric(frame[col], errors="coerce")
     run_df["final_top1"] = run_df["final_top1"].astype(float)  # null (no eval) -> NaN
+    run_df["data_wait_fraction"] = pd.to_numeric(run_df["data_wait_fraction"], errors="coerce")
     eval_df["is_final"] = eval_df["is_final"].astype(bool)
     stats = None if cache is None else {"path": str(cache.path), "hits": cache.hits,
                                         "parsed": cache.parsed}
@@ -375,6 +378,16 @@ def model_order(frame: pd.DataFrame) -> list[str]:
     key = key.fillna(np.inf).reset_index()
     key["patch"] = [-parse_model_name(m)[1] for m in key["model"]]
     return key.sort_values(["params", "macs", "patch", "model"])["model"].tolist()
+
+
+def input_bound(runs: pd.DataFrame) -> list[dict]:
+    """The runs whose final.json data_wait_fraction passed scaling.results.INPUT_BOUND (their
+    loader set their speed), most input-bound first: [{run, model, data_wait_fraction}]. Runs
+    without the field (written before it existed, or still running) are not among them."""
+    bound = runs[runs["data_wait_fraction"] > INPUT_BOUND]
+    bound = bound.sort_values("data_wait_fraction", ascending=False, kind="stable")
+    return [{"run": r.run, "model": r.model, "data_wait_fraction": float(r.data_wait_fraction)}
+            for r in bound.itertuples()]
 
 
 def status_counts(runs: pd.DataFrame) -> dict[str, int]:

@@ -7,8 +7,8 @@ does not use, so parsing them is most of the cost; instead, a line in the exact 
 scaling.results.append_metrics writes for a train row (``json.dumps(row, sort_keys=True)``:
 ``{"epoch": 0.5, "flops_seen": 1e+16, ..., "kind": "train", ..., "wall_s": 12.5}``) is recognised
 by one regular expression, TRAIN_LINE, over the whole file. It accepts only an object with
-exactly the keys of scaling.results.TRAIN_KEYS in sorted order, ``"kind": "train"``, and every
-other value a JSON number or null: such a line is valid UTF-8 and JSON, a schema-valid train row,
+exactly the keys of scaling.results.TRAIN_KEYS, and any of TRAIN_OPTIONAL, in sorted order,
+``"kind": "train"``, and every other value a JSON number or null: such a line is valid UTF-8 and JSON, a schema-valid train row,
 and unused, so dropping it unparsed gives what parsing it would. Every other line (eval rows,
 train rows in another byte form, anything broken) is parsed with json.loads and checked as
 before. A file holding a carriage return is read line by line throughout (bytes.splitlines also
@@ -24,16 +24,30 @@ from collections import defaultdict
 import numpy as np
 
 from analysis.checks import eval_row_problem
-from scaling.results import TRAIN_KEYS, SchemaError, validate_row
+from scaling.results import TRAIN_KEYS, TRAIN_OPTIONAL, SchemaError, validate_row
 
 # The eval fields the tables keep, in this order (the columns of the arrays returned below).
 EVAL_FIELDS = ("step", "epoch", "images_seen", "flops_seen", "wall_s", "top1", "top5", "loss",
                "num_samples")
 # A JSON number (RFC 8259: no leading zeros, no NaN/Infinity) or null.
 _VALUE = rb"(?:-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|null)"
-TRAIN_LINE = re.compile(
-    rb"^\{" + b", ".join(b'"%s": %s' % (k.encode(), b'"train"' if k == "kind" else _VALUE)
-                         for k in sorted(TRAIN_KEYS)) + rb"\}(?=\n|\Z)", re.MULTILINE)
+
+
+def _train_line() -> re.Pattern:
+    """TRAIN_LINE: each key and value followed by ', ' (an optional key's pair may be absent),
+    the last key's closing the object."""
+    keys = sorted(TRAIN_KEYS + TRAIN_OPTIONAL)
+    assert keys[-1] not in TRAIN_OPTIONAL  # the last pair carries no ', '
+
+    def pair(k: str) -> bytes:
+        return b'"%s": %s' % (k.encode(), b'"train"' if k == "kind" else _VALUE)
+
+    body = b"".join(b"(?:%s, )?" % pair(k) if k in TRAIN_OPTIONAL else pair(k) + b", "
+                    for k in keys[:-1]) + pair(keys[-1])
+    return re.compile(rb"^\{" + body + rb"\}(?=\n|\Z)", re.MULTILINE)
+
+
+TRAIN_LINE = _train_line()
 _NON_EMPTY = re.compile(rb"[^\n]+")
 TORN = " (torn last line: an interrupted append)"
 

@@ -26,6 +26,7 @@ from analysis.load import (
     Results,
     Skipped,
     _skip,
+    input_bound,
     load_bench,
     load_results,
     model_order,
@@ -36,7 +37,7 @@ from analysis.noise import close_calls
 from analysis.style import FORMATS, save_figure, set_style, size_palette
 from analysis.summary import render
 from analysis.summary_json import write_summary_json
-from scaling.results import iter_run_dirs
+from scaling.results import INPUT_BOUND, iter_run_dirs
 
 log = logging.getLogger("analysis")
 METRICS = ("top1", "error")  # upstream; transfer metrics: fewshot:NAME:K, finetune:NAME
@@ -165,6 +166,22 @@ def _transfer_figure(report: dict, out: Path, formats) -> None:
     report["figures"] += save_figure(fig, out, "upstream_vs_transfer", formats)
 
 
+def _note_input_bound(report: dict, shown: int = 10) -> None:
+    """report["input_bound"] (analysis.load.input_bound), and a note naming those runs."""
+    bound = report["input_bound"] = input_bound(report["upstream"].runs)
+    if not bound:
+        return
+    named = ", ".join(f"{r['run']} ({100 * r['data_wait_fraction']:.1f} %)"
+                      for r in bound[:shown])
+    more = (f" and {len(bound) - shown} more (summary.json input_bound)"
+            if len(bound) > shown else "")
+    report["notes"].append(
+        f"{len(bound)} input-bound run(s), waiting for the next batch over "
+        f"{100 * INPUT_BOUND:.0f} % of their loop time (final.json data_wait_fraction): "
+        f"{named}{more}; their device-hours and MFU are the loader's, not the model's (rerun "
+        "with more --num-workers, in-memory data or --decode-on device)")
+
+
 def read_transfer(results_dir, sweeps=None) -> tuple:
     """(transfer rows of the named sweeps, or all; the lines skipped) under `results_dir`."""
     skipped: list[Skipped] = []
@@ -249,6 +266,7 @@ def analyse_results(res, out_dir, *, metric: str = "error", x: str = "flops",
             f"runs on {len(res.data_sets)} different data sets are combined ("
             + "; ".join(f"{d}: {', '.join(s)}" for d, s in res.data_sets.items())
             + "): one frontier and one law over them mix different tasks; use --sweep")
+    _note_input_bound(report)
     _scaling_figures(report, out, formats, n_boot)
     _optimal_figure(report, out, formats, n_boot)
     _transfer_figure(report, out, formats)

@@ -111,6 +111,7 @@ def build(report: dict) -> dict:
         "frontier": _frontier(report["frontier"], x),
         "close_calls": report["close_calls"].to_dict(orient="records"),
         "runs": status_counts(res.runs),
+        "input_bound": report.get("input_bound", []),
         "seeds_per_point": seeds_per_point(report["frontier"]),
         "skipped": {"files": files, "lines": lines},
         "figures": [p.name for p in report["figures"]], "notes": list(report["notes"]),

@@ -131,7 +131,7 @@ def cifar() -> Preset:
         train={"weight_decay": 0.05, "warmup_fraction": 0.05, "label_smoothing": 0.1,
                "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "drop_path": 0.1, "grad_clip": 0.0,
                "precision": "bf16", "zero": 1, "eval_every": 500, "ckpt_every": "1000",
-               "num_workers": 4},
+               "num_workers": 4, "compile": True},  # CPU demos stay eager: docs/architecture.md
         device="cuda",
         gpus=1,
         slurm={"time": 240, "cpus_per_task": 6},
@@ -160,7 +160,8 @@ def imagenet() -> Preset:
         train={"image_size": 224, "weight_decay": 0.05, "warmup_fraction": 5 / 300,
                "min_lr": 1e-5, "schedule": "cosine", "label_smoothing": 0.1, "mixup_alpha": 0.8,
                "cutmix_alpha": 1.0, "drop_path": 0.1, "grad_clip": 0.0, "precision": "bf16",
-               "zero": 1, "eval_every": 2000, "ckpt_every": "2000", "num_workers": 8},
+               "zero": 1, "eval_every": 2000, "ckpt_every": "2000", "num_workers": 8,
+               "compile": True},  # torch.compile: not in the run id (RESUMABLE_FIELDS)
         device="cuda",
         gpus=8,
         slurm={"time": 24 * 60, "cpus_per_task": 10},

@@ -18,7 +18,14 @@ import time
 from pathlib import Path
 
 from launchers.grid import RunSpec, budget_token
-from scaling.results import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, SchemaError, read_final
+from scaling.results import (
+    EXIT_DIVERGED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    INPUT_BOUND,
+    SchemaError,
+    read_final,
+)
 
 PLOT = "python analysis/plot_scaling.py"
 # tqdm's own rate and ETA would weigh every FLOP alike: the postfix shows ours
@@ -180,7 +187,8 @@ class SweepProgress:
             self.bar = None
 
     def summary(self, results_root: Path) -> str:
-        """The closing lines: counts per state, the best run, and the command to run next."""
+        """The closing lines: counts per state, the best run, the input-bound runs, and the
+        command to run next."""
         counts: dict[str, int] = {}
         for spec, rc, _ in self.results:
             final = self.finals.get(spec.run_id)
@@ -196,10 +204,25 @@ class SweepProgress:
             top1, spec = max(scored, key=lambda t: t[0])
             lines.append(f"best top-1 {top1:.4f}: {spec.model} at "
                          f"{budget_token(spec.budget, spec.budget_kind)} ({spec.run_id})")
+        bound = self._input_bound()
+        if bound:
+            lines.append(bound)
         if counts.get("done"):
             lines.append(f"next: {PLOT} --results {shlex.quote(shown_path(results_root))}"
                          + self._only_these(results_root))
         return "\n".join(lines)
+
+    def _input_bound(self) -> str | None:
+        """One line naming the runs whose loader set their speed (final.json
+        data_wait_fraction above INPUT_BOUND), most input-bound first; None when there are none."""
+        bound = sorted(((f["data_wait_fraction"], s.run_id) for s, _, _ in self.results
+                        if (f := self.finals.get(s.run_id))
+                        and (f.get("data_wait_fraction") or 0) > INPUT_BOUND), reverse=True)
+        if not bound:
+            return None
+        return (f"input-bound (waited for data over {INPUT_BOUND:.0%} of their loop time, so "
+                "their speed is the loader's; raise --set num_workers=N, --set in_memory=on or "
+                "--set decode_on=device): " + ", ".join(f"{r} {w:.1%}" for w, r in bound))
 
     def _only_these(self, results_root: Path) -> str:
         """' --sweep NAME' when RESULTS also holds runs of other sweeps (say the demo's digits

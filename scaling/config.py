@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from scaling import schedule as sched
 from scaling.clihelp import DefaultsHelpFormatter
 from scaling.data.memory import IN_MEMORY_CHOICES
+from scaling.data.samples import DECODE_ON
 from scaling.flops import forward_macs, param_count
 from scaling.model import ViTConfig, split_name, vit_config
 from scaling.schedule import COOLDOWN_SHAPES, SCHEDULES, STABLE
@@ -37,7 +38,8 @@ EVALS_PER_DECADE = 4
 # Fields that may change between a run and its resumption without changing its results.
 RESUMABLE_FIELDS = ("num_workers", "log_every", "progress", "out", "data", "eval_every",
                     "eval_spacing",
-                    "ckpt_every", "keep_ckpts", "stop_poll_every", "tensorboard", "wandb")
+                    "ckpt_every", "keep_ckpts", "stop_poll_every", "tensorboard", "wandb",
+                    "compile")  # compiled or eager: the same numbers up to float rounding
 
 
 def _f(default, help, **kw):
@@ -100,6 +102,13 @@ class TrainConfig:
     in_memory: str = _f("auto", "read the data into memory once and augment whole batches "
                         "(auto: when the decoded train and val splits fit in 1 GiB and the "
                         "run reads at least one epoch; scaling.data.memory)", choices=IN_MEMORY_CHOICES)
+    decode_on: str = _f("workers", "where JPEGs are decoded: workers (PIL in the loader "
+                        "processes) or device (the training process, on its device: nvJPEG "
+                        "through torchvision on CUDA; on a CPU the workers' own decoder); "
+                        "in-memory data is decoded once either way (scaling.data.device)",
+                        choices=DECODE_ON)
+    compile: bool = _f(False, "torch.compile the model (scaling.engine); the compile time is "
+                       "final.json's overhead_breakdown_s['compile'], not training time")
     samples_per_epoch: int | None = _f(None, "images per epoch (default: train split size)")
     eval_every: int = _f(0, "evaluate every N steps (0: only at the end)")
     eval_spacing: str = _f("linear", "linear: at eval_every, 2 x eval_every, ...; log: at "

@@ -153,6 +153,20 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_sum_max(sums: list[float], maxes: list[float],
+                       device: torch.device) -> tuple[list[float], list[float]]:
+    """(sums over ranks, maxima over ranks) in one all-reduce, so one device sync: each rank
+    writes `maxes` into its own slot of a zeroed block (world size x len(maxes)), the sum of
+    which holds every rank's values exactly; the max is then taken over the slots."""
+    world = _group_size()
+    rank = torch_dist.get_rank() if world > 1 else 0
+    slots = [0.0] * (world * len(maxes))
+    slots[rank * len(maxes):(rank + 1) * len(maxes)] = maxes
+    out = all_reduce_sum([*sums, *slots], device)
+    per_rank = [out[len(sums) + r * len(maxes):][:len(maxes)] for r in range(world)]
+    return out[:len(sums)], [max(col) for col in zip(*per_rank)]
+
+
 def all_reduce_max(value: int, device: torch.device) -> int:
     """Max of an integer over all ranks (identity without a process group)."""
     t = torch.tensor([value], dtype=torch.int64, device=device)

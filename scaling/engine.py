@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 
 from scaling import dist
 from scaling.config import TrainConfig, lr_at
+from scaling.model import Attention
 from scaling.results import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,42 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, *, micro: int, accum: i
     # saved into every checkpoint; ds_to_universal refuses a checkpoint without it (#5405)
     setattr(model, UNIVERSAL_CHECKPOINT_INFO,
             {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+    if cfg.compile and cfg.zero == 3:
+        _register_borrowed_params(model)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule,
         config=ds_config(cfg, micro, accum), dist_init_required=True)
+    if cfg.compile:
+        # engine.compile(), not torch.compile(model) before deepspeed.initialize: it compiles
+        # the engine's module in place (nn.Module.compile; DeepSpeed #5581 removed the wrapper
+        # it had), after ZeRO-3 has put its partitioning hooks on the submodules, so the state
+        # dict keeps its names (no "_orig_mod." prefix: checkpoints, resume and the export are
+        # those of an eager run) and DeepSpeed sees the module it built. torch.compile with
+        # ZeRO 1-3 is DeepSpeed's own path since #4878; DeepCompile (#7154, a "compile" config
+        # section) is a different, opt-in feature, not used here (ZeRO-3 lacks it on torch
+        # >= 2.9, #7755). Lazy: the graphs are compiled at the first forward and backward.
+        # fallback_random: dropout and stochastic depth draw from torch's generator as in eager
+        # mode, not from inductor's own, so a compiled run gives the eager run's numbers (up to
+        # float rounding) and --compile may change between a run and its resumption
+        # (RESUMABLE_FIELDS); it costs little: drop_path draws one number per sample and block.
+        from torch._inductor import config as inductor_config  # compiled runs only
+
+        inductor_config.fallback_random = True
+        engine.compile()
     return engine
+
+
+def _register_borrowed_params(model: torch.nn.Module) -> None:
+    """Tell ZeRO-3 that Attention reads its qkv projection's weights itself (the class token's
+    query-only path, scaling.model.Attention), outside qkv's forward. Eager ZeRO-3 notices that
+    on the first access (its parameter dict gathers the weight and registers it), but dynamo
+    traces that access with the partitioned, empty weight and fails (size mismatch, vec (0));
+    registered up front (deepspeed.zero.register_external_parameter, DeepSpeed's API for a
+    parameter used outside its module), they are gathered before Attention's forward runs."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            for param in module.qkv.parameters():
+                deepspeed.zero.register_external_parameter(module, param)
 
 
 SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory all-reduce for CPU ranks

@@ -32,6 +32,13 @@ the run first started, summed over restarts). Then:
 - train rows: ``loss`` (mean over the logging window), ``lr``, ``images_per_s``, ``tflops``
   (achieved, per device), ``mfu`` (null when the device's peak is unknown), ``mem_gb`` (peak
   per-rank memory), ``skipped_samples`` (corrupt samples skipped so far, all ranks).
+  Optional (absent in rows written before it existed): ``data_wait_fraction``, the share of the
+  window's loop time spent waiting for the next batch: seconds in ``next(batches)`` / (those
+  seconds + seconds in training steps), the max over ranks (scaling.meter.wait_fraction). Both
+  are wall-clock seconds: the wait on the host's clock; the steps on the host's clock on a
+  CPU, and on a GPU the device's own timeline from a CUDA event before each step to one after
+  it (scaling.meter.StepClock, read back at the row's step). Above INPUT_BOUND the loader, not
+  the model, set the window's speed (the run logs a warning).
 - eval rows: ``loss``, ``top1``, ``top5`` (fractions in [0, 1]), ``num_samples`` (images
   evaluated, summed over ranks).
 
@@ -39,14 +46,21 @@ the run first started, summed over restarts). Then:
 ``final_loss``, ``steps``, ``images_seen``, ``total_flops``, ``params``, ``macs_per_image``,
 ``model``, ``wall_hours``, ``device_hours`` (wall hours x world size, less ``op_build_s``: the
 seconds spent compiling DeepSpeed's CPU comm op on its first multi-rank use on a machine, a cost
-of the machine and not of the run; optional, absent before it existed; summed over
+of the machine and not of the run; optional, absent before it existed; and less the ``compile``
+part of ``overhead_breakdown_s``; summed over
 ``segments``), ``world_size`` (of the last segment),
 ``skipped_samples``, ``overhead_fraction`` (share of wall time outside training steps), and
 ``error`` (a message, for failed/diverged runs). Optional (absent in files written before it
-existed): ``overhead_breakdown_s``, the wall seconds by part, summing to wall_hours x 3600:
+existed): ``data_wait_fraction``, as in train rows but over the whole run (``data_wait`` /
+(``data_wait`` + ``steps``) of ``overhead_breakdown_s``: every process of a resumed run, the
+earlier ones as rank 0 saved them), the max over ranks (rank 0's alone on a failed or diverged
+run, where the ranks may no longer meet); ``overhead_breakdown_s``, the wall seconds by part,
+summing to wall_hours x 3600:
 ``startup`` (process start to build: interpreter, imports, config and data checks), ``build``
 (process group, model, DeepSpeed engine, loaders, resuming), ``data_wait``, ``eval``,
 ``checkpoint``, ``export``, ``fewshot`` (few-shot probes at eval points, scaling.fewshot),
+``compile`` (torch.compile with --compile, out of the steps and evals it ran in; 0 otherwise;
+absent before it existed),
 ``steps`` (inside optimizer steps), ``other`` (logging, the loop's all-reduces); over restarts,
 each process's start-up and build are added. Also optional (scaling.tracking.CheckpointCost):
 ``checkpoints`` (checkpoint saves, over restarts), ``checkpoint_s_sum`` and ``checkpoint_s_max``
@@ -124,6 +138,12 @@ COMMON_KEYS = ("kind", "step", "epoch", "images_seen", "flops_seen", "wall_s")
 TRAIN_KEYS = COMMON_KEYS + (
     "loss", "lr", "images_per_s", "tflops", "mfu", "mem_gb", "skipped_samples",
 )
+TRAIN_OPTIONAL = ("data_wait_fraction",)  # train-row keys absent in older rows
+# Keys of a train row that are timings: they differ between two runs of one recipe.
+TIMING_KEYS = ("wall_s", "images_per_s", "tflops", "mfu", "mem_gb", "data_wait_fraction")
+# A run is input-bound above this data_wait_fraction: its images/s, MFU and device-hours measure
+# the loader, not the model (the run warns, the sweep summary and the analysis name it).
+INPUT_BOUND = 0.10
 EVAL_KEYS = COMMON_KEYS + ("loss", "top1", "top5", "num_samples")
 TRANSFER_KEYS = ("kind", "dataset", "shots", "seed", "top1", "step", "images_seen", "flops_seen",
                  "num_train", "num_test")

@@ -4,7 +4,8 @@ size it was started with (a run may resume on another one: docs/failure-model.md
 final.json's ``segments`` (schema: scaling.results) is the list of them, oldest first; each is
 saved with every checkpoint, so a segment ends at the checkpoint its successor resumed from (the
 steps of an attempt lost after its last checkpoint are in no segment, as they are in no metrics
-row). ``device_hours`` sums each segment's wall hours times its world size. Standard library only.
+row). ``device_hours`` sums each segment's wall hours, less its op builds and torch.compile
+seconds, times its world size. Standard library only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class Segments:
     world_size: int
     start_step: int = 0
     wall0: float = 0.0  # the run's wall seconds when this segment started
-    op_build0: float = 0.0  # the run's op_build_s (scaling.loop.Meter) then
+    op_build0: float = 0.0  # the run's uncharged seconds (scaling.meter.Meter.not_charged_s) then
     done: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -27,14 +28,17 @@ class Segments:
         """The segments of a checkpoint's client state, and a new one at `world_size` from its
         step. A checkpoint from before segments were saved is one segment from step 0."""
         meter = client.get("meter", {})
-        wall, build = float(meter.get("wall", 0.0)), float(meter.get("op_build", 0.0))
+        wall = float(meter.get("wall", 0.0))
+        # what Meter.not_charged_s() was at the save: op builds and torch.compile seconds
+        build = float(meter.get("op_build", 0.0)) + float(meter.get("parts", {}).get("compile", 0))
         done = client.get("segments") or [
             segment(saved_world, 0, client["step"], wall, build)]
         return cls(world_size, client["step"], wall, build, [dict(s) for s in done])
 
     def upto(self, step: int, wall: float, op_build: float) -> list[dict]:
         """Every segment, this one ending at `step` at run wall seconds `wall` (Meter.wall())
-        with `op_build` seconds of op compiles so far (Meter.op_build_s)."""
+        with `op_build` seconds left out of device hours so far (Meter.not_charged_s: op
+        builds and torch.compile)."""
         return [*self.done, segment(self.world_size, self.start_step, step, wall - self.wall0,
                                     op_build - self.op_build0)]
 

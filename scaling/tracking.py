@@ -6,6 +6,7 @@ TensorBoard (on by default, `--no-tensorboard` turns it off) writes RUN_DIR/tb/e
 `tensorboard --logdir results/SWEEP` shows every run of a sweep, each under its run id. Tags:
 
     train/loss  train/lr  train/images_per_s  train/tflops  train/mfu (when the peak is known)
+    train/data_wait_fraction
     eval/top1  eval/top5  eval/loss
     fewshot/DATASET/Kshot   the mean top-1 over the draws (seeds) of the k-shot set
 
@@ -44,7 +45,7 @@ from scaling.results import METRICS_FILE, TRANSFER_FILE
 from scaling.tail import rows_at_step
 
 TB_DIR = "tb"
-TRAIN_TAGS = ("loss", "lr", "images_per_s", "tflops", "mfu")
+TRAIN_TAGS = ("loss", "lr", "images_per_s", "tflops", "mfu", "data_wait_fraction")
 EVAL_TAGS = ("top1", "top5", "loss")
 
 

@@ -37,7 +37,8 @@ from scaling.data import load_dataset_info
 from scaling.data.samples import jpeg_draft_setting
 from scaling.fewshot import TrainingProbe
 from scaling.flops import training_flops
-from scaling.loop import Batches, Meter, evaluate, is_stop_boundary, memory_gb, stop_poll_every
+from scaling.loop import Batches, evaluate, is_stop_boundary, stop_poll_every
+from scaling.meter import Meter, memory_gb
 from scaling.segments import Segments, device_hours
 
 log = logging.getLogger("scaling.train")
@@ -155,6 +156,8 @@ class Run:
         self.meter.op_build_s += eng.init_distributed(self.dist_info)
         self.device = dist.device_for(self.dist_info)
         self.meter.use_device(self.device)  # steps timed by CUDA events on a GPU
+        if self.cfg.compile:
+            self.meter.use_compile()  # compile seconds: their own part, not training time
         self.poll_every = stop_poll_every(self.cfg, self.device)
         self._own_run_dir()
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
@@ -182,7 +185,7 @@ class Run:
                 log.warning("retrying a failed/diverged run; its final.json is kept as %s",
                             kept.name)
         dist.barrier()
-        self.batches = Batches(self.cfg, self.data_info, self.plan, self.dist_info)
+        self.batches = Batches(self.cfg, self.data_info, self.plan, self.dist_info, self.device)
         self.window = torch.zeros((), dtype=torch.float64, device=self.device)
         self._resume()
         if self.dist_info.is_main:
@@ -257,10 +260,11 @@ class Run:
             self.meter.add("data_wait", t1 - t0)
             if item is None:
                 break
-            micro_batches, skipped = item
+            batch, skipped = item
             self.meter.start_step()
+            micro_batches, bad = self.batches.inputs(batch, self.step)  # on the device
             self.window += self._step(micro_batches)
-            self.meter.end_step(skipped)
+            self.meter.end_step(skipped + bad)
             self.step += 1
             if self.faults.get("sigterm") == self.step:
                 os.kill(os.getpid(), signal.SIGTERM)  # fault injection: a real signal, here
@@ -282,10 +286,8 @@ class Run:
     def _step(self, micro_batches) -> torch.Tensor:
         """One optimizer step over `accumulation` micro-batches; returns the summed loss."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for images, targets in micro_batches:
-            images = images.to(self.device, self.dtype, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            logits = self.engine(images)
+        for images, targets in micro_batches:  # on the device already (Batches.inputs)
+            logits = self.engine(images.to(self.dtype))
             loss = F.cross_entropy(logits.float(), targets)
             self.engine.backward(loss)
             self.engine.step()
@@ -295,8 +297,8 @@ class Run:
         return total
 
     def _log_train(self) -> None:
-        steps = self.step - self.meter.window_step
-        loss_sum, skipped = self._global_window()
+        first, steps = self.meter.window_step + 1, self.step - self.meter.window_step
+        loss_sum, skipped, wait = self._global_window(self.meter.window_wait_fraction())
         loss = loss_sum / (steps * self.plan.world_size)
         self.window.zero_()
         images = steps * self.cfg.batch_size
@@ -307,18 +309,33 @@ class Run:
         row = self._row("train", loss=loss, lr=lr,
                         images_per_s=images / max(seconds, 1e-9), tflops=tflops,
                         mfu=self.meter.mfu(tflops, self.cfg.peak_tflops), mem_gb=memory_gb(),
-                        skipped_samples=int(skipped))
+                        skipped_samples=int(skipped), data_wait_fraction=wait)
         self._emit(row)
+        if wait > results.INPUT_BOUND and self.dist_info.is_main:
+            self._warn_input_bound(wait, first)
 
-    def _global_window(self) -> tuple[float, int]:
-        """(loss summed over the window and all ranks, skipped samples over all ranks); raises
-        Diverged on a NaN/inf loss, so nothing is logged or saved after a divergence."""
-        loss_sum, skipped = dist.all_reduce_sum([float(self.window), self.meter.skipped],
-                                                self.device)
+    def _warn_input_bound(self, wait: float, first: int) -> None:
+        """The one warning line of a window whose data_wait_fraction passed INPUT_BOUND."""
+        cfg = self.cfg
+        now = (f"--num-workers {cfg.num_workers}, --in-memory {cfg.in_memory} ("
+               f"{'in memory' if self.batches.in_memory else 'streamed'}), "
+               f"--decode-on {cfg.decode_on}")
+        log.warning("input-bound: steps %d-%d spent %.0f%% of their time waiting for the next "
+                    "batch (data_wait_fraction %.3f > %g, max over ranks): the loader, not the "
+                    "model, set their speed; raise --num-workers, read the data into memory "
+                    "(--in-memory on) or decode on the device (--decode-on device) (now: %s)",
+                    first, self.step, 100 * wait, wait, results.INPUT_BOUND, now)
+
+    def _global_window(self, wait: float = 0.0) -> tuple[float, int, float]:
+        """(loss summed over the window and all ranks, skipped samples over all ranks, the max
+        of `wait` over ranks), one all-reduce; raises Diverged on a NaN/inf loss, so nothing is
+        logged or saved after a divergence."""
+        (loss_sum, skipped), (wait,) = dist.all_reduce_sum_max(
+            [float(self.window), self.meter.skipped], [wait], self.device)
         if not math.isfinite(loss_sum):
             raise Diverged(f"loss is {loss_sum} in the steps up to {self.step}")
         self.meter.skipped_global = int(skipped)
-        return loss_sum, int(skipped)
+        return loss_sum, int(skipped), wait
 
     def _ckpt_due(self) -> bool:
         """--ckpt-every N: every N steps. Nm: once N minutes passed since the last save (or
@@ -357,7 +374,8 @@ class Run:
         if self.faults.get("eval_error") == self.step:
             raise RuntimeError(f"injected eval failure at step {self.step}")
         t0 = time.perf_counter()
-        stats = evaluate(self.engine, self.batches.eval_loader(), self.device, self.dtype)
+        stats = evaluate(self.engine, self.batches.eval_loader(), self.batches.device_inputs,
+                         self.dtype)
         self.meter.add("eval", time.perf_counter() - t0)
         row = self._row("eval", **stats)
         self.last_eval = {k: row[k] for k in ("top1", "top5", "loss", "step")}
@@ -378,13 +396,13 @@ class Run:
         from scaling import engine as eng
 
         t0 = time.perf_counter()
-        window_loss, skipped = self._global_window()  # never checkpoint a diverged model
+        window_loss, skipped, _ = self._global_window()  # never checkpoint a diverged model
         client = {"step": self.step, "best_top1": self.best_top1, "last_eval": self.last_eval,
                   "meter": self.meter.state(), "skipped": skipped, "window_loss": window_loss,
                   "window_step": self.meter.window_step, "metrics_rows": self.rows_logged,
                   "transfer_rows": self.transfer_rows, "ckpt_cost": self.ckpt_cost.state(),
                   "segments": self.segments.upto(self.step, self.meter.wall(),
-                                                 self.meter.op_build_s)}
+                                                 self.meter.not_charged_s())}
         error = None
         try:
             eng.save_checkpoint(self.engine, self.ckpt_dir, self.step, client,
@@ -403,6 +421,8 @@ class Run:
         """Checkpoint (before anything that can still fail), final eval, export, final.json."""
         from scaling import engine as eng
 
+        self.data_wait_global = dist.all_reduce_sum_max(
+            [], [self.meter.run_wait_fraction()], self.device)[1][0]  # all ranks are here
         saved = [step for step, _ in eng.complete_checkpoints(self.ckpt_dir)]
         if not saved or saved[-1] != self.step:
             self.save()
@@ -420,7 +440,7 @@ class Run:
         """final.json, written by rank 0 only while it owns the run dir."""
         wall = self.meter.wall()
         ev = self.last_eval or {}
-        segments = self.segments.upto(self.step, wall, self.meter.op_build_s)
+        segments = self.segments.upto(self.step, wall, self.meter.not_charged_s())
         final = {
             "status": status, "final_top1": ev.get("top1"), "best_top1": self.best_top1,
             "final_top5": ev.get("top5"), "final_loss": ev.get("loss"), "steps": self.step,
@@ -433,6 +453,8 @@ class Run:
             "world_size": self.plan.world_size, "segments": segments,
             "skipped_samples": self.meter.skipped_global,
             "overhead_fraction": self.meter.overhead_fraction(wall),
+            "data_wait_fraction": (self.meter.run_wait_fraction() if self.data_wait_global is None
+                                   else self.data_wait_global),
             "overhead_breakdown_s": self.meter.breakdown(wall), "error": error,
             **self.ckpt_cost.final(self._last_complete()),
             **(finetune.final_fields(self.pretrained) if self.pretrained else {}),
@@ -443,6 +465,8 @@ class Run:
             except OSError as e:
                 log.error("could not write %s: %s", self.out / results.FINAL_FILE, e)
         return final
+
+    data_wait_global = None  # over all ranks, set by finish (record_final falls back on rank 0's)
 
     def _last_complete(self) -> Path | None:
         """The newest complete checkpoint's folder, or None."""

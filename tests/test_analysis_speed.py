@@ -170,6 +170,8 @@ def test_train_lines_of_the_writer_take_the_fast_path(tmp_path):
         row = _train(int(rng.integers(0, 10**9)))
         for key in ("epoch", "loss", "lr", "images_per_s", "tflops", "mfu", "mem_gb", "wall_s"):
             row[key] = values[i % len(values)] if rng.random() < 0.3 else float(rng.lognormal())
+        if i % 2:  # rows with data_wait_fraction (TRAIN_OPTIONAL) and rows of before it
+            row["data_wait_fraction"] = values[i % 5] if i % 3 else float(rng.uniform())
         append_metrics(tmp_path, row)
     lines = (tmp_path / "metrics.jsonl").read_bytes().splitlines()
     assert len(lines) == 300 and all(TRAIN_LINE.fullmatch(line) for line in lines)
@@ -183,6 +185,7 @@ def test_train_line_form_accepts_nothing_the_parser_would_reject():
     rng = np.random.default_rng(1)
     alphabet = b'0123456789.eE+-"{}:, nulltrainkindx\\\n\xff'
     base = [_canonical(_train(s, mfu=0.41)).encode() for s in (1, 12, 345)] + [GOOD.encode()]
+    base.append(_canonical(_train(6, data_wait_fraction=0.25)).encode())
     accepted = 0
     for _ in range(20_000):
         line = bytearray(base[int(rng.integers(len(base)))])

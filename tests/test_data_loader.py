@@ -15,6 +15,7 @@ from scaling.data import (
     make_train_loader,
     mixup_cutmix,
 )
+from scaling.data.device import normalize
 from scaling.data.loader import _eval_plan, rank_eval_samples
 from scaling.data.make_shards import make_shards
 from scaling.data.transforms import decode_crop, random_resized_crop_box
@@ -48,11 +49,11 @@ def test_train_batches(shapes_dir):
     batches = list(tl.epoch(0))
     assert len(batches) == 34
     b = batches[0]
-    assert b["image"].shape == (8, 3, SIZE, SIZE) and b["image"].dtype == torch.float32
+    assert b["image"].shape == (8, 3, SIZE, SIZE) and b["image"].dtype == torch.uint8
     assert b["image"].is_contiguous() and b["label"].dtype == torch.int64
     assert b["skipped"] == 0 and all(k.startswith("train_") for k in b["key"])
     assert 0 <= int(b["label"].min()) and int(b["label"].max()) < 10
-    images = torch.cat([x["image"] for x in batches])
+    images = normalize(torch.cat([x["image"] for x in batches]), Augment())
     assert -2.5 < images.min() < -1 and 1 < images.max() < 2.7  # ImageNet-normalised
     labels = torch.cat([x["label"] for x in batches])
     assert torch.bincount(labels, minlength=10).min() > 10  # shuffled across classes

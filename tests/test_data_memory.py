@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from scaling.data import DataError, load_dataset_info, make_eval_loader, memory
+from scaling.data.device import crop_batch
 from scaling.data.make_shards import make_shards
 from scaling.data.transforms import random_resized_crop_box
 from scaling.data.writer import Encoding, Source, write_dataset
@@ -51,6 +52,7 @@ def test_epoch_is_a_permutation_and_resume_is_exact(shapes):
     tail = list(loader.epoch(1, start_step=3))
     for a, b in zip(full[3:], tail, strict=True):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+        assert torch.equal(a["crop_box"], b["crop_box"]) and torch.equal(a["flip"], b["flip"])
     other = list(loader.epoch(2))
     assert [b["key"] for b in other] != [b["key"] for b in full]  # a new order each epoch
 
@@ -61,7 +63,8 @@ def test_global_batches_do_not_depend_on_world_size(shapes):
     for k, batch in enumerate(one):
         parts = [r[k] for r in ranks]
         assert [k for p in parts for k in p["key"]] == batch["key"]
-        torch.testing.assert_close(torch.cat([p["image"] for p in parts]), batch["image"])
+        for key in ("image", "crop_box", "flip"):  # stored pixels and their crops
+            torch.testing.assert_close(torch.cat([p[key] for p in parts]), batch[key])
 
 
 def test_crop_batch_matches_pil_bilinear_resize_with_a_box():
@@ -70,14 +73,14 @@ def test_crop_batch_matches_pil_bilinear_resize_with_a_box():
     rng = random.Random(0)
     boxes = np.array([random_resized_crop_box(8, 8, rng, (0.6, 1.0), (3 / 4, 4 / 3))
                       for _ in range(16)])
-    ours = memory.crop_batch(images, boxes, np.zeros(16, bool), 8)
+    ours = crop_batch(images, boxes, np.zeros(16, bool), 8)
     pil = torch.stack([torch.from_numpy(np.array(
         Image.fromarray(images[i].permute(1, 2, 0).numpy()).resize(
             (8, 8), Image.BILINEAR, box=tuple(boxes[i])))).permute(2, 0, 1) for i in range(16)])
     assert (ours - pil.float()).abs().max() <= 1.0  # PIL rounds to whole grey levels
     whole = np.tile([0.0, 0.0, 8.0, 8.0], (16, 1))
-    assert torch.equal(memory.crop_batch(images, whole, np.zeros(16, bool), 8), images.float())
-    flipped = memory.crop_batch(images, whole, np.ones(16, bool), 8)
+    assert torch.equal(crop_batch(images, whole, np.zeros(16, bool), 8), images.float())
+    flipped = crop_batch(images, whole, np.ones(16, bool), 8)
     assert torch.equal(flipped, images.float().flip(-1))
 
 

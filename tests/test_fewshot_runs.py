@@ -28,7 +28,7 @@ FAST = ["--model", "mu/4", "--image-size", "8", "--batch-size", "32", "--num-wor
 ARGS = [*FAST, "--steps", "150", "--eval-every", "50", "--ckpt-every", "50", "--keep-ckpts",
         "3", "--dropout", "0.1"]
 SHOTS, SEEDS, STEPS = (1, 5, 10), (0, 1, 2), (50, 100, 150)
-TIMING = {"wall_s", "images_per_s", "tflops", "mfu", "mem_gb"}
+TIMING = set(results.TIMING_KEYS)
 
 
 def train(*args, faults=None, code=0):

@@ -25,7 +25,7 @@ PRE = ["--model", "mu/4", "--image-size", "8", "--batch-size", "32", "--num-work
 FT = ["--image-size", "16", "--steps", "60", "--eval-every", "20", "--num-workers", "0",
       "--no-progress", "--lr", "0.03"]
 ORIENTATIONS = ("horizontal", "vertical", "diagonal", "antidiagonal")
-TIMING = {"wall_s", "images_per_s", "tflops", "mfu", "mem_gb"}
+TIMING = set(results.TIMING_KEYS)
 
 
 def stripes(item):

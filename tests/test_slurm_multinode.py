@@ -17,7 +17,7 @@ import pytest
 
 from launchers.runs import read_job
 from launchers.sweep import main
-from scaling.results import read_final, read_metrics
+from scaling.results import TIMING_KEYS, read_final, read_metrics
 from tests.test_slurm_sweep import alive, finished, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiproc, pytest.mark.slow]
@@ -29,7 +29,7 @@ GRID = ["--preset", "demo", "--sizes", "mu", "--budget-kind", "steps", "--budget
         "--gpus", "4", "--cluster", "slurm", "--time", "20", "--set", "log_every=5",
         "--set", "data_order=global"]
 TIMEOUT_S = 420
-STRIP = ("wall_s", "images_per_s", "tflops", "mfu", "mem_gb")
+STRIP = TIMING_KEYS
 
 
 def nodes_up() -> list[str]:

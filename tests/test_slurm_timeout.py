@@ -18,7 +18,7 @@ import pytest
 from launchers.runs import read_job
 from launchers.slurm import EARLY_S, LEAD_ENV, TrainJob, check_timing, stop_kind
 from launchers.sweep import main
-from scaling.results import read_final, read_metrics
+from scaling.results import TIMING_KEYS, read_final, read_metrics
 from tests.conftest import train_env
 from tests.test_slurm_sweep import alive, wait_for
 
@@ -26,7 +26,7 @@ GRID = ["--preset", "demo", "--sizes", "mu", "--budget-kind", "steps", "--gpus",
         "--cluster", "slurm", "--set", "log_every=100"]
 LEAD = 30
 TRAIN_S = 100  # the run's training time at the calibrated speed
-STRIP = ("wall_s", "images_per_s", "tflops", "mfu", "mem_gb")
+STRIP = TIMING_KEYS
 
 
 def seconds_per_step(data: str, out: Path) -> float:

@@ -13,7 +13,8 @@ from conftest import train_env
 from scaling import results
 from scaling.config import TrainConfig
 from scaling.data import make_builtin_shards
-from scaling.loop import GPU_STOP_POLL, Meter, StepClock, is_stop_boundary, stop_poll_every
+from scaling.loop import GPU_STOP_POLL, is_stop_boundary, stop_poll_every
+from scaling.meter import Meter, StepClock
 
 FAST = ["--model", "mu/4", "--image-size", "8", "--batch-size", "32", "--num-workers", "0",
         "--no-progress", "--steps", "24", "--log-every", "3", "--lr", "3e-3"]
@@ -37,7 +38,7 @@ def checkpoints(out):
 
 def comparable(out):
     """Every logged figure except timings."""
-    timing = {"wall_s", "images_per_s", "tflops", "mfu", "mem_gb"}
+    timing = set(results.TIMING_KEYS)
     return [{k: v for k, v in r.items() if k not in timing} for r in results.read_metrics(out)]
 
 

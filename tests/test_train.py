@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from scaling import results
-from scaling.data import make_builtin_shards, make_eval_loader
+from scaling.data import default_augment, make_builtin_shards, make_eval_loader
+from scaling.data.device import normalize
 from scaling.export import load_exported
 from scaling.flops import forward_macs, training_flops
 from scaling.model import vit_config
@@ -61,7 +62,7 @@ def rows(run_dir, kind=None):
 
 def comparable(run_dir):
     """Every logged figure of a run except timings."""
-    timing = {"wall_s", "images_per_s", "tflops", "mfu", "mem_gb"}
+    timing = set(results.TIMING_KEYS)
     return [{k: v for k, v in r.items() if k not in timing} for r in rows(run_dir)]
 
 
@@ -95,6 +96,11 @@ def test_micro_model_learns_and_follows_schema(digits, tmp_path):
     assert parts["steps"] == pytest.approx((1 - final["overhead_fraction"]) * sum(parts.values()))
     assert min(parts.values()) >= 0 and parts["startup"] > 0 and parts["build"] > 0
     assert parts["eval"] > 0 and parts["export"] > 0 and parts["checkpoint"] > 0
+    # the share of the loop's time spent waiting for batches: per window, and over the run
+    assert all(0 <= r["data_wait_fraction"] <= 1 for r in train_rows)
+    assert 0 <= final["data_wait_fraction"] <= 1
+    assert final["data_wait_fraction"] == pytest.approx(
+        parts["data_wait"] / (parts["data_wait"] + parts["steps"]), rel=1e-9)
     assert json.loads((out / "config.json").read_text())["model"] == "mu/4"
     assert json.loads((out / "plan.json").read_text())["total_steps"] == 100
     # rerunning a finished run does nothing and keeps its results
@@ -134,9 +140,11 @@ def _wait_for_step(out, step, proc, timeout=120):
 
 @pytest.mark.parametrize("sig, in_memory", [(signal.SIGTERM, "off"), (signal.SIGUSR2, "on")])
 def test_interrupt_and_resume_equals_uninterrupted(digits, tmp_path, sig, in_memory):
-    """Streaming and in-memory data (scaling.data.memory) both resume exactly."""
+    """Streaming and in-memory data (scaling.data.memory) both resume exactly, dropout too
+    (it draws from torch's global generator, which a loader must not touch: a DataLoader
+    iterator made at the resume once took a seed from it)."""
     args = [*BASE, "--data", digits, "--steps", "200", "--log-every", "7", "--eval-every", "50",
-            "--ckpt-every", "40", "--drop-path", "0.1", "--mixup-alpha", "0.2",
+            "--ckpt-every", "40", "--drop-path", "0.1", "--dropout", "0.1", "--mixup-alpha", "0.2",
             "--label-smoothing", "0.1", "--in-memory", in_memory]
     train([*args, "--out", str(tmp_path / "ref")])
     out = tmp_path / "int"
@@ -217,7 +225,8 @@ def test_zero3_export_loads_without_deepspeed(digits, tmp_path):
     with torch.no_grad():
         for batch in make_eval_loader(digits, image_size=16, batch_size=64, rank=0,
                                       world_size=1, num_workers=0):
-            hits += (model(batch["image"]).argmax(1) == batch["label"]).sum().item()
+            images = normalize(batch["image"], default_augment("digits"))
+            hits += (model(images).argmax(1) == batch["label"]).sum().item()
             total += len(batch["label"])
     assert total == 180
     assert hits / total == final["final_top1"]

@@ -10,18 +10,28 @@ It writes, under OUT:
     throughput.jsonl   training-step rows (scaling.bench schema): Ti/S/B/L-16 at 224 px, bf16,
                        ours vs transformers-sdpa and vs timm, eager and torch.compile; B/16
                        through the DeepSpeed engine at ZeRO 0 and 2 next to bare PyTorch
-    loader.jsonl       a short real training run from 224 px JPEG shards with 8 loader workers:
-                       data-wait share and images/s (from the run's final.json)
+    inputs.jsonl       the input path (scaling.bench.input_grid): short real runs of S/16 and
+                       B/16 with the DeiT recipe from 224 px JPEG shards, JPEGs decoded in
+                       the loader's 8 workers or on the GPU (nvJPEG), eager or compiled:
+                       steady images/s, MFU, data_wait_fraction, compile seconds
     fork.jsonl         a local sweep next to CUDA: whether the fork server started or the
                        sweep fell back to one process per rank, and that the run finished
     stages.jsonl       one row per stage: name, status (ok / failed / skipped), seconds, reason
     report.txt         the short table printed last
 
-The device machine has torch, timm, transformers and pandas but not DeepSpeed, webdataset or
-submitit, and no network. `--fetch-wheels DIR` (run here, where pip reaches PyPI) downloads
-or builds every missing wheel into DIR, DeepSpeed as a pure-Python wheel whose ops are left to
-JIT; on the device, `--wheels DIR` installs them into a temporary site dir first. The command
-for one call of the device tool is in docs/benchmarks.md ("GPU").
+Order and estimated seconds on an H100 (not yet measured): env ~15, B/16 vs transformers ~25,
+fork ~35, the input grid ~350 (input_grid's doc: ~20 per eager run, ~95 per cold and ~35 per
+warm compiled run), then L/16 vs transformers ~30, ZeRO 0 and 2 ~30 each, timm, compiled
+B/16 and L/16 (~120-150 each), Ti/S. The 480 s default reaches into that last group only
+(about ZeRO 0); the input grid, the point of issue 24, goes before the older throughput
+stages, which had not fitted in 480 s together anyway (15 minutes of device time a session,
+the machine's start included: 8 minutes leave room for a partial rerun).
+
+The device machine has torch, torchvision, timm, transformers and pandas but not DeepSpeed,
+webdataset or submitit, and no network. `--fetch-wheels DIR` (run here, where pip
+reaches PyPI) downloads or builds every missing wheel into DIR, DeepSpeed as a pure-Python wheel
+whose ops are left to JIT; on the device, `--wheels DIR` installs them into a temporary site dir
+first. The command for one call of the device tool is in docs/benchmarks.md ("GPU").
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,8 +54,7 @@ TOY_SIZE = ("mu/4", 4)  # --dry-run: every stage, seconds on a CPU
 # What the device image lacks (docs/benchmarks.md): carried as wheels. DeepSpeed's own
 # requirements there: hjson, pydantic (with pydantic-core, annotated-types,
 # typing-inspection, a recent typing-extensions); webdataset's: braceexpand. Fetched without
-# their other dependencies, which the image has (numpy, torch, ...): a second copy would shadow
-# the image's own.
+# their other dependencies, which the image has (numpy, torch, ...): a second copy would shadow the image's own.
 MISSING_WHEELS = ("deepspeed==0.19.8", "hjson", "pydantic", "pydantic-core",
                   "annotated-types", "typing-inspection", "typing-extensions", "webdataset",
                   "braceexpand", "submitit")
@@ -58,9 +68,11 @@ class Stages:
         self.deadline = time.monotonic() + budget_s
         self.rows: list[dict] = []
 
-    def run(self, name: str, cmd: list[str], *, min_s: float = 20.0) -> bool:
-        """Run `cmd` if at least `min_s` of the budget is left; its output is appended to
-        OUT/stages.log (one file: the device tool brings back at most 8)."""
+    def run(self, name: str, cmd: list[str], *, min_s: float = 20.0,
+            env: dict | None = None) -> bool:
+        """Run `cmd` (with `env` added to the stages' environment) if at least `min_s` of the
+        budget is left; its output is appended to OUT/stages.log (one file: the device tool
+        brings back at most 8)."""
         left = self.deadline - time.monotonic()
         if left < min_s:
             return self.record(name, "skipped", 0.0, f"{left:.0f} s of the budget left")
@@ -69,8 +81,9 @@ class Stages:
             log.write(f"== {name} == {' '.join(cmd)}\n")
             log.flush()
             try:
-                rc = subprocess.run(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                    timeout=left, check=False).returncode
+                rc = subprocess.run(cmd, env={**self.env, **(env or {})}, stdout=log,
+                                    stderr=subprocess.STDOUT, timeout=left,
+                                    check=False).returncode
             except subprocess.TimeoutExpired:
                 return self.record(name, "failed", time.monotonic() - t0, "out of budget")
         reason = None if rc == 0 else f"exit {rc} (stages.log)"
@@ -179,33 +192,29 @@ def run_throughput(stages: Stages, planned: list[tuple[str, list[str], float]]) 
 
 
 
-def run_loader(stages: Stages, work: Path, dry_run: bool) -> None:
-    """A short real run from JPEG shards made on the spot (shapes at 256 px, stored as JPEG):
-    does the loader feed the GPU? Its final.json says how long the run waited for data."""
-    data, run = work / "shapes-jpg", work / "loader-run"
-    size, samples, workers = (32, 256, 2) if dry_run else (256, 6000, 8)
-    made = stages.run("loader-shards", [
-        sys.executable, "-m", "scaling.data.make_shards", "--from", "shapes", "--out", str(data),
-        "--image-size", str(size), "--format", "jpg", "--num-samples", str(samples),
-        "--workers", str(workers)], min_s=30)
-    train = (["--model", "mu/4", "--image-size", "16", "--batch-size", "8", "--steps", "6"]
-             if dry_run else ["--model", "B/16", "--image-size", "224", "--batch-size", "256",
-                              "--steps", "60", "--precision", "bf16"])
-    if not made or not stages.run("loader-run", [
-            sys.executable, "-m", "scaling.train", *train, "--data", str(data), "--out",
-            str(run), "--num-workers", str(workers), "--in-memory", "off", "--log-every", "10",
-            "--no-progress"], min_s=60):
+def run_inputs(stages: Stages, work: Path, dry_run: bool) -> None:
+    """The input-path grid (scaling.bench.input_grid): JPEG shards made here, then one short
+    DeiT-recipe run per cell, each summarised as a row of OUT/inputs.jsonl."""
+    from scaling.bench import input_grid  # after --wheels: it imports webdataset (scaling.data)
+
+    data, cache = work / "shapes-jpg", work / "inductor-cache"
+    shutil.rmtree(cache, ignore_errors=True)  # each size's first compiled run compiles cold
+    if not stages.run("inputs-shards", [
+            sys.executable, "-m", "scaling.data.make_shards",
+            *input_grid.shard_args(data, dry_run, min(16, os.cpu_count() or 1))], min_s=30):
         return
-    final = json.loads((run / "final.json").read_text())
-    parts, wall = final["overhead_breakdown_s"], final["wall_hours"] * 3600
-    steps_s = parts["steps"] + parts["data_wait"]  # the training loop proper
-    _append(stages.out / "loader.jsonl", {
-        "kind": "loader", "model": final["model"], "workers": workers, "image_size": size,
-        "steps": final["steps"], "images": final["images_seen"],
-        "data_wait_s": parts["data_wait"], "loop_s": steps_s,
-        "data_wait_fraction": parts["data_wait"] / steps_s if steps_s else None,
-        "images_per_s": final["images_seen"] / steps_s if steps_s else None,
-        "wall_s": wall, "breakdown_s": parts, "status": final["status"]})
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton"),
+           "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+    for cell in input_grid.cells(dry_run):
+        run = work / cell.name.replace("/", "")
+        shutil.rmtree(run, ignore_errors=True)  # a reused --work-dir: never resume a run
+        try:  # a bug here costs this cell, not the stages after it
+            if stages.run(cell.name, [sys.executable, "-m", "scaling.train",
+                                      *input_grid.train_args(cell, data, run, dry_run)],
+                          min_s=cell.min_s, env=env):
+                _append(stages.out / "inputs.jsonl", input_grid.summarise(cell, run, dry_run))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            stages.record(cell.name + "-row", "failed", 0.0, f"{type(e).__name__}: {e}")
 
 
 def run_fork(stages: Stages, work: Path) -> None:
@@ -266,9 +275,10 @@ def report(out: Path, stages: Stages, dry_run: bool) -> str:
         lines.append(f"{r['model']:>7} {r['impl']:>12} {r['engine']:>9} {r['zero']:>4} "
                      f"{r['compile']!s:>7} {r['batch_size']:>5} {r['images_per_s']:>9.1f} "
                      f"{r['tflops']:>8.2f} {mfu:>6} {r['mem_gb'] or 0:>7.2f}")
-    for r in _rows(out / "loader.jsonl"):
-        lines.append(f"loader: {r['model']} with {r['workers']} workers, {r['images_per_s']:.0f} "
-                     f"img/s, data wait {r['data_wait_fraction']:.1%} of the loop")
+    if (out / "inputs.jsonl").exists():
+        from scaling.bench.input_grid import report_lines  # (run_inputs says why not at the top)
+
+        lines += report_lines(_rows(out / "inputs.jsonl"))
     for r in _rows(out / "fork.jsonl"):
         lines.append(f"fork server next to CUDA: sweep ok {r['sweep_ok']}, fell back to "
                      f"processes {r['fell_back']}, runs {r['finals']}")
@@ -333,10 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     if "timm" not in peers:
         stages.record("timm-peer", "skipped", 0.0, "timm is not installed here")
     planned = plan(args.dry_run, peers)
-    run_throughput(stages, planned[:4])  # B/16 and L/16 vs transformers; ZeRO 0 and 2
-    run_loader(stages, work, args.dry_run)
+    run_throughput(stages, planned[:1])  # B/16 vs transformers
     run_fork(stages, work)
-    run_throughput(stages, planned[4:])  # timm, compiled, Ti/S
+    run_inputs(stages, work, args.dry_run)  # the input path: decode, compile, data wait
+    run_throughput(stages, planned[1:])  # L/16, ZeRO 0 and 2, timm, compiled, Ti/S
     print(report(out, stages, args.dry_run), end="")
     return 1 if any(r["status"] == "failed" for r in stages.rows) else 0
 

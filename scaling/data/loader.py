@@ -21,6 +21,10 @@ early (a damaged tar header) or cannot be read raises DataError naming it, stric
 
 Evaluation splits the val shards over ranks (and workers); with fewer shards than ranks it splits
 samples by index modulo (ranks x workers) instead. Every sample is seen once, none padded.
+
+Batches are uint8 (B, 3, H, W): a quarter of float32's bytes through the worker queues and the
+copy to the device, where scaling.data.device normalises and mixes. With decode_on="device" the
+workers read only each image's header, draw its crop and flip, and hand over the encoded bytes.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from scaling.data.samples import (
     stream_seed,
 )
 from scaling.data.shardread import checked_samples
-from scaling.data.transforms import Augment, to_tensor_batch
+from scaling.data.transforms import Augment, collate_uint8
 
 SHUFFLE_BUFFER, SHUFFLE_INITIAL = 5000, 1000  # open_clip's _SAMPLE_SHUFFLE_SIZE / _INITIAL
 
@@ -56,10 +60,18 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if w is None else (w.id, w.num_workers)
 
 
-def _batch(images: list, labels: list, keys: list, skipped: int, aug: Augment) -> dict:
-    """Collate decoded samples into the batch dict of the data contract."""
-    return {"image": to_tensor_batch(images, aug),
-            "label": torch.tensor(labels, dtype=torch.int64), "skipped": skipped, "key": keys}
+def _batch(items: list, labels: list, keys: list, skipped: int) -> dict:
+    """Collate what Decode.item made into the batch dict of the data contract: "image" uint8
+    (B, 3, H, W), or with --decode-on device "jpeg" (encoded bytes), "crop_box" (B, 4) float64
+    in stored-image pixels and "flip" (B,) bool, for scaling.data.device to decode."""
+    batch = {"label": torch.tensor(labels, dtype=torch.int64), "skipped": skipped, "key": keys}
+    if items and isinstance(items[0], tuple):
+        batch["jpeg"] = [data for data, _, _ in items]
+        batch["crop_box"] = torch.tensor([box for _, box, _ in items], dtype=torch.float64)
+        batch["flip"] = torch.tensor([flip for _, _, flip in items], dtype=torch.bool)
+    else:
+        batch["image"] = collate_uint8(items)
+    return batch
 
 
 def _resampled_urls(urls: list[str], rng: random.Random) -> Iterator[str]:
@@ -119,7 +131,7 @@ class _TrainStream(_Stream):
         images, labels, keys = [], [], []
         for sample in raw:
             label = self.decode.label(sample)
-            image = self.decode.image(sample, rng) if label is not None else None
+            image = self.decode.item(sample, rng) if label is not None else None
             if image is not None:
                 images.append(image), labels.append(label), keys.append(sample["__key__"])
         skipped = len(raw) - len(images)
@@ -128,7 +140,7 @@ class _TrainStream(_Stream):
                             f"{raw[-1].get('__url__') if raw else None})")
         for k in range(skipped):  # keep the batch size fixed (see module doc)
             images.append(images[k]), labels.append(labels[k]), keys.append(keys[k])
-        return _batch(images, labels, keys, skipped, self.decode.augment)
+        return _batch(images, labels, keys, skipped)
 
 
 def _eval_plan(shards: list[str], rank: int, world: int, wid: int,
@@ -169,35 +181,39 @@ class _EvalStream(_Stream):
         pending, images, labels, keys, skipped = None, [], [], [], 0
         for sample in mine:
             label = self.decode.label(sample)
-            image = self.decode.image(sample, None) if label is not None else None
+            image = self.decode.item(sample, None) if label is not None else None
             if image is None:
                 skipped += 1
                 continue
             images.append(image), labels.append(label), keys.append(sample["__key__"])
             if len(images) == self.batch_size:
                 if pending:
-                    yield _batch(*pending, self.decode.augment)
+                    yield _batch(*pending)
                 pending, images, labels, keys, skipped = (images, labels, keys, skipped), [], [], \
                     [], 0
         if images:
             if pending:
-                yield _batch(*pending, self.decode.augment)
+                yield _batch(*pending)
             pending = (images, labels, keys, skipped)
         elif pending:  # corrupt samples after the last full batch are counted in it
             pending = pending[:3] + (pending[3] + skipped,)
         elif skipped:  # only corrupt samples: an empty batch carries the count
             size = self.decode.image_size
-            yield {"image": torch.empty(0, 3, size, size), "skipped": skipped, "key": [],
-                   "label": torch.empty(0, dtype=torch.int64)}
+            yield {"image": torch.empty(0, 3, size, size, dtype=torch.uint8), "key": [],
+                   "skipped": skipped, "label": torch.empty(0, dtype=torch.int64)}
         if pending:
-            yield _batch(*pending, self.decode.augment)
+            yield _batch(*pending)
 
 
 def _batches(dataset: _Stream, num_workers: int, pin_memory: bool | None) -> Iterator[dict]:
     """Batches from a DataLoader whose workers assemble them (batch_size=None)."""
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    # A DataLoader iterator draws its workers' base seed from `generator`, torch's global one
+    # when None: a resumed run makes an iterator where the uninterrupted one did not, and its
+    # dropout masks would then differ. The streams seed themselves (module doc), so a private
+    # generator changes nothing else.
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin,
-                        persistent_workers=False, in_order=True)
+                        persistent_workers=False, in_order=True, generator=torch.Generator())
     for batch in loader:
         if "error" in batch:
             raise DataError(batch["error"])
@@ -265,10 +281,12 @@ def make_train_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int,
                       samples_per_epoch: int | None = None, strict: bool = False,
                       augment: Augment | None = None, shuffle_buffer: int = SHUFFLE_BUFFER,
                       split: str = "train", pin_memory: bool | None = None,
-                      steps_per_epoch: int | None = None) -> TrainLoader:
+                      steps_per_epoch: int | None = None,
+                      decode_on: str = "workers") -> TrainLoader:
     """Training loader of the data contract; `batch_size` is per rank. An epoch is
     `steps_per_epoch` batches when given (training passes its TrainPlan's), else
-    ceil(samples_per_epoch / (batch_size x world_size)) (default: the split's size)."""
+    ceil(samples_per_epoch / (batch_size x world_size)) (default: the split's size).
+    decode_on="device": batches carry encoded images with their drawn crops (`_batch`)."""
     check_loader_args(batch_size, rank, world_size, num_workers, image_size)
     if shuffle_buffer < 1:
         raise ValueError(f"shuffle_buffer={shuffle_buffer}; expected >= 1")
@@ -277,7 +295,7 @@ def make_train_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int,
     steps = epoch_length(sp.num_samples, batch_size, world_size, samples_per_epoch,
                          steps_per_epoch)
     shuffle_buffer = min(shuffle_buffer, sp.num_samples)  # a bigger buffer only holds repeats
-    decode = make_decode(info, image_size, augment, strict)
+    decode = make_decode(info, image_size, augment, strict, decode_on)
     return TrainLoader(shard_counts(sp), decode, batch_size=batch_size, steps_per_epoch=steps,
                        rank=rank, seed=seed, num_workers=num_workers,
                        shuffle_buffer=shuffle_buffer, pin_memory=pin_memory)
@@ -286,13 +304,14 @@ def make_train_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int,
 def make_eval_loader(info: DatasetInfo | str | os.PathLike, *, image_size: int, batch_size: int,
                      rank: int, world_size: int, num_workers: int = 2, strict: bool = False,
                      split: str = "val", augment: Augment | None = None,
-                     pin_memory: bool | None = None) -> EvalLoader:
-    """Evaluation loader of the data contract: over all ranks, every sample of `split` once."""
+                     pin_memory: bool | None = None, decode_on: str = "workers") -> EvalLoader:
+    """Evaluation loader of the data contract: over all ranks, every sample of `split` once
+    (encoded, for the device to decode, with decode_on="device")."""
     check_loader_args(batch_size, rank, world_size, num_workers, image_size)
     info = as_info(info)
     sp = info.split(split)
     counts = [s.num_samples for s in sp.shards]
-    decode = make_decode(info, image_size, augment, strict)
+    decode = make_decode(info, image_size, augment, strict, decode_on)
     stream = _EvalStream(sp.urls, counts, decode, batch_size=batch_size, rank=rank,
                          world_size=world_size)
     return EvalLoader(stream, rank_eval_samples(counts, rank, world_size), num_workers,

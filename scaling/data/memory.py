@@ -12,11 +12,13 @@ the run reads the split at least once (`use_memory`).
   world_size images; rank r takes its slice of each. Global batch k, augmentation included,
   depends on (seed, epoch, k) only: a resume at step k is exact, and the run does not depend on
   the world size (nor on data_order). The random-resized crop boxes and flips follow the
-  streaming loader's algorithm (`random_resized_crop_boxes`, vectorised), then one bilinear
-  `grid_sample` applies them to the whole batch: the sampling geometry of PIL's bilinear
-  resize with a box (output pixel centres mapped into the box), without PIL's antialiasing
-  when a crop is shrunk (crops of small images are enlarged: there the two agree to within
-  one grey level, tests/test_data_memory.py).
+  streaming loader's algorithm (`random_resized_crop_boxes`, vectorised); a batch holds the
+  stored uint8 images with their boxes and flips ("crop_box", "flip"), and on the training
+  device one bilinear `grid_sample` applies them to the whole batch
+  (scaling.data.device.crop_batch): the sampling geometry of PIL's bilinear resize with a box
+  (output pixel centres mapped into the box), without PIL's antialiasing when a crop is
+  shrunk (crops of small images are enlarged: there the two agree to within one grey level,
+  tests/test_data_memory.py).
 - Eval: the deterministic centre crop is PIL's (`decode_crop`, as streaming), computed once;
   rank r evaluates samples r, r + world_size, ... (every sample once over all ranks).
 - A corrupt image or label is skipped when the split is read (DataError when strict); the
@@ -27,14 +29,12 @@ the run reads the split at least once (`use_memory`).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from scaling.data.info import DataError, DatasetInfo
 from scaling.data.loader import epoch_length
@@ -102,19 +102,6 @@ def read_split(info: DatasetInfo, split: str, decode: Decode, *, crop: bool
     return pixels, torch.tensor(labels, dtype=torch.int64), keys, skipped
 
 
-def normalize(images: torch.Tensor, aug: Augment) -> torch.Tensor:
-    """uint8 or float (B, 3, H, W) in 0..255 -> float32 normalised by the augment's mean/std."""
-    mean, inv_std = _stats(aug)
-    return (images.float() - mean) * inv_std
-
-
-@functools.lru_cache(maxsize=8)
-def _stats(aug: Augment) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(aug.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    std = torch.tensor(aug.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    return mean, 1 / std
-
-
 def random_resized_crop_boxes(n: int, width: int, height: int, rng: np.random.Generator,
                               scale: tuple, ratio: tuple, tries: int = 10) -> np.ndarray:
     """(n, 4) crop boxes (x0, y0, x1, y1): `random_resized_crop_box`'s algorithm (10 tries at
@@ -134,24 +121,6 @@ def random_resized_crop_boxes(n: int, width: int, height: int, rng: np.random.Ge
     boxes = np.stack([x0, y0, x0 + w, y0 + h], axis=1)
     boxes[~found] = fallback
     return boxes
-
-
-def crop_batch(images: torch.Tensor, boxes: np.ndarray, flips: np.ndarray,
-               size: int) -> torch.Tensor:
-    """Crop each image to its box (x0, y0, x1, y1 in pixel-edge coordinates), resize it to
-    size x size bilinearly, and mirror it where flips says: one grid_sample for the batch."""
-    n, _, h, w = images.shape
-    box = np.asarray(boxes, dtype=np.float32)  # (B, 4); the grid is built in numpy (fast here)
-    centres = (np.arange(size, dtype=np.float32) + 0.5) / size  # output pixel centres
-    xs = box[:, :1] + centres * (box[:, 2:3] - box[:, :1])  # (B, size), source x
-    ys = box[:, 1:2] + centres * (box[:, 3:4] - box[:, 1:2])
-    xs = np.where(np.asarray(flips, dtype=bool)[:, None], xs[:, ::-1], xs)
-    # grid_sample with align_corners=False: -1 and 1 are the outer edges of the image
-    grid = np.empty((n, size, size, 2), dtype=np.float32)
-    grid[..., 0] = (2 * xs / w - 1)[:, None, :]
-    grid[..., 1] = (2 * ys / h - 1)[:, :, None]
-    return F.grid_sample(images.float(), torch.from_numpy(grid), mode="bilinear",
-                         padding_mode="border", align_corners=False)
 
 
 class MemoryTrainLoader:
@@ -193,8 +162,9 @@ class MemoryTrainLoader:
             boxes = random_resized_crop_boxes(per_step, w, h, rng, aug.scale, aug.ratio)
             flips = (rng.random(per_step) < 0.5) & aug.hflip
             idx = order[k * per_step:(k + 1) * per_step][mine]
-            images = crop_batch(self.images[idx], boxes[mine], flips[mine], self.image_size)
-            yield {"image": normalize(images, aug), "label": self.labels[idx],
+            yield {"image": self.images[idx], "label": self.labels[idx],
+                   "crop_box": torch.from_numpy(boxes[mine]),
+                   "flip": torch.from_numpy(flips[mine]),
                    # every rank read the whole split: rank 0 reports its skips, once
                    "skipped": self.skipped if (epoch, k, self.rank) == (0, 0, 0) else 0,
                    "key": [self.keys[i] for i in idx.tolist()]}
@@ -214,7 +184,7 @@ class MemoryEvalLoader:
     def __iter__(self) -> Iterator[dict]:
         for i, lo in enumerate(range(0, max(self.num_samples, 1), self.batch_size)):
             sl = slice(lo, lo + self.batch_size)
-            yield {"image": normalize(self.images[sl], self.augment), "label": self.labels[sl],
+            yield {"image": self.images[sl], "label": self.labels[sl],
                    "skipped": self.skipped if i == 0 else 0, "key": self.keys[sl]}
 
 

@@ -21,7 +21,7 @@ from scaling.data.info import (
     SplitInfo,
     load_dataset_info,
 )
-from scaling.data.transforms import Augment, decode_crop, default_augment
+from scaling.data.transforms import Augment, decode_crop, default_augment, plan_crop
 
 IMAGE_KEYS = DEFAULT_IMAGE_KEYS
 JPEG_DRAFT_ENV = "VIT_SCALING_JPEG_DRAFT"
@@ -82,6 +82,9 @@ class Decode:
     # JPEGs at reduced DCT scale where the crop allows (scaling.data.jpeg); rows are cut to the
     # crop's reach except when strict, which must notice damage anywhere in an image
     jpeg_draft: bool = True
+    # --decode-on device: the workers only read the header, draw the crop and flip, and hand
+    # over the encoded bytes (`encoded`); the training process decodes (scaling.data.device)
+    on_device: bool = False
 
     def label(self, sample: dict) -> int | None:
         """The class index of a raw sample; None if missing or unreadable (a damaged sample:
@@ -105,6 +108,19 @@ class Decode:
         return self._decoded(sample, lambda data: decode_crop(
             data, self.image_size, rng=rng, aug=self.augment, draft=self.jpeg_draft,
             rows=not self.strict))
+
+    def encoded(self, sample: dict, rng: random.Random | None
+                ) -> tuple[bytes, tuple[float, ...], bool] | None:
+        """(encoded bytes, crop box, flip) with the draws `image` makes, from the header
+        alone; None when the header does not parse (DataError when strict). Damage past the
+        header shows only when the device decodes it (scaling.data.device)."""
+        def header(data: bytes):
+            return (data, *plan_crop(*Image.open(io.BytesIO(data)).size, rng, self.augment))
+        return self._decoded(sample, header)
+
+    def item(self, sample: dict, rng: random.Random | None):
+        """What a worker hands on for one sample: `encoded` when on_device, else `image`."""
+        return self.encoded(sample, rng) if self.on_device else self.image(sample, rng)
 
     def stored_image(self, sample: dict) -> np.ndarray | None:
         """The (H, W, 3) uint8 image as stored, uncropped; None for a corrupt one."""
@@ -136,11 +152,18 @@ def jpeg_draft_setting(environ=os.environ) -> bool:
     return value == "1"
 
 
+DECODE_ON = ("workers", "device")
+
+
 def make_decode(info: DatasetInfo, image_size: int, augment: Augment | None,
-                strict: bool) -> Decode:
-    """The Decode of a dataset: its classes, transform defaults and sample keys."""
+                strict: bool, decode_on: str = "workers") -> Decode:
+    """The Decode of a dataset: its classes, transform defaults and sample keys; decode_on
+    "device" makes the workers hand over encoded bytes (Decode.on_device)."""
+    if decode_on not in DECODE_ON:
+        raise ValueError(f"decode_on={decode_on!r}; expected one of {DECODE_ON}")
     return Decode(image_size, info.num_classes, augment or default_augment(info.source), strict,
-                  info.image_keys, info.label_key, jpeg_draft_setting())
+                  info.image_keys, info.label_key, jpeg_draft_setting(),
+                  on_device=decode_on == "device")
 
 
 def shard_counts(split: SplitInfo) -> dict[str, int]:

@@ -4,7 +4,10 @@ Train: random-resized-crop + optional horizontal flip; eval: resize + centre cro
 `Image.resize(..., box=...)` call on an image decoded only as far as the box needs
 (scaling.data.jpeg): a JPEG at 1/2, 1/4 or 1/8 DCT scale (`Image.draft`) whenever the box still
 has at least the output resolution there, and only down to the last row the resize reads.
-Normalisation happens once per batch (`to_tensor_batch`), not per image.
+The box and flip are drawn from the stored size alone (`plan_crop`), so a worker can hand the
+encoded bytes with them to the training device, which decodes there (scaling.data.device).
+Batches leave the loaders as uint8 (`collate_uint8`); float conversion, normalisation and
+mixup/cutmix happen on the training device (scaling.data.device).
 """
 
 from __future__ import annotations
@@ -106,49 +109,57 @@ def center_crop_box(width: int, height: int, crop_pct: float) -> tuple[float, ..
     return x0, y0, x0 + side, y0 + side
 
 
-def decode_crop(data: bytes, size: int, *, rng: random.Random | None, aug: Augment,
-                draft: bool = True, rows: bool = True) -> np.ndarray:
-    """Decode an encoded image and crop/resize it to (size, size, 3) uint8: a random-resized crop
-    and flip when `rng` is given (train), else the centre crop (eval). The box is drawn in the
-    stored image's coordinates first; then a JPEG is decoded at reduced DCT scale (`draft`) and
-    only down to the rows the resize reads (`rows`, bit-exact), scaling.data.jpeg."""
-    img = Image.open(io.BytesIO(data))  # reads the header only
-    w, h = img.size
+def plan_crop(width: int, height: int, rng: random.Random | None,
+              aug: Augment) -> tuple[tuple[float, ...], bool]:
+    """(crop box in stored-image coordinates, mirror or not) of an image of the stored size:
+    a random-resized crop, then a flip draw, when `rng` is given (train), else the centre
+    crop and no flip (eval). The draws depend on the size only, never on the pixels."""
     if rng is None:
-        box = center_crop_box(w, h, aug.crop_pct)
-    else:
-        box = random_resized_crop_box(w, h, rng, aug.scale, aug.ratio)
+        return center_crop_box(width, height, aug.crop_pct), False
+    box = random_resized_crop_box(width, height, rng, aug.scale, aug.ratio)
+    return box, bool(aug.hflip and rng.random() < 0.5)
+
+
+def apply_crop(img: Image.Image, data: bytes, box: tuple[float, ...], flip: bool, size: int,
+               aug: Augment, *, draft: bool = True, rows: bool = True) -> np.ndarray:
+    """`img` (opened from `data`, not loaded yet) cropped to `box`, resized to (size, size, 3)
+    uint8 and mirrored when `flip`; a JPEG decoded at reduced DCT scale (`draft`) and only down
+    to the rows the resize reads (`rows`, bit-exact), scaling.data.jpeg."""
     resample = RESAMPLE[aug.interpolation]
     img, box = reduce_for_box(img, data, box, size, resample, draft=draft, rows=rows)
     if img.mode != "RGB":
         img = img.convert("RGB")
     img = img.resize((size, size), resample, box=box)
-    if rng is not None and aug.hflip and rng.random() < 0.5:
+    if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(img)
 
 
-def _empty(shape: tuple[int, ...]) -> torch.Tensor:
-    """A float32 tensor; in a DataLoader worker it lives in shared memory from the start, so
-    sending it to the main process needs no copy (as torch's default_collate does)."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
-    return torch.tensor([], dtype=torch.float32).set_(storage).view(shape)
+def decode_crop(data: bytes, size: int, *, rng: random.Random | None, aug: Augment,
+                draft: bool = True, rows: bool = True) -> np.ndarray:
+    """Decode an encoded image and crop/resize it to (size, size, 3) uint8: a random-resized crop
+    and flip when `rng` is given (train), else the centre crop (eval): `plan_crop` on the
+    header's size, then `apply_crop`."""
+    img = Image.open(io.BytesIO(data))  # reads the header only
+    box, flip = plan_crop(*img.size, rng, aug)
+    return apply_crop(img, data, box, flip, size, aug, draft=draft, rows=rows)
 
 
-def to_tensor_batch(images: list[np.ndarray], aug: Augment) -> torch.Tensor:
-    """(H, W, 3) uint8 arrays -> normalised float32 (B, 3, H, W). Each image is converted,
-    transposed and normalised while it is in cache (2 passes over 0.6 MB, not 3 over the batch);
-    numpy reads the read-only PIL arrays without a copy or a warning."""
+def collate_uint8(images: list[np.ndarray]) -> torch.Tensor:
+    """(H, W, 3) uint8 arrays -> one contiguous uint8 (B, 3, H, W) tensor. In a DataLoader
+    worker it lives in shared memory from the start, so sending it to the main process needs
+    no further copy (as torch's default_collate does); numpy reads the read-only PIL arrays
+    without a copy or a warning."""
     h, w, _ = images[0].shape
-    out = _empty((len(images), 3, h, w))
+    shape = (len(images), 3, h, w)
+    if get_worker_info() is None:
+        out = torch.empty(shape, dtype=torch.uint8)
+    else:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape))
+        out = torch.tensor([], dtype=torch.uint8).set_(storage).view(shape)
     view = out.numpy()
-    mean = (np.asarray(aug.mean, dtype=np.float32) * 255).reshape(3, 1, 1)
-    inv_std = (1 / (np.asarray(aug.std, dtype=np.float32) * 255)).reshape(3, 1, 1)
     for k, image in enumerate(images):
-        np.subtract(image.transpose(2, 0, 1), mean, out=view[k], dtype=np.float32)
-        view[k] *= inv_std
+        np.copyto(view[k], image.transpose(2, 0, 1))
     return out
 
 
