@@ -28,7 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis import load, load_reference
+from analysis.cache import RACY_S
+from analysis.parse_pool import default_workers
 from analysis.synthetic import SIZES, isoflop_error, write_bench
+from scaling.flops import flops_for_images
 from scaling.results import append_metrics, write_json
 
 BUDGETS = tuple(10.0 ** e for e in np.linspace(18, 20, 10))
@@ -39,7 +43,7 @@ def train_line(step: int, images: int, macs: float, wall: float, loss: float, lr
     """A train row in the byte form scaling.results.append_metrics writes (json.dumps with
     sort_keys=True: floats by repr, None as null), without the cost of json.dumps."""
     ips = 256 / 0.37
-    return (f'{{"epoch": {images / 1.28e6!r}, "flops_seen": {6.0 * macs * images!r}, '
+    return (f'{{"epoch": {images / 1.28e6!r}, "flops_seen": {flops_for_images(macs, images)!r}, '
             f'"images_per_s": {ips!r}, "images_seen": {images!r}, "kind": "train", '
             f'"loss": {loss!r}, "lr": {lr!r}, "mem_gb": 11.25, '
             f'"mfu": {"null" if mfu is None else repr(mfu)}, "skipped_samples": 0, '
@@ -49,7 +53,7 @@ def train_line(step: int, images: int, macs: float, wall: float, loss: float, lr
 def eval_row(step: int, images: int, macs: float, wall: float, err: float) -> dict:
     """An eval row (written with json.dumps(sort_keys=True), as append_metrics does)."""
     return {"kind": "eval", "step": step, "epoch": images / 1.28e6, "images_seen": images,
-            "flops_seen": 6.0 * macs * images, "wall_s": wall, "loss": 2.5 * err,
+            "flops_seen": flops_for_images(macs, images), "wall_s": wall, "loss": 2.5 * err,
             "top1": 1.0 - err, "top5": 1.0 - err / 3, "num_samples": 50_000}
 
 
@@ -60,7 +64,7 @@ def metrics_text(params: float, macs: float, budget: float, rows: int, eval_ever
     analysis.synthetic's IsoFLOP law, worse away from lr 1e-3, with one log-normal draw per call
     (a seed's luck)."""
     total = start_step + max(1, rows - rows // eval_every)  # steps at the end
-    batch = max(1.0, budget / (6.0 * macs * total))
+    batch = max(1.0, budget / flops_for_images(macs, total))
     luck = math.exp(rng.normal(0.0, 0.01)) * (1 + 0.02 * math.log2(lr / 1e-3) ** 2)
     lines, evals, step = [], [], start_step
     for i in range(1, rows + 1):
@@ -71,7 +75,7 @@ def metrics_text(params: float, macs: float, budget: float, rows: int, eval_ever
                                     1e-3 / step, None if step % 2 else 0.4125))
             continue
         images = round(step * batch)
-        err = float(isoflop_error(params, 6.0 * macs * max(images, 1)))
+        err = float(isoflop_error(params, flops_for_images(macs, max(images, 1))))
         err = min(0.999, err * (1 + 0.1 * (1 - step / total)) * luck)
         evals.append(eval_row(step, images, macs, step * 0.37, err))
         lines.append(json.dumps(evals[-1], sort_keys=True) + "\n")
@@ -173,17 +177,12 @@ def _same(a, b) -> str:
 
 def _settle(tree: Path) -> None:
     """Wait until the newest file is older than the cache's racy window (analysis.cache)."""
-    from analysis.cache import RACY_S
-
     newest = max(os.stat(p).st_ctime for p in tree.rglob("metrics.jsonl"))
     time.sleep(max(0.0, newest + RACY_S + 0.1 - time.time()))
 
 
 def _loads(tree: Path, cache: Path):
     """The loads: reference, new without cache (1 process, then workers), cold, warm."""
-    from analysis import load, load_reference
-    from analysis.parse_pool import default_workers
-
     ref_s, ref = _timed(load_reference.load_results, tree)
     _line("load, reference (json.loads every line)", ref_s)
     one_s, one = _timed(load.load_results, tree, workers=1)
@@ -216,7 +215,7 @@ def _cli(tree: Path, out: Path, cache: Path, n_boot: int) -> float:
 
 def measure(out: Path, args) -> None:
     """Time every step and print it (see the module docstring)."""
-    from analysis import load_reference, report
+    from analysis import report  # late: matplotlib, which analysis.bench_status never needs
 
     tree, cache, fig = out / "results", out / "cache", out / "fig"
     shutil.rmtree(cache, ignore_errors=True)

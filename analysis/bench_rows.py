@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.load import Skipped, _skip, parse_model_name
+from analysis.skips import Skipped, skip
+from scaling.vitconfig import split_name
 
 # Rows of scaling.bench's other modes (docs/benchmarks.md), valid but not throughput rows.
 OTHER_BENCH_KINDS = ("zero_memory", "overhead")
@@ -28,7 +29,7 @@ def _rows(path: Path, source: str, skipped: list[Skipped]) -> list[dict]:
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        _skip(skipped, path, e)
+        skip(skipped, path, e)
         return []
     rows = []
     for i, line in enumerate(lines, 1):
@@ -40,9 +41,9 @@ def _rows(path: Path, source: str, skipped: list[Skipped]) -> list[dict]:
                 continue
             if not isinstance(row, dict) or "model" not in row or "images_per_s" not in row:
                 raise ValueError("expected an object with 'model' and 'images_per_s'")
-            parse_model_name(row["model"])
+            split_name(row["model"])
         except ValueError as e:  # JSONDecodeError is a ValueError
-            _skip(skipped, path, e, i)
+            skip(skipped, path, e, i)
             continue
         rows.append({"impl": "unspecified", **row, "source": source})
     return rows

@@ -19,9 +19,9 @@ read is not stored, so it is parsed again next time. The rules' own version (a h
 modules that define them, RULES_VERSION) is stored too: a cache written under other rules is not
 used. A cache that cannot be read (torn, foreign, another version) is ignored and rewritten.
 
-Atomic: written to a temporary file in the same folder, fsynced, then renamed over the old one
-(os.replace), so a reader sees the old cache or the new one, never a torn one; a killed write
-leaves only its temporary file, which a later write removes.
+Atomic (scaling.results.atomic_open): written to a temporary file in the same folder, fsynced,
+then renamed over the old one (os.replace), so a reader sees the old cache or the new one, never
+a torn one; a killed write leaves only its temporary file, which a later write removes.
 """
 
 from __future__ import annotations
@@ -162,15 +162,8 @@ class MetricsCache:
         if not (folder / ".gitignore").exists():
             (folder / ".gitignore").write_text(GITIGNORE)
         table = self._table()
-        tmp = folder / f".{self.path.name}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)  # left behind only when the write failed
+        with results.atomic_open(self.path, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
         for old in folder.glob(f".{self.path.name}.tmp*"):  # of killed writes
             try:
                 if old.stat().st_mtime < time.time() - STALE_TMP_S:

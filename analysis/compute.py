@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scaling.branch import trunk_dir
+from scaling.flops import flops_for_images
 from scaling.results import (
     CONFIG_FILE,
     FINAL_FILE,
@@ -46,7 +48,7 @@ def _prefix_flops(run_dir: Path, config: dict) -> float:
         macs = read_json(run_dir / PLAN_FILE)["macs_per_image"]
     except (OSError, SchemaError, KeyError):
         return 0.0  # not started: no prefix copied either
-    return 6.0 * macs * config["branch_step"] * config["batch_size"]
+    return flops_for_images(macs, config["branch_step"] * config["batch_size"])
 
 
 def sweep_compute(results_dir) -> dict[str, float]:
@@ -57,8 +59,8 @@ def sweep_compute(results_dir) -> dict[str, float]:
             runs[run_dir.resolve()] = read_json(run_dir / CONFIG_FILE)
         except (OSError, SchemaError):
             continue
-    trunks = {(d.parent / c["trunk_run"]).resolve() if not Path(c["trunk_run"]).is_absolute()
-              else Path(c["trunk_run"]).resolve() for d, c in runs.items() if c.get("trunk_run")}
+    trunks = {trunk_dir(d, c["trunk_run"]).resolve() for d, c in runs.items()
+              if c.get("trunk_run")}
     spent = independent = 0.0
     for run_dir, config in runs.items():
         done = _done_flops(run_dir)

@@ -38,7 +38,6 @@ files are parsed again, and the tables are built in one pass over all runs.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -52,12 +51,19 @@ from analysis.checks import final_problem
 from analysis.metrics_file import EVAL_FIELDS
 from analysis.noise import NOT_RECIPE, recipe_key  # noqa: F401 (NOT_RECIPE: part of the API)
 from analysis.parse_pool import MIN_BYTES, parse_all, read_and_parse
+from analysis.skips import (  # noqa: F401 (count_skipped: part of the API)
+    Skipped,
+    count_skipped,
+    read_error,
+    skip,
+)
 from analysis.tables import (  # noqa: F401 (EVAL_COLUMNS: part of the API)
     EVAL_COLUMNS,
     STATUS_RUNNING,
     eval_table,
     fill_params,
 )
+from scaling.branch import trunk_dir
 from scaling.results import (
     CONFIG_FILE,
     FINAL_FILE,
@@ -69,8 +75,7 @@ from scaling.results import (
     read_final,
     read_json,
 )
-
-log = logging.getLogger("analysis")
+from scaling.vitconfig import split_name
 
 STATUS_ORDER = ("ok", STATUS_RUNNING, "failed", "diverged")
 RUN_COLUMNS = (
@@ -88,15 +93,6 @@ def _budget(config: dict) -> float:
 
 class NoResultsError(ValueError):
     """The results directory is missing or holds no readable run."""
-
-
-@dataclass
-class Skipped:
-    """A file (or line: ``path`` is ``file:line`` and ``line`` its number) left out, and why."""
-
-    path: str
-    reason: str
-    line: int | None = None
 
 
 @dataclass
@@ -122,35 +118,6 @@ class Results:
     def n_skipped(self) -> int:
         """How many files and metric lines were skipped."""
         return len(self.skipped)
-
-
-def count_skipped(skipped: list[Skipped]) -> tuple[int, int]:
-    """(skipped files, skipped lines) of a list of Skipped."""
-    lines = sum(s.line is not None for s in skipped)
-    return len(skipped) - lines, lines
-
-
-def parse_model_name(name: str) -> tuple[str, int]:
-    """Split a model name like "B/16" into its size ("B") and patch size (16)."""
-    size, sep, patch = str(name).partition("/")
-    if not sep or not size or not patch.isdigit() or int(patch) <= 0:
-        raise ValueError(f"model name {name!r} is not SIZE/PATCH (e.g. 'B/16', 'Ti/4', 'mu/4')")
-    return size, int(patch)
-
-
-def _skip(skipped: list[Skipped], path, reason, line: int | None = None) -> None:
-    """Record and log a skipped file, or line `line` of file `path`."""
-    where = str(path) if line is None else f"{path}:{line}"
-    reason = str(reason).replace("\n", "\\n")  # one line per skipped item, always
-    log.warning("skipping %s: %s", where, reason)
-    skipped.append(Skipped(where, reason, line))
-
-
-def _reason(path, e: Exception) -> str:
-    """The message of a read error without the path that the caller already names."""
-    if isinstance(e, UnicodeDecodeError):
-        return f"not UTF-8 text ({e})"
-    return str(e).removeprefix(f"{path}: ")
 
 
 def _metrics_rows(path: Path, cache: MetricsCache | None, root: Path, parsed: dict):
@@ -197,10 +164,10 @@ def _read_metrics(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | N
     try:
         rows, skips = _metrics_rows(path, cache, root, parsed)
     except OSError as e:
-        _skip(skipped, path, e)
+        skip(skipped, path, e)
         return _NO_ROWS
     for line, reason in skips:
-        _skip(skipped, path, reason, line)
+        skip(skipped, path, reason, line)
     return rows
 
 
@@ -215,7 +182,7 @@ def _read_plan(run_dir: Path, skipped: list[Skipped]) -> dict:
     try:
         plan = read_json(path)
     except (SchemaError, OSError, UnicodeDecodeError) as e:
-        _skip(skipped, path, _reason(path, e))
+        skip(skipped, path, read_error(path, e))
         return {}
     return {k: plan[k] for k in ("params", "macs_per_image", "world_size") if k in plan}
 
@@ -244,8 +211,8 @@ def _mark_trunks(runs: list[dict]) -> None:
     `trunk_run`). Its evals are measurements like any (learning curve, frontier), but its last
     one is no budget's final eval: it stops at a constant (or rsqrt) lr, before any cooldown,
     at the largest branch point; so it never counts as a final eval (analysis.tables)."""
-    trunks = {(Path(t).parent.name, Path(t).name) if Path(t).is_absolute() else (r["sweep"], t)
-              for r in runs if (t := r["_trunk_run"])}  # a sibling's id, or a run dir's path
+    dirs = [trunk_dir(r["run"], t) for r in runs if (t := r["_trunk_run"])]  # sweep/run_id
+    trunks = {(d.parent.name, d.name) for d in dirs}
     for r in runs:
         r["_trunk"] = (r["sweep"], r["run_id"]) in trunks
 
@@ -255,10 +222,10 @@ def _read_run(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
     """Read one run dir into (run record, eval rows); None if it cannot be interpreted."""
     try:
         config = read_json(run_dir / CONFIG_FILE)
-        size, patch = parse_model_name(config.get("model"))
+        size, patch = split_name(config.get("model"))
     except (SchemaError, OSError, UnicodeDecodeError, ValueError) as e:
         path = run_dir / CONFIG_FILE
-        _skip(skipped, path, f"{_reason(path, e)}; run skipped")
+        skip(skipped, path, f"{read_error(path, e)}; run skipped")
         return None
     path = run_dir / FINAL_FILE
     try:
@@ -268,7 +235,7 @@ def _read_run(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
             raise SchemaError(problem)
     except (SchemaError, OSError, UnicodeDecodeError) as e:
         # Without a trustworthy final.json the run's status is unknown: skip it, never guess.
-        _skip(skipped, path, f"{_reason(path, e)}; run skipped")
+        skip(skipped, path, f"{read_error(path, e)}; run skipped")
         return None
     evals = _own_evals(_read_metrics(run_dir, skipped, cache, root, parsed), config)
     plan = _read_plan(run_dir, skipped)
@@ -361,14 +328,6 @@ def select_sweeps(res: Results, sweeps) -> Results:
                    if (kept := [s for s in ss if s in sweeps])})
 
 
-def load_bench(results_dir) -> tuple[pd.DataFrame, list[Skipped]]:
-    """Throughput rows of RESULTS/bench/*.jsonl and RESULTS/bench/local/*.jsonl
-    (analysis.bench_rows.load_bench)."""
-    from analysis.bench_rows import load_bench as load
-
-    return load(results_dir)
-
-
 def model_order(frame: pd.DataFrame) -> list[str]:
     """Model names ordered small -> large: by params, then MACs per image, then name."""
     if frame.empty:
@@ -376,7 +335,7 @@ def model_order(frame: pd.DataFrame) -> list[str]:
     key = frame.groupby("model").agg(params=("params", "median"),
                                      macs=("macs_per_image", "median"))
     key = key.fillna(np.inf).reset_index()
-    key["patch"] = [-parse_model_name(m)[1] for m in key["model"]]
+    key["patch"] = [-split_name(m)[1] for m in key["model"]]
     return key.sort_values(["params", "macs", "patch", "model"])["model"].tolist()
 
 

@@ -27,14 +27,12 @@ from analysis.load import (
     STATUS_RUNNING,
     NoResultsError,
     Results,
-    Skipped,
     _budget,
     _read_plan,
-    _reason,
-    _skip,
-    parse_model_name,
 )
 from analysis.noise import recipe_key
+from analysis.skips import Skipped, read_error, skip
+from scaling.flops import FLOPS_PER_MAC_TRAINING
 from scaling.results import (
     CONFIG_FILE,
     FINAL_FILE,
@@ -45,6 +43,7 @@ from scaling.results import (
     read_json,
     validate_row,
 )
+from scaling.vitconfig import split_name
 
 
 def eval_row_problem(row: dict) -> str | None:
@@ -65,12 +64,12 @@ def _parse_lines(path: Path, data: bytes, skipped: list[Skipped]) -> list[tuple[
                 raise SchemaError(f"expected a JSON object, got {type(row).__name__}")
             rows.append((i, validate_row(row)))
         except UnicodeDecodeError as e:
-            _skip(skipped, path, f"not UTF-8 text ({e})", i)
+            skip(skipped, path, f"not UTF-8 text ({e})", i)
         except json.JSONDecodeError as e:
             torn = " (torn last line: an interrupted append)" if i == len(lines) else ""
-            _skip(skipped, path, f"not valid JSON{torn}: {e}", i)
+            skip(skipped, path, f"not valid JSON{torn}: {e}", i)
         except SchemaError as e:
-            _skip(skipped, path, e, i)
+            skip(skipped, path, e, i)
     return rows
 
 
@@ -83,7 +82,7 @@ def _read_metrics(run_dir: Path, skipped: list[Skipped]) -> list[dict]:
     try:
         data = path.read_bytes()
     except OSError as e:
-        _skip(skipped, path, e)
+        skip(skipped, path, e)
         return []
     by_step: dict[int, list[tuple[int, dict]]] = defaultdict(list)
     for i, row in _parse_lines(path, data, skipped):
@@ -91,7 +90,7 @@ def _read_metrics(run_dir: Path, skipped: list[Skipped]) -> list[dict]:
             continue
         problem = eval_row_problem(row)
         if problem and problem.startswith("step="):
-            _skip(skipped, path, problem, i)
+            skip(skipped, path, problem, i)
         else:
             by_step[int(row["step"])].append((i, row))
     kept = []
@@ -101,7 +100,7 @@ def _read_metrics(run_dir: Path, skipped: list[Skipped]) -> list[dict]:
             where = ", ".join(str(i) for i, _ in group)
             for i, row in group:
                 problem = eval_row_problem(row)
-                _skip(skipped, path, problem or (
+                skip(skipped, path, problem or (
                     f"eval step {step} is logged {len(group)} times with different values "
                     f"(lines {where}): none of them is kept"), i)
             continue
@@ -109,9 +108,9 @@ def _read_metrics(run_dir: Path, skipped: list[Skipped]) -> list[dict]:
         problem = eval_row_problem(row)
         for i, _ in group:
             if problem:
-                _skip(skipped, path, problem, i)
+                skip(skipped, path, problem, i)
             elif i != first:
-                _skip(skipped, path, f"exact copy of the eval row of step {step} on line "
+                skip(skipped, path, f"exact copy of the eval row of step {step} on line "
                                      f"{first} (kept once)", i)
         if not problem:
             kept.append(row)
@@ -122,10 +121,10 @@ def _read_run(run_dir: Path, skipped: list[Skipped]) -> tuple[dict, list[dict]] 
     """Read one run dir into (run record, eval rows); None if it cannot be interpreted."""
     try:
         config = read_json(run_dir / CONFIG_FILE)
-        size, patch = parse_model_name(config.get("model"))
+        size, patch = split_name(config.get("model"))
     except (SchemaError, OSError, UnicodeDecodeError, ValueError) as e:
         path = run_dir / CONFIG_FILE
-        _skip(skipped, path, f"{_reason(path, e)}; run skipped")
+        skip(skipped, path, f"{read_error(path, e)}; run skipped")
         return None
     path = run_dir / FINAL_FILE
     try:
@@ -135,7 +134,7 @@ def _read_run(run_dir: Path, skipped: list[Skipped]) -> tuple[dict, list[dict]] 
             raise SchemaError(problem)
     except (SchemaError, OSError, UnicodeDecodeError) as e:
         # Without a trustworthy final.json the run's status is unknown: skip it, never guess.
-        _skip(skipped, path, f"{_reason(path, e)}; run skipped")
+        skip(skipped, path, f"{read_error(path, e)}; run skipped")
         return None
     evals = _read_metrics(run_dir, skipped)
     plan = _read_plan(run_dir, skipped)
@@ -177,7 +176,8 @@ def _eval_frame(run: dict, evals: list[dict]) -> pd.DataFrame:
             df[key] = run[key]
     if run["macs_per_image"] is None:
         with np.errstate(divide="ignore", invalid="ignore"):
-            macs = (df["flops_seen"] / (6.0 * df["images_seen"])).replace(np.inf, np.nan)
+            macs = df["flops_seen"] / (FLOPS_PER_MAC_TRAINING * df["images_seen"])
+            macs = macs.replace(np.inf, np.nan)
         df["macs_per_image"] = float(macs.median()) if macs.notna().any() else np.nan
     df["device_hours"] = _device_hours(run, df["wall_s"].to_numpy())
     df["error"] = 1.0 - df["top1"]

@@ -4,8 +4,8 @@ frontier did not change, and the ViT paper's fixed table, skip their bootstrap r
 A result is stored as ``CACHE_DIR/fits/<key>.json``, the key a hash of the function's name, its
 arguments (arrays by their bytes), the source of analysis/fit.py and the numpy and scipy
 versions: the same inputs through the same code give the same numbers (the bootstrap is seeded),
-so a stored result is never stale. Written atomically (temporary file, os.replace); a file that
-cannot be read is recomputed and rewritten. Entries unused for MAX_AGE_DAYS are removed.
+so a stored result is never stale. Written atomically (scaling.results.atomic_write_text); a
+file that cannot be read is recomputed and rewritten. Entries unused for MAX_AGE_DAYS are removed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 import scipy
 
 from analysis import fit as F
+from scaling.results import atomic_write_text
 
 log = logging.getLogger("analysis")
 MAX_AGE_DAYS = 30
@@ -86,19 +87,15 @@ class FitMemo:
         return out
 
     def _store(self, path: Path, out) -> None:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(_encode(out)))
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(_encode(out)))
             cutoff = time.time() - MAX_AGE_DAYS * 86400
             for old in self.folder.iterdir():
                 if old.stat().st_mtime < cutoff:
                     old.unlink()
         except OSError as e:
             log.warning("could not store a fit in %s: %s", self.folder, e)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def plain(fn, *args, **kwargs):

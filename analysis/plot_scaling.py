@@ -40,8 +40,9 @@ import matplotlib
 
 from analysis.cache import CACHE_DIR
 from analysis.fit import LOSSES
-from analysis.load import NoResultsError, count_skipped
+from analysis.load import NoResultsError
 from analysis.report import analyse
+from analysis.skips import count_skipped
 from analysis.style import FORMATS, X_COLUMNS
 from analysis.transfer import MetricError, parse_metric
 

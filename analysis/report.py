@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 
 from analysis import figures, figures_optimal, figures_transfer, paper, transfer
+from analysis.bench_rows import load_bench
 from analysis.figures_bench import comparable_latest
 from analysis.fit import check_loss
 from analysis.frontier import (
@@ -22,18 +23,10 @@ from analysis.frontier import (
     x_column,
 )
 from analysis.isoflop import optimal_size
-from analysis.load import (
-    Results,
-    Skipped,
-    _skip,
-    input_bound,
-    load_bench,
-    load_results,
-    model_order,
-    select_sweeps,
-)
+from analysis.load import Results, input_bound, load_results, model_order, select_sweeps
 from analysis.memo import FitMemo, plain
 from analysis.noise import close_calls
+from analysis.skips import Skipped, skip
 from analysis.style import FORMATS, save_figure, set_style, size_palette
 from analysis.summary import render
 from analysis.summary_json import write_summary_json
@@ -185,7 +178,7 @@ def _note_input_bound(report: dict, shown: int = 10) -> None:
 def read_transfer(results_dir, sweeps=None) -> tuple:
     """(transfer rows of the named sweeps, or all; the lines skipped) under `results_dir`."""
     skipped: list[Skipped] = []
-    rows = transfer.read_rows(results_dir, lambda path, reason, line: _skip(
+    rows = transfer.read_rows(results_dir, lambda path, reason, line: skip(
         skipped, path, reason, line))
     if sweeps:
         keep = rows["run"].str.split("/").str[0].isin(list(sweeps))

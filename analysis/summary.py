@@ -10,7 +10,8 @@ from analysis import fit as F
 from analysis.figures import FIT_NAMES
 from analysis.figures_bench import bench_order
 from analysis.frontier import x_column
-from analysis.load import count_skipped, status_counts
+from analysis.load import status_counts
+from analysis.skips import count_skipped
 from analysis.style import X_UNITS
 from analysis.summary_sections import (
     _num,

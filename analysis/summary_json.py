@@ -13,8 +13,9 @@ import pandas as pd
 from analysis import fit as F
 from analysis.compute import sweep_compute
 from analysis.frontier import x_column
-from analysis.load import count_skipped, status_counts
+from analysis.load import status_counts
 from analysis.noise import LEVEL, seeds_per_point
+from analysis.skips import count_skipped
 from analysis.style import X_UNITS
 from analysis.summary_transfer import transfer_json
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scaling.flops import flops_for_images, images_for_flops
 from scaling.results import append_metrics, append_transfer, iter_run_dirs, read_metrics, write_json
 
 TRUE_LAW = {"a": 4.0e4, "b": 0.3, "c": 0.05, "d": 5.0e15}
@@ -65,8 +66,8 @@ def _evals(macs: float, c_opt: float, rng, *, n: int, noise: float, penalty: flo
     """Eval rows of one run spanning about C_s / 100 .. C_s * 10 in compute (shifted by `shift`
     decades, so that sizes are not evaluated at identical computes)."""
     flops = np.logspace(np.log10(c_opt) - 2 + shift, np.log10(c_opt) + 1 + shift, n)
-    images = np.round(flops / (6.0 * macs))
-    flops = 6.0 * macs * images  # exactly the analytic definition of scaling/results.py
+    images = np.round(images_for_flops(flops, macs))
+    flops = flops_for_images(macs, images)  # exactly the analytic definition (scaling.flops)
     dist = np.log10(flops / c_opt)
     if edge == "smallest":  # no smaller model exists: it is the optimal one below its C_s
         dist = np.maximum(dist, 0.0)
@@ -148,12 +149,12 @@ def _budget_evals(params, macs, budget, rng, *, noise: float, batch: int = 256) 
     """Eval rows of one run of a FLOPs budget: whole steps of `batch` images (so slightly
     under the budget, as scaling.config.resolve_steps does), evals at 1/4, 1/2, 3/4 and the end;
     an eval before the end is 10 % x (1 - fraction) worse (the schedule has not decayed)."""
-    steps = int(budget // (6.0 * macs * batch))
+    steps = int(budget // flops_for_images(macs, batch))
     rows, shift = [], rng.normal(0.0, noise)  # one draw per run: a seed's luck
     for frac in (0.25, 0.5, 0.75, 1.0):
         step = max(1, round(frac * steps))
         images = step * batch
-        flops = 6.0 * macs * images
+        flops = flops_for_images(macs, images)
         err = isoflop_error(params, flops) * (1 + 0.1 * (1 - frac)) * np.exp(shift)
         err = float(np.clip(err, 1e-4, 0.999))
         rows.append({"kind": "eval", "step": step, "epoch": images / 1.28e6,
@@ -210,7 +211,7 @@ def write_bench(root, sizes=SIZES) -> Path:
         for model, params, macs in sizes:
             for impl, eff in (("ours", 0.45), ("transformers", 0.38)):
                 tflops = eff * 989.0
-                ips = tflops * 1e12 / (6 * macs)
+                ips = images_for_flops(tflops * 1e12, macs)
                 f.write(json.dumps({
                     "model": model, "impl": impl, "images_per_s": ips, "step_s": 256 / ips,
                     "params": params, "macs_per_image": macs,

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.metrics_file import EVAL_FIELDS
+from scaling.flops import FLOPS_PER_MAC_TRAINING
 
 EVAL_COLUMNS = (
     "sweep", "run_id", "run", "model", "size", "patch", "status", "seed", "lr", "batch_size",
@@ -26,7 +27,7 @@ _RUN_VALUES = ("sweep", "run_id", "run", "model", "size", "patch", "status", "se
 def _macs_from_rows(rows: np.ndarray) -> float:
     """MACs per image recovered from the rows: median of flops_seen / (6 x images_seen)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        macs = rows[:, _COL["flops_seen"]] / (6.0 * rows[:, _COL["images_seen"]])
+        macs = rows[:, _COL["flops_seen"]] / (FLOPS_PER_MAC_TRAINING * rows[:, _COL["images_seen"]])
     macs[macs == np.inf] = np.nan
     return float(np.nanmedian(macs)) if (~np.isnan(macs)).any() else np.nan
 

@@ -33,9 +33,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from launchers import zygote
+from launchers.presets import demo
 from scaling import results
 from scaling.bench import env as bench_env
 from scaling.clihelp import OneLineErrorParser
+from scaling.config import TrainConfig
+from scaling.data import make_builtin_shards
 from scaling.dist import fresh_env
 from scaling.model import vit_config
 
@@ -74,9 +78,6 @@ def breakdown(process_s: float, final: dict) -> dict:
 def _train_args(model: str, data: str, out: Path, steps: int, batch: int, extra: str
                 ) -> list[str]:
     """scaling.train flags of a demo-preset run of `model` (launchers.presets.demo)."""
-    from launchers.presets import demo
-    from scaling.config import TrainConfig
-
     preset = demo()
     cfg = TrainConfig(model=model, data=data, out=str(out), steps=steps, batch_size=batch,
                       lr=preset.lr(batch_size=batch), **preset.train)
@@ -114,10 +115,6 @@ def run_forked(server, argv: list[str], log: Path) -> float:
 
 def run_overhead(args) -> int:
     """One demo run per launch path; rows printed and appended to args.out."""
-    from launchers import zygote
-    from launchers.presets import demo
-    from scaling.data import make_builtin_shards
-
     model, steps, batch = args.sizes, args.steps, args.batch_size
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="vit-overhead-"))
     t0 = time.perf_counter()

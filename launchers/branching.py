@@ -38,9 +38,8 @@ from launchers.grid import (
     data_fingerprint,
     model_token,
 )
-from launchers.local import GatedSweep
 from launchers.presets import Preset
-from launchers.runs import read_job
+from launchers.submit import submit_after, submit_array, upstream_job
 from scaling import branch
 from scaling.config import (
     TrainConfig,
@@ -92,12 +91,6 @@ class Tree:
         return (f"branching: {len(self.trunks)} trunk(s), {len(self.branches)} branch(es); "
                 f"{recipe}\ncompute: {self.spent:.3g} FLOPs for the sweep vs "
                 f"{self.independent:.3g} as independent runs ({ratio:.2f}x)")
-
-    def trunk_of(self, spec: RunSpec) -> RunSpec | None:
-        """The trunk a branch starts from (None for a trunk)."""
-        if spec.cfg.trunk_run is None:
-            return None
-        return next(t for t in self.trunks if t.run_id == spec.cfg.trunk_run)
 
 
 def with_stable_defaults(preset: Preset, opts: GridOptions) -> GridOptions:
@@ -190,61 +183,28 @@ def ready(spec: RunSpec) -> bool:
     return branch.ready(spec.cfg.out, spec.cfg.trunk_run, spec.cfg.branch_step)
 
 
-def run_local(specs, sweep, max_parallel, log=None, claims=None, progress=None):
-    """launchers.local.run_local for a branching sweep; prints the branches left waiting."""
-    runner = GatedSweep(specs, sweep, max_parallel, log, claims, progress, ready=ready)
-    codes, stopped = runner.run()
-    waiting = runner.blocked
-    if waiting and not stopped:
-        print(f"{len(waiting)} branch(es) wait for their trunk's checkpoint (trunk stopped "
-              f"before it): {', '.join(s.run_id for s in waiting)}; rerun the sweep to resume "
-              "the trunk and then them")
-    return codes, stopped
+# what a local sweep says of the branches left waiting (launchers.local.run_gated)
+WAITING = ("{n} branch(es) wait for their trunk's checkpoint (trunk stopped before it): {runs}; "
+           "rerun the sweep to resume the trunk and then them")
 
 
-def dependencies(todo: list, tree: Tree) -> dict[str | None, list]:
-    """The branches to submit on SLURM grouped by the trunk job they wait for (None: their
-    checkpoint exists); a branch whose trunk has no live or just-submitted job is left out."""
-    groups: dict[str | None, list] = defaultdict(list)
-    for p in todo:
-        if ready(p.spec):
-            groups[None].append(p)
-            continue
-        job = read_job(tree.trunk_of(p.spec).run_dir) or {}
-        if job.get("cluster") == "slurm" and job.get("job_id"):
-            groups[str(job["job_id"])].append(p)
-    return groups
+def trunk_dir(spec: RunSpec) -> Path:
+    """The run dir of a branch's trunk."""
+    return branch.trunk_dir(spec.cfg.out, spec.cfg.trunk_run)
 
 
 def submit_slurm(todo: list, placement: dict, layout: tuple[int, int], gpus: bool,
-                 sweep_dir: Path, dry_run: bool, claims, *, tree: Tree) -> int:
-    """Trunks as one array, then each trunk's waiting branches as an array that depends on
-    it (afterok), and the branches whose checkpoint exists as one more."""
-    from launchers.launch import submit_slurm as submit_array
-
-    trunk_ids = {t.run_id for t in tree.trunks}
-    trunks = [p for p in todo if p.spec.run_id in trunk_ids]
-    rest = [p for p in todo if p.spec.run_id not in trunk_ids]
+                 sweep_dir: Path, dry_run: bool, claims) -> int:
+    """Trunks as one array, then the branches whose checkpoint exists as one more, and each
+    trunk's waiting branches as an array that depends on it (launchers.submit.submit_after)."""
+    trunks = [p for p in todo if p.spec.cfg.trunk_run is None]
     if trunks:
         submit_array(trunks, placement, layout, gpus, sweep_dir, dry_run, claims)
-    if dry_run:
-        groups = {None: [p for p in rest if ready(p.spec)],
-                  "TRUNK_JOB": [p for p in rest if not ready(p.spec)]}
-    else:
-        groups = dependencies(rest, tree)
-    left = {p.spec.run_id for p in rest} - {p.spec.run_id for g in groups.values() for p in g}
-    for job_id, group in groups.items():
-        if not group:
-            continue
-        extra = dict(placement.get("additional_parameters") or {})
-        if job_id is not None:
-            extra.update(dependency=f"afterok:{job_id}", kill_on_invalid_dep="yes")
-        submit_array(group, {**placement, "additional_parameters": extra}, layout, gpus,
-                     sweep_dir, dry_run, claims)
-    for p in rest:
-        if p.spec.run_id in left and claims is not None:
-            claims.release(p.spec.run_dir)
+    job_of = upstream_job(ready, trunk_dir, dry_run, "TRUNK_JOB")
+    left = submit_after([p for p in todo if p.spec.cfg.trunk_run is not None], job_of,
+                        placement, layout, gpus, sweep_dir, dry_run, claims)
     if left:
-        print(f"{len(left)} branch(es) wait for a trunk that has no job: {', '.join(sorted(left))}"
+        print(f"{len(left)} branch(es) wait for a trunk that has no job: "
+              f"{', '.join(sorted(p.spec.run_id for p in left))}"
               "; rerun the sweep (with --resubmit-failed if the trunk failed)")
     return 0

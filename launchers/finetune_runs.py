@@ -18,12 +18,10 @@ are submitted as they are, the others with `--dependency=afterok:PRE_JOB
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from pathlib import Path
 
 from launchers.grid import RunSpec, config_hash, data_fingerprint
-from launchers.local import GatedSweep
-from launchers.runs import read_job
+from launchers.submit import submit_after, submit_array, upstream_job
 from scaling import finetune, results
 from scaling.config import resolve_plan
 from scaling.data import load_dataset_info
@@ -77,51 +75,22 @@ def ready(spec: RunSpec) -> bool:
     return final is not None and final["status"] == results.STATUS_OK
 
 
-def run_local(specs, sweep, max_parallel, log=None, claims=None, progress=None):
-    """launchers.local.run_local with fine-tunes after their pre-training runs."""
-    runner = GatedSweep(specs, sweep, max_parallel, log, claims, progress, ready=ready)
-    codes, stopped = runner.run()
-    waiting = runner.blocked
-    if claims is not None:
-        for s in waiting:
-            claims.release(s.run_dir)
-    if waiting and not stopped:
-        print(f"{len(waiting)} fine-tune(s) wait for a pre-training run that did not finish "
-              f"ok: {', '.join(s.run_id for s in waiting)}; rerun the sweep")
-    return codes, stopped
+# what a local sweep says of the fine-tunes left waiting (launchers.local.run_gated)
+WAITING = ("{n} fine-tune(s) wait for a pre-training run that did not finish ok: {runs}; "
+           "rerun the sweep")
 
 
 def submit_slurm(todo: list, placement: dict, layout: tuple[int, int], gpus: bool,
                  sweep_dir: Path, dry_run: bool, claims) -> int:
     """Pre-training runs as one array, then the fine-tunes: those of finished runs as one
-    array, the others one array per pre-training job, each `afterok` on it."""
-    from launchers.launch import submit_slurm as submit_array
-
+    array, the others one array per pre-training job, each `afterok` on it
+    (launchers.submit.submit_after)."""
     pre = [p for p in todo if p.spec.cfg.init_from is None]
-    rest = [p for p in todo if p.spec.cfg.init_from is not None]
     if pre:
         submit_array(pre, placement, layout, gpus, sweep_dir, dry_run, claims)
-    groups: dict[str | None, list] = defaultdict(list)
-    left = []
-    for p in rest:
-        job = read_job(p.spec.cfg.init_from) or {}
-        if ready(p.spec):
-            groups[None].append(p)
-        elif dry_run:
-            groups["PRETRAIN_JOB"].append(p)
-        elif job.get("cluster") == "slurm" and job.get("job_id"):
-            groups[str(job["job_id"])].append(p)
-        else:
-            left.append(p)
-    for job_id, group in groups.items():
-        extra = dict(placement.get("additional_parameters") or {})
-        if job_id is not None:
-            extra.update(dependency=f"afterok:{job_id}", kill_on_invalid_dep="yes")
-        submit_array(group, {**placement, "additional_parameters": extra}, layout, gpus,
-                     sweep_dir_of(sweep_dir), dry_run, claims)
-    for p in left:
-        if claims is not None:
-            claims.release(p.spec.run_dir)
+    job_of = upstream_job(ready, lambda spec: spec.cfg.init_from, dry_run, "PRETRAIN_JOB")
+    left = submit_after([p for p in todo if p.spec.cfg.init_from is not None], job_of,
+                        placement, layout, gpus, sweep_dir_of(sweep_dir), dry_run, claims)
     if left:
         print(f"{len(left)} fine-tune(s) wait for a pre-training run without a job: "
               f"{', '.join(p.spec.run_id for p in left)}; rerun the sweep")

@@ -22,6 +22,7 @@ from pathlib import Path
 from launchers.presets import Preset
 from scaling.config import BUDGETS, RESUMABLE_FIELDS, TrainConfig, field_type, resolve_plan
 from scaling.data import DatasetInfo
+from scaling.flops import flops_for_images
 from scaling.model import split_name
 
 BUDGET_TOKENS = {"flops": "", "steps": "st", "epochs": "ep", "samples": "im"}
@@ -48,7 +49,7 @@ class RunSpec:
     @property
     def train_flops(self) -> float:
         """The run's training compute, 6 x MACs x images (what progress and ETAs weigh)."""
-        return 6.0 * self.macs_per_image * self.total_steps * self.cfg.batch_size
+        return flops_for_images(self.macs_per_image, self.total_steps * self.cfg.batch_size)
 
     @property
     def run_dir(self) -> Path:

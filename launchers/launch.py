@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import os
 import shlex
-import shutil
-import signal
-import sys
-import time
-import uuid
 from functools import partial
 from pathlib import Path
 
@@ -26,12 +19,13 @@ from launchers.defaults import (
     with_builtin_fewshot,
 )
 from launchers.grid import GridOptions, build_grid, node_layout, parse_list, parse_overrides
-from launchers.local import log_tail, run_local
+from launchers.local import log_tail, run_gated, run_local
 from launchers.plan import PlannedRun, classify, other_world_sizes, set_aside_final
 from launchers.presets import Preset
-from launchers.progress import PLOT, SweepProgress, shown_path
-from launchers.runs import Claims, claim_holder, record_submission
+from launchers.progress import SweepProgress
+from launchers.runs import Claims, claim_holder
 from launchers.status import format_table
+from launchers.submit import submit_array
 from scaling.results import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
 
 PLAN_COLUMNS = ("run", "size", "budget", "seed", "lr", "ranks", "steps", "state", "action")
@@ -69,77 +63,6 @@ def grid_options(args: argparse.Namespace, preset: Preset, world_size: int) -> G
         lrs=parse_list(args.lrs, float, "--lrs") if args.lrs is not None else None,
         batch_size=args.batch_size, budget_kind=args.budget_kind, world_size=world_size,
         overrides=parse_overrides(args.set))
-
-
-@contextlib.contextmanager
-def signals_deferred():
-    """Hold Ctrl-C / SIGTERM until the block ends: a job that sbatch accepted must get into
-    job.json, or the next sweep would submit its run a second time."""
-    got: list[int] = []
-    previous = {signum: signal.signal(signum, lambda sig, frame: got.append(sig))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if got:
-        raise KeyboardInterrupt(got[0])
-
-
-def sbatch(jobs: list[slurm.TrainJob], params: dict, folder: Path, max_requeues: int
-           ) -> list[str]:
-    """slurm.submit; when sbatch refuses the array, the submission's own submitit folder
-    (pickles, script) is removed, so a failed submission leaves nothing behind."""
-    from submitit.core.utils import FailedJobError, FailedSubmissionError
-
-    noise = io.StringIO()  # submitit prints sbatch's stderr itself; it is in our one line
-    try:
-        with contextlib.redirect_stderr(noise):
-            ids = slurm.submit(jobs, params, folder, max_requeues)
-    except (FailedJobError, OSError) as e:  # sbatch exited non-zero, or could not run
-        shutil.rmtree(folder.parent, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            folder.parent.parent.rmdir()  # _submitit, when no earlier submission is in it
-        detail = " ".join(str(e).split()) or type(e).__name__
-        raise RuntimeError(f"sbatch failed, no run was submitted: {detail}") from None
-    except FailedSubmissionError as e:  # a job may exist: its pickles stay
-        detail = " ".join(str(e).split())
-        raise RuntimeError(f"sbatch answered without a job id ({detail}); check squeue for "
-                           f"job {params['job_name']} before rerunning") from None
-    sys.stderr.write(noise.getvalue())
-    return ids
-
-
-def submit_slurm(todo: list[PlannedRun], placement: dict, layout: tuple[int, int], gpus: bool,
-                 sweep_dir: Path, dry_run: bool, claims: Claims | None) -> int:
-    """Submit the runs as one array (or print its sbatch script); each run's claim is released
-    once job.json holds its job id."""
-    # a folder per submission: a failed one is removed without touching another sweep's files
-    stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    folder = sweep_dir / "_submitit" / stamp / "%j"
-    params = slurm.executor_parameters(placement, nodes=layout[0], tasks_per_node=layout[1],
-                                       gpus=gpus, name=f"vit-{sweep_dir.name}", count=len(todo))
-    if dry_run:
-        script = slurm.sbatch_script(params, folder, len(todo))
-        print(f"\n# sbatch script ({len(todo)} run(s)):\n{script}")
-        for i, p in enumerate(todo):
-            print(f"# task {i}: {shlex.join(slurm.train_command(p.spec.cfg))}")
-        return 0
-    sig, requeues = slurm.parse_signal(placement["signal"])[0], int(placement["max_requeues"])
-    jobs = [slurm.TrainJob.for_config(p.spec.cfg, signal_name=sig, max_requeues=requeues)
-            for p in todo]
-    with signals_deferred():
-        ids = sbatch(jobs, params, folder, requeues)
-        for p, job, job_id in zip(todo, jobs, ids):
-            record_submission(p.spec.run_dir, {**p.spec.record(), "train_args": job.train_args},
-                              sweep_dir.name, "slurm", job_id, submitit_folder=str(folder.parent))
-            claims.release(p.spec.run_dir)
-    root = shlex.quote(shown_path(sweep_dir.parent))
-    print(f"submitted {len(ids)} run(s) to SLURM: {', '.join(ids)}")
-    print(f"follow with: python launchers/sweep.py status --results {root}")
-    print(f"once they are done: {PLOT} --results {root}")
-    return 0
 
 
 def run_here(todo: list[PlannedRun], placement: dict, sweep_dir: Path, dry_run: bool,
@@ -254,11 +177,11 @@ def run_sweep(args: argparse.Namespace) -> int:
             for p in todo:
                 if p.action == "resubmit":
                     set_aside_final(p.spec.run_dir)
+        gated = branching if tree else finetune_runs if args.finetune else None  # wait for others
         if cluster == "slurm":
-            submit = partial(branching.submit_slurm, tree=tree) if tree else (
-                finetune_runs.submit_slurm if args.finetune else submit_slurm)
+            submit = gated.submit_slurm if gated else submit_array
             return submit(todo, placement, layout, preset.device == "cuda", sweep_dir,
-                                args.dry_run, claims)
+                          args.dry_run, claims)
         return run_here(todo, placement, sweep_dir, args.dry_run, claims,
-                        runner=branching.run_local if tree else (
-                            finetune_runs.run_local if args.finetune else run_local))
+                        runner=partial(run_gated, ready=gated.ready, waiting=gated.WAITING)
+                        if gated else run_local)

@@ -176,8 +176,7 @@ class LocalSweep:
 class GatedSweep(LocalSweep):
     """LocalSweep whose runs start only once `ready(spec)` is true (a branch once its trunk's
     checkpoint exists, a fine-tune once its pre-training run finished ok); those still waiting
-    when nothing runs any more are `blocked`, never started (their claims are released by the
-    sweep)."""
+    when nothing runs any more are `blocked`, never started (see run_gated)."""
 
     def __init__(self, *args, ready, **kwargs):
         super().__init__(*args, **kwargs)
@@ -204,6 +203,23 @@ def run_local(specs: list[RunSpec], sweep: str, max_parallel: int, log=None,
     the sweep or None). Ctrl-C checkpoints them; `claims` (held) are released as runs start;
     `progress` prints a [k/N] line per finished run (and a bar on a terminal)."""
     return LocalSweep(specs, sweep, max_parallel, log, claims, progress).run()
+
+
+def run_gated(specs: list[RunSpec], sweep: str, max_parallel: int, log=None,
+              claims: Claims | None = None, progress: SweepProgress | None = None, *, ready,
+              waiting: str) -> tuple[dict[str, int], int | None]:
+    """run_local for runs that start only once `ready(spec)` (GatedSweep). Those still waiting
+    when nothing runs any more are never started: their claims are released and, unless the
+    sweep was stopped, `waiting` names them ("{n}" and "{runs}" filled in)."""
+    runner = GatedSweep(specs, sweep, max_parallel, log, claims, progress, ready=ready)
+    codes, stopped = runner.run()
+    if claims is not None:
+        for s in runner.blocked:
+            claims.release(s.run_dir)
+    if runner.blocked and not stopped:
+        print(waiting.format(n=len(runner.blocked),
+                             runs=", ".join(s.run_id for s in runner.blocked)))
+    return codes, stopped
 
 
 def log_tail(run_dir: Path, rank: int = 0, lines: int = 20) -> str:

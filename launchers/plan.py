@@ -9,6 +9,7 @@ from pathlib import Path
 
 from launchers.grid import RunSpec, budget_token
 from launchers.runs import progress, read_job, run_state, squeue_states
+from scaling.config import RESUMABLE_FIELDS, TrainConfig
 from scaling.results import check_config, set_aside_final  # noqa: F401 (launch.py uses it)
 
 # state -> action; failed / diverged are submitted again only with --resubmit-failed
@@ -46,8 +47,6 @@ def needs_squeue(specs: list[RunSpec]) -> bool:
 
 def check_same_config(spec: RunSpec) -> None:
     """A run dir whose config.json differs (other than in resumable fields) is an error."""
-    from scaling.config import RESUMABLE_FIELDS, TrainConfig
-
     check_config(spec.run_dir, spec.cfg.to_dict(), resumable=RESUMABLE_FIELDS,
                  defaults=TrainConfig.defaults())
 

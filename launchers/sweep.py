@@ -46,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # signal's rule
     old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
-        if argv[:1] == ["status"]:
+        if argv[:1] == ["status"]:  # each command imports only its own modules (start-up)
             from launchers.status import run_status
 
             args = parse_status_args(argv[1:])
             code = run_status(args.results, args.watch)
-        else:
+        else:  # the sweep's modules: 0.2 s that `status` does not wait for
             from launchers.launch import run_sweep
 
             code = run_sweep(parse_args(argv))

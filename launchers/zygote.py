@@ -51,11 +51,13 @@ def _child(request: dict, protocol_fd: int) -> None:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        from scaling import train
+        # imported by serve() before the fork (free here); the launcher, which imports this
+        # module for ForkServer, never needs the trainer
+        from scaling import clihelp, train
 
         sys.argv = ["scaling.train", *request["argv"]]
         code = train.main(request["argv"])
-        train.exit_now(code)
+        clihelp.exit_now(code)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:  # noqa: BLE001 - reported in the log, then the exit code says it

@@ -22,7 +22,7 @@ from scaling import schedule as sched
 from scaling.clihelp import DefaultsHelpFormatter
 from scaling.data.memory import IN_MEMORY_CHOICES
 from scaling.data.samples import DECODE_ON
-from scaling.flops import forward_macs, param_count
+from scaling.flops import forward_macs, images_for_flops, param_count
 from scaling.model import ViTConfig, split_name, vit_config
 from scaling.schedule import COOLDOWN_SHAPES, SCHEDULES, STABLE
 
@@ -367,7 +367,7 @@ def resolve_steps(cfg: TrainConfig, num_train_samples: int, macs_per_image: int 
         else:
             if macs_per_image is None:
                 raise ValueError("a FLOPs budget needs the model's MACs per image")
-            images = amount / (6.0 * macs_per_image)  # scaling.flops.training_flops inverted
+            images = images_for_flops(amount, macs_per_image)
         steps = math.floor(images / cfg.batch_size + 1e-9)
     if steps < 1:
         raise ValueError(f"budget --{kind} {amount:g} is less than one step of "

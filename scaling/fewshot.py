@@ -46,11 +46,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scaling import results
+from scaling import dist, results
+from scaling.clihelp import DefaultsHelpFormatter
 from scaling.config import parse_list
 from scaling.data import DatasetInfo, default_augment, load_dataset_info
 from scaling.data.samples import make_decode, shard_counts
 from scaling.data.shardread import checked_samples
+from scaling.export import load_exported
+from scaling.flops import training_flops
+from scaling.model import VisionTransformer
 
 log = logging.getLogger("scaling.fewshot")
 
@@ -314,9 +318,7 @@ class TrainingProbe:
 
     def evaluate(self, engine, vit, where, device) -> list[dict]:
         """All ranks call this (ZeRO-3 gathers the weights); rank 0 returns the rows."""
-        from scaling import dist
-        from scaling import engine as eng
-        from scaling.model import VisionTransformer
+        from scaling import engine as eng  # late: DeepSpeed takes seconds to import
 
         state = eng.full_state_dict(engine)  # fp32 on CPU, rank 0; never the training module
         rows = []
@@ -345,7 +347,7 @@ def _weights(run: Path, checkpoints: bool):
         step = int(f.metadata()["step"])
     found = [(step, "export", lambda: load_file(str(export)))]
     if checkpoints:
-        from scaling import engine as eng
+        from scaling import engine as eng  # late: DeepSpeed takes seconds to import
 
         root = run / results.CHECKPOINT_DIR
         found += [(step, "checkpoint", lambda d=root / tag: eng.checkpoint_state(d))
@@ -356,9 +358,6 @@ def _weights(run: Path, checkpoints: bool):
 def posthoc_run(run: Path, sets: list[Downstream], shots, seeds: int, *, checkpoints: bool,
                 device, batch_size: int = 256) -> int:
     """Probe a finished run's weights, appending the missing rows; returns rows added."""
-    from scaling.export import load_exported
-    from scaling.flops import training_flops
-
     final = results.read_final(run)
     if final is None or final["status"] != results.STATUS_OK:
         state = final["status"] if final else "running or stopped"
@@ -400,8 +399,6 @@ def posthoc_run(run: Path, sets: list[Downstream], shots, seeds: int, *, checkpo
 
 
 def _parse(argv) -> argparse.Namespace:
-    from scaling.clihelp import DefaultsHelpFormatter
-
     p = argparse.ArgumentParser(prog="python -m scaling.fewshot",
                                 description="Few-shot linear probes of finished runs' exports "
                                 "and checkpoints; rows appended to RUN_DIR/transfer.jsonl.",

@@ -13,9 +13,13 @@ Conventions (so that our numbers line up with published tables):
 
 from __future__ import annotations
 
-from scaling.model import ViTConfig, vit_config
+from scaling.vitconfig import ViTConfig, vit_config
 
 LN_MACS_PER_ELEMENT = 5  # fvcore's LayerNorm count (mean, variance, normalise, scale, shift)
+# Training FLOPs per forward MAC per image: a MAC is 2 FLOPs, backward costs twice the forward
+# (Kaplan et al. 2020, Sec. 2.1; the ViT paper's Table 6 compute is this product). A float, so
+# that every FLOPs count is one (JSON writes 1.2e+16, never a long integer).
+FLOPS_PER_MAC_TRAINING = 6.0
 
 # Peak dense bf16 tensor-core TFLOP/s per device, from the vendors' data sheets (no sparsity).
 PEAK_TFLOPS_BF16 = {
@@ -81,7 +85,18 @@ def forward_macs(config: ViTConfig | str, *, include_norm: bool = True,
 
 def training_flops(config: ViTConfig | str, images: float) -> float:
     """FLOPs of training on `images` images: 6 x forward MACs x images (forward + backward)."""
-    return 6.0 * forward_macs(config) * images
+    return flops_for_images(forward_macs(config), images)
+
+
+def flops_for_images(macs_per_image, images):
+    """Training FLOPs of `images` images at `macs_per_image` forward MACs (numbers or arrays)."""
+    return FLOPS_PER_MAC_TRAINING * macs_per_image * images
+
+
+def images_for_flops(flops, macs_per_image):
+    """Images that `flops` training FLOPs buy at `macs_per_image` (flops_for_images inverted;
+    a float, or an array for arrays: callers round as they need)."""
+    return flops / (FLOPS_PER_MAC_TRAINING * macs_per_image)
 
 
 def peak_tflops(device_name: str | None) -> float | None:

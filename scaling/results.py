@@ -101,6 +101,7 @@ metrics line (check_readable) is refused, never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -108,7 +109,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from scaling import lockfile
 
@@ -208,18 +209,27 @@ def validate_final(final: dict) -> dict:
     return final
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that readers see either the old content or the new, never a torn one."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """A file to write `path` through, so that readers see either the old content or the new,
+    never a torn one: a temporary file beside it (``.NAME.tmpPID``), fsynced and renamed over
+    it (os.replace) when the block ends without an error, removed when it raises."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left behind when the write failed
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file so that readers see either the old content or the new, never a torn one."""
+    with atomic_open(path) as f:
+        f.write(text)
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scaling import branch, dist, finetune, results, tracking
+from scaling import branch, clihelp, dist, pretrained, results, tracking
 from scaling.config import (
     RESUMABLE_FIELDS,
     TrainConfig,
@@ -39,6 +39,7 @@ from scaling.fewshot import TrainingProbe
 from scaling.flops import training_flops
 from scaling.loop import Batches, evaluate, is_stop_boundary, stop_poll_every
 from scaling.meter import Meter, memory_gb
+from scaling.model import create_model
 from scaling.segments import Segments, device_hours
 
 log = logging.getLogger("scaling.train")
@@ -92,7 +93,7 @@ def prepare(cfg: TrainConfig, world_size: int):
     if cfg.trunk_run is not None:  # a branch: its trunk's recipe and checkpoint (scaling.branch)
         branch.check_branch(cfg.to_dict(), TrainConfig.defaults(), RESUMABLE_FIELDS)
     if cfg.init_from is not None:  # a fine-tune: a finished run's export (scaling.finetune)
-        finetune.check(cfg, vit_cfg, data_info.root)
+        pretrained.check(cfg, vit_cfg, data_info.root)
     return data_info, vit_cfg, plan, fewshot
 
 
@@ -112,7 +113,7 @@ class DiskFull(RuntimeError):
             pass
         if not full:
             return error
-        from scaling import engine as eng
+        from scaling import engine as eng  # late: DeepSpeed takes seconds to import
 
         eng.remove_incomplete(ckpt_dir)
         done = eng.complete_checkpoints(ckpt_dir)
@@ -143,13 +144,12 @@ class Run:
         self.ckpt_steps, self.ckpt_minutes = ckpt_interval(cfg.ckpt_every)
         self.pinned = pinned_steps(cfg)  # --ckpt-at: checkpointed and never rotated away
         self.ckpt_cost, self.tracker = tracking.CheckpointCost(), None
-        self.pretrained = finetune.Pretrained.open(cfg.init_from) if cfg.init_from else None
+        self.pretrained = pretrained.Pretrained.open(cfg.init_from) if cfg.init_from else None
 
     # -- set-up -------------------------------------------------------------------------------
     def build(self) -> None:
         """Process group, model, engine; resume if a complete checkpoint exists."""
-        from scaling import engine as eng
-        from scaling.model import create_model
+        from scaling import engine as eng  # late: DeepSpeed takes seconds to import
 
         self.meter.add("startup", self.meter.process_s())
         t0 = time.perf_counter()
@@ -163,7 +163,7 @@ class Run:
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
         model = create_model(self.vit_cfg)
         if self.pretrained is not None and not eng.complete_checkpoints(self.ckpt_dir):
-            finetune.init_weights(model, self.pretrained)  # a fine-tune's first start only
+            pretrained.init_weights(model, self.pretrained)  # a fine-tune's first start only
         self.engine = eng.initialize(model, self.cfg, micro=self.plan.micro_batch,
                                      accum=self.plan.accumulation,
                                      total_steps=self.plan.total_steps)
@@ -209,7 +209,7 @@ class Run:
     transfer_rows = 0  # rank 0: rows in transfer.jsonl, saved with each checkpoint
 
     def _resume(self) -> None:
-        from scaling import engine as eng
+        from scaling import engine as eng  # late: DeepSpeed takes seconds to import
 
         done = eng.complete_checkpoints(self.ckpt_dir)
         if done:
@@ -393,7 +393,7 @@ class Run:
 
     def save(self) -> None:
         """A complete checkpoint at the current step (all ranks)."""
-        from scaling import engine as eng
+        from scaling import engine as eng  # late: DeepSpeed takes seconds to import
 
         t0 = time.perf_counter()
         window_loss, skipped, _ = self._global_window()  # never checkpoint a diverged model
@@ -419,7 +419,7 @@ class Run:
 
     def finish(self) -> dict:
         """Checkpoint (before anything that can still fail), final eval, export, final.json."""
-        from scaling import engine as eng
+        from scaling import engine as eng  # late: DeepSpeed takes seconds to import
 
         self.data_wait_global = dist.all_reduce_sum_max(
             [], [self.meter.run_wait_fraction()], self.device)[1][0]  # all ranks are here
@@ -433,7 +433,7 @@ class Run:
         eng.export_safetensors(self.engine, self.out / results.EXPORT_FILE, meta)
         self.meter.add("export", time.perf_counter() - t0)
         if self.pretrained is not None and self.dist_info.is_main:  # its row, in the pre-training
-            finetune.record_transfer(self.cfg, self.pretrained, self.out, self.data_info)
+            pretrained.record_transfer(self.cfg, self.pretrained, self.out, self.data_info)
         return self.record_final(results.STATUS_OK)
 
     def record_final(self, status: str, error: str | None = None) -> dict:
@@ -457,7 +457,7 @@ class Run:
                                    else self.data_wait_global),
             "overhead_breakdown_s": self.meter.breakdown(wall), "error": error,
             **self.ckpt_cost.final(self._last_complete()),
-            **(finetune.final_fields(self.pretrained) if self.pretrained else {}),
+            **(pretrained.final_fields(self.pretrained) if self.pretrained else {}),
         }
         if self.dist_info.is_main and self.lock is not None:
             try:
@@ -470,7 +470,7 @@ class Run:
 
     def _last_complete(self) -> Path | None:
         """The newest complete checkpoint's folder, or None."""
-        from scaling import engine as eng
+        from scaling import engine as eng  # late: DeepSpeed takes seconds to import
 
         done = eng.complete_checkpoints(self.ckpt_dir)
         return self.ckpt_dir / done[-1][1] if done else None
@@ -582,23 +582,5 @@ def main(argv: list[str] | None = None) -> int:
     return execute(Run(cfg, data_info, vit_cfg, plan, dist_info, fewshot))
 
 
-def exit_now(code: int) -> None:
-    """Exit without the interpreter's teardown when nothing is left to clean up.
-
-    By now final.json, metrics, checkpoints and the export are closed files and the process
-    group is destroyed; tearing down the modules of torch, DeepSpeed and dynamo would still take
-    ~1 s per run on a CPU (docs/benchmarks.md). With loader worker processes still alive (a run
-    stopped mid-epoch), the normal exit shuts them down instead.
-    """
-    import multiprocessing
-
-    if multiprocessing.active_children():
-        sys.exit(code)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    exit_now(main())
+    clihelp.exit_now(main())

@@ -8,12 +8,11 @@ import pandas as pd
 import pytest
 
 from analysis import frontier as FR
+from analysis.bench_rows import load_bench
 from analysis.load import (
     NoResultsError,
-    load_bench,
     load_results,
     model_order,
-    parse_model_name,
     select_sweeps,
     status_counts,
 )
@@ -53,13 +52,20 @@ def results(tmp_path):
     return tmp_path, info
 
 
-def test_parse_model_name():
-    assert parse_model_name("B/16") == ("B", 16)
-    assert parse_model_name("mu/4") == ("mu", 4)
-    assert parse_model_name("m2/4") == ("m2", 4)
-    for bad in ("B16", "B/", "/16", "B/x", None):
-        with pytest.raises(ValueError, match="is not SIZE/PATCH"):
-            parse_model_name(bad)
+def test_model_names_are_read_by_the_model_s_own_parser(tmp_path):
+    """config.json's model through scaling.model.split_name: SIZE/PATCH of the size table; a
+    run under any other name is skipped, naming the valid sizes."""
+    evals = [_eval_row(1, 100, 4e6, 0.5)]
+    for name in ("B/16", "mu/4", "m2/4", "B16", "B/", "/16", "B/x", None, "X/16"):
+        write_run(tmp_path / "s" / str(name).replace("/", "_"), name, 1000, 4e6, evals)
+    res = load_results(tmp_path)
+    runs = res.runs.set_index("run_id")
+    assert runs[["size", "patch"]].to_dict("index") == {
+        "B_16": {"size": "B", "patch": 16}, "mu_4": {"size": "mu", "patch": 4},
+        "m2_4": {"size": "m2", "patch": 4}}
+    assert sorted(s.path.split("/")[-2] for s in res.skipped) == sorted(
+        ["B16", "B_", "_16", "B_x", "None", "X_16"])
+    assert all("unknown ViT name" in s.reason and "'Ti'" in s.reason for s in res.skipped)
 
 
 def test_load_keeps_and_marks_every_status(results, caplog):

@@ -107,6 +107,7 @@ def environment(dry_run: bool) -> dict:
     """Versions, the device and a measured matmul rate (bf16 8192^3 on a GPU)."""
     import torch
 
+    # late, like torch (which both import): the other stages and --fetch-wheels need none
     from scaling.bench import env as bench_env
     from scaling.flops import peak_tflops
 

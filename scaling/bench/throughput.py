@@ -32,6 +32,7 @@ from scaling.bench import zero as bench_zero
 from scaling.bench.peer import PEERS, peer_model
 from scaling.bench.zero import StorageCounter, count_engine
 from scaling.clihelp import OneLineErrorParser
+from scaling.config import TrainConfig
 from scaling.flops import forward_macs, mfu, param_count, peak_tflops, training_flops
 from scaling.model import ViTConfig, create_model, vit_config
 
@@ -174,8 +175,7 @@ def bare_trainer(impl: str, model: torch.nn.Module, vit: ViTConfig, args,
 def deepspeed_trainer(impl: str, model: torch.nn.Module, vit: ViTConfig, args,
                       device: torch.device, total_steps: int) -> Trainer:
     """The training engine's path: scaling.engine.initialize (ZeRO stage, bf16, fused AdamW)."""
-    from scaling import engine
-    from scaling.config import TrainConfig
+    from scaling import engine  # late: DeepSpeed takes seconds to import
 
     params = sum(p.numel() for p in model.parameters())
     world = dist.dist_info().world_size
@@ -320,7 +320,7 @@ def throughput(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.engine == "deepspeed":
-        from scaling import engine
+        from scaling import engine  # late: DeepSpeed takes seconds to import
 
         engine.init_distributed(where)
     elif where.world_size > 1:

@@ -34,6 +34,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from scaling import dist
+from scaling.bench import env as bench_env
+from scaling.config import TrainConfig
+from scaling.dist import fresh_env
+from scaling.model import create_model, vit_config
+
 STATE_KINDS = ("params", "grads", "master_params", "optimizer_state")
 KINDS = STATE_KINDS + ("buffers",)
 # Who owns a byte that several views cover. Buffers come before gradients: a gradient waiting
@@ -162,10 +168,7 @@ def count_engine(engine) -> dict[str, int]:
 
 def measure_stage(vit, stage: int, batch: int) -> dict:
     """Train two bf16 steps under ZeRO `stage`; this rank's peak model state, by kind."""
-    from scaling import dist
-    from scaling import engine as eng
-    from scaling.config import TrainConfig
-    from scaling.model import create_model
+    from scaling import engine as eng  # late: DeepSpeed takes seconds to import
 
     torch.manual_seed(0)
     model = create_model(vit)
@@ -206,9 +209,6 @@ def state_bytes(by_kind: dict[str, int]) -> int:
 
 def run_zero_memory(args) -> int:
     """The --zero-memory mode: launch the worker on args.world ranks, print, append rows."""
-    from scaling.bench import env as bench_env
-    from scaling.dist import fresh_env
-
     batch = args.batch_size or 2
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "zero.json"
@@ -270,9 +270,7 @@ def worker(argv: list[str]) -> int:
     """One rank (run by torchrun): measure stages 0-3 for each size; rank 0 writes JSON."""
     import argparse
 
-    from scaling import dist
-    from scaling import engine as eng
-    from scaling.model import vit_config
+    from scaling import engine as eng  # late: DeepSpeed takes seconds to import
 
     p = argparse.ArgumentParser(prog="python -m scaling.bench.zero")
     p.add_argument("--sizes", required=True)

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scaling.data import urls
+from scaling.data.errors import DataError  # also re-exported: scaling.data.info.DataError
 from scaling.results import atomic_write_text
 
 INFO_FILE = "dataset.json"
@@ -43,14 +45,6 @@ DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png")
 DEFAULT_LABEL_KEY = "cls"
 HASH_CACHE_FILE = ".sha256-cache.json"
 VERIFY_LEVELS = (True, False, "sha256", "size")
-
-
-class DataError(ValueError):
-    """Bad input data: a missing or damaged dataset, shard, image or label."""
-
-
-class UnreadableImage(DataError):
-    """One input image that does not decode (a writer skips and counts it unless strict)."""
 
 
 @dataclass(frozen=True)
@@ -134,8 +128,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def _shard_path(root: Path, entry: dict) -> Path | str:
     """Where a shard is: DIR/name, or its "url" (a local path, or the URL string)."""
-    from scaling.data import urls  # urls imports this module
-
     url = entry.get("url")
     if url is None:
         return root / entry["name"]
@@ -259,8 +251,6 @@ def _verify_remote(info: DatasetInfo, level: bool | str) -> None:
     """Remote shards: size (HEAD, fsspec stat; pipe: has none), and the sha256 of their bytes
     only when level == "sha256" (it downloads them). Queried 16 at a time."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from scaling.data import urls  # urls imports this module
 
     def check(pair: tuple[SplitInfo, ShardInfo]) -> None:
         split, shard = pair

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scaling.clihelp import DefaultsHelpFormatter
-from scaling.data import index, sources
+from scaling.data import index, sources, urls
 from scaling.data.info import INFO_FILE, DataError, DatasetInfo, load_dataset_info
 from scaling.data.writer import (
     Encoding,
@@ -114,7 +114,6 @@ def _with_difficulty(args: dict, source: str, difficulty: float | None) -> dict:
 
 def _abs(src: str) -> str:
     """A local source path or pattern made absolute (other URLs unchanged)."""
-    from scaling.data import urls
     return urls.normalize(src)
 
 

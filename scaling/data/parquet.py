@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from scaling.data import urls
-from scaling.data.info import DataError, UnreadableImage
+from scaling.data.errors import DataError, UnreadableImage
 from scaling.data.sources import load_bytes
 from scaling.data.writer import Source
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from scaling.data import shapes
-from scaling.data.info import DataError, UnreadableImage
+from scaling.data.errors import DataError, UnreadableImage
 from scaling.data.modes import to_rgb
 from scaling.data.writer import Source
 

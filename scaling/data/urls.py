@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 import webdataset as wds
 from webdataset.gopen import gopen, gopen_schemes
 
-from scaling.data.info import DataError
+from scaling.data.errors import DataError
 
 HTTP_TIMEOUT_S = 30
 RETRIES = 3  # extra attempts for a remote open / read / size query that failed

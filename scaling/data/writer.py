@@ -37,14 +37,8 @@ from typing import Any
 
 from PIL import Image
 
-from scaling.data.info import (
-    FORMAT,
-    HASH_CACHE_FILE,
-    INFO_FILE,
-    DataError,
-    UnreadableImage,
-    cache_entry,
-)
+from scaling.data.errors import DataError, UnreadableImage
+from scaling.data.info import FORMAT, HASH_CACHE_FILE, INFO_FILE, cache_entry
 from scaling.data.modes import to_rgb
 from scaling.results import atomic_write_text
 
