@@ -14,7 +14,7 @@ from analysis.skips import Skipped, skip
 from scaling.vitconfig import split_name
 
 # Rows of scaling.bench's other modes (docs/benchmarks.md), valid but not throughput rows.
-OTHER_BENCH_KINDS = ("zero_memory", "overhead")
+OTHER_BENCH_KINDS = ("zero_memory", "overhead", "host_stage", "host_cores")
 LOCAL_DIR = "local"
 
 

@@ -181,6 +181,11 @@ def test_load_bench(tmp_path):
     (tmp_path / "bench" / "zero_memory.jsonl").write_text(
         json.dumps({"kind": "zero_memory", "model": "Ti/16", "zero": 3}) + "\n"
         + json.dumps({"kind": "overhead", "model": "m2/4", "steps": 10}) + "\n")
+    # and the host-cost benchmark's rows (scaling.bench.host, results/bench/host.jsonl)
+    (tmp_path / "bench" / "host.jsonl").write_text(
+        json.dumps({"kind": "host_stage", "stage": "decode", "cpu_ms_per_image": 1.0}) + "\n"
+        + json.dumps({"kind": "host_cores", "model": "B/16", "images_per_s_per_gpu": 4690})
+        + "\n")
     again, skipped_again = load_bench(tmp_path)
     assert len(again) == len(bench) and len(skipped_again) == len(skipped)
 
