@@ -129,7 +129,7 @@ def tmpfs(tmp_path):
 def train_env(faults: str | None = None) -> dict:
     """The environment of a `python -m scaling.train` test subprocess: one thread, unbuffered,
     no launcher or SLURM variables inherited from the test's own environment, and the given
-    fault injection (VIT_SCALING_FAULTS, scaling.train.faults_from_env) or none."""
+    fault injection (VIT_SCALING_FAULTS, scaling.run.faults_from_env) or none."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
               "SLURM_NTASKS", "SLURM_JOB_ID", "VIT_SCALING_FAULTS"):
