@@ -8,8 +8,9 @@ scaling.results.append_metrics writes for a train row (``json.dumps(row, sort_ke
 ``{"epoch": 0.5, "flops_seen": 1e+16, ..., "kind": "train", ..., "wall_s": 12.5}``) is recognised
 by one regular expression, TRAIN_LINE, over the whole file. It accepts only an object with
 exactly the keys of scaling.results.TRAIN_KEYS, and any of TRAIN_OPTIONAL, in sorted order,
-``"kind": "train"``, and every other value a JSON number or null: such a line is valid UTF-8 and JSON, a schema-valid train row,
-and unused, so dropping it unparsed gives what parsing it would. Every other line (eval rows,
+``"kind": "train"``, and every other value a JSON number or null: such a line is valid UTF-8
+and JSON, a schema-valid train row, and unused, so dropping it unparsed gives what parsing it
+would. Every other line (eval rows,
 train rows in another byte form, anything broken) is parsed with json.loads and checked as
 before. A file holding a carriage return is read line by line throughout (bytes.splitlines also
 breaks lines there).

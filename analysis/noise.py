@@ -29,7 +29,8 @@ from scipy import stats
 # written (scaling.config.RESUMABLE_FIELDS; tests/test_analysis_noise.py keeps this a superset).
 NOT_RECIPE = ("seed", "out", "data", "num_workers", "log_every", "progress", "eval_every",
               "eval_spacing", "ckpt_every", "keep_ckpts", "tensorboard", "wandb",
-              "stop_poll_every", "compile", "trunk_run")  # a branch's trunk is per seed (launchers/branching.py)
+              "stop_poll_every", "compile",
+              "trunk_run")  # a branch's trunk is per seed (launchers/branching.py)
 
 
 def recipe_key(sweep: str, config: dict) -> str:

@@ -54,7 +54,8 @@ TOY_SIZE = ("mu/4", 4)  # --dry-run: every stage, seconds on a CPU
 # What the device image lacks (docs/benchmarks.md): carried as wheels. DeepSpeed's own
 # requirements there: hjson, pydantic (with pydantic-core, annotated-types,
 # typing-inspection, a recent typing-extensions); webdataset's: braceexpand. Fetched without
-# their other dependencies, which the image has (numpy, torch, ...): a second copy would shadow the image's own.
+# their other dependencies, which the image has (numpy, torch, ...): a second copy would shadow
+# the image's own.
 MISSING_WHEELS = ("deepspeed==0.19.8", "hjson", "pydantic", "pydantic-core",
                   "annotated-types", "typing-inspection", "typing-extensions", "webdataset",
                   "braceexpand", "submitit")
