@@ -22,9 +22,9 @@ RESULTS/figures):
   evals.csv, evals.parquet, runs.csv, transfer.csv (with transfer rows), summary.md, summary.json
 --metric fewshot:NAME:K (K-shot linear-probe error on downstream set NAME, the `dataset` of
 RUN_DIR/transfer.jsonl rows) or finetune:NAME puts a transfer error through the same frontier,
-fit, IsoFLOP profiles and summaries, against pre-training compute (analysis.transfer).
+fit, IsoFLOP profiles and summaries, against pre-training compute (analysis.fit.transfer).
 Parsed metrics files are cached in --cache-dir (default: OUT/.analysis-cache, git-ignored by its
-own .gitignore), so a re-plot parses only the metrics.jsonl files that changed (analysis.cache).
+own .gitignore), so a re-plot parses only the metrics.jsonl files that changed (analysis.load.cache).
 Exit status: 0 on success, 1 when there is no readable run, 2 on bad flags or a --metric with
 no rows (one line, listing the metrics there are).
 """
@@ -38,13 +38,14 @@ from pathlib import Path
 
 import matplotlib
 
-from analysis.cache import CACHE_DIR
-from analysis.fit import LOSSES
-from analysis.load import NoResultsError
-from analysis.report import analyse
-from analysis.skips import count_skipped
-from analysis.style import FORMATS, X_COLUMNS
-from analysis.transfer import MetricError, parse_metric
+from analysis.fit.law import LOSSES
+from analysis.fit.transfer import MetricError, parse_metric
+from analysis.load.cache import CACHE_DIR
+from analysis.load.runs import NoResultsError
+from analysis.load.skips import count_skipped
+from analysis.load.tables import X_COLUMNS
+from analysis.report.build import analyse
+from analysis.report.style import FORMATS
 
 
 class _Parser(argparse.ArgumentParser):

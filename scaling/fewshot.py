@@ -1,35 +1,8 @@
-"""Few-shot linear probes of frozen ViT features: during training and over finished runs.
-
-The protocol is the one of the ViT paper (Dosovitskiy et al. 2021, Sec. 4.1, "Metrics") and of
-"Scaling Vision Transformers" (Zhai et al. 2022, Sec. 2 and Fig. 2, which track 10-shot linear
-ImageNet accuracy against compute), as big_vision's `fewshot_lsr` evaluator implements it:
-take the frozen pre-logit features of k train images per class, fit a linear map to targets
-that are +1 for the true class and -1 for the others by L2-regularised least squares, solved in
-closed form with a fixed penalty of 2^10, and report top-1 accuracy of its argmax on the test
-split, for k in 1, 5, 10, 25, over three draws (seeds) of the k-shot set.
-
-Our choices, where big_vision leaves room:
-- Features are standardised with the k-shot set's mean and (population) std + 1e-5, as there.
-- The bias is not regularised. big_vision appends a constant feature of 100, which makes its
-  penalty nearly vanish; here it vanishes exactly: with standardised (centred) features the
-  optimal bias is the mean target, and W is the ridge solution for the centred targets.
-- The solve is primal, (Z'Z + l2 I)^-1 Z'T, when there are at least as many images as features,
-  else dual, Z'(ZZ' + l2 I)^-1 T: a D^3 or N^3 cost, whichever is smaller.
-- Draw `seed` takes, per class, a permutation of its train images (numpy Generator seeded by the
-  seed alone: every run and step sees the same k-shot sets) and its first k, so a seed's 1-shot
-  set lies inside its 5-shot set. A class with fewer than max(shots) train images is an error.
-- Features are the pre-logits: the class token after the final LayerNorm (the pooled tokens for
-  pool="gap"; tanh(pre_logits) when the model has a representation layer), computed in fp32 in
-  eval mode. Images are read at the downstream data's own size (centre crop of its eval
-  transform); a size other than the model's is served by a copy of the model whose position
-  embedding is interpolated (paper Sec. 3.2; `VisionTransformer.resize_image`).
-- The k-shot images (all seeds) and the val split are decoded once into memory as uint8
-  (at most MEMORY_LIMIT_BYTES, checked up front); features are recomputed at each evaluation.
-
-During training (--fewshot DIR[,DIR...]) rank 0 probes a fp32 copy of the weights at every eval
-point while the other ranks wait at a barrier; the RNG states are restored afterwards, so the
-training trajectory is unchanged. After training, `python -m scaling.fewshot` probes the export
-and (--checkpoints) every complete checkpoint of finished runs. Rows: results.TRANSFER_KEYS.
+"""Few-shot linear probes of frozen ViT features (big_vision's `fewshot_lsr` protocol, ViT paper
+Sec. 4.1): the closed-form probe, the features, the --fewshot hook of training, and
+`python -m scaling.fewshot`, which probes finished runs. The protocol, our choices where
+big_vision leaves room, and the rows: docs/architecture.md, "Transfer". The downstream data sets
+are scaling.downstream's.
 """
 
 from __future__ import annotations
@@ -40,7 +13,7 @@ import copy
 import logging
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +22,8 @@ import torch
 from scaling import dist, results
 from scaling.clihelp import DefaultsHelpFormatter
 from scaling.config import parse_list
-from scaling.data import DatasetInfo, default_augment, load_dataset_info
-from scaling.data.samples import make_decode, shard_counts
-from scaling.data.shardread import checked_samples
+from scaling.data import default_augment
+from scaling.downstream import Downstream, open_downstream
 from scaling.export import load_exported
 from scaling.flops import training_flops
 from scaling.model import VisionTransformer
@@ -61,7 +33,6 @@ log = logging.getLogger("scaling.fewshot")
 L2 = 2.0**10  # big_vision's fixed penalty
 STD_EPS = 1e-5
 SHOTS = (1, 5, 10, 25)
-MEMORY_LIMIT_BYTES = 4 << 30  # decoded k-shot + val images of one downstream data set
 
 
 # -- the probe ------------------------------------------------------------------------------------
@@ -119,13 +90,6 @@ def summarise(rows: list[dict]) -> list[tuple[str, int, float, float]]:
     return [(d, k, float(np.mean(v)), float(np.std(v))) for (d, k), v in groups.items()]
 
 
-def draw_shots(labels: np.ndarray, shots, seed: int, num_classes: int) -> dict[int, np.ndarray]:
-    """{k: sorted train indices, k per class} for one seed (nested in k; module doc)."""
-    rng = np.random.default_rng(seed)
-    perms = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
-    return {k: np.sort(np.concatenate([p[:k] for p in perms])) for k in shots}
-
-
 # -- features -------------------------------------------------------------------------------------
 
 def prelogits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -165,95 +129,6 @@ def extract_features(model: torch.nn.Module, images: torch.Tensor, aug, *, devic
     finally:
         model.train(was)
     return torch.cat(out).double().numpy() if out else np.zeros((0, 0))
-
-
-# -- downstream data ------------------------------------------------------------------------------
-
-def read_split(info: DatasetInfo, split: str, keep: set | None = None):
-    """(labels of every sample in shard order, -1 if unreadable; uint8 (M, 3, S, S) eval crops
-    of the samples whose index is in `keep` (all if None) and that decode; their indices).
-    Samples are decoded as the loaders decode them (scaling.data.samples: the dataset's image
-    and label keys), and every shard read is checked against its listed count."""
-    sp, size = info.split(split), info.image_size
-    decode = make_decode(info, size, None, strict=False)
-    labels, images, index = [], [], []
-    for i, sample in enumerate(checked_samples(sp.urls, shard_counts(sp))):
-        label = decode.label(sample)
-        labels.append(-1 if label is None else label)
-        if label is None or (keep is not None and i not in keep):
-            continue
-        image = decode.image(sample, rng=None)
-        if image is None:
-            log.warning("few-shot: skipping the corrupt image %s in %s", sample.get("__key__"),
-                        sample.get("__url__"))
-            continue
-        images.append(image)
-        index.append(i)
-    pixels = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous() if images
-              else torch.zeros(0, 3, size, size, dtype=torch.uint8))
-    return np.asarray(labels, np.int64), pixels, np.asarray(index, np.int64)
-
-
-@dataclass
-class Downstream:
-    """One downstream shard dir: checked and its train labels read on open(), its images
-    decoded on the first load() (rank 0)."""
-
-    name: str
-    info: DatasetInfo
-    labels: np.ndarray
-    sets: dict = field(default_factory=dict)  # (seed, k) -> train indices
-    train: tuple | None = None  # (uint8 images, labels) of the union of the k-shot sets
-    rows: dict = field(default_factory=dict)  # train index -> row of train[0]
-    val: tuple | None = None
-
-    @classmethod
-    def open(cls, path: str, shots, seeds: int) -> Downstream:
-        """Check a dir (dataset.json, train and val splits, k-shot sets that fit in memory,
-        enough train images of every class); ValueError naming the problem otherwise."""
-        info = load_dataset_info(path, verify=True)
-        missing = [s for s in ("train", "val") if not info.has_split(s)]
-        if missing:
-            raise ValueError(f"few-shot data {info.root} has no {' or '.join(missing)} split "
-                             f"(splits: {sorted(info.splits)})")
-        c, most = info.num_classes, max(shots)
-        need = (min(most * c * seeds, info.split("train").num_samples)
-                + info.split("val").num_samples) * 3 * info.image_size**2
-        if need > MEMORY_LIMIT_BYTES:
-            raise ValueError(f"few-shot data {info.root}: its k-shot sets and val split need "
-                             f"{need / 2**30:.1f} GiB decoded (limit {MEMORY_LIMIT_BYTES >> 30}"
-                             " GiB); use fewer shots or seeds, or a smaller val split")
-        labels = read_split(info, "train", keep=set())[0]
-        counts = np.bincount(labels[labels >= 0], minlength=c)
-        short = [info.classes[i] for i in np.flatnonzero(counts < most)]
-        if short:
-            raise ValueError(f"few-shot data {info.root}: {len(short)} class(es) have fewer "
-                             f"than {most} train images (e.g. {short[:3]}, fewest "
-                             f"{counts.min()}); lower the largest shots")
-        return cls(info.root.name, info, labels)
-
-    def load(self, shots, seeds: int) -> None:
-        """Decode the k-shot images of every seed and the val split (once)."""
-        if self.val is not None:
-            return
-        c = self.info.num_classes
-        self.sets = {(s, k): idx for s in range(seeds)
-                     for k, idx in draw_shots(self.labels, shots, s, c).items()}
-        want = set(np.concatenate(list(self.sets.values())).tolist())
-        _, images, index = read_split(self.info, "train", keep=want)
-        self.train = images, self.labels[index]
-        self.rows = {int(i): r for r, i in enumerate(index)}
-        labels, images, index = read_split(self.info, "val")
-        self.val = images, labels[index]
-
-
-def open_downstream(dirs, shots, seeds: int) -> list[Downstream]:
-    """Downstream.open for each dir; their names (basenames) must differ."""
-    sets = [Downstream.open(d, shots, seeds) for d in dirs]
-    names = [s.name for s in sets]
-    if len(set(names)) != len(names):
-        raise ValueError(f"few-shot data dirs share a basename ({names}); rows are keyed by it")
-    return sets
 
 
 def probe_model(model: torch.nn.Module, sets: list[Downstream], shots, seeds: int, *,
@@ -416,7 +291,8 @@ def _parse(argv) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: 0 when done (runs in use or unfinished are skipped), 2 on bad input."""
+    """CLI entry point: 0 when done (runs in use or unfinished are skipped), 2 on bad input
+    (no runs found under --results included)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     args = _parse(argv)
     try:
@@ -427,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         if not root.is_dir():
             raise ValueError(f"{'--run' if args.run else '--results'} {root} is not a directory")
         runs = [root] if args.run else list(results.iter_run_dirs(root))
+        if not runs:
+            raise ValueError(f"--results {root}: no runs found (no run dir with "
+                             f"{results.CONFIG_FILE} below it)")
         sets = open_downstream(parse_list(args.data, "--data", str), shots, args.seeds)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,26 +1,8 @@
-"""Fine-tuning transfer: `python -m scaling.finetune --from RUN_DIR --data DIR --out OUT
-[--image-size N] [--steps|--epochs|--samples|--flops N] [--lr LR] [any scaling.train flag]`.
-
-The recipe of the ViT paper (Dosovitskiy et al. 2021, Sec. 3.2 and App. B.1.1): SGD with momentum
-0.9, a cosine decay, no weight decay, gradient clipping at global norm 1, the pre-trained head
-(and the pre-logits, if any) replaced by one zero-initialised linear layer for the downstream
-classes, and a higher resolution than pre-training with the position embeddings 2D-interpolated
-to the new patch grid (scaling.model.resize_pos_embed).
-
-A fine-tune is an ordinary run: `fine_tune_config` builds its TrainConfig (the model and pool of
-the pre-training run's config.json, the recipe above, then the flags given, which win) with
-`init_from` set to the pre-training run dir, and `python -m scaling.train` runs it. So it has the
-same run-dir schema, checkpoints, resume, preemption handling and DeepSpeed engine as any run.
-What training does with the pre-trained weights is scaling.pretrained's (the export loaded on the
-first start only, the row of kind "finetune" appended to the PRE-TRAINING run's transfer.jsonl,
-`pretrain_run` and `pretrain_flops` in final.json). A second invocation on a finished OUT does
-nothing (scaling.train's rule for a run whose final.json is ok).
-
-Bad input (one line, exit 2, before any work): a --from that is not a finished run (config.json,
-final.json status ok, model.safetensors with its vit_config), data without dataset.json, an image
-size that the patch size does not divide, a --model other than the pre-training run's, or a
-fine-tune row of the same (dataset, seed, step) in the pre-training run that another fine-tune
-run wrote (the analysis keeps one per key).
+"""Fine-tuning transfer, the CLI: `python -m scaling.finetune --from RUN_DIR --data DIR --out OUT`
+builds a fine-tune's TrainConfig (the ViT paper's recipe, App. B.1.1, with `init_from` set) and
+runs it as `python -m scaling.train` would. What training does with the pre-trained weights is
+scaling.pretrained's; the recipe, the rules and the bad inputs: docs/architecture.md,
+"Fine-tuning".
 """
 
 from __future__ import annotations

@@ -1,107 +1,12 @@
-"""Run directory layout, the metrics schema, and read/write helpers.
-
-This module is the one place where the on-disk format of a run is defined. Training (rank 0)
-writes it, the sweep launcher reads it to decide what to skip or resubmit, and the analysis reads
-it to draw curves. Nothing here imports torch or DeepSpeed.
-
-Run directory (``RUN_DIR``)::
-
-    config.json         the frozen run config (scaling.config.TrainConfig as a dict), written once
-    plan.json           what the config resolved to: total_steps, world_size, micro batch,
-                        accumulation, steps_per_epoch, samples_per_epoch, params, macs_per_image
-    metrics.jsonl       one JSON object per line, appended by rank 0 (schema below)
-    transfer.jsonl      few-shot linear-probe rows (schema below), appended by rank 0 at each
-                        eval point (--fewshot) and by `python -m scaling.fewshot` afterwards
-    final.json          written once when the run ends (schema below); absent while running
-    checkpoints/        DeepSpeed checkpoints, one folder per step; ``latest`` names the newest
-    model.safetensors   the final weights, loadable without DeepSpeed by
-                        ``scaling.export.load_exported``
-    tb/                 TensorBoard event files, one per start of the run (scaling.tracking;
-                        absent with --no-tensorboard)
-    job.json            written by launchers/sweep.py: job id, submission time, requeues
-    logs/rank{r}.log    each rank's stdout and stderr under the launchers (rank_log_path)
-    .run.lock           held by rank 0 of the one process group training here (RunLock)
-    final.STATUS.STAMP.PID.json   a failed/diverged outcome set aside by a retry
-                        (set_aside_final); every attempt's outcome is kept
-
-``metrics.jsonl`` rows all carry ``kind`` ("train" or "eval"), ``step`` (optimizer steps done),
-``epoch`` (float, images_seen / samples_per_epoch), ``images_seen``, ``flops_seen`` (analytic
-training FLOPs = 6 x forward MACs x images_seen, see scaling.flops) and ``wall_s`` (seconds since
-the run first started, summed over restarts). Then:
-
-- train rows: ``loss`` (mean over the logging window), ``lr``, ``images_per_s``, ``tflops``
-  (achieved, per device), ``mfu`` (null when the device's peak is unknown), ``mem_gb`` (peak
-  per-rank memory), ``skipped_samples`` (corrupt samples skipped so far, all ranks).
-  Optional (absent in rows written before it existed): ``data_wait_fraction``, the share of the
-  window's loop time spent waiting for the next batch: seconds in ``next(batches)`` / (those
-  seconds + seconds in training steps), the max over ranks (scaling.meter.wait_fraction). Both
-  are wall-clock seconds: the wait on the host's clock; the steps on the host's clock on a
-  CPU, and on a GPU the device's own timeline from a CUDA event before each step to one after
-  it (scaling.meter.StepClock, read back at the row's step). Above INPUT_BOUND the loader, not
-  the model, set the window's speed (the run logs a warning).
-- eval rows: ``loss``, ``top1``, ``top5`` (fractions in [0, 1]), ``num_samples`` (images
-  evaluated, summed over ranks).
-
-``final.json``: ``status`` (one of STATUSES), ``final_top1``, ``best_top1``, ``final_top5``,
-``final_loss``, ``steps``, ``images_seen``, ``total_flops``, ``params``, ``macs_per_image``,
-``model``, ``wall_hours``, ``device_hours`` (wall hours x world size, less ``op_build_s``: the
-seconds spent compiling DeepSpeed's CPU comm op on its first multi-rank use on a machine, a cost
-of the machine and not of the run; optional, absent before it existed; and less the ``compile``
-part of ``overhead_breakdown_s``; summed over
-``segments``), ``world_size`` (of the last segment),
-``skipped_samples``, ``overhead_fraction`` (share of wall time outside training steps), and
-``error`` (a message, for failed/diverged runs). Optional (absent in files written before it
-existed): ``data_wait_fraction``, as in train rows but over the whole run (``data_wait`` /
-(``data_wait`` + ``steps``) of ``overhead_breakdown_s``: every process of a resumed run, the
-earlier ones as rank 0 saved them), the max over ranks (rank 0's alone on a failed or diverged
-run, where the ranks may no longer meet); ``overhead_breakdown_s``, the wall seconds by part,
-summing to wall_hours x 3600:
-``startup`` (process start to build: interpreter, imports, config and data checks), ``build``
-(process group, model, DeepSpeed engine, loaders, resuming), ``data_wait``, ``eval``,
-``checkpoint``, ``export``, ``fewshot`` (few-shot probes at eval points, scaling.fewshot),
-``compile`` (torch.compile with --compile, out of the steps and evals it ran in; 0 otherwise;
-absent before it existed),
-``steps`` (inside optimizer steps), ``other`` (logging, the loop's all-reduces); over restarts,
-each process's start-up and build are added. Also optional (scaling.tracking.CheckpointCost):
-``checkpoints`` (checkpoint saves, over restarts), ``checkpoint_s_sum`` and ``checkpoint_s_max``
-(seconds of those saves, summed and the longest; a save a restart resumed from is timed by its
-COMPLETE marker), ``checkpoint_bytes`` (size of the last complete checkpoint's folder, null
-without one). Also optional (scaling.segments): ``segments``, one per process start that trained,
-oldest first, each ending at the checkpoint the next one resumed from (a run may resume on
-another world size, docs/failure-model.md): ``world_size``, ``start_step``, ``end_step``,
-``wall_s`` (its wall seconds, start-up included) and ``device_hours``.
-
-``transfer.jsonl`` rows (scaling.fewshot; one row per dataset, shots and seed, so that the
-analysis can compute intervals over seeds): ``kind`` ("fewshot"), ``dataset`` (the downstream
-shard dir's basename), ``shots`` (train images per class), ``seed`` (which draw of the k-shot
-train set: 0, 1, ...), ``top1`` (fraction in [0, 1] on the downstream val split), ``step``,
-``images_seen`` and ``flops_seen`` (of the pre-training at that point, as in metrics rows),
-``num_train`` (images the probe was fitted on, shots x classes), ``num_test`` (val images).
-Also written: ``l2`` (the ridge penalty), ``image_size`` (the resolution probed) and ``source``
-("train": at an eval point during training; "export" or "checkpoint": after it). One
-(dataset, shots, seed, step) is in the file at most once.
-
-Fine-tune rows in the same file (scaling.finetune, appended to the PRE-TRAINING run's
-transfer.jsonl when a fine-tune run started from its export finishes): ``kind`` ("finetune"),
-``dataset`` (the fine-tune data's basename), ``shots`` (null), ``seed`` (the fine-tune's),
-``top1`` (the fine-tuned model's on the downstream val split), ``step``, ``images_seen``,
-``flops_seen`` (of the pre-training at its export), ``num_test`` (val images evaluated). Also
-written: ``num_train`` (the downstream train split), ``image_size`` (the fine-tune resolution),
-``finetune_run`` (its run dir), ``finetune_steps``, ``finetune_flops``, ``source`` ("finetune").
-One (dataset, seed, step) is in the file at most once. The fine-tune run's own final.json adds
-``pretrain_run`` (the run dir it started from) and ``pretrain_flops`` (that run's training
-FLOPs at its export).
-
-Rules every writer follows (the failure model, docs/architecture.md): one process group owns a
-run dir at a time (RunLock); each (re)start first truncates metrics.jsonl and transfer.jsonl to
-the rows saved with the checkpoint it resumes from, or to none without one (truncate_rows), so no
-(kind, step) or (dataset, shots, seed, step) is ever counted twice; a run dir with another config (check_config) or a corrupt final.json or
-metrics line (check_readable) is refused, never overwritten.
+"""The files of a run directory: their names, the schemas of metrics.jsonl, transfer.jsonl and
+final.json, exit codes, and the helpers that read and write them; the run dir's admission rules
+(config check, corrupt files refused, failed outcomes set aside). The one place the on-disk
+format is defined in code; the format itself is documented in docs/results.md. Standard library
+only: the analysis reads runs without torch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -109,9 +14,12 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from scaling import lockfile
+# Re-exported: scaling.results is where the launchers, the analysis and the tests import a run
+# dir's names from (the lock and the atomic writes have their own modules).
+from scaling.run_lock import LOCK_FILE, RunDirInUse, RunLock  # noqa: F401
+from scaling.writes import DiskFull, atomic_open, atomic_write_text, named_if_full  # noqa: F401
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -209,29 +117,6 @@ def validate_final(final: dict) -> dict:
     return final
 
 
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """A file to write `path` through, so that readers see either the old content or the new,
-    never a torn one: a temporary file beside it (``.NAME.tmpPID``), fsynced and renamed over
-    it (os.replace) when the block ends without an error, removed when it raises."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left behind when the write failed
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that readers see either the old content or the new, never a torn one."""
-    with atomic_open(path) as f:
-        f.write(text)
-
-
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Atomically write a JSON object (NaN/inf become null)."""
     payload = {k: _clean(v) for k, v in payload.items()}
@@ -267,10 +152,12 @@ def append_transfer(run_dir: str | os.PathLike, row: dict) -> None:
 def _append(path: Path, row: dict) -> None:
     row = _VALIDATORS[path.name]({k: _clean(v) for k, v in row.items()})
     try:
-        with open(path, "a") as f:
+        with named_if_full(path, "appending to"), open(path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
-    except OSError as e:  # name the file: a bare "[Errno 28] No space left on device" does not
+    except DiskFull:
+        raise
+    except OSError as e:  # name the file: a bare "[Errno 13] Permission denied" does not
         raise OSError(e.errno, f"{e.strerror} (appending to {path})") from None
 
 
@@ -409,59 +296,16 @@ def set_aside_final(run_dir: str | os.PathLike) -> Path | None:
 
 def check_writable(run_dir: str | os.PathLike) -> None:
     """Raise ValueError unless RUN_DIR is (or can be made) a directory this process can write:
-    checked by creating it and writing a probe file, since permission bits say nothing to root
-    or on a read-only mount."""
+    checked by creating it and writing a one-byte probe file, since permission bits say nothing
+    to root or on a read-only mount, and an empty file fits on a full disk."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"--out {run_dir} exists and is not a directory")
     probe = run_dir / f".probe.{socket.gethostname()}.{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
+        probe.write_text("x")
     except OSError as e:
         raise ValueError(f"--out {run_dir} is not writable ({e.strerror})") from None
-
-
-# -- one process owns a run directory ---------------------------------------------------------
-
-LOCK_FILE = ".run.lock"
-
-
-class RunDirInUse(ValueError):
-    """Another live process owns the run directory."""
-
-
-class RunLock:
-    """Exclusive ownership of a run dir by one process (rank 0 of the run), for its lifetime:
-    RUN_DIR/.run.lock, a scaling.lockfile lock (why a file and not flock, when a holder counts
-    as dead, and the heartbeat are described there)."""
-
-    def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir) / LOCK_FILE
-        self.me = lockfile.identity()
-        self._beat: lockfile.Heartbeat | None = None
-
-    @property
-    def lost(self) -> bool:
-        """Someone took the lock over (it judged us dead: no heartbeat for STALE_AFTER_S)."""
-        return self._beat is not None and self.path in self._beat.lost
-
-    def acquire(self) -> RunLock:
-        """Take the lock or raise RunDirInUse naming its live holder."""
-        holder = lockfile.acquire(self.path, self.me)
-        if holder is not None:
-            who = (f"in use by PID {holder['pid']} on {holder.get('host')} (since "
-                   f"{holder.get('since')})" if "pid" in holder else "locked by a process that "
-                   "is writing or retaking its lock")
-            raise RunDirInUse(f"run dir {self.path.parent} {who}; if that process is gone, "
-                              f"remove {self.path}")
-        self._beat = lockfile.Heartbeat()
-        self._beat.add(self.path, self.me["token"])
-        return self
-
-    def release(self) -> None:
-        """Give the lock up (only if it is still ours)."""
-        if self._beat is not None:
-            self._beat.stop()
-        lockfile.release(self.path, self.me["token"])
+    finally:
+        probe.unlink(missing_ok=True)

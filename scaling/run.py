@@ -23,8 +23,9 @@ from scaling.flops import training_flops
 from scaling.loop import Batches, is_stop_boundary, stop_poll_every
 from scaling.meter import Meter, memory_gb
 from scaling.model import create_model
-from scaling.run_records import DiskFull, RunRecords
+from scaling.run_records import RunRecords
 from scaling.segments import Segments
+from scaling.writes import DiskFull
 
 log = logging.getLogger("scaling.train")  # one logger name for the run (tests read it)
 
@@ -129,7 +130,7 @@ class Run(RunRecords):
         if self.dist_info.is_main:
             try:
                 self.lock = results.RunLock(self.out).acquire()
-            except results.RunDirInUse as e:
+            except (results.RunDirInUse, DiskFull) as e:  # exit 2 on every rank, nothing written
                 refused = str(e)
         if dist.all_reduce_max(int(refused is not None), self.device):
             raise RunDirRefused(refused or "rank 0 could not take the run dir's lock")

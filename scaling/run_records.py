@@ -1,11 +1,10 @@
 """Evaluation, checkpoints and result rows of a run (scaling.run.Run inherits them): the eval
-rows, the checkpoint's client state, the export and final.json, and DiskFull for a full disk.
+rows, the checkpoint's client state, the export and final.json; a full disk in one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import shutil
@@ -16,33 +15,30 @@ from scaling import dist, pretrained, results
 from scaling.flops import training_flops
 from scaling.loop import evaluate
 from scaling.segments import device_hours
+from scaling.writes import DiskFull, disk_full_message, is_disk_full
 
 log = logging.getLogger("scaling.train")  # one logger name for the run (tests read it)
 
 
-class DiskFull(RuntimeError):
-    """A write failed for want of space; the message names the path and what was kept."""
+def checkpoint_disk_full(error: Exception, what: str, ckpt_dir: Path) -> Exception:
+    """`error` turned into a results.DiskFull when the disk under ckpt_dir is full (a partial
+    checkpoint removed, the last complete one kept and named), else `error` itself. torch.save
+    on a full disk raises RuntimeError("... iostream error"), without errno, hence the check of
+    the free space."""
+    full = is_disk_full(error)
+    try:
+        full = full or shutil.disk_usage(ckpt_dir).free < (1 << 20)
+    except OSError:
+        pass
+    if not full:
+        return error
+    from scaling import engine as eng  # late: DeepSpeed takes seconds to import
 
-    @classmethod
-    def check(cls, error: Exception, what: str, ckpt_dir: Path) -> Exception:
-        """`error` turned into a DiskFull when the disk under ckpt_dir is full (a partial
-        checkpoint removed, the last complete one kept), else `error` itself. torch.save on a
-        full disk raises RuntimeError("... iostream error"), without errno, hence the check of
-        the free space."""
-        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
-        try:
-            full = full or shutil.disk_usage(ckpt_dir).free < (1 << 20)
-        except OSError:
-            pass
-        if not full:
-            return error
-        from scaling import engine as eng  # late: DeepSpeed takes seconds to import
-
-        eng.remove_incomplete(ckpt_dir)
-        done = eng.complete_checkpoints(ckpt_dir)
-        kept = f"{ckpt_dir / done[-1][1]} kept" if done else "none"
-        return cls(f"no space left on device (ENOSPC) {what}; last complete checkpoint: "
-                   f"{kept}. Free space and rerun to resume")
+    eng.remove_incomplete(ckpt_dir)
+    done = eng.complete_checkpoints(ckpt_dir)
+    kept = f"{ckpt_dir / done[-1][1]} kept" if done else "none"
+    head = str(error) if isinstance(error, DiskFull) else disk_full_message(what)
+    return DiskFull(f"{head}; last complete checkpoint: {kept}. Free space and rerun to resume")
 
 
 class RunRecords:
@@ -90,8 +86,8 @@ class RunRecords:
                                 self.cfg.keep_ckpts, pinned=self.pinned,
                                 crash=self.faults.get("kill_in_save") == self.step)
         except (OSError, RuntimeError) as e:
-            error = DiskFull.check(e, f"writing a checkpoint under {self.ckpt_dir}",
-                                   self.ckpt_dir)
+            error = checkpoint_disk_full(e, f"writing a checkpoint under {self.ckpt_dir}",
+                                         self.ckpt_dir)
         if error is not None:  # raised out here, so the frames holding the partial files'
             raise error  # handles (in the save's traceback) are gone and their space is freed
         self.meter.add("checkpoint", time.perf_counter() - t0)
@@ -111,7 +107,11 @@ class RunRecords:
             self.run_eval()
         meta = {"vit_config": json.dumps(dataclasses.asdict(self.vit_cfg)), "step": str(self.step)}
         t0 = time.perf_counter()
-        eng.export_safetensors(self.engine, self.out / results.EXPORT_FILE, meta)
+        try:
+            eng.export_safetensors(self.engine, self.out / results.EXPORT_FILE, meta)
+        except (OSError, RuntimeError) as e:
+            raise checkpoint_disk_full(e, f"writing {self.out / results.EXPORT_FILE}",
+                                       self.ckpt_dir) from None
         self.meter.add("export", time.perf_counter() - t0)
         if self.pretrained is not None and self.dist_info.is_main:  # its row, in the pre-training
             pretrained.record_transfer(self.cfg, self.pretrained, self.out, self.data_info)
@@ -169,7 +169,7 @@ class RunRecords:
         try:
             (results.append_metrics if metrics else results.append_transfer)(self.out, row)
         except OSError as e:
-            raise DiskFull.check(e, str(e), self.ckpt_dir) from None
+            raise checkpoint_disk_full(e, str(e), self.ckpt_dir) from None
         self.rows_logged += metrics
         self.transfer_rows += not metrics
         if self.tracker is not None:

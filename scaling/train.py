@@ -17,6 +17,7 @@ import torch
 from scaling import branch, clihelp, dist, pretrained, results, tracking
 from scaling.config import RESUMABLE_FIELDS, TrainConfig, resolve_plan
 from scaling.data import load_dataset_info
+from scaling.data.labels import check_labels
 from scaling.data.samples import jpeg_draft_setting
 from scaling.fewshot import TrainingProbe
 from scaling.run import Run, execute, install_signal_handlers
@@ -33,6 +34,7 @@ def prepare(cfg: TrainConfig, world_size: int):
         raise ValueError("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no "
                          "fp16); use bf16 or fp32 on a CPU")
     data_info = load_dataset_info(cfg.data, verify=True)
+    check_labels(data_info)  # shards that record no label range: read once (cached)
     jpeg_draft_setting()  # a bad VIT_SCALING_JPEG_DRAFT is a DataError (ValueError) here
     if not data_info.has_split("val"):
         raise ValueError(f"dataset {cfg.data} has no val split (splits: "

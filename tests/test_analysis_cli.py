@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from analysis import paper, plot_scaling
-from analysis.report import analyse
+from analysis import plot_scaling
+from analysis.report import paper
+from analysis.report.build import analyse
 from analysis.synthetic import (
     write_bench,
     write_isoflop_results,

@@ -13,13 +13,13 @@ import pytest
 from matplotlib.collections import LineCollection
 from matplotlib.patches import Rectangle
 
-from analysis import figures, figures_bench
-from analysis import frontier as FR
-from analysis.bench_rows import load_bench
-from analysis.figures_optimal import budget_colours
-from analysis.load import load_results, model_order
-from analysis.report import analyse
-from analysis.style import MIN_CONTRAST, contrast_on_white, set_style, size_palette
+from analysis.fit import frontier as FR
+from analysis.load.bench_rows import load_bench
+from analysis.load.runs import load_results, model_order
+from analysis.report import figures, figures_bench
+from analysis.report.build import analyse
+from analysis.report.figures_optimal import budget_colours
+from analysis.report.style import MIN_CONTRAST, contrast_on_white, set_style, size_palette
 from analysis.synthetic import SIZES, write_bench, write_synthetic_results
 
 matplotlib.use("Agg")

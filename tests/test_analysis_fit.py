@@ -1,11 +1,11 @@
-"""analysis.fit: the saturating power law (Zhai et al. 2022, Sec. 2.2), bootstrap, frontier."""
+"""analysis.fit.law: the saturating power law (Zhai et al. 2022, Sec. 2.2), bootstrap, frontier."""
 
 import math
 
 import numpy as np
 import pytest
 
-from analysis import fit as F
+from analysis.fit import law as F
 from analysis.synthetic import TRUE_LAW, law
 
 # Compute from 1e13 to 1e20 FLOPs: the shift d (5e15) bends the low end, the floor c the high end,

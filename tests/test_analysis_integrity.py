@@ -1,5 +1,5 @@
 """Invalid numbers in a results dir never reach a table, figure or summary.md: each bad line or
-file is skipped, named (file, line, reason) and counted, through analysis.load and the real CLI.
+file is skipped, named (file, line, reason) and counted, through analysis.load.runs and the real CLI.
 Run dirs are written as tests/test_analysis_load.py writes them (scaling.results writers), the
 bad lines and files raw, as a broken writer or a torn disk would leave them."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.load import count_skipped, load_results
+from analysis.load.runs import count_skipped, load_results
 from analysis.synthetic import SIZES, write_run, write_synthetic_results
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""analysis.isoflop: compute-optimal size from IsoFLOP profiles (Hoffmann et al. 2022, approach
+"""analysis.fit.isoflop: compute-optimal size from IsoFLOP profiles (Hoffmann et al. 2022, approach
 2) on sweeps of sizes x FLOPs budgets x seeds with a known N_opt ∝ C^0.5
 (analysis.synthetic.write_isoflop_results, written with scaling.results writers)."""
 
@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from analysis import isoflop as I
-from analysis.figures_optimal import optimal_size_figure
-from analysis.load import load_results
-from analysis.report import analyse
+from analysis.fit import isoflop as I
+from analysis.load.runs import load_results
+from analysis.report.build import analyse
+from analysis.report.figures_optimal import optimal_size_figure
 from analysis.synthetic import (
     ISOFLOP_BUDGETS,
     SIZES,

@@ -1,4 +1,4 @@
-"""analysis.load and analysis.frontier on synthetic run dirs written with scaling.results."""
+"""analysis.load.runs and analysis.fit.frontier on synthetic run dirs written with scaling.results."""
 
 import json
 import logging
@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import frontier as FR
-from analysis.bench_rows import load_bench
-from analysis.load import (
+from analysis.fit import frontier as FR
+from analysis.load.bench_rows import load_bench
+from analysis.load.runs import (
     NoResultsError,
     load_results,
     model_order,
@@ -212,7 +212,7 @@ def test_plan_json_supplies_params_of_unfinished_runs(tmp_path):
 
 
 def test_throughput_bars_of_a_model_come_from_one_configuration():
-    from analysis.figures import comparable_latest
+    from analysis.report.figures import comparable_latest
 
     def row(impl, ips, device, time):
         return {"model": "S/16", "impl": impl, "images_per_s": ips, "device": device,
@@ -266,7 +266,7 @@ def test_a_trunk_has_no_final_eval(tmp_path):
 def test_fine_tune_runs_are_left_out_and_said(tmp_path):
     """A fine-tune run dir (config init_from: scaling.finetune) trains on another data set from
     a finished run: it is no pre-training point; the analysis leaves it out and says so."""
-    from analysis.report import analyse
+    from analysis.report.build import analyse
 
     write_synthetic_results(tmp_path, n_evals=4)
     model, params, macs = SIZES[0]
@@ -282,7 +282,7 @@ def test_runs_on_different_data_sets_are_named_and_noted(tmp_path):
     """Two sweeps on two data sets (the demo's digits and demo-full's shapes, say) in one
     results dir: load_results says which sweeps used which data, --sweep narrows it, and the
     report notes the mix, naming both, because one law over two tasks is no scaling law."""
-    from analysis.report import analyse
+    from analysis.report.build import analyse
 
     for sweep, data in (("digits", "/d/digits"), ("shapes", "/d/shapes")):
         for model, params, macs in SIZES[:3]:

@@ -1,4 +1,4 @@
-"""analysis.noise: Wilson intervals on eval points, seeds averaged into one point, ties between
+"""analysis.fit.noise: Wilson intervals on eval points, seeds averaged into one point, ties between
 sizes; on results trees written with scaling.results writers (analysis.synthetic.write_run)."""
 
 import math
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from matplotlib.collections import LineCollection
 
-from analysis import frontier as FR
-from analysis.figures import compute_figure
-from analysis.load import NOT_RECIPE, load_results
-from analysis.noise import aggregate_seeds, close_calls, wilson_interval
-from analysis.report import analyse
+from analysis.fit import frontier as FR
+from analysis.fit.noise import aggregate_seeds, close_calls, wilson_interval
+from analysis.load.runs import NOT_RECIPE, load_results
+from analysis.report.build import analyse
+from analysis.report.figures import compute_figure
 from analysis.synthetic import SIZES, write_run
 
 MODEL, PARAMS, MACS = SIZES[1]  # S/16

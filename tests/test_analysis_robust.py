@@ -4,9 +4,9 @@ known law (analysis.synthetic) written with scaling.results writers."""
 import numpy as np
 import pytest
 
-from analysis import fit as F
-from analysis import frontier as FR
-from analysis.load import load_results
+from analysis.fit import frontier as FR
+from analysis.fit import law as F
+from analysis.load.runs import load_results
 from analysis.synthetic import TRUE_LAW, law, write_synthetic_results
 
 # Two injected faults at the ends of the frontier, where a point has the most leverage: the

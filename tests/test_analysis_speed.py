@@ -1,8 +1,8 @@
-"""The fast loader (analysis.metrics_file, analysis.cache) gives what the reference loader of
-before it gives (analysis.load_reference), on trees with every kind of bad line; the cache
+"""The fast loader (analysis.load.metrics_file, analysis.load.cache) gives what the reference loader of
+before it gives (analysis.bench.load_reference), on trees with every kind of bad line; the cache
 follows every change of a file and survives a killed write. Trees are written with the
 scaling.results writers, the bad lines raw. Speed itself is measured by the benchmark
-(python -m analysis.bench_load), not here."""
+(python -m analysis.bench.load), not here."""
 
 import json
 import os
@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import load_reference
-from analysis.bench_load import train_line
-from analysis.cache import GITIGNORE, RACY_S, cache_path
-from analysis.load import load_results
-from analysis.metrics_file import TRAIN_LINE
-from analysis.parse_pool import parse_all
+from analysis.bench import load_reference
+from analysis.bench.load import train_line
+from analysis.load.cache import GITIGNORE, RACY_S, cache_path
+from analysis.load.metrics_file import TRAIN_LINE
+from analysis.load.parse_pool import parse_all
+from analysis.load.runs import load_results
 from analysis.synthetic import SIZES, write_run
 from scaling.results import append_metrics, truncate_metrics, validate_row
 
@@ -129,7 +129,7 @@ def test_fast_loader_and_cache_match_the_reference_on_every_bad_line(tmp_path):
 
 
 def test_parsing_in_worker_processes_gives_the_same_tables(tmp_path):
-    """A cold load of many files parses them in worker processes (analysis.parse_pool); what
+    """A cold load of many files parses them in worker processes (analysis.load.parse_pool); what
     it reports, and in what order, is what one process reports."""
     root = _bad_tree(tmp_path / "results")
     for i in range(6):
@@ -294,7 +294,7 @@ def test_a_torn_or_foreign_cache_file_is_ignored_and_rebuilt(tmp_path):
 _WRITER = """
 import sys, time
 from pathlib import Path
-from analysis.load import load_results
+from analysis.load.runs import load_results
 go = Path(sys.argv[3])
 while not go.exists():
     time.sleep(0.01)
@@ -340,7 +340,7 @@ def test_a_killed_cache_write_does_not_poison_later_loads(tmp_path):
 @pytest.mark.slow
 def test_the_benchmark_runs_and_writes_only_under_its_out_dir(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "analysis.bench_load", "--runs", "12",
+    proc = subprocess.run([sys.executable, "-m", "analysis.bench.load", "--runs", "12",
                            "--rows", "60", "--eval-every", "6", "--n-boot", "10", "--out-dir",
                            str(out), "--keep"], cwd=REPO, capture_output=True, text=True,
                           timeout=600, check=False)

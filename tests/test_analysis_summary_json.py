@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis import fit as F
+from analysis.fit import law as F
 from analysis.synthetic import SIZES, write_isoflop_results, write_run, write_synthetic_results
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Transfer metrics in the analysis (analysis.transfer): --metric fewshot:NAME:K selects the
+"""Transfer metrics in the analysis (analysis.fit.transfer): --metric fewshot:NAME:K selects the
 transfer rows, averages them over probe seeds per (run, step) against pre-training compute, and
 goes through the same frontier, fit and summaries; a metric without rows is a one-line error
 (exit 2) before anything is written; the upstream-vs-transfer figure is drawn whenever transfer
@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import transfer
-from analysis.load import load_results
-from analysis.noise import aggregate_seeds, wilson_interval
-from analysis.report import analyse, read_transfer
+from analysis.fit import transfer
+from analysis.fit.noise import aggregate_seeds, wilson_interval
+from analysis.load.runs import load_results
+from analysis.report.build import analyse, read_transfer
 from analysis.synthetic import write_isoflop_results, write_transfer
 from scaling.results import append_transfer
 

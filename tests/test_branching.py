@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, train_env
 from safetensors.torch import load_file
 
-from analysis.compute import sweep_compute
+from analysis.fit.compute import sweep_compute
 from scaling import results
 from scaling.config import TrainConfig, cooldown_steps
 

@@ -2,8 +2,7 @@
 run as --fewshot with 1/5/10 shots and 3 draws, at the demo's 8 px, and named in run ids by its
 name rather than where the cache lies."""
 
-import argparse
-
+from launchers.cli import SweepOptions
 from launchers.defaults import with_builtin_fewshot
 from launchers.grid import GridOptions, build_grid
 from launchers.presets import get_preset
@@ -12,7 +11,7 @@ from scaling.data import load_dataset_info
 
 def _with_fewshot(monkeypatch, cache, data=None):
     monkeypatch.setenv("VIT_SCALING_DATA", str(cache))
-    return with_builtin_fewshot(argparse.Namespace(data=data), get_preset("demo"))
+    return with_builtin_fewshot(SweepOptions(data=data), get_preset("demo"))
 
 
 def test_demo_runs_probe_a_cached_mirrored_digits_set_at_8px(tmp_path, monkeypatch, digits_data):
@@ -44,5 +43,5 @@ def test_given_data_or_own_fewshot_gets_no_builtin_downstream_set(tmp_path, monk
     own = get_preset("demo")
     own = own.replace(train={**own.train, "fewshot": "/y/mine"})
     monkeypatch.setenv("VIT_SCALING_DATA", str(tmp_path))
-    assert with_builtin_fewshot(argparse.Namespace(data=None), own).train["fewshot"] == "/y/mine"
+    assert with_builtin_fewshot(SweepOptions(), own).train["fewshot"] == "/y/mine"
     assert not list(tmp_path.iterdir())  # nothing built

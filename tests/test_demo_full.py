@@ -47,7 +47,7 @@ def test_the_data_it_asks_for_builds(small_data):
 
 def test_an_isoflop_grid_the_analysis_can_fit(small_data, tmp_path):
     specs = grid(small_data, tmp_path)
-    # analysis.isoflop: >= 3 sizes per budget, and >= 3 budgets with a vertex inside the sizes
+    # analysis.fit.isoflop: >= 3 sizes per budget, and >= 3 budgets with a vertex inside the sizes
     assert len(FULL.sizes) >= 3 and len(FULL.budgets) >= 5
     assert FULL.budget_kind == "flops" and all(s.cfg.flops == s.budget for s in specs)
     assert {(s.size, s.budget) for s in specs} == {(z, b) for z in FULL.sizes

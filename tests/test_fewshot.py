@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
-from scaling import fewshot, results
+from scaling import downstream, fewshot, results
 from scaling.data import make_builtin_shards
 from scaling.model import create_model
 from scaling.train import main as train_main
@@ -70,13 +70,13 @@ def test_bias_is_not_regularised():
 
 def test_k_shot_draws_are_balanced_nested_and_seeded():
     labels = np.repeat(np.arange(4), [7, 9, 5, 30])
-    draws = [fewshot.draw_shots(labels, [1, 2, 5], seed, 4) for seed in range(3)]
+    draws = [downstream.draw_shots(labels, [1, 2, 5], seed, 4) for seed in range(3)]
     for d in draws:
         for k, idx in d.items():
             assert np.bincount(labels[idx], minlength=4).tolist() == [k] * 4
             assert len(set(idx.tolist())) == len(idx)
         assert set(d[1]) <= set(d[2]) <= set(d[5])
-    again = fewshot.draw_shots(labels, [1, 2, 5], 1, 4)
+    again = downstream.draw_shots(labels, [1, 2, 5], 1, 4)
     assert all((again[k] == draws[1][k]).all() for k in again)
     assert any((draws[0][5] != draws[s][5]).any() for s in (1, 2))
 

@@ -193,6 +193,17 @@ def test_posthoc_bad_flags_exit_2_with_one_line(data, tmp_path, capsys, flags, m
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+def test_posthoc_results_without_runs_says_so(data, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "not-a-run").mkdir(parents=True)  # a folder, but no config.json below it
+    run = subprocess.run([sys.executable, "-m", "scaling.fewshot", "--results", str(empty),
+                          "--data", data["digits"]], capture_output=True, text=True, check=False)
+    assert run.returncode == results.EXIT_BAD_INPUT
+    assert run.stdout == ""
+    assert run.stderr.strip().splitlines() == [
+        f"error: --results {empty}: no runs found (no run dir with config.json below it)"]
+
+
 def test_posthoc_run_and_results_together_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         fewshot.main(["--run", str(tmp_path), "--results", str(tmp_path), "--data", "x"])

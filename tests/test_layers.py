@@ -41,7 +41,7 @@ def test_the_model_imports_only_torch_and_the_standard_library():
 def test_the_analysis_reads_results_without_torch():
     """Model shapes and compute come from torch-free modules (scaling.vitconfig, scaling.flops):
     the analysis starts without importing torch (seconds on a laptop)."""
-    code = ("import sys, analysis.load, analysis.compute, analysis.report, analysis.summary_json; "
+    code = ("import sys, analysis.load.runs, analysis.fit.compute, analysis.report.build, analysis.report.summary_json; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout.strip()
@@ -60,27 +60,13 @@ def test_deepspeed_is_imported_by_one_library_module():
 
 def test_the_checks_see_a_function_level_import(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("def f():\n    from launchers.presets import demo\n    import analysis.fit\n")
+    probe.write_text("def f():\n    from launchers.presets import demo\n    import analysis.fit.law\n")
     assert imported(probe) == {"launchers", "analysis"}
 
 
 # -- the project's own imports: no cycles, no private names, lazy only with a reason -----------
 
 PACKAGES = ("scaling", "launchers", "analysis")
-# Private names imported across modules, left for the analysis' move into packages (issue 25,
-# item 2): (importing module, imported module, name). Do not add to it: make the name public.
-PRIVATE_IMPORTS_TO_REMOVE = {
-    ("analysis.figures_optimal", "analysis.figures", "_fmt"),
-    ("analysis.figures_transfer", "analysis.figures", "_curves"),
-    ("analysis.figures_transfer", "analysis.figures", "_metric_axis"),
-    ("analysis.figures_transfer", "analysis.figures", "_y"),
-    ("analysis.load_reference", "analysis.load", "_budget"),
-    ("analysis.load_reference", "analysis.load", "_read_plan"),
-    ("analysis.summary", "analysis.summary_sections", "_num"),
-    ("analysis.summary", "analysis.summary_sections", "_table"),
-    ("analysis.summary_transfer", "analysis.summary_sections", "_num"),
-    ("analysis.summary_transfer", "analysis.summary_sections", "_table"),
-}
 
 
 def modules(root: Path, packages=PACKAGES) -> dict[str, Path]:
@@ -190,6 +176,38 @@ def test_the_cycle_check_fails_on_a_constructed_cycle(tmp_path):
     assert cycles(import_graph(tmp_path, ("pkg",))) == []
 
 
+# The analysis' rooms, each reading only the ones before it: load <- fit <- report; the
+# benchmarks (and the old loader kept as their oracle) only from outside the rooms.
+ROOMS = ("analysis.load", "analysis.fit", "analysis.report")
+
+
+def room_violations(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(importer, imported) pairs where a room imports a later room or the benchmarks."""
+    def room(module: str) -> int | None:
+        for i, prefix in enumerate((*ROOMS, "analysis.bench")):
+            if module == prefix or module.startswith(prefix + "."):
+                return i
+        return None
+    return sorted((a, b) for a, targets in graph.items() for b in targets
+                  if room(a) is not None and room(a) < len(ROOMS) and room(b) is not None
+                  and room(b) > room(a))
+
+
+def test_the_analysis_rooms_import_only_earlier_rooms():
+    assert room_violations(import_graph(REPO)) == []
+    graph = {"analysis.load.runs": {"analysis.fit.noise"}, "analysis.fit.law": set(),
+             "analysis.report.build": {"analysis.bench.load", "analysis.load.runs"}}
+    assert room_violations(graph) == [("analysis.load.runs", "analysis.fit.noise"),
+                                      ("analysis.report.build", "analysis.bench.load")]
+
+
+def test_the_analysis_public_names_are_exported_by_the_rooms():
+    from analysis.fit import fit_saturating_power_law
+    from analysis.load import load_results
+    from analysis.report import analyse
+    assert callable(fit_saturating_power_law) and callable(load_results) and callable(analyse)
+
+
 def private_imports(root: Path, packages=PACKAGES) -> set[tuple[str, str, str]]:
     """(importer, module, name) of every `from module import _name` between project modules."""
     known = modules(root, packages)
@@ -200,8 +218,7 @@ def private_imports(root: Path, packages=PACKAGES) -> set[tuple[str, str, str]]:
 
 def test_no_module_imports_another_modules_private_name():
     found = private_imports(REPO)
-    assert found - PRIVATE_IMPORTS_TO_REMOVE == set(), "make the name public, or move it"
-    assert PRIVATE_IMPORTS_TO_REMOVE - found == set(), "gone: remove it from the list"
+    assert found == set(), "make the name public, or move it"
 
 
 def _comment_lines(path: Path) -> set[int]:

@@ -53,7 +53,7 @@ def test_convert_state_dict_sources():
 
 
 def test_fit_saturating_power_law_returns_constants():
-    from analysis.fit import fit_saturating_power_law
+    from analysis.fit.law import fit_saturating_power_law
 
     compute = np.logspace(15, 20, 12)
     error = 0.5 * (compute / 1e15 + 0.3) ** -0.4 + 0.1

@@ -2,10 +2,11 @@
 run ends -> USR2 -> checkpoint -> requeue -> resume -> the result of an uninterrupted run.
 
 The run is sized from a short calibration run on this machine so that it trains for about
-100 s: SLURM sends USR2 when at most LEAD + 30 s are left (slurmctld looks every 30 s), so with
-`--time 2 --signal USR2@30` 60 to 90 s into the job, while it trains. On a busy machine the
-resumed attempts may be stopped again the same way (--max-requeues 8); every stop must be a
-time-out.
+240 s: SLURM sends USR2 when at most LEAD + 30 s are left (slurmctld looks every 30 s), so with
+`--time 2 --signal USR2@30` 60 to 90 s into the job, while it trains. The margin is wide on
+purpose: on CI's shared machines the calibration has been 1.6x off in either direction (a
+100 s target ended inside 73 s and no limit was hit). The resumed attempts are stopped again
+the same way (--max-requeues 12); every stop must be a time-out.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tests.test_slurm_sweep import alive, wait_for
 GRID = ["--preset", "demo", "--sizes", "mu", "--budget-kind", "steps", "--gpus", "1",
         "--cluster", "slurm", "--set", "log_every=100"]
 LEAD = 30
-TRAIN_S = 100  # the run's training time at the calibrated speed
+TRAIN_S = 240  # the run's training time at the calibrated speed
 STRIP = TIMING_KEYS
 
 
@@ -53,13 +54,13 @@ def timed_out(slurm, digits_data, tmp_path_factory):
     steps = min(max(int(TRAIN_S / seconds_per_step(digits_data, root / "calib")), 3000), 200000)
     common = [*GRID, "--budgets", str(steps), "--data", digits_data, "--results", str(root)]
     assert main([*common, "--name", "limited", "--time", "2", "--signal", f"USR2@{LEAD}",
-                 "--max-requeues", "8"]) == 0
+                 "--max-requeues", "12"]) == 0
     assert main([*common, "--name", "reference"]) == 0
     (run,) = (root / "limited").glob("mu4_*")
     reference = root / "reference" / run.name  # same config, same run id
     try:
         wait_for(lambda: (run / "final.json").exists() and (reference / "final.json").exists()
-                 and not alive([run, reference]), "the limited and the reference run", 420)
+                 and not alive([run, reference]), "the limited and the reference run", 900)
         yield run, reference
     finally:
         import subprocess

@@ -4,14 +4,9 @@ Nothing is copied: dataset.json (format 2, info.py) lists each shard by URL (an 
 ``pipe:CMD`` or a remote URL, `urls.py`) with its sample count, and says which members hold the
 image and the label (`keys`). Counts come from a scan of every shard (parallel, with progress on
 stderr; it also hashes the bytes it reads and collects the labels) or, when the shards'
-directory holds one, from an index file:
-
-- ``shardindex.json``: webdataset's `wids` index (``{"wids_version": 1, "shardlist": [{"url",
-  "nsamples", "filesize"}]}``, URLs relative to the file);
-- ``_info.json``: timm's (``{"splits": {NAME: {"filenames": [...], "shard_lengths": [...]}}}``,
-  as in timm/imagenet-1k-wds);
-- ``sizes.json``: open_clip's / LAION's ``{"00000.tar": 9876, ...}``;
-- ``NAME_stats.json`` next to each shard: img2dataset's, whose ``successes`` is the count.
+directory holds one, from an index file (`indexfiles.py`: wids, timm, open_clip, img2dataset).
+The first shard's first samples are read before anything else: wrong --image-key or
+--label-key is said at once, not after a scan of the whole split.
 
 The scan is skipped only when an index gives every count and the classes are known (--classes):
 labels can only be learnt by reading. When both exist they must agree (a stale index fails,
@@ -37,11 +32,11 @@ from typing import IO, Any
 from PIL import Image
 
 from scaling.data import urls as urlmod
+from scaling.data.indexfiles import basename, index_counts
 from scaling.data.info import FORMAT_INDEXED, DataError, cache_entry
 from scaling.data.samples import JSON_PREFIX, image_bytes, parse_label, raw_label
-from scaling.data.shardread import raw_samples
+from scaling.data.shardread import describe, raw_samples
 
-INDEX_FILES = ("shardindex.json", "_info.json", "sizes.json")
 SIDES_PER_SHARD = 2  # images per shard whose size is read (header only) for image_size
 PROBE_SAMPLES = 16  # samples read from the first shard when there is no scan
 PROGRESS_EVERY_S = 2.0
@@ -79,70 +74,6 @@ def read_classes(path: str) -> tuple[str, ...]:
     if not isinstance(names, list) or not names:
         raise DataError(f"--classes {path}: expected a JSON list or one class name per line")
     return tuple(str(n) for n in names)
-
-
-# ---- index files -------------------------------------------------------------------------------
-
-def _basename(url: str) -> str:
-    """The file name a URL ends with (for pipe:, the last word of the command)."""
-    return url.rstrip().split()[-1].rsplit("/", 1)[-1]
-
-
-def _parse_index(name: str, raw: bytes) -> dict[str, int]:
-    """basename -> count from one index file (module doc); {} when it is not one."""
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    if name == "shardindex.json" and isinstance(data.get("shardlist"), list):
-        return {_basename(s["url"]): int(s["nsamples"]) for s in data["shardlist"]
-                if isinstance(s, dict) and "url" in s and "nsamples" in s}
-    if name == "_info.json" and isinstance(data.get("splits"), dict):
-        out = {}
-        for split in data["splits"].values():
-            if isinstance(split, dict):
-                out.update({_basename(f): int(n) for f, n in
-                            zip(split.get("filenames", ()), split.get("shard_lengths", ()))})
-        return out
-    if name == "sizes.json":
-        return {str(k): int(v) for k, v in data.items() if isinstance(v, (int, str))
-                and str(v).isdigit()}
-    return {}
-
-
-def _stats_count(url: str) -> int | None:
-    """img2dataset's NAME_stats.json `successes` next to a shard, if there."""
-    stem = _basename(url).rsplit(".", 1)[0]
-    where = urlmod.sibling(url, f"{stem}_stats.json")
-    raw = urlmod.read_optional(where) if where else None
-    try:
-        return int(json.loads(raw)["successes"]) if raw else None
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def index_counts(urls: list[str]) -> dict[str, tuple[int, str]]:
-    """url -> (count, index file name) for the shards that an index file covers."""
-    found: dict[str, tuple[int, str]] = {}
-    dirs: dict[str, list[str]] = {}
-    for url in urls:
-        if urlmod.sibling(url, "") is not None:
-            dirs.setdefault(urlmod.sibling(url, ""), []).append(url)
-    for base, members in dirs.items():
-        for name in INDEX_FILES:
-            raw = urlmod.read_optional(base + name)
-            counts = _parse_index(name, raw) if raw else {}
-            for url in members:
-                if url not in found and _basename(url) in counts:
-                    found[url] = (counts[_basename(url)], name)
-    rest = [u for u in urls if u not in found and urlmod.sibling(u, "") is not None]
-    with ThreadPoolExecutor(16) as pool:
-        for url, n in zip(rest, pool.map(_stats_count, rest)):
-            if n is not None:
-                found[url] = (n, "_stats.json")
-    return found
 
 
 # ---- scanning ----------------------------------------------------------------------------------
@@ -210,20 +141,24 @@ def _scan_once(url: str, keys: SampleKeys) -> dict:
     return out
 
 
-def scan_shard(url: str, keys: SampleKeys) -> dict:
-    """Read one shard to its end: count, labels, image formats, a few image sizes, sha256 and
-    byte count (runs in a pool worker); retried for remote URLs (urls.with_retries)."""
+def _reading(what: str, fn, url: str):
+    """fn() reading shard URL, retried where that can help (urls.with_retries); its errors a
+    DataError naming the shard and saying what failed."""
     try:
-        return urlmod.with_retries("scan", lambda: _scan_once(url, keys), url)
+        return urlmod.with_retries(what, fn, url)
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"unreadable shard: {url}: {type(e).__name__}: "
-                        f"{str(e).split(' @ <')[0]}") from e
+        raise DataError(f"unreadable shard: {url}: {describe(e)}") from e
 
 
-def probe_shard(url: str, keys: SampleKeys) -> dict:
-    """The first PROBE_SAMPLES samples of a shard (no scan: formats and image sizes only)."""
+def scan_shard(url: str, keys: SampleKeys) -> dict:
+    """Read one shard to its end: count, labels, image formats, a few image sizes, sha256 and
+    byte count (runs in a pool worker); retried for remote URLs (urls.with_retries)."""
+    return _reading("scan", lambda: _scan_once(url, keys), url)
+
+
+def _probe_once(url: str, keys: SampleKeys) -> dict:
     out = _new_summary(url)
     samples = raw_samples(url)
     try:
@@ -232,6 +167,25 @@ def probe_shard(url: str, keys: SampleKeys) -> dict:
     finally:
         samples.close()
     return out
+
+
+def probe_shard(url: str, keys: SampleKeys) -> dict:
+    """The first PROBE_SAMPLES samples of a shard (formats, image sizes, members seen)."""
+    return _reading("probe", lambda: _probe_once(url, keys), url)
+
+
+def check_keys(summary: dict, keys: SampleKeys, *, probed: bool = False) -> None:
+    """DataError when no sample of a shard summary has the label, or an image: the keys are
+    wrong (a probe: said before a scan of the whole split)."""
+    n = summary["num_samples"]
+    some = f"none of the first {n} samples has" if probed else "no sample has"
+    seen = f"(members seen: {sorted(summary['keys_seen'])})"
+    if n and summary["missing_label"] == n:
+        raise DataError(f"shard {summary['url']}: {some} a label {keys.label!r} {seen}; pass "
+                        "--label-key")
+    if n and summary["missing_image"] == n:
+        raise DataError(f"shard {summary['url']}: {some} an image among {keys.image} {seen}; "
+                        "pass --image-key")
 
 
 def scan_all(urls: list[str], keys: SampleKeys, workers: int, what: str) -> list[dict]:
@@ -286,12 +240,7 @@ def _check_summaries(split: str, sums: list[dict], keys: SampleKeys,
                      classes: tuple[str, ...] | None, counts: dict) -> None:
     """Labels present and in range; counts equal to those of an index file."""
     for s in sums:
-        if s["num_samples"] and s["missing_label"] == s["num_samples"]:
-            raise DataError(f"shard {s['url']}: no sample has a label {keys.label!r} (members "
-                            f"seen: {sorted(s['keys_seen'])}); pass --label-key")
-        if s["num_samples"] and s["missing_image"] == s["num_samples"]:
-            raise DataError(f"shard {s['url']}: no sample has an image among {keys.image} "
-                            f"(members seen: {sorted(s['keys_seen'])}); pass --image-key")
+        check_keys(s, keys)
         bad = [x for x in s["labels"] if x < 0 or (classes and x >= len(classes))]
         if bad:
             raise DataError(f"shard {s['url']} (split {split!r}): labels {sorted(bad)[:5]} "
@@ -304,7 +253,7 @@ def _check_summaries(split: str, sums: list[dict], keys: SampleKeys,
 
 def _entry(s: dict) -> dict:
     labels = s.get("labels") or None
-    return {"name": _basename(s["url"]), "url": s["url"], "num_samples": s["num_samples"],
+    return {"name": basename(s["url"]), "url": s["url"], "num_samples": s["num_samples"],
             "bytes": s.get("bytes"), "sha256": s.get("sha256"),
             "label_min": min(labels) if labels else None,
             "label_max": max(labels) if labels else None}
@@ -338,6 +287,7 @@ def build_index(args: dict, keys: SampleKeys, workers: int) -> tuple[dict, dict]
     """(dataset.json payload, hash cache entries of scanned local shards) for validated args."""
     split_urls = _split_urls(args["src"], args["val_src"], args["val_fraction"], args["seed"])
     classes = read_classes(args["classes_file"]) if args["classes_file"] else None
+    check_keys(probe_shard(split_urls["train"][0], keys), keys, probed=True)  # before a scan
     all_urls = [u for us in split_urls.values() for u in us]
     counts = {} if args["scan"] else index_counts(all_urls)
     scan = args["scan"] or classes is None or any(u not in counts for u in all_urls)

@@ -196,7 +196,7 @@ def parse_dataset_info(root: Path, raw: dict) -> DatasetInfo:
                        label_key=label_key)
 
 
-def _read_cache(root: Path) -> dict:
+def read_cache(root: Path) -> dict:
     """The sha256 cache, or {} when absent or unreadable (it is only a cache)."""
     try:
         return json.loads((root / HASH_CACHE_FILE).read_text())
@@ -204,7 +204,7 @@ def _read_cache(root: Path) -> dict:
         return {}
 
 
-def _write_cache(root: Path, cache: dict) -> None:
+def write_cache(root: Path, cache: dict) -> None:
     """Save the sha256 cache atomically; a read-only data dir just goes uncached."""
     try:
         atomic_write_text(root / HASH_CACHE_FILE, json.dumps(cache, indent=1, sort_keys=True))
@@ -282,7 +282,7 @@ def verify_shards(info: DatasetInfo, *, level: bool | str = True) -> None:
         raise ValueError(f"verify={level!r}; expected one of {VERIFY_LEVELS}")
     if level is False:
         return
-    cache = _read_cache(info.root) if level in (True, "sha256") else None
+    cache = read_cache(info.root) if level in (True, "sha256") else None
     dirty = False
     for split in info.splits.values():
         for shard in (s for s in split.shards if not s.remote):
@@ -297,7 +297,7 @@ def verify_shards(info: DatasetInfo, *, level: bool | str = True) -> None:
             _check_digest(shard, _cached_sha256(shard, st, cache))
             dirty |= cache.get(shard.cache_key) is not before
     if dirty:
-        _write_cache(info.root, cache)
+        write_cache(info.root, cache)
     _verify_remote(info, level)
 
 

@@ -23,11 +23,8 @@ failed rebuild leaves the previous dataset usable. The lock is a sibling file to
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from scaling.clihelp import DefaultsHelpFormatter
@@ -36,8 +33,8 @@ from scaling.data.info import INFO_FILE, DataError, DatasetInfo, load_dataset_in
 from scaling.data.writer import (
     Encoding,
     Source,
+    build_lock,
     check_out_dir,
-    remove_stale_builds,
     write_dataset,
     write_info,
 )
@@ -49,7 +46,6 @@ KEY_DEFAULTS = {"webdataset": ("jpg;jpeg;png;webp", "cls"), "parquet": ("image",
 BUILTIN = ("digits", "digits-mirror", "shapes")
 HOLDOUT_FRACTION = 0.3  # digits-mirror: the val fraction of the digits set it is drawn from
 FORMATS = ("png", "jpg")
-LOCK_SUFFIX = ".make_shards.lock"  # the lock of OUT is PARENT/.OUT.make_shards.lock
 
 
 def _source_args(source: str, *, src: str | None, val_src: str | None, val_fraction: float,
@@ -201,20 +197,6 @@ def _build_source(a: dict) -> Source:
                                  difficulty=a.get("difficulty", 1.0))
 
 
-@contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on OUT while writing, so concurrent ranks build it only once; the
-    holder is the only builder of OUT, so it may delete the staging dirs killed builds left."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(f".{out.name}{LOCK_SUFFIX}"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            remove_stale_builds(out)
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def make_shards(source: str, out: str | os.PathLike, *, src: str | None = None,
                 val_src: str | None = None, val_fraction: float = 0.1,
                 image_size: int | None = None, image_format: str | None = None,
@@ -247,11 +229,11 @@ def make_shards(source: str, out: str | os.PathLike, *, src: str | None = None,
         keys = index.SampleKeys(tuple(args["image_keys"]), args["label_key"])
         payload, cache = index.build_index(args, keys, workers)  # reads only: no lock yet
         _check_not_inside(out, payload)
-        with _locked(out):
+        with build_lock(out):
             write_info(out, payload, cache)
         return load_dataset_info(out, verify="size")
     built = _build_source(args)  # lists / reads the input: its errors come before any write
-    with _locked(out):
+    with build_lock(out):
         return _write(args, out, workers, built, strict)
 
 
@@ -297,7 +279,7 @@ def make_builtin_shards(source: str, out: str | os.PathLike, *, image_size: int 
     if info is not None:                                     # read-only copy can be reused
         return info
     out = _check_out(Path(out), workers)  # a rebuild replaces OUT: it must hold only data
-    with _locked(out):
+    with build_lock(out):
         return _reusable(out, args) or _write(args, out, workers)
 
 

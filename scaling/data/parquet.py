@@ -140,10 +140,13 @@ def parquet_source(src: str, *, val_src: str | None, val_fraction: float, seed: 
     train_groups, val_groups = _rows(train_files, label_col), _rows(val_files, label_col)
     if not any(train_groups):
         raise DataError(f"--src {src!r}: no rows")
-    classes = classes or hub_class_names(train_files[0], label_col)
-    if classes is None:
-        top = max(x[3] for g in train_groups + val_groups for x in g)
-        classes = tuple(str(i) for i in range(top + 1))
+    classes = classes or hub_class_names(train_files[0], label_col) or tuple(
+        str(i) for i in range(max(x[3] for g in train_groups for x in g) + 1))
+    unknown = sorted({x[3] for g in val_groups for x in g if x[3] >= len(classes)})
+    if unknown:  # as an ImageFolder val folder that is no training class
+        raise DataError(f"--val-src {val_src!r}: labels {unknown[:5]} in {label_col!r} are not "
+                        f"training classes (0..{len(classes) - 1}); pass --classes naming all "
+                        "classes")
     if not val_src and val_fraction > 0:  # a seeded split of rows; val read in file order
         rows = [x for g in train_groups for x in g]
         order = np.random.default_rng(seed).permutation(len(rows))

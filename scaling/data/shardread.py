@@ -11,8 +11,8 @@ Shards are opened by `urls.open_url` (local files, `pipe:`, http(s), fsspec) and
 webdataset's own tar iterator and key grouping. A remote shard whose open or read fails is
 re-read `urls.RETRIES` times with exponential back-off, the samples already delivered skipped
 (so the stream is the same as without the failure); after that it is a DataError naming the
-URL. A local shard is never retried (its errors are not transient), and a count mismatch is
-never retried.
+URL. A local shard is never retried (its errors are not transient), nor a count mismatch, nor
+what cannot succeed (an HTTP 4xx, a `pipe:` command that fails before any output).
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ from scaling.data import urls as urllib_
 from scaling.data.info import INFO_FILE, DataError
 
 
-def _reason(exn: Exception) -> str:
-    """A short description of a read error (webdataset appends URLs and stream objects to
-    the exception's args)."""
+def describe(exn: Exception) -> str:
+    """A short description of a read error in words (webdataset appends URLs and stream objects
+    to the exception's args; a UrlFailed is already words)."""
+    if isinstance(exn, urllib_.UrlFailed):
+        return str(exn)
     text = exn.strerror if isinstance(exn, OSError) and exn.strerror else (
         str(exn.args[0]).split(" @ <")[0] if exn.args else "")
     return f"{type(exn).__name__}: {text}" if text else type(exn).__name__
@@ -40,8 +42,8 @@ def _reason(exn: Exception) -> str:
 def raw_samples(url: str, wrap: Callable[[IO[bytes]], IO[bytes]] | None = None
                 ) -> Iterator[dict]:
     """The samples of one shard as webdataset groups them (`__key__`, `__url__`, one bytes
-    entry per extension), unchecked; the stream is closed at the end, so that a `pipe:` or
-    curl process that failed raises here. `wrap` may wrap the opened stream (hashing)."""
+    entry per extension), unchecked; the stream is closed at the end, so that a `pipe:`
+    command that failed raises here. `wrap` may wrap the opened stream (hashing)."""
     stream = urllib_.open_url(url)
     if wrap is not None:
         stream = wrap(stream)
@@ -49,11 +51,19 @@ def raw_samples(url: str, wrap: Callable[[IO[bytes]], IO[bytes]] | None = None
         files = tariterators.tar_file_expander([{"url": url, "stream": stream}],
                                                handler=reraise_exception)
         yield from tariterators.group_by_keys(files, handler=reraise_exception)
-    except BaseException:
-        with contextlib.suppress(OSError, ValueError):  # the first error is the one to report
+    except GeneratorExit:  # the reader stopped early: a command's SIGPIPE is not an error
+        with contextlib.suppress(OSError, ValueError):
             stream.close()
         raise
-    stream.close()  # a Pipe raises here for a command that exited non-zero
+    except Exception as e:
+        try:
+            stream.close()
+        except urllib_.UrlFailed as failed:  # the cause: a command that failed ("empty file")
+            raise failed from e
+        except (OSError, ValueError):
+            pass  # the first error is the one to report
+        raise
+    stream.close()  # raises UrlFailed for a pipe: command that exited non-zero
 
 
 def shard_samples(url: str, expected: int) -> Iterator[dict]:
@@ -76,9 +86,10 @@ def shard_samples(url: str, expected: int) -> Iterator[dict]:
             raise
         except Exception as e:  # any open/tar/IO error: the shard cannot be read to its end
             attempt += 1
-            if urllib_.is_local(url) or attempt > urllib_.RETRIES:
-                tries = "" if urllib_.is_local(url) else f" (tried {attempt} times)"
-                raise DataError(f"unreadable shard: {url}: {_reason(e)}, after {n} of the "
+            final = getattr(e, "permanent", False)  # a 404, a command failing at once
+            if urllib_.is_local(url) or attempt > urllib_.RETRIES or final:
+                tries = "" if urllib_.is_local(url) or final else f" (tried {attempt} times)"
+                raise DataError(f"unreadable shard: {url}: {describe(e)}, after {n} of the "
                                 f"{expected} samples {INFO_FILE} lists{tries}") from e
             time.sleep(urllib_.RETRY_DELAY_S * 2 ** (attempt - 1))
     if n != expected:

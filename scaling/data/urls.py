@@ -3,9 +3,11 @@
 What a URL may be (docs/data.md, "Bringing existing shards"):
 
 - a local path (absolute after `normalize`), or ``file://PATH``;
-- a webdataset URL that `webdataset.gopen` opens: ``pipe:CMD`` (the command's stdout is the
-  shard), ``http(s)://`` (webdataset runs ``curl``), and its other schemes (``gs://`` through
-  ``gsutil`` when gcsfs is not installed, ``ais://``, ``hf://``, ...);
+- ``pipe:CMD`` (the shell command's stdout is the shard) and ``http(s)://`` (urllib), opened
+  here so that a failure says what failed ("command exited 1", "HTTP 404 Not Found": UrlFailed)
+  and is retried only when trying again can help;
+- a URL of webdataset's other `gopen` schemes (``gs://`` through ``gsutil`` when gcsfs is not
+  installed, ``ais://``, ``hf://``, ...);
 - an fsspec URL (``s3://``, ``gs://``, ``az://``, ...) when the matching fsspec backend (s3fs,
   gcsfs, adlfs) is installed.
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -96,14 +100,85 @@ def _use_fsspec(url: str) -> bool:
     return (s not in gopen_schemes or s == "gs") and _fsspec_protocol(s)
 
 
+class UrlFailed(OSError):
+    """A remote open or read that failed, said in words ("HTTP 404 Not Found", "command exited
+    1"); `permanent` when trying again cannot help (with_retries does not)."""
+
+    def __init__(self, text: str, *, permanent: bool):
+        super().__init__(text)
+        self.text, self.permanent = text, permanent
+
+    def __str__(self) -> str:  # webdataset appends the stream and URL to a read error's args
+        return self.text
+
+
+def http_failure(e: urllib.error.URLError) -> UrlFailed:
+    """An HTTP error in words; a client error (4xx but 408 timeout, 429 too many requests) is
+    permanent, a server error or a failed connection may pass."""
+    if isinstance(e, urllib.error.HTTPError):
+        return UrlFailed(f"HTTP {e.code} {e.reason}",
+                         permanent=400 <= e.code < 500 and e.code not in (408, 429))
+    return UrlFailed(f"cannot connect ({getattr(e.reason, 'strerror', None) or e.reason})",
+                     permanent=False)
+
+
+class _Command:
+    """The stdout of a `pipe:` command (run by the shell, as webdataset does); its exit status
+    is checked at the end of the output, or when closed early (SIGPIPE then is ours)."""
+
+    def __init__(self, command: str):
+        self.command, self.bytes = command, 0
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)  # a pipe: URL is a shell command
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.proc.stdout.read(n)
+        self.bytes += len(data)
+        if not data and n != 0:
+            self._check(self.proc.wait(), at_end=True)
+        return data
+
+    def close(self) -> None:
+        if self.proc.stdout.closed:
+            return
+        self.proc.stdout.close()
+        self._check(self.proc.wait(), at_end=False)
+
+    def _check(self, status: int, *, at_end: bool) -> None:
+        if status == 0 or (not at_end and status in (141, -signal.SIGPIPE)):
+            return
+        what = f"killed by signal {-status}" if status < 0 else f"exited {status}"
+        # a command that fails before any output (a missing file, a typo) fails every time
+        raise UrlFailed(f"command {what} after {self.bytes} bytes of output: {self.command}",
+                        permanent=self.bytes == 0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _http_open(url: str) -> IO[bytes]:
+    """An HTTP(S) response stream (urllib: its errors carry the status, which curl's -f hides)."""
+    try:
+        return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+    except urllib.error.URLError as e:
+        raise http_failure(e) from None
+
+
 def open_url(url: str) -> IO[bytes]:
-    """A binary stream of the URL's bytes."""
+    """A binary stream of the URL's bytes; a failed pipe: command or HTTP request raises
+    UrlFailed."""
     if is_local(url):
         return open(local_path(url), "rb")
     if _use_fsspec(url):
         import fsspec
         return fsspec.open(url, "rb").open()
     s = scheme(url)
+    if s == "pipe":
+        return _Command(url[len("pipe:"):])
+    if s in ("http", "https"):
+        return _http_open(url)
     if s not in gopen_schemes:
         raise DataError(f"cannot open {url}: no reader for {s}:// URLs (install the fsspec "
                         f"backend for it: s3fs for s3://, gcsfs for gs://, adlfs for az://)")
@@ -112,14 +187,14 @@ def open_url(url: str) -> IO[bytes]:
 
 def with_retries(what: str, fn, url: str):
     """fn(), retried RETRIES times with exponential back-off for a remote URL; the last error
-    re-raised. FileNotFoundError and DataError are not retried."""
+    re-raised. FileNotFoundError, DataError and a permanent UrlFailed are not retried."""
     for attempt in range(RETRIES + 1):
         try:
             return fn()
         except (FileNotFoundError, DataError):
             raise
-        except Exception:
-            if is_local(url) or attempt == RETRIES:
+        except Exception as e:
+            if is_local(url) or attempt == RETRIES or getattr(e, "permanent", False):
                 raise
             time.sleep(RETRY_DELAY_S * 2**attempt)
     raise AssertionError(what)
@@ -133,10 +208,12 @@ def _http_size(url: str) -> int | None:
             length = r.headers.get("Content-Length")
     except urllib.error.HTTPError as e:
         if e.code in (404, 410):
-            raise FileNotFoundError(f"HTTP {e.code}") from None
+            raise FileNotFoundError(f"HTTP {e.code} {e.reason}") from None
         if e.code in (405, 501):  # no HEAD here: the size stays unknown (counts still checked)
             return None
-        raise
+        raise http_failure(e) from None
+    except urllib.error.URLError as e:
+        raise http_failure(e) from None
     return int(length) if length is not None else None
 
 

@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import sys
 import tarfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +48,7 @@ from scaling.results import atomic_write_text
 SPLITS = ("train", "val")
 SHARD_RE = re.compile(r"^(train|val)-\d{6}\.tar$")
 OLD_LOCK_FILE = ".make_shards.lock"  # lived inside OUT before builds were swapped in
+LOCK_SUFFIX = ".make_shards.lock"  # the lock of OUT is PARENT/.OUT.make_shards.lock
 STAGING = (".build-", ".old-")  # sibling name parts: .OUT.build-TOKEN, .OUT.old-TOKEN
 MAX_SKIPS_LISTED = 1000  # dataset.json lists the first ones; "count" has them all
 
@@ -192,6 +196,27 @@ def remove_stale_builds(out: Path) -> list[Path]:
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
+
+
+@contextmanager
+def build_lock(out: Path) -> Iterator[None]:
+    """Hold the exclusive build lock of OUT (PARENT/.OUT.make_shards.lock: OUT itself is
+    replaced) while writing, so concurrent ranks build it only once; the holder is the only
+    builder of OUT, so it may delete the staging dirs killed builds left. A waiter says so."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(f".{out.name}{LOCK_SUFFIX}")
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # say why nothing happens (the other may take hours)
+            print(f"make_shards: waiting for another build of {out} to finish (it holds the "
+                  f"lock {lock})", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            remove_stale_builds(out)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _staging(out: Path, tag: str) -> Path:

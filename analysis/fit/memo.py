@@ -1,0 +1,103 @@
+"""Remembered results of the deterministic fits (analysis.fit.law), so that a re-plot whose
+frontier did not change, and the ViT paper's fixed table, skip their bootstrap refits.
+
+A result is stored as ``CACHE_DIR/fits/<key>.json``, the key a hash of the function's name, its
+arguments (arrays by their bytes), the source of analysis/fit/law.py and the numpy and scipy
+versions: the same inputs through the same code give the same numbers (the bootstrap is seeded),
+so a stored result is never stale. Written atomically (scaling.results.atomic_write_text); a
+file that cannot be read is recomputed and rewritten. Entries unused for MAX_AGE_DAYS are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy
+
+from analysis.fit import law as F
+from scaling.results import atomic_write_text
+
+log = logging.getLogger("analysis")
+MAX_AGE_DAYS = 30
+_VERSION = hashlib.sha256(Path(F.__file__).read_bytes() + np.__version__.encode()
+                          + scipy.__version__.encode()).hexdigest()[:16]
+
+
+def _encode(v):
+    """JSON form of a fit result: arrays and tuples tagged, so they come back as they were."""
+    if isinstance(v, np.ndarray):
+        return {"__array__": v.tolist(), "dtype": str(v.dtype)}
+    if isinstance(v, tuple):
+        return {"__tuple__": [_encode(x) for x in v]}
+    if isinstance(v, dict):
+        return {k: _encode(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_encode(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _decode(v):
+    if isinstance(v, dict):
+        if "__array__" in v:
+            return np.array(v["__array__"], dtype=v["dtype"])
+        if "__tuple__" in v:
+            return tuple(_decode(x) for x in v["__tuple__"])
+        return {k: _decode(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_decode(x) for x in v]
+    return v
+
+
+def _key(fn, args, kwargs) -> str:
+    h = hashlib.sha256(f"{_VERSION}:{fn.__module__}.{fn.__qualname__}".encode())
+    for a in args:
+        h.update(np.asarray(a, dtype=float).tobytes() + b"|")
+    h.update(json.dumps(kwargs, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+class FitMemo:
+    """memo(fn, *arrays, **options): fn's result, from CACHE_DIR/fits when stored."""
+
+    def __init__(self, cache_dir):
+        self.folder = Path(cache_dir) / "fits"
+        self.hits = self.computed = 0
+
+    def __call__(self, fn, *args, **kwargs):
+        path = self.folder / f"{_key(fn, args, kwargs)}.json"
+        if path.exists():
+            try:
+                out = _decode(json.loads(path.read_text()))
+                os.utime(path)  # used: not pruned
+                self.hits += 1
+                return out
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.info("recomputing the fit stored in %s (%s)", path, e)
+        out = fn(*args, **kwargs)
+        self.computed += 1
+        self._store(path, out)
+        return out
+
+    def _store(self, path: Path, out) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(_encode(out)))
+            cutoff = time.time() - MAX_AGE_DAYS * 86400
+            for old in self.folder.iterdir():
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+        except OSError as e:
+            log.warning("could not store a fit in %s: %s", self.folder, e)
+
+
+def plain(fn, *args, **kwargs):
+    """No memo: call fn."""
+    return fn(*args, **kwargs)

@@ -1,0 +1,172 @@
+"""The parsed-metrics cache: what analysis.load.metrics_file.eval_rows made of each metrics.jsonl, so a
+re-plot parses only the files that changed.
+
+Where: one Parquet file per results dir, ``CACHE_DIR/metrics-<hash of the results dir's resolved
+path>.parquet``; ``python analysis/plot_scaling.py`` uses ``OUT/.analysis-cache/`` (``--cache-dir``,
+``--no-cache``). The folder holds a ``.gitignore`` of ``*``, so it is never a tracked file even
+inside a tracked folder. The file is a cache only: deleting it costs one full parse.
+
+What: the usable eval rows of every metrics.jsonl (``file``: its index in the entry list, then the
+EVAL_FIELDS columns) and, in the file's Parquet metadata, one entry per metrics.jsonl: its path
+relative to the results dir, its key, where its rows are, and its skipped lines (line, reason).
+
+Never stale: an entry is used only when the file's key, (size, mtime_ns, ctime_ns, inode,
+device), is what it was when it was parsed. An append, a rewrite (truncate_metrics replaces the
+file: a new inode), a truncation or a touch changes it; a deleted file's entry is dropped, an added
+file is parsed. A file whose mtime is within RACY_S of the moment it was read (it may change
+again within one tick of the file system's clock, keeping its key) or that changed while it was
+read is not stored, so it is parsed again next time. The rules' own version (a hash of the
+modules that define them, RULES_VERSION) is stored too: a cache written under other rules is not
+used. A cache that cannot be read (torn, foreign, another version) is ignored and rewritten.
+
+Atomic (scaling.results.atomic_open): written to a temporary file in the same folder, fsynced,
+then renamed over the old one (os.replace), so a reader sees the old cache or the new one, never
+a torn one; a killed write leaves only its temporary file, which a later write removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from analysis.load import checks, metrics_file
+from scaling import results
+
+log = logging.getLogger("analysis")
+
+CACHE_DIR = ".analysis-cache"  # under --out, by default (analysis/plot_scaling.py)
+GITIGNORE = "*\n"
+META_KEY = b"analysis_metrics_cache"
+RACY_S = 2.0
+STALE_TMP_S = 3600.0
+
+
+def _rules_version() -> str:
+    """A hash of the sources of the rules a cached entry was made by."""
+    h = hashlib.sha256()
+    for module in (checks, metrics_file):
+        h.update(Path(module.__file__).read_bytes())
+    h.update(repr((results.TRAIN_KEYS, results.TRAIN_OPTIONAL, results.EVAL_KEYS)).encode())
+    return h.hexdigest()[:16]
+
+
+RULES_VERSION = _rules_version()
+
+
+def file_key(st: os.stat_result) -> list[int]:
+    """What identifies one version of a file: size, mtime_ns, ctime_ns, inode, device."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def cache_path(cache_dir, results_dir) -> Path:
+    """CACHE_DIR/metrics-<hash>.parquet for this results dir."""
+    root = str(Path(results_dir).resolve())
+    return Path(cache_dir) / f"metrics-{hashlib.sha256(root.encode()).hexdigest()[:12]}.parquet"
+
+
+class MetricsCache:
+    """The entries of one results dir: get() a file's rows if its key is unchanged, put() new
+    ones, save() when anything changed (only the files seen since opening are kept)."""
+
+    def __init__(self, cache_dir, results_dir):
+        self.path = cache_path(cache_dir, results_dir)
+        self.root = str(Path(results_dir).resolve())
+        self.old: dict[str, dict] = {}
+        self.new: dict[str, dict] = {}
+        self.rows: dict[str, np.ndarray] = {}
+        self.values = np.empty((0, len(metrics_file.EVAL_FIELDS)))
+        self.hits = self.parsed = 0
+        self.changed = False
+        if self.path.exists():
+            try:
+                self._read()
+            except Exception as e:  # noqa: BLE001 (a cache that cannot be read is rebuilt)
+                log.info("ignoring the metrics cache %s (%s); it is rebuilt", self.path, e)
+                self.old = {}
+
+    def _read(self) -> None:
+        table = pq.read_table(self.path)
+        meta = json.loads(table.schema.metadata[META_KEY])
+        if meta["version"] != RULES_VERSION or meta["root"] != self.root:
+            raise ValueError("written by other rules or for another results dir")
+        if table.column_names != ["file", *metrics_file.EVAL_FIELDS]:
+            raise ValueError(f"unexpected columns {table.column_names}")
+        entries = {e["path"]: e for e in meta["files"]}
+        if any(e["start"] < 0 or e["start"] + e["n"] > table.num_rows for e in entries.values()):
+            raise ValueError("an entry points past the rows")
+        self.values = np.column_stack([table[c].to_numpy() for c in metrics_file.EVAL_FIELDS]
+                                      ).astype(float).reshape(table.num_rows, -1)
+        self.old = entries
+
+    def has(self, rel: str, st: os.stat_result) -> bool:
+        """Whether get() would serve `rel` (nothing is counted or kept)."""
+        entry = self.old.get(rel)
+        return entry is not None and entry["key"] == file_key(st)
+
+    def get(self, rel: str, st: os.stat_result):
+        """(rows, skips) of `rel` if it was stored with the key `st` gives, else None."""
+        entry = self.old.get(rel)
+        if entry is None or entry["key"] != file_key(st):
+            return None
+        rows = self.values[entry["start"]:entry["start"] + entry["n"]]
+        self.new[rel], self.rows[rel] = entry, rows
+        self.hits += 1
+        return rows, [tuple(s) for s in entry["skips"]]
+
+    def put(self, rel: str, before: os.stat_result, after: os.stat_result, read_ns: int,
+            rows: np.ndarray, skips: list) -> None:
+        """Store a freshly parsed file, unless it changed while it was read or changed so
+        recently (mtime or ctime within RACY_S of the read) that it may change unseen."""
+        self.parsed += 1
+        self.changed = True
+        recent = max(after.st_mtime_ns, after.st_ctime_ns) > read_ns - RACY_S * 1e9
+        if file_key(before) != file_key(after) or recent:
+            return
+        self.new[rel] = {"path": rel, "key": file_key(after), "skips": [list(s) for s in skips]}
+        self.rows[rel] = rows
+
+    def save(self) -> None:
+        """Write the entries seen since opening (atomically) when anything changed."""
+        if not self.changed and set(self.new) == set(self.old):
+            return
+        try:
+            self._write()
+        except OSError as e:
+            log.warning("could not write the metrics cache %s: %s", self.path, e)
+
+    def _table(self) -> pa.Table:
+        """The rows of every entry, and the entries in the metadata."""
+        names = sorted(self.new)
+        counts = [len(self.rows[rel]) for rel in names]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int) if names else []
+        files = [{**self.new[rel], "start": int(s), "n": n}
+                 for rel, s, n in zip(names, starts, counts)]
+        width = len(metrics_file.EVAL_FIELDS)
+        values = np.vstack([self.rows[rel] for rel in names] or [np.empty((0, width))])
+        columns = {"file": np.repeat(np.arange(len(names), dtype=np.int32), counts)}
+        columns.update({c: values[:, j] for j, c in enumerate(metrics_file.EVAL_FIELDS)})
+        meta = {"version": RULES_VERSION, "root": self.root, "files": files}
+        return pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta)})
+
+    def _write(self) -> None:
+        folder = self.path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / ".gitignore").exists():
+            (folder / ".gitignore").write_text(GITIGNORE)
+        table = self._table()
+        with results.atomic_open(self.path, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        for old in folder.glob(f".{self.path.name}.tmp*"):  # of killed writes
+            try:
+                if old.stat().st_mtime < time.time() - STALE_TMP_S:
+                    old.unlink()
+            except OSError:
+                pass

@@ -1,0 +1,375 @@
+"""Results directory -> tidy pandas DataFrames (one row per eval point, one row per run).
+
+Reads the layout defined in scaling/results.py (``RESULTS/<sweep>/<run_id>/config.json``,
+``metrics.jsonl``, ``final.json``) through its helpers and never parses logs. Nothing is dropped
+silently: runs that are still going (no final.json) get status "running", failed and diverged
+runs keep their status, and a file or metrics line that cannot be used is logged with its path
+(``path:line`` for a line) and the reason, skipped, and listed in ``Results.skipped``.
+
+What is skipped (analysis/README.md, "What the loader skips"):
+- a run whose config.json or final.json is unreadable or breaks the schema, or whose final.json
+  holds a NaN or out-of-range ``final_top1`` / ``best_top1`` / ``final_top5`` (not a fraction in
+  [0, 1], or best below final): its status and numbers cannot be trusted, so the whole run;
+- a metrics line that is not JSON, not an object, not UTF-8, or breaks the row schema
+  (including a torn last line: a kill mid-append, rewritten by a resumed run);
+- an eval line whose ``top1`` or ``top5`` is null/NaN or outside [0, 1], whose top-5 is below its
+  top-1, whose ``num_samples`` is null, zero, negative or fractional, or whose ``step`` is not a
+  whole number >= 0;
+- duplicate eval steps: exact copies of one eval row are kept once (the copies are skipped);
+  rows of one step that disagree are all skipped, since nothing tells which of them is right.
+
+Derived columns, and how they are approximated:
+- ``params``, ``macs_per_image``: from final.json, else from plan.json (written when a run
+  starts); failing both, MACs are recovered exactly from the metrics rows (flops_seen =
+  6 x MACs x images_seen, see scaling/results.py) and params are taken from a run of the same
+  model in the same sweep (same architecture and head), else NaN.
+- ``device_hours`` per eval row: final device_hours x wall_s / final wall time, i.e. the run's
+  device hours spread in proportion to wall-clock time; without final.json, wall_s / 3600 x
+  world_size from plan.json (or config.json), else NaN.
+- ``budget``: the config's FLOPs budget (``flops``), NaN for another kind; ``recipe``: the
+  experiment a run repeats with its seed (recipe_key); ``num_samples`` is kept.
+
+Speed: metrics lines are read by analysis.load.metrics_file (train rows in the writer's byte form are
+recognised without being parsed; every line is still checked), the parsed rows of each file can
+be kept in a cache (analysis.load.cache, ``load_results(dir, cache_dir=...)``) so that only changed
+files are parsed again, and the tables are built in one pass over all runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.load.cache import MetricsCache
+from analysis.load.checks import final_problem
+from analysis.load.metrics_file import EVAL_FIELDS
+from analysis.load.parse_pool import MIN_BYTES, parse_all, read_and_parse
+from analysis.load.skips import (  # noqa: F401 (count_skipped: part of the API)
+    Skipped,
+    count_skipped,
+    read_error,
+    skip,
+)
+from analysis.load.tables import (  # noqa: F401 (EVAL_COLUMNS: part of the API)
+    EVAL_COLUMNS,
+    STATUS_RUNNING,
+    eval_table,
+    fill_params,
+)
+from scaling.branch import trunk_dir
+from scaling.results import (
+    CONFIG_FILE,
+    FINAL_FILE,
+    INPUT_BOUND,
+    METRICS_FILE,
+    PLAN_FILE,
+    SchemaError,
+    iter_run_dirs,
+    read_final,
+    read_json,
+)
+from scaling.vitconfig import split_name
+
+# Config fields that do not make two runs different experiments: the seed (runs that differ
+# only by it are repeats, averaged by aggregate_seeds) and where or how often things are
+# written (scaling.config.RESUMABLE_FIELDS; tests/test_analysis_noise.py keeps this a superset).
+NOT_RECIPE = ("seed", "out", "data", "num_workers", "log_every", "progress", "eval_every",
+              "eval_spacing", "ckpt_every", "keep_ckpts", "tensorboard", "wandb",
+              "stop_poll_every", "compile",
+              "trunk_run")  # a branch's trunk is per seed (launchers/branching.py)
+
+
+def recipe_key(sweep: str, config: dict) -> str:
+    """A short id of the experiment a run belongs to: its sweep and config without NOT_RECIPE
+    fields, so the seeds of one (model, budget, recipe) share it."""
+    kept = {k: v for k, v in config.items() if k not in NOT_RECIPE}
+    text = json.dumps([sweep, kept], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+STATUS_ORDER = ("ok", STATUS_RUNNING, "failed", "diverged")
+RUN_COLUMNS = (
+    "sweep", "run_id", "run", "model", "size", "patch", "status", "seed", "lr", "batch_size",
+    "budget", "recipe", "params", "macs_per_image", "n_evals", "best_top1", "final_top1",
+    "images_seen", "total_flops", "wall_hours", "device_hours", "data_wait_fraction", "message",
+)
+
+
+def flops_budget(config: dict) -> float:
+    """The run's FLOPs budget (config `flops`), NaN when it had another kind of budget."""
+    v = config.get("flops")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+class NoResultsError(ValueError):
+    """The results directory is missing or holds no readable run."""
+
+
+@dataclass
+class Results:
+    """Everything read from a results directory."""
+
+    results_dir: Path
+    evals: pd.DataFrame
+    runs: pd.DataFrame
+    skipped: list[Skipped] = field(default_factory=list)
+    cache: dict | None = None  # {"path", "hits", "parsed"} when read through the cache
+    # branching sweeps: {run: branch_step} of every branch, and the runs that are trunks
+    branches: dict = field(default_factory=dict)
+    trunks: frozenset = frozenset()
+    # fine-tune run dirs (config `init_from`, scaling.finetune) left out: they train on another
+    # data set from a finished run; their results are that run's transfer rows (finetune:NAME)
+    finetunes: tuple = ()
+    # {data dir as the runs' configs name it: the sweeps whose runs trained on it}; runs of
+    # several data sets in one frontier are not one scaling study (analysis.report.build notes it)
+    data_sets: dict = field(default_factory=dict)
+
+    @property
+    def n_skipped(self) -> int:
+        """How many files and metric lines were skipped."""
+        return len(self.skipped)
+
+
+def _metrics_rows(path: Path, cache: MetricsCache | None, root: Path, parsed: dict):
+    """(rows, skips) of one metrics.jsonl: from the cache when its key is unchanged, else
+    parsed (by a worker, in `parsed`, or here) and stored."""
+    rel = str(path.relative_to(root))
+    if cache is not None:
+        hit = cache.get(rel, os.stat(path))
+        if hit is not None:
+            return hit
+    got = parsed.pop(path, None) or read_and_parse(str(path))
+    if isinstance(got, OSError):
+        raise got
+    rows, skips, before, after, read_ns = got
+    if cache is not None:
+        cache.put(rel, before, after, read_ns, rows, skips)
+    return rows, skips
+
+
+def _parse_ahead(run_dirs: list[Path], cache: MetricsCache | None, root: Path,
+                 workers: int | None) -> dict:
+    """The metrics files the cache cannot serve, parsed in worker processes when there are
+    enough of them (analysis.load.parse_pool); {} otherwise."""
+    todo = []
+    for run_dir in run_dirs:
+        path = run_dir / METRICS_FILE
+        try:
+            if cache is None or not cache.has(str(path.relative_to(root)), os.stat(path)):
+                todo.append(path)
+        except OSError:
+            continue  # absent or unreadable: reported where it is read
+    # Asked for by number, workers are used however little there is to parse.
+    return parse_all(todo, workers, min_bytes=MIN_BYTES if workers is None else 0)
+
+
+def _read_metrics(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
+                  root: Path, parsed: dict) -> np.ndarray:
+    """The usable eval rows of a run (EVAL_FIELDS columns), by the rules of the module
+    docstring; every line left out is reported and counted once, naming file, line and
+    reason."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return _NO_ROWS
+    try:
+        rows, skips = _metrics_rows(path, cache, root, parsed)
+    except OSError as e:
+        skip(skipped, path, e)
+        return _NO_ROWS
+    for line, reason in skips:
+        skip(skipped, path, reason, line)
+    return rows
+
+
+_NO_ROWS = np.empty((0, len(EVAL_FIELDS)))
+
+
+def read_plan(run_dir: Path, skipped: list[Skipped]) -> dict:
+    """RUN_DIR/plan.json (params, MACs, world size of a started run), or {} if absent/bad."""
+    path = run_dir / PLAN_FILE
+    if not path.exists():
+        return {}
+    try:
+        plan = read_json(path)
+    except (SchemaError, OSError, UnicodeDecodeError) as e:
+        skip(skipped, path, read_error(path, e))
+        return {}
+    return {k: plan[k] for k in ("params", "macs_per_image", "world_size") if k in plan}
+
+
+def _own_evals(evals: np.ndarray, config: dict) -> np.ndarray:
+    """A branch run (launchers/branching.py) starts with a copy of its trunk's metrics rows up
+    to `branch_step`; those evals are the trunk's measurements and are counted in the trunk's
+    run dir, so a branch keeps only the rows it measured itself (step > branch_step)."""
+    branch_step = config.get("branch_step")
+    if branch_step is None or not len(evals):
+        return evals
+    return evals[evals[:, EVAL_FIELDS.index("step")] > branch_step]
+
+
+def _is_finetune(run_dir: Path) -> bool:
+    """Whether RUN_DIR's config.json is a fine-tune's (`init_from` set); False if unreadable
+    (then _read_run reports it)."""
+    try:
+        return bool(read_json(run_dir / CONFIG_FILE).get("init_from"))
+    except (SchemaError, OSError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def _mark_trunks(runs: list[dict]) -> None:
+    """`_trunk`: the run is a branching sweep's trunk (some run of its sweep names it as
+    `trunk_run`). Its evals are measurements like any (learning curve, frontier), but its last
+    one is no budget's final eval: it stops at a constant (or rsqrt) lr, before any cooldown,
+    at the largest branch point; so it never counts as a final eval (analysis.load.tables)."""
+    dirs = [trunk_dir(r["run"], t) for r in runs if (t := r["_trunk_run"])]  # sweep/run_id
+    trunks = {(d.parent.name, d.name) for d in dirs}
+    for r in runs:
+        r["_trunk"] = (r["sweep"], r["run_id"]) in trunks
+
+
+def _read_run(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
+              root: Path, parsed: dict) -> tuple[dict, np.ndarray] | None:
+    """Read one run dir into (run record, eval rows); None if it cannot be interpreted."""
+    try:
+        config = read_json(run_dir / CONFIG_FILE)
+        size, patch = split_name(config.get("model"))
+    except (SchemaError, OSError, UnicodeDecodeError, ValueError) as e:
+        path = run_dir / CONFIG_FILE
+        skip(skipped, path, f"{read_error(path, e)}; run skipped")
+        return None
+    path = run_dir / FINAL_FILE
+    try:
+        final = read_final(run_dir)
+        problem = final_problem(final) if final is not None else None
+        if problem:
+            raise SchemaError(problem)
+    except (SchemaError, OSError, UnicodeDecodeError) as e:
+        # Without a trustworthy final.json the run's status is unknown: skip it, never guess.
+        skip(skipped, path, f"{read_error(path, e)}; run skipped")
+        return None
+    evals = _own_evals(_read_metrics(run_dir, skipped, cache, root, parsed), config)
+    plan = read_plan(run_dir, skipped)
+    final = {**plan, **{k: v for k, v in (final or {}).items() if v is not None}}
+    run = {
+        "sweep": run_dir.parent.name, "run_id": run_dir.name,
+        "run": f"{run_dir.parent.name}/{run_dir.name}", "model": config["model"],
+        "size": size, "patch": patch, "status": final.get("status", STATUS_RUNNING),
+        "seed": config.get("seed"), "lr": config.get("lr"), "batch_size": config.get("batch_size"),
+        "budget": flops_budget(config), "recipe": recipe_key(run_dir.parent.name, config),
+        "params": final.get("params"), "macs_per_image": final.get("macs_per_image"),
+        "n_evals": len(evals), "final_top1": final.get("final_top1"),
+        "images_seen": final.get("images_seen"), "total_flops": final.get("total_flops"),
+        "wall_hours": final.get("wall_hours"), "device_hours": final.get("device_hours"),
+        "data_wait_fraction": final.get("data_wait_fraction"),  # absent before it existed
+        "message": final.get("error"),
+        "_trunk_run": config.get("trunk_run"), "_branch_step": config.get("branch_step"),
+        "_world_size": final.get("world_size") or config.get("world_size"),
+        "_data": config.get("data"),
+    }
+    return run, evals
+
+
+def load_results(results_dir, *, cache_dir=None, workers: int | None = None) -> Results:
+    """Read every run under `results_dir` into tidy eval and run tables (see module docstring);
+    with `cache_dir`, parsed metrics files are kept there and reused while unchanged
+    (analysis.load.cache); the files to parse are parsed by `workers` processes (analysis.load.parse_pool;
+    default: the CPUs, at most 8, and only when there is over MIN_BYTES to parse; 1: this
+    process only)."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise NoResultsError(f"results dir {str(root)!r} does not exist or is not a directory")
+    run_dirs = list(iter_run_dirs(root))
+    if not run_dirs:
+        raise NoResultsError(f"no runs under {str(root)!r}: no <sweep>/<run>/{CONFIG_FILE} found")
+    cache = None if cache_dir is None else MetricsCache(cache_dir, root)
+    parsed = _parse_ahead(run_dirs, cache, root, workers)
+    skipped: list[Skipped] = []
+    runs, blocks = [], []
+    finetunes = tuple(str(d.relative_to(root)) for d in run_dirs if _is_finetune(d))
+    for run_dir in run_dirs:
+        if str(run_dir.relative_to(root)) in finetunes:
+            continue
+        read = _read_run(run_dir, skipped, cache, root, parsed)
+        if read is not None:
+            run, rows = read
+            top1 = rows[:, EVAL_FIELDS.index("top1")]
+            run["best_top1"] = float(top1.max()) if len(top1) else math.nan
+            runs.append(run)
+            blocks.append(rows)
+    _mark_trunks(runs)
+    if not runs:
+        raise NoResultsError(f"none of the {len(run_dirs)} runs under {str(root)!r} could be "
+                             f"read; skipped: {[s.path for s in skipped]}")
+    if cache is not None:
+        cache.save()
+    run_df = pd.DataFrame(runs).reindex(columns=RUN_COLUMNS)
+    fill_params(run_df, blocks)
+    eval_df = eval_table(runs, blocks, run_df)
+    for frame in (run_df, eval_df):  # config values: numbers, so the parquet columns are typed
+        for col in ("seed", "lr", "batch_size"):
+            frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    run_df["final_top1"] = run_df["final_top1"].astype(float)  # null (no eval) -> NaN
+    run_df["data_wait_fraction"] = pd.to_numeric(run_df["data_wait_fraction"], errors="coerce")
+    eval_df["is_final"] = eval_df["is_final"].astype(bool)
+    stats = None if cache is None else {"path": str(cache.path), "hits": cache.hits,
+                                        "parsed": cache.parsed}
+    branches = {r["run"]: r["_branch_step"] for r in runs if r["_branch_step"] is not None}
+    trunks = frozenset(r["run"] for r in runs if r["_trunk"])
+    data_sets: dict[str, set] = {}
+    for r in runs:
+        data_sets.setdefault(str(r["_data"]), set()).add(r["sweep"])
+    return Results(root, eval_df, run_df, skipped, stats, branches, trunks, finetunes,
+                   {d: sorted(s) for d, s in sorted(data_sets.items())})
+
+
+def select_sweeps(res: Results, sweeps) -> Results:
+    """Keep only the runs of the named sweeps; an unknown name is an error listing the known."""
+    sweeps = list(sweeps)
+    known = sorted(set(res.runs["sweep"]))
+    unknown = [s for s in sweeps if s not in known]
+    if unknown:
+        raise NoResultsError(f"sweep(s) {unknown} not found under {str(res.results_dir)!r}; "
+                             f"found {known}")
+    keep = res.runs["sweep"].isin(sweeps)
+    return dataclasses.replace(
+        res, evals=res.evals[res.evals["sweep"].isin(sweeps)].reset_index(drop=True),
+        runs=res.runs[keep].reset_index(drop=True),
+        data_sets={d: kept for d, ss in res.data_sets.items()
+                   if (kept := [s for s in ss if s in sweeps])})
+
+
+def model_order(frame: pd.DataFrame) -> list[str]:
+    """Model names ordered small -> large: by params, then MACs per image, then name."""
+    if frame.empty:
+        return []
+    key = frame.groupby("model").agg(params=("params", "median"),
+                                     macs=("macs_per_image", "median"))
+    key = key.fillna(np.inf).reset_index()
+    key["patch"] = [-split_name(m)[1] for m in key["model"]]
+    return key.sort_values(["params", "macs", "patch", "model"])["model"].tolist()
+
+
+def input_bound(runs: pd.DataFrame) -> list[dict]:
+    """The runs whose final.json data_wait_fraction passed scaling.results.INPUT_BOUND (their
+    loader set their speed), most input-bound first: [{run, model, data_wait_fraction}]. Runs
+    without the field (written before it existed, or still running) are not among them."""
+    bound = runs[runs["data_wait_fraction"] > INPUT_BOUND]
+    bound = bound.sort_values("data_wait_fraction", ascending=False, kind="stable")
+    return [{"run": r.run, "model": r.model, "data_wait_fraction": float(r.data_wait_fraction)}
+            for r in bound.itertuples()]
+
+
+def status_counts(runs: pd.DataFrame) -> dict[str, int]:
+    """Number of runs per status, in a fixed order (ok, running, failed, diverged)."""
+    counts = runs["status"].value_counts()
+    out = {s: int(counts.get(s, 0)) for s in STATUS_ORDER}
+    out.update({s: int(n) for s, n in counts.items() if s not in out})
+    return out

@@ -1,0 +1,274 @@
+"""The whole analysis in one call: load, frontier, fits, figures, tables and summary.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+
+from analysis.fit import transfer
+from analysis.fit.frontier import (
+    FRONTIER_RTOL,
+    fit_frontier,
+    frontier_of,
+    frontier_points,
+    size_table,
+    usable_points,
+    x_column,
+)
+from analysis.fit.isoflop import optimal_size
+from analysis.fit.law import check_loss
+from analysis.fit.memo import FitMemo, plain
+from analysis.fit.noise import close_calls
+from analysis.load.bench_rows import load_bench
+from analysis.load.runs import Results, input_bound, load_results, model_order, select_sweeps
+from analysis.load.skips import Skipped, skip
+from analysis.report import figures, figures_optimal, figures_transfer, paper
+from analysis.report.figures_bench import comparable_latest
+from analysis.report.style import FORMATS, save_figure, set_style, size_palette
+from analysis.report.summary import render
+from analysis.report.summary_json import write_summary_json
+from scaling.results import INPUT_BOUND, iter_run_dirs
+
+log = logging.getLogger("analysis")
+METRICS = ("top1", "error")  # upstream; transfer metrics: fewshot:NAME:K, finetune:NAME
+
+
+def _check_options(metric: str, x: str, formats) -> tuple[str, ...]:
+    """Validate the options up front, so a typo fails before any work is done."""
+    transfer.parse_metric(metric)  # ValueError naming the forms
+    x_column(x)
+    formats = tuple(formats)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ValueError(f"figure formats {bad or formats!r} not supported; choose from {FORMATS}")
+    return formats
+
+
+def write_csv(frame, path: Path) -> None:
+    """A table as CSV through pyarrow's writer (some 10x faster than DataFrame.to_csv on a
+    study's eval table): strings quoted, booleans true/false, whole floats without ".0"."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    pcsv.write_csv(table, path, write_options=pcsv.WriteOptions(quoting_style="needed"))
+
+
+def _write_tables(res, rows, out: Path) -> list[Path]:
+    """The tidy eval table (CSV and parquet), the per-run table (CSV) and, when there are
+    transfer rows, transfer.csv (one row per transfer.jsonl row, with its run)."""
+    paths = [out / "evals.csv", out / "evals.parquet", out / "runs.csv"]
+    write_csv(res.evals, paths[0])
+    res.evals.to_parquet(paths[1], index=False)
+    write_csv(res.runs, paths[2])
+    stale = out / "transfer.csv"
+    if len(rows):
+        write_csv(rows, stale)
+        paths.append(stale)
+    elif stale.exists():
+        stale.unlink()
+    return paths
+
+
+def _scaling_figures(report: dict, out: Path, formats, n_boot: int) -> None:
+    """Curves and fit figures from the runs' seed-averaged points (notes where data are
+    missing)."""
+    res, x, metric, palette = report["results"], report["x"], report["metric"], report["palette"]
+    slug = transfer.parse_metric(metric).slug
+    points = usable_points(res.evals, x)
+    averaged = frontier_points(res.evals, x)  # seeds averaged, once for all that follows
+    frontier = frontier_of(averaged, x)
+    report["frontier"], report["fit"] = frontier, {
+        "ok": False, "loss": report["loss"], "message": "no frontier points"}
+    report["close_calls"] = close_calls(averaged, frontier, x_column(x), FRONTIER_RTOL)
+    if points.empty:
+        report["notes"].append(f"no eval point with a top-1 and a positive {x} value: scaling "
+                               "figures skipped")
+        return
+    fig = figures.compute_figure(points, frontier, report["order"], palette, x=x, metric=metric,
+                                 averaged=averaged)
+    report["figures"] += save_figure(fig, out, f"{slug}_vs_{x}", formats)
+    report["fit"] = fit_frontier(frontier, x, n_boot=n_boot, loss=report["loss"],
+                                 memo=report["memo"])
+    if report["fit"]["ok"]:
+        fig = figures.fit_figure(frontier, report["fit"], palette, x=x, metric=metric)
+        report["figures"] += save_figure(fig, out, "scaling_law_fit", formats)
+    else:
+        report["notes"].append(f"scaling-law figure skipped: {report['fit']['message']}")
+
+
+def _optimal_figure(report: dict, out: Path, formats, n_boot: int) -> None:
+    """IsoFLOP profiles and N_opt vs C, when some budget has final evals of 2 sizes."""
+    report["optimal"] = optimal_size(report["results"].evals, n_boot=n_boot)
+    pts = report["optimal"]["points"]
+    if len(pts) and pts.groupby("budget")["model"].nunique().max() >= 2:
+        label = "Top-1 error" if report["metric"] in METRICS else \
+            figures.metric_label(report["metric"])
+        fig = figures_optimal.optimal_size_figure(report["optimal"], label)
+        report["figures"] += save_figure(fig, out, "optimal_model_size", formats)
+    else:
+        report["notes"].append(f"optimal-size figure skipped: {report['optimal']['reason']}")
+
+
+def _other_figures(report: dict, out: Path, formats, n_boot: int) -> None:
+    """Benchmark throughput/MFU (when present) and the ViT paper's Table 6 figure."""
+    bench = report["bench"]
+    if bench.empty:
+        where = report["results"].results_dir / "bench"
+        report["notes"].append("throughput/MFU figure skipped: no benchmark rows in "
+                               f"{where}/*.jsonl or {where}/local/*.jsonl")
+    else:
+        report["bench_used"] = comparable_latest(bench)
+        fig = figures.throughput_figure(bench, report["order"], report["results"].runs)
+        report["figures"] += save_figure(fig, out, "throughput_mfu", formats)
+    table = paper.load_table6()
+    report["paper_fits"] = {c: paper.fit_table6(table, c, n_boot=n_boot, memo=report["memo"])
+                            for c in paper.PANELS}
+    fig = paper.table6_figure(table, report["paper_fits"])
+    report["figures"] += save_figure(fig, out, "vit_paper_table6", formats)
+
+
+def _remove_stale(report: dict, out: Path) -> None:
+    """Delete our own figure files that this run did not produce (a fit that no longer holds
+    must not survive from an earlier run); other files in `out` are left alone."""
+    names = (f"{transfer.parse_metric(report['metric']).slug}_vs_{report['x']}",
+             "scaling_law_fit", "optimal_model_size", "throughput_mfu", "vit_paper_table6",
+             "upstream_vs_transfer")
+    produced = set(report["figures"])
+    for path in (out / f"{n}.{f}" for n in names for f in FORMATS):
+        if path.exists() and path not in produced:
+            log.info("removing stale %s", path)
+            path.unlink()
+
+
+def _transfer_figure(report: dict, out: Path, formats) -> None:
+    """Upstream and transfer panels side by side (ViT paper Fig. 5), whenever transfer rows
+    exist, whatever --metric is."""
+    rows, res, x = report["transfer_rows"], report["upstream"], report["x"]
+    if rows.empty:
+        report["notes"].append("upstream-vs-transfer figure skipped: no transfer.jsonl rows")
+        return
+    panels = []
+    for metric in ["error", *figures_transfer.panel_metrics(rows, report["metric"])]:
+        m = transfer.parse_metric(metric)
+        evals = res.evals if not m.transfer else transfer.transfer_evals(res, rows, m)
+        averaged = frontier_points(evals, x)
+        panels.append({"metric": metric, "averaged": averaged,
+                       "frontier": frontier_of(averaged, x)})
+    fig = figures_transfer.transfer_figure(panels, report["order"], report["palette"], x=x)
+    report["figures"] += save_figure(fig, out, "upstream_vs_transfer", formats)
+
+
+def _note_input_bound(report: dict, shown: int = 10) -> None:
+    """report["input_bound"] (analysis.load.runs.input_bound), and a note naming those runs."""
+    bound = report["input_bound"] = input_bound(report["upstream"].runs)
+    if not bound:
+        return
+    named = ", ".join(f"{r['run']} ({100 * r['data_wait_fraction']:.1f} %)"
+                      for r in bound[:shown])
+    more = (f" and {len(bound) - shown} more (summary.json input_bound)"
+            if len(bound) > shown else "")
+    report["notes"].append(
+        f"{len(bound)} input-bound run(s), waiting for the next batch over "
+        f"{100 * INPUT_BOUND:.0f} % of their loop time (final.json data_wait_fraction): "
+        f"{named}{more}; their device-hours and MFU are the loader's, not the model's (rerun "
+        "with more --num-workers, in-memory data or --decode-on device)")
+
+
+def read_transfer(results_dir, sweeps=None) -> tuple:
+    """(transfer rows of the named sweeps, or all; the lines skipped) under `results_dir`."""
+    skipped: list[Skipped] = []
+    rows = transfer.read_rows(results_dir, lambda path, reason, line: skip(
+        skipped, path, reason, line))
+    if sweeps:
+        keep = rows["run"].str.split("/").str[0].isin(list(sweeps))
+        skipped = [s for s in skipped if Path(s.path).parent.parent.name in sweeps]
+        rows = rows[keep].reset_index(drop=True)
+    return rows, skipped
+
+
+def analyse(results_dir, out_dir, *, metric: str = "error", x: str = "flops",
+            formats=("png",), n_boot: int = 200, sweeps=None, loss: str = "huber",
+            cache_dir=None) -> dict:
+    """Run the analysis of `results_dir` (optionally only some sweeps) and write figures, tables,
+    summary.md and summary.json to `out_dir`; the law is fitted with `loss` ("huber", the
+    default, or "lsq"); parsed metrics are cached in `cache_dir` when given (analysis.load.cache).
+    `metric`: error, top1, fewshot:NAME:K or finetune:NAME (analysis.fit.transfer); one without
+    rows raises transfer.MetricError before anything is written. Raises
+    analysis.load.runs.NoResultsError when there is no run."""
+    _check_options(metric, x, formats)
+    check_loss(loss)
+    root = Path(results_dir)
+    runs_here = root.is_dir() and next(iter_run_dirs(root), None) is not None
+    rows = read_transfer(root, sweeps) if runs_here else None
+    if rows is not None and all((root / w).is_dir() for w in sweeps or ()):
+        transfer.check_metric(transfer.parse_metric(metric), rows[0], results_dir)
+    res = load_results(results_dir, cache_dir=cache_dir)
+    return analyse_results(res, out_dir, metric=metric, x=x, formats=formats, n_boot=n_boot,
+                           sweeps=sweeps, loss=loss, cache_dir=cache_dir, transfer_rows=rows)
+
+
+def _metric_results(res: Results, rows, metric: str) -> Results:
+    """`res` with its eval table replaced by the transfer metric's points (unchanged for an
+    upstream metric)."""
+    m = transfer.parse_metric(metric)
+    if not m.transfer:
+        return res
+    return dataclasses.replace(res, evals=transfer.transfer_evals(res, rows, m))
+
+
+def analyse_results(res, out_dir, *, metric: str = "error", x: str = "flops",
+                    formats=("png",), n_boot: int = 200, sweeps=None,
+                    loss: str = "huber", cache_dir=None, transfer_rows=None) -> dict:
+    """`analyse` from loaded results (analysis.load.runs.Results); benchmark rows are read from
+    its results dir; fits are remembered in `cache_dir` when given (analysis.fit.memo);
+    `transfer_rows`: (rows, skipped) of analysis.report.build.read_transfer, read when None."""
+    formats = _check_options(metric, x, formats)
+    check_loss(loss)
+    if sweeps:
+        res = select_sweeps(res, sweeps)
+    rows, t_skipped = transfer_rows or read_transfer(res.results_dir, sweeps)
+    transfer.check_metric(transfer.parse_metric(metric), rows, res.results_dir)
+    rows = rows[rows["run"].isin(set(res.runs["run"]))].reset_index(drop=True)
+    bench, bench_skipped = load_bench(res.results_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_style()
+    order = model_order(res.runs)
+    report = {"results": _metric_results(res, rows, metric), "upstream": res,
+              "transfer_rows": rows, "bench": bench, "bench_used": None,
+              "skipped": res.skipped + t_skipped + bench_skipped,
+              "metric": metric, "x": x, "loss": loss, "order": order,
+              "palette": size_palette(order),
+              "memo": plain if cache_dir is None else FitMemo(cache_dir),
+              "figures": [], "notes": [], "tables": _write_tables(res, rows, out)}
+    if res.finetunes:
+        report["notes"].append(
+            f"{len(res.finetunes)} fine-tune run(s) left out of the curves (they train on "
+            "another data set from a finished run; their top-1 is in that run's transfer rows: "
+            f"--metric finetune:NAME): {', '.join(res.finetunes[:5])}"
+            + (" ..." if len(res.finetunes) > 5 else ""))
+    report["sizes"] = size_table(res.runs, report["results"].evals, order, x)
+    if res.runs["sweep"].nunique() > 1:
+        # One frontier over several sweeps only makes sense if they share data and recipe.
+        report["notes"].append(f"runs of {res.runs['sweep'].nunique()} sweeps are combined "
+                               f"({', '.join(sorted(set(res.runs['sweep'])))}); use --sweep "
+                               "to analyse one")
+    if len(res.data_sets) > 1:
+        report["notes"].append(
+            f"runs on {len(res.data_sets)} different data sets are combined ("
+            + "; ".join(f"{d}: {', '.join(s)}" for d, s in res.data_sets.items())
+            + "): one frontier and one law over them mix different tasks; use --sweep")
+    _note_input_bound(report)
+    _scaling_figures(report, out, formats, n_boot)
+    _optimal_figure(report, out, formats, n_boot)
+    _transfer_figure(report, out, formats)
+    _other_figures(report, out, formats, n_boot)
+    _remove_stale(report, out)
+    report["summary"] = out / "summary.md"
+    report["summary"].write_text(render(report))
+    report["summary_json"] = write_summary_json(report, out / "summary.json")
+    for note in report["notes"]:
+        log.info("note: %s", note)
+    return report
