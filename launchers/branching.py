@@ -34,9 +34,9 @@ from launchers.grid import (
     GridOptions,
     RunSpec,
     build_grid,
-    config_hash,
     data_fingerprint,
     model_token,
+    run_id,
 )
 from launchers.presets import Preset
 from launchers.submit import submit_after, submit_array, upstream_job
@@ -165,16 +165,16 @@ def _group(group: list[RunSpec], info: DatasetInfo, sweep_dir: Path, world: int
         base, steps=last, flops=None, epochs=None, samples=None, cooldown_steps=None,
         cooldown_fraction=0.0, cooldown_shape=_DEFAULTS["cooldown_shape"],
         ckpt_at=",".join(str(s) for s in sorted({s for _, s in starts.values()})))
-    trunk_id = "_".join([model_token(base.model), f"trunk{last}st",
-                         config_hash(trunk_cfg, world, fingerprint)])
+    trunk_id = run_id([model_token(base.model), f"trunk{last}st"], trunk_cfg, fingerprint,
+                      sweep_dir)
     trunk = _spec(group[-1], trunk_cfg, trunk_id, sweep_dir, world, info, budget=last,
                   budget_kind="steps")
     branches = []
     for spec in group:
         cfg, start = starts[spec.run_id]
         cfg = dataclasses.replace(cfg, trunk_run=trunk_id, branch_step=start)
-        run_id = "_".join([spec.run_id.rsplit("_", 1)[0], config_hash(cfg, world, fingerprint)])
-        branches.append(_spec(spec, cfg, run_id, sweep_dir, world, info))
+        rid = run_id([spec.run_id.rsplit("_", 1)[0]], cfg, fingerprint, sweep_dir)
+        branches.append(_spec(spec, cfg, rid, sweep_dir, world, info))
     return trunk, branches
 
 
@@ -193,16 +193,16 @@ def trunk_dir(spec: RunSpec) -> Path:
     return branch.trunk_dir(spec.cfg.out, spec.cfg.trunk_run)
 
 
-def submit_slurm(todo: list, placement: dict, layout: tuple[int, int], gpus: bool,
+def submit_slurm(todo: list, placement: dict, layout: tuple[int, int], gpu_request: int,
                  sweep_dir: Path, dry_run: bool, claims) -> int:
     """Trunks as one array, then the branches whose checkpoint exists as one more, and each
     trunk's waiting branches as an array that depends on it (launchers.submit.submit_after)."""
     trunks = [p for p in todo if p.spec.cfg.trunk_run is None]
     if trunks:
-        submit_array(trunks, placement, layout, gpus, sweep_dir, dry_run, claims)
+        submit_array(trunks, placement, layout, gpu_request, sweep_dir, dry_run, claims)
     job_of = upstream_job(ready, trunk_dir, dry_run, "TRUNK_JOB")
     left = submit_after([p for p in todo if p.spec.cfg.trunk_run is not None], job_of,
-                        placement, layout, gpus, sweep_dir, dry_run, claims)
+                        placement, layout, gpu_request, sweep_dir, dry_run, claims)
     if left:
         print(f"{len(left)} branch(es) wait for a trunk that has no job: "
               f"{', '.join(sorted(p.spec.run_id for p in left))}"

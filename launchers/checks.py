@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 
-from launchers.grid import RunSpec
+from launchers.grid import RunSpec, gpu_request, node_layout
 from launchers.presets import Preset
 from scaling.data import DatasetInfo
 
@@ -33,8 +33,9 @@ def partitions() -> dict[str, list[str]] | None:
     return found
 
 
-def partition_warning(partition: str | None, gpus_per_node: int) -> str | None:
-    """Why a GPU job on `partition` (None: the default one) would not run, or None."""
+def partition_warning(partition: str | None, gpu_request: int) -> str | None:
+    """Why a GPU job on `partition` (None: the default one), asking for `gpu_request` GPUs per
+    node, would not run, or None."""
     found = partitions()
     if not found:
         return None  # SLURM did not answer: nothing to say
@@ -53,7 +54,7 @@ def partition_warning(partition: str | None, gpus_per_node: int) -> str | None:
         return None
     shown = ", ".join(sorted({g for g in gres if g not in ("", "(null)")})) or "none"
     return (f"partition {partition!r} has no GPUs (sinfo shows gres: {shown})"
-            f": this GPU preset's jobs request --gpus-per-node={gpus_per_node} and would not "
+            f": this GPU preset's jobs request --gpus-per-node={gpu_request} and would not "
             "start there; pick a GPU partition with --partition, or a CPU preset (--preset demo)")
 
 
@@ -74,8 +75,10 @@ def plan_warnings(preset: Preset, specs: list[RunSpec], info: DatasetInfo, clust
     launch.placement_settings; `local_gpus`: CUDA GPUs here, None when not probed)."""
     found = []
     if preset.device == "cuda" and cluster == "slurm":
-        found.append(partition_warning(placement.get("partition"), min(
-            int(placement["gpus_per_node"]), max(spec.world_size for spec in specs))))
+        layout = node_layout(max(spec.world_size for spec in specs),
+                             int(placement["gpus_per_node"]))
+        found.append(partition_warning(placement.get("partition"),
+                                       gpu_request(layout, preset.device)))
     if preset.device == "cuda" and cluster == "local" and local_gpus == 0:
         found.append(f"preset {preset.name} is a GPU recipe but this machine has no CUDA GPU: "
                      "its runs would train on the CPU (slowly); --preset demo is the CPU one")

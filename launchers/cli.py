@@ -3,10 +3,66 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from dataclasses import dataclass
 
 from scaling.clihelp import DefaultsHelpFormatter
 
 CLUSTERS = ("auto", "slurm", "local")
+GONE = {"--allow-world-size-change": "a run's id no longer depends on --gpus, so a partly done "
+                                     "run continues on any --gpus without it: drop the flag"}
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """The sweep's flags, typed, built once from argparse's Namespace (`parse_args`) and passed
+    below cli.py; None means the preset's (or the documented) default."""
+
+    preset: str | None = None
+    name: str | None = None
+    sizes: tuple[str, ...] | None = None
+    budgets: tuple[float, ...] | None = None
+    budget_kind: str | None = None
+    seeds: tuple[int, ...] = (0,)
+    lrs: tuple[float, ...] | None = None  # base learning rates at global batch 512
+    batch_size: int | None = None
+    sets: tuple[str, ...] = ()  # --set FIELD=VALUE as given (launchers.grid.parse_overrides)
+    devices: int | None = None  # --gpus: devices (ranks) per run, GPUs or CPU processes
+    gpus_per_node: int | None = None  # GPUs a node has (how runs are laid out on nodes)
+    data: str | None = None
+    results: str = "results"
+    cluster: str = "auto"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: int | None = None
+    cpus_per_task: int | None = None
+    max_parallel: int | None = None
+    max_requeues: int | None = None
+    signal: str | None = None
+    slurm_config: str | None = None
+    resubmit_failed: bool = False
+    branching: str | None = None
+    finetune: str | None = None
+    finetune_image_size: int | None = None
+    finetune_steps: int | None = None
+    finetune_lr: float | None = None
+    dry_run: bool = False
+
+
+def parse_list(text: str, kind: type, flag: str) -> tuple:
+    """'1e15,3e15' -> (1e15, 3e15); a bad item raises ValueError naming the flag and item."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{flag}: empty list {text!r}")
+    out = []
+    for item in items:
+        try:
+            value = kind(float(item)) if kind is int and "e" in item.lower() else kind(item)
+        except ValueError:
+            raise ValueError(f"{flag}: {item!r} is not a valid {kind.__name__}") from None
+        out.append(value)
+    return tuple(out)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,10 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, help="global batch size (default: the preset's)")
     add("--set", action="append", default=[], metavar="FIELD=VALUE",
         help="any other TrainConfig field for every run, e.g. --set eval_every=50 (repeatable)")
-    add("--gpus", type=int, help="GPUs (= ranks, one task each) per run; on CPU presets, "
-                                 "processes per run (default: the preset's)")
-    add("--gpus-per-node", type=int, help="GPUs per node; runs above it take whole nodes "
-                                          "(default 8)")
+    add("--gpus", type=int, help="devices per run (= ranks, one task each): GPUs on a GPU "
+                                 "preset, CPU processes on a CPU preset (default: the preset's)")
+    add("--gpus-per-node", type=int, help="GPUs a node has; runs of more devices take whole "
+                                          "nodes (default 8)")
     add("--data", help="shard dir with dataset.json (default: demo makes its built-in data "
                        "under $VIT_SCALING_DATA or ./data; imagenet/cifar take "
                        "$VIT_SCALING_DATA_<PRESET>, else 'data: {PRESET: DIR}' in "
@@ -63,9 +119,8 @@ def _add_cluster_flags(add) -> None:
     add("--slurm-config", help="YAML with SLURM settings (keys as these flags, with _; flags win)")
     add("--resubmit-failed", action="store_true",
         help="also resubmit failed and diverged runs (their final.json is kept, renamed)")
-    add("--allow-world-size-change", action="store_true",
-        help="continue a partly done run started with another --gpus on this one (a resume "
-             "on another world size, docs/failure-model.md); without it that is an error")
+    for flag in GONE:  # removed flags: one line saying why, not argparse's usage dump
+        add(flag, action="store_true", help=argparse.SUPPRESS)
 
 
 def _add_mode_flags(add) -> None:
@@ -85,8 +140,9 @@ def _add_mode_flags(add) -> None:
         help="print the grid and the sbatch script; submit nothing")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Sweep flags; an empty value (`--sizes ''`) is an error, never "the default"."""
+def parse_args(argv: list[str]) -> SweepOptions:
+    """Sweep flags as SweepOptions; an empty value (`--sizes ''`) is an error, never "the
+    default"; so is a bad list item or a removed flag (ValueError, one line)."""
     parser = _parser()
     args = parser.parse_args(argv)
     for action in parser._actions:
@@ -94,10 +150,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if isinstance(value, str) and not value.strip() and action.option_strings:
             flag = action.option_strings[0]
             raise ValueError(f"{flag} {value!r} is empty: give a value or leave {flag} out")
+        if value is True and action.option_strings[:1] and action.option_strings[0] in GONE:
+            flag = action.option_strings[0]
+            raise ValueError(f"{flag} is gone: {GONE[flag]}")
     name = args.name
     if name is not None and ("/" in name or name.strip() in (".", "..")):
         raise ValueError(f"--name {name!r} must be a plain directory name (no '/', '.', '..')")
-    return args
+    return options(args)
+
+
+def options(args: argparse.Namespace) -> SweepOptions:
+    """SweepOptions of parsed flags (comma lists split and typed)."""
+    lists = {"sizes": str, "budgets": float, "seeds": int, "lrs": float}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SweepOptions)
+             if hasattr(args, f.name)}
+    for key, kind in lists.items():
+        if given[key] is not None:
+            given[key] = parse_list(given[key], kind, f"--{key}")
+    return SweepOptions(**given, sets=tuple(args.set), devices=args.gpus)
 
 
 def parse_status_args(argv: list[str]) -> argparse.Namespace:

@@ -19,14 +19,14 @@ run stops (exit 2) saying how to give the data.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from launchers.grid import parse_list, resolve_size
+from launchers.cli import SweepOptions
+from launchers.grid import resolve_size
 from launchers.presets import PRESETS, Preset, get_preset
 from scaling.data import DataError, DatasetInfo, SplitInfo, load_dataset_info, make_builtin_shards
 from scaling.model import split_name
@@ -92,27 +92,27 @@ def _size_of(name: str) -> str | None:
         return None
 
 
-def gpu_request(args: argparse.Namespace) -> list[str]:
-    """The flags of `args` that only make sense with GPUs: sizes above the micro ladder,
-    more than one GPU per run."""
+def gpu_flags(opts: SweepOptions) -> list[str]:
+    """The flags of `opts` that only make sense with GPUs: sizes above the micro ladder,
+    more than one device per run."""
     asked = []
-    if args.sizes is not None:
-        sizes = [_size_of(name) for name in parse_list(args.sizes, str, "--sizes")]
+    if opts.sizes is not None:
+        sizes = [_size_of(name) for name in opts.sizes]
         if any(size is not None and size not in MICRO_SIZES for size in sizes):
-            asked.append(f"--sizes {args.sizes}")
-    if args.gpus is not None and args.gpus > 1:
-        asked.append(f"--gpus {args.gpus}")
+            asked.append(f"--sizes {','.join(opts.sizes)}")
+    if opts.devices is not None and opts.devices > 1:
+        asked.append(f"--gpus {opts.devices}")
     return asked
 
 
-def default_preset(args: argparse.Namespace, cluster: str, why: str,
+def default_preset(opts: SweepOptions, cluster: str, why: str,
                    cuda: int | None = None) -> tuple[Preset, Choice | None]:
     """--preset, or the default for where the runs go (one line says which and why); on a
     machine with neither GPU nor SLURM, a GPU-sized request is an error naming what works."""
-    if args.preset:
-        return get_preset(args.preset), None
+    if opts.preset:
+        return get_preset(opts.preset), None
     choice = choose_preset(cluster, why, cuda)
-    asked = gpu_request(args) if choice.runs_on == "cpu" else []
+    asked = gpu_flags(opts) if choice.runs_on == "cpu" else []
     if asked:
         raise ValueError(
             f"no GPU here and the runs stay local ({why}): {' '.join(asked)} needs GPUs. "
@@ -212,12 +212,12 @@ def _builtin(source: str, data_args: dict, what: str, name: str | None = None) -
     return make_builtin_shards(source, out, **data_args)
 
 
-def with_builtin_fewshot(args: argparse.Namespace, preset: Preset) -> Preset:
+def with_builtin_fewshot(opts: SweepOptions, preset: Preset) -> Preset:
     """The preset with its built-in downstream sets (made once, like its built-in data) as
     few-shot probes of every run: only when its built-in data is used (no --data) and the
     recipe names no --fewshot of its own (--set fewshot=... still wins)."""
     spec = preset.fewshot_builtin
-    if not spec or args.data or not preset.builtin_data or "fewshot" in preset.train:
+    if not spec or opts.data or not preset.builtin_data or "fewshot" in preset.train:
         return preset
     dirs = [str(_builtin(src, kw, "downstream data", name).root)
             for name, src, kw in spec["sets"]]
@@ -226,11 +226,11 @@ def with_builtin_fewshot(args: argparse.Namespace, preset: Preset) -> Preset:
     return preset.replace(train={**preset.train, **train})
 
 
-def resolve_data(args: argparse.Namespace, preset: Preset) -> tuple[DatasetInfo, bool]:
+def resolve_data(opts: SweepOptions, preset: Preset) -> tuple[DatasetInfo, bool]:
     """(dataset, whether it is a placeholder): --data, the preset's built-in shards (made once
     in a cache dir), the documented defaults, or (dry run) the nominal dataset."""
-    if args.data:
-        return load_dataset_info(args.data, verify="size"), False  # DataError names it
+    if opts.data:
+        return load_dataset_info(opts.data, verify="size"), False  # DataError names it
     if preset.builtin_data:
         return _builtin(preset.builtin_data, preset.data_args, "built-in data"), False
     found = data_default(preset.name)
@@ -240,6 +240,6 @@ def resolve_data(args: argparse.Namespace, preset: Preset) -> tuple[DatasetInfo,
             return load_dataset_info(found[0], verify="size"), False
         except DataError as e:
             raise DataError(f"{e} (the data dir set by {found[1]})") from None
-    if args.dry_run and preset.nominal_data:
+    if opts.dry_run and preset.nominal_data:
         return placeholder_data(preset), True
     raise ValueError(missing_data(preset))

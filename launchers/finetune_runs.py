@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from launchers.grid import RunSpec, config_hash, data_fingerprint
+from launchers.cli import SweepOptions
+from launchers.grid import RunSpec, data_fingerprint, run_id
 from launchers.submit import submit_after, submit_array, upstream_job
 from scaling import finetune, results
 from scaling.config import resolve_plan
@@ -44,25 +45,24 @@ def finetune_spec(pre: RunSpec, info, out_root: Path, *, image_size: int | None,
                  image_size=image_size, lr=lr, seed=pre.seed)
     cfg = finetune.fine_tune_config(pre.cfg.to_dict(), init_from=str(pre.run_dir), **given)
     plan = resolve_plan(cfg, info, pre.world_size)
-    digest = config_hash(dataclasses.replace(cfg, init_from=None), pre.world_size,
-                         data_fingerprint(info))
-    run_id = f"{pre.run_id}_ft{plan.image_size}_{digest}"
-    cfg = dataclasses.replace(cfg, out=str(out_root / run_id))
-    return RunSpec(run_id=run_id, model=pre.model, budget=steps, budget_kind="steps",
+    rid = run_id([pre.run_id, f"ft{plan.image_size}"], cfg, data_fingerprint(info), out_root,
+                 unhashed=("init_from",))  # the upstream run is in the id already
+    cfg = dataclasses.replace(cfg, out=str(out_root / rid))
+    return RunSpec(run_id=rid, model=pre.model, budget=steps, budget_kind="steps",
                    seed=pre.seed, base_lr=cfg.lr, world_size=pre.world_size,
                    total_steps=plan.total_steps, cfg=cfg, macs_per_image=plan.macs_per_image)
 
 
-def finetune_specs(args, specs: list[RunSpec], sweep_dir: Path) -> list[RunSpec]:
+def finetune_specs(opts: SweepOptions, specs: list[RunSpec], sweep_dir: Path) -> list[RunSpec]:
     """One fine-tune per pre-training spec; ValueError (one line) for bad --finetune flags."""
-    info = load_dataset_info(args.finetune, verify=True)
+    info = load_dataset_info(opts.finetune, verify=True)
     if not info.has_split("val"):
-        raise ValueError(f"--finetune {args.finetune}: no val split to evaluate on")
-    steps = args.finetune_steps if args.finetune_steps is not None else DEFAULT_STEPS
+        raise ValueError(f"--finetune {opts.finetune}: no val split to evaluate on")
+    steps = opts.finetune_steps if opts.finetune_steps is not None else DEFAULT_STEPS
     out_root = sweep_dir_of(sweep_dir)
     try:
-        return [finetune_spec(s, info, out_root, image_size=args.finetune_image_size,
-                              steps=steps, lr=args.finetune_lr) for s in specs]
+        return [finetune_spec(s, info, out_root, image_size=opts.finetune_image_size,
+                              steps=steps, lr=opts.finetune_lr) for s in specs]
     except ValueError as e:
         raise ValueError(f"--finetune: {e}") from None
 
@@ -80,17 +80,17 @@ WAITING = ("{n} fine-tune(s) wait for a pre-training run that did not finish ok:
            "rerun the sweep")
 
 
-def submit_slurm(todo: list, placement: dict, layout: tuple[int, int], gpus: bool,
+def submit_slurm(todo: list, placement: dict, layout: tuple[int, int], gpu_request: int,
                  sweep_dir: Path, dry_run: bool, claims) -> int:
     """Pre-training runs as one array, then the fine-tunes: those of finished runs as one
     array, the others one array per pre-training job, each `afterok` on it
     (launchers.submit.submit_after)."""
     pre = [p for p in todo if p.spec.cfg.init_from is None]
     if pre:
-        submit_array(pre, placement, layout, gpus, sweep_dir, dry_run, claims)
+        submit_array(pre, placement, layout, gpu_request, sweep_dir, dry_run, claims)
     job_of = upstream_job(ready, lambda spec: spec.cfg.init_from, dry_run, "PRETRAIN_JOB")
     left = submit_after([p for p in todo if p.spec.cfg.init_from is not None], job_of,
-                        placement, layout, gpus, sweep_dir_of(sweep_dir), dry_run, claims)
+                        placement, layout, gpu_request, sweep_dir_of(sweep_dir), dry_run, claims)
     if left:
         print(f"{len(left)} fine-tune(s) wait for a pre-training run without a job: "
               f"{', '.join(p.spec.run_id for p in left)}; rerun the sweep")

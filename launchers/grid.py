@@ -4,11 +4,11 @@ Each grid point is a `TrainConfig` built from values (the preset's recipe, then 
 is validated where it is built; it becomes a command line (`cfg.to_args()`) only where a process
 is started (launchers.local, launchers.slurm).
 
-A run id reads `<size><patch>_<budget>_<hash>` (the demo preset on its built-in digits:
-`mu4_3e9_33a22f`, `m1-4_3e11_c75a7f`; pinned in tests/test_sweep_configs.py): the hash covers
-every result-changing field of the run's TrainConfig, the world size and the dataset's identity,
-so the same grid point always maps to the same run dir and a changed recipe never resumes an old
-run's checkpoint.
+A run id reads `<size><patch>_<budget>_<hash>` (pinned in tests/test_sweep_configs.py): the
+hash covers the run's recipe, every result-changing field of its TrainConfig and the dataset's
+identity, not the number of devices that train it, so the same grid point always maps to the
+same run dir at any --gpus and a changed recipe never resumes an old run's checkpoint. Ids made
+before hashed the world size too; `run_id` finds such a run dir (launchers.legacy).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from launchers import legacy
 from launchers.presets import Preset
 from scaling.config import BUDGETS, RESUMABLE_FIELDS, TrainConfig, field_type, resolve_plan
 from scaling.data import DatasetInfo
@@ -83,21 +84,6 @@ class GridOptions:
     overrides: tuple[tuple[str, object], ...] = ()  # --set FIELD=VALUE as field values, in order
 
 
-def parse_list(text: str, kind: type, flag: str) -> tuple:
-    """'1e15,3e15' -> (1e15, 3e15); a bad item raises ValueError naming the flag and item."""
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    if not items:
-        raise ValueError(f"{flag}: empty list {text!r}")
-    out = []
-    for item in items:
-        try:
-            value = kind(float(item)) if kind is int and "e" in item.lower() else kind(item)
-        except ValueError:
-            raise ValueError(f"{flag}: {item!r} is not a valid {kind.__name__}") from None
-        out.append(value)
-    return tuple(out)
-
-
 def resolve_size(name: str, patch: int) -> str:
     """'S' -> 'S/<patch>', 'S/8' stays (scaling.model.split_name reads it); an unknown size or
     a bad patch raises ValueError listing the valid sizes."""
@@ -109,18 +95,25 @@ def resolve_size(name: str, patch: int) -> str:
     return f"{size}/{given}"
 
 
-def node_layout(gpus: int, gpus_per_node: int) -> tuple[int, int]:
-    """(nodes, tasks per node) for `gpus` ranks, one task per GPU, whole nodes beyond one."""
-    if gpus < 1 or gpus_per_node < 1:
-        raise ValueError(f"--gpus {gpus} and --gpus-per-node {gpus_per_node} must be >= 1")
-    if gpus <= gpus_per_node:
-        return 1, gpus
-    if gpus % gpus_per_node:
-        lo = gpus // gpus_per_node * gpus_per_node
-        raise ValueError(f"--gpus {gpus} is not a whole number of nodes of --gpus-per-node "
+def node_layout(devices: int, gpus_per_node: int) -> tuple[int, int]:
+    """(nodes, tasks per node) for a run of `devices` ranks, one task each, whole nodes of
+    `gpus_per_node` beyond one."""
+    if devices < 1 or gpus_per_node < 1:
+        raise ValueError(f"--gpus {devices} and --gpus-per-node {gpus_per_node} must be >= 1")
+    if devices <= gpus_per_node:
+        return 1, devices
+    if devices % gpus_per_node:
+        lo = devices // gpus_per_node * gpus_per_node
+        raise ValueError(f"--gpus {devices} is not a whole number of nodes of --gpus-per-node "
                          f"{gpus_per_node}; use at most {gpus_per_node} or a multiple of it "
                          f"(e.g. {lo} or {lo + gpus_per_node})")
-    return gpus // gpus_per_node, gpus_per_node
+    return devices // gpus_per_node, gpus_per_node
+
+
+def gpu_request(layout: tuple[int, int], device: str) -> int:
+    """The GPUs each node of a run's SLURM job asks for (sbatch --gpus-per-node): one per task
+    on a GPU preset; none on a CPU preset, whose devices are CPU processes."""
+    return layout[1] if device == "cuda" else 0
 
 
 def budget_token(amount: float, kind: str) -> str:
@@ -151,15 +144,32 @@ def data_fingerprint(data_info: DatasetInfo) -> dict:
     return {**out, "content": content} if content else out
 
 
-def config_hash(cfg: TrainConfig, world_size: int, data: dict) -> str:
-    """Six hex digits over the result-changing, non-default config fields and the layout."""
+def recipe_payload(cfg: TrainConfig, data: dict) -> dict:
+    """What a run id hashes: the result-changing, non-default config fields and the data's
+    identity (`data_fingerprint`)."""
     fields = {k: v for k, v in cfg.to_dict().items()
               if k not in RESUMABLE_FIELDS and v is not None and v != TRAIN_FIELDS[k].default}
     if "fewshot" in fields:  # downstream sets by name (their rows' `dataset`), not location
         fields["fewshot"] = [Path(d).name for d in fields["fewshot"].split(",")]
-    payload = json.dumps({"cfg": fields, "world_size": world_size, "data": data},
-                         sort_keys=True, default=str)
+    return {"cfg": fields, "data": data}
+
+
+def config_hash(cfg: TrainConfig, data: dict) -> str:
+    """Six hex digits of SHA-1 over the run's recipe (`recipe_payload`)."""
+    payload = json.dumps(recipe_payload(cfg, data), sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()[:6]
+
+
+def run_id(parts: list[str], cfg: TrainConfig, data: dict, sweep_dir: Path,
+           unhashed: tuple[str, ...] = ()) -> str:
+    """The id of the run of `cfg` on `data` in `sweep_dir`: `parts` (size, budget...) and the
+    config_hash of `cfg` without the fields `unhashed`, joined by '_'; or, where no dir has that
+    id, the run dir made for the same recipe under an id that also hashed the world size
+    (launchers.legacy), which keeps its name."""
+    hashed = dataclasses.replace(cfg, **dict.fromkeys(unhashed))
+    new = "_".join([*parts, config_hash(hashed, data)])
+    found = legacy.find(sweep_dir, new, recipe_payload(hashed, data), cfg.to_dict())
+    return found or new
 
 
 def field_value(name: str, value: object) -> object:
@@ -234,10 +244,10 @@ def grid_point(preset: Preset, opts: GridOptions, data_info: DatasetInfo, sweep_
         kind: field_type(TRAIN_FIELDS[kind])(budget), "batch_size": batch,
         "lr": float(preset.lr(base_lr, batch)), "seed": int(seed), **shared})
     plan = resolve_plan(cfg, data_info, opts.world_size)  # what training resolves, too
-    run_id = "_".join([model_token(model), budget_token(budget, kind),
-                       config_hash(cfg, opts.world_size, data_fingerprint(data_info))])
-    cfg = dataclasses.replace(cfg, out=str(sweep_dir / run_id))
-    return RunSpec(run_id=run_id, model=model, budget=budget, budget_kind=kind, seed=seed,
+    rid = run_id([model_token(model), budget_token(budget, kind)], cfg,
+                 data_fingerprint(data_info), sweep_dir)
+    cfg = dataclasses.replace(cfg, out=str(sweep_dir / rid))
+    return RunSpec(run_id=rid, model=model, budget=budget, budget_kind=kind, seed=seed,
                    base_lr=preset.base_lr if base_lr is None else base_lr,
                    world_size=plan.world_size, total_steps=plan.total_steps, cfg=cfg,
                    macs_per_image=plan.macs_per_image)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import shlex
 from functools import partial
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from launchers import branching, finetune_runs, slurm
 from launchers.checks import plan_warnings
+from launchers.cli import SweepOptions
 from launchers.defaults import (
     Choice,
     cuda_devices,
@@ -18,9 +18,9 @@ from launchers.defaults import (
     resolve_data,
     with_builtin_fewshot,
 )
-from launchers.grid import GridOptions, build_grid, node_layout, parse_list, parse_overrides
+from launchers.grid import GridOptions, build_grid, gpu_request, node_layout, parse_overrides
 from launchers.local import log_tail, run_gated, run_local
-from launchers.plan import PlannedRun, classify, other_world_sizes, set_aside_final
+from launchers.plan import PlannedRun, classify, set_aside_final
 from launchers.presets import Preset
 from launchers.progress import SweepProgress
 from launchers.runs import Claims, claim_holder
@@ -32,16 +32,16 @@ PLAN_COLUMNS = ("run", "size", "budget", "seed", "lr", "ranks", "steps", "state"
 DEFAULTS = {"gpus_per_node": 8, "max_requeues": 3, "signal": "USR2@90"}
 
 
-def placement_settings(args: argparse.Namespace, preset: Preset) -> dict:
+def placement_settings(opts: SweepOptions, preset: Preset) -> dict:
     """Where and how the runs are placed (SLURM settings, runs at a time, requeues): defaults <
     preset < --slurm-config YAML < flags."""
     merged = {**DEFAULTS, **preset.slurm}
-    if args.slurm_config:
-        merged.update(slurm.load_slurm_yaml(args.slurm_config))
+    if opts.slurm_config:
+        merged.update(slurm.load_slurm_yaml(opts.slurm_config))
     for key in ("partition", "account", "qos", "time", "gpus_per_node", "cpus_per_task",
                 "max_parallel", "max_requeues", "signal"):
-        if getattr(args, key) is not None:
-            merged[key] = getattr(args, key)
+        if getattr(opts, key) is not None:
+            merged[key] = getattr(opts, key)
     for key in ("time", "gpus_per_node", "cpus_per_task", "max_parallel"):
         if merged.get(key) is not None and int(merged[key]) < 1:
             raise ValueError(f"--{key.replace('_', '-')} {merged[key]} must be >= 1")
@@ -51,18 +51,15 @@ def placement_settings(args: argparse.Namespace, preset: Preset) -> dict:
     return merged
 
 
-def grid_options(args: argparse.Namespace, preset: Preset, world_size: int) -> GridOptions:
+def grid_options(opts: SweepOptions, preset: Preset, world_size: int) -> GridOptions:
     """The grid the flags ask for, preset values where a flag is absent (an empty list, `''`
-    or `,`, is an error: it must not silently mean the preset's grid, or no grid)."""
+    or `,`, is an error of launchers.cli: it must not silently mean the preset's grid)."""
     return GridOptions(
-        sizes=parse_list(args.sizes, str, "--sizes") if args.sizes is not None
-        else preset.sizes,
-        budgets=parse_list(args.budgets, float, "--budgets") if args.budgets is not None
-        else preset.budgets,
-        seeds=parse_list(args.seeds, int, "--seeds"),
-        lrs=parse_list(args.lrs, float, "--lrs") if args.lrs is not None else None,
-        batch_size=args.batch_size, budget_kind=args.budget_kind, world_size=world_size,
-        overrides=parse_overrides(args.set))
+        sizes=opts.sizes if opts.sizes is not None else preset.sizes,
+        budgets=opts.budgets if opts.budgets is not None else preset.budgets,
+        seeds=opts.seeds, lrs=opts.lrs, batch_size=opts.batch_size,
+        budget_kind=opts.budget_kind, world_size=world_size,
+        overrides=parse_overrides(list(opts.sets)))
 
 
 def run_here(todo: list[PlannedRun], placement: dict, sweep_dir: Path, dry_run: bool,
@@ -126,62 +123,62 @@ def show_plan(planned: list[PlannedRun]) -> list[PlannedRun]:
     return [p for p in planned if p.submits]
 
 
-def world_size(args: argparse.Namespace, preset: Preset, cluster: str,
+def world_size(opts: SweepOptions, preset: Preset, cluster: str,
                choice: Choice | None) -> tuple[int, int | None]:
-    """(ranks per run, CUDA GPUs here or None when not probed): --gpus, else the preset's,
-    capped at this machine's GPUs for a GPU preset run locally."""
+    """(devices = ranks per run, CUDA GPUs here or None when not probed): --gpus, else the
+    preset's, capped at this machine's GPUs for a GPU preset run locally."""
     if preset.device != "cuda" or cluster != "local":
-        return (args.gpus if args.gpus is not None else preset.gpus), None
+        return (opts.devices if opts.devices is not None else preset.gpus), None
     here = choice.local_gpus if choice is not None else cuda_devices()
-    if args.gpus is not None:
-        return args.gpus, here
+    if opts.devices is not None:
+        return opts.devices, here
     return (min(preset.gpus, here) if here else preset.gpus), here
 
 
-def run_sweep(args: argparse.Namespace) -> int:
+def run_sweep(opts: SweepOptions) -> int:
     """Validate, plan, claim, and submit (or run) what the plan says; nothing is submitted on
     bad input, and of two sweeps at once only one submits each run."""
-    cluster, why = pick_cluster(args.cluster, args.dry_run)
-    preset, choice = default_preset(args, cluster, why)  # says which and why when defaulted
-    placement = placement_settings(args, preset)
-    world, local_gpus = world_size(args, preset, cluster, choice)
+    cluster, why = pick_cluster(opts.cluster, opts.dry_run)
+    preset, choice = default_preset(opts, cluster, why)  # says which and why when defaulted
+    placement = placement_settings(opts, preset)
+    world, local_gpus = world_size(opts, preset, cluster, choice)
     layout = node_layout(world, int(placement["gpus_per_node"]))
-    options = grid_options(args, preset, world)  # flag errors before any data is made
-    info, placeholder = resolve_data(args, preset)
-    preset = with_builtin_fewshot(args, preset)  # the preset's downstream sets, made once
-    sweep_dir = Path(args.results).resolve() / (args.name or preset.name)
-    tree = branching.build_tree(preset, options, info, sweep_dir) if args.branching else None
+    options = grid_options(opts, preset, world)  # flag errors before any data is made
+    info, placeholder = resolve_data(opts, preset)
+    preset = with_builtin_fewshot(opts, preset)  # the preset's downstream sets, made once
+    sweep_dir = Path(opts.results).resolve() / (opts.name or preset.name)
+    tree = branching.build_tree(preset, options, info, sweep_dir) if opts.branching else None
     specs = tree.specs if tree else build_grid(preset, options, info, sweep_dir)
-    if not tree:  # a partly done run started on another --gpus (launchers.plan)
-        specs = other_world_sizes(specs, args.allow_world_size_change)
-    if args.finetune:  # one fine-tune per run, after it (launchers.finetune_runs)
+    if opts.finetune:  # one fine-tune per run, after it (launchers.finetune_runs)
         if tree:
             raise ValueError("--finetune with --branching is not supported yet")
-        specs = [*specs, *finetune_runs.finetune_specs(args, specs, sweep_dir)]
-    planned = classify(specs, args.resubmit_failed)
-    print(f"sweep {sweep_dir.name}: preset {preset.name}, {len(specs)} run(s), {world} rank(s) "
-          f"each = {layout[0]} node(s) x {layout[1]} task(s), cluster {cluster}")
+        specs = [*specs, *finetune_runs.finetune_specs(opts, specs, sweep_dir)]
+    planned = classify(specs, opts.resubmit_failed)
+    gpus = gpu_request(layout, preset.device)  # what each node of a SLURM job asks for
+    kind = "GPU(s)" if preset.device == "cuda" else "CPU process(es)"
+    print(f"sweep {sweep_dir.name}: preset {preset.name}, {len(specs)} run(s), {world} device(s) "
+          f"per run ({kind}) = {layout[0]} node(s) x {layout[1]} task(s), cluster {cluster}"
+          + (f", SLURM request {gpus} GPU(s) per node" if cluster == "slurm" else ""))
     if tree:
         print(tree.describe())
     for warning in plan_warnings(preset, specs, info, cluster, placement,
                                  placeholder=placeholder, local_gpus=local_gpus):
         print(f"warning: {warning}")
-    with contextlib.nullcontext() if args.dry_run else Claims() as claims:
+    with contextlib.nullcontext() if opts.dry_run else Claims() as claims:
         if claims is not None:
-            planned = claim_runs(planned, claims, args.resubmit_failed)
+            planned = claim_runs(planned, claims, opts.resubmit_failed)
         todo = show_plan(planned)
         if not todo:
             print("nothing to submit")
             return 0
-        if not args.dry_run:
+        if not opts.dry_run:
             for p in todo:
                 if p.action == "resubmit":
                     set_aside_final(p.spec.run_dir)
-        gated = branching if tree else finetune_runs if args.finetune else None  # wait for others
+        gated = branching if tree else finetune_runs if opts.finetune else None  # wait for others
         if cluster == "slurm":
             submit = gated.submit_slurm if gated else submit_array
-            return submit(todo, placement, layout, preset.device == "cuda", sweep_dir,
-                          args.dry_run, claims)
-        return run_here(todo, placement, sweep_dir, args.dry_run, claims,
+            return submit(todo, placement, layout, gpus, sweep_dir, opts.dry_run, claims)
+        return run_here(todo, placement, sweep_dir, opts.dry_run, claims,
                         runner=partial(run_gated, ready=gated.ready, waiting=gated.WAITING)
                         if gated else run_local)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from launchers.grid import RunSpec, budget_token
 from launchers.runs import progress, read_job, run_state, squeue_states
@@ -63,43 +60,3 @@ def classify(specs: list[RunSpec], resubmit_failed: bool) -> list[PlannedRun]:
             action = "resubmit"
         out.append(PlannedRun(spec, state, action))
     return out
-
-
-def other_world_sizes(specs: list[RunSpec], allow: bool) -> list[RunSpec]:
-    """The specs, where a grid point's run was started on another number of ranks (--gpus
-    changed: the run id covers the world size) and is partly done, pointed at that run, to
-    continue on this world size (scaling.train resumes a checkpoint on any), when `allow`
-    (--allow-world-size-change); without it, a ValueError (one line) saying so."""
-    out = []
-    for spec in specs:
-        found = None if spec.run_dir.exists() else _started_elsewhere(spec)
-        if found is None:
-            out.append(spec)
-            continue
-        run_dir, ranks = found
-        if not allow:
-            raise ValueError(
-                f"{run_dir.name} ({spec.model}, budget {budget_token(spec.budget, spec.budget_kind)}"
-                f") was started on {ranks} rank(s) and is partly done; rerun with --gpus {ranks}, "
-                f"or add --allow-world-size-change to continue it on {spec.world_size}")
-        out.append(dataclasses.replace(spec, run_id=run_dir.name,
-                                       cfg=dataclasses.replace(spec.cfg, out=str(run_dir))))
-    return out
-
-
-def _started_elsewhere(spec: RunSpec) -> tuple[Path, int] | None:
-    """(run dir, its ranks) of a partly done (preempted) run of spec's grid point at another
-    world size: the same model and budget in the run id and the same config."""
-    prefix = spec.run_id.rsplit("_", 1)[0] + "_"
-    for run_dir in sorted(spec.run_dir.parent.glob(prefix + "*")):
-        try:
-            ranks = json.loads((run_dir / "plan.json").read_text())["world_size"]
-            check_same_config(dataclasses.replace(
-                spec, cfg=dataclasses.replace(spec.cfg, out=str(run_dir))))
-        except (OSError, ValueError, KeyError):
-            continue
-        job = read_job(run_dir)
-        squeue = squeue_states() if (job or {}).get("cluster") == "slurm" else {}
-        if ranks != spec.world_size and run_state(run_dir, job, squeue) == "preempted":
-            return run_dir, int(ranks)
-    return None

@@ -351,9 +351,10 @@ def parse_signal(text: str) -> tuple[str, int]:
     return name, int(delay or 90)  # 90 s: submitit's default signal_delay_s
 
 
-def executor_parameters(settings: dict, *, nodes: int, tasks_per_node: int, gpus: bool,
+def executor_parameters(settings: dict, *, nodes: int, tasks_per_node: int, gpu_request: int,
                         name: str, count: int) -> dict:
-    """SlurmExecutor parameters (submitit's names) from the merged settings (SLURM_KEYS)."""
+    """SlurmExecutor parameters (submitit's names) from the merged settings (SLURM_KEYS), for
+    jobs of `nodes` x `tasks_per_node` tasks asking for `gpu_request` GPUs per node (0: none)."""
     sig, delay = parse_signal(settings.get("signal") or "USR2")
     extra = dict(settings.get("additional_parameters") or {})
     # --signal overrides the line submitit writes from SUBMITIT_PREEMPT_SIGNAL; --requeue lets
@@ -371,8 +372,8 @@ def executor_parameters(settings: dict, *, nodes: int, tasks_per_node: int, gpus
               "additional_parameters": extra,
               "array_parallelism": int(settings.get("max_parallel") or max(count, 1)),
               "setup": [*setup, *(settings.get("setup") or [])]}
-    if gpus:
-        params["gpus_per_node"] = tasks_per_node  # one GPU per task
+    if gpu_request:
+        params["gpus_per_node"] = int(gpu_request)
     if settings.get("mem_gb"):
         params["mem"] = f"{int(settings['mem_gb'])}GB"
     for key in ("partition", "account", "qos", "constraint", "exclude"):

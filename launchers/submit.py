@@ -67,15 +67,17 @@ def sbatch(jobs: list[slurm.TrainJob], params: dict, folder: Path, max_requeues:
     return ids
 
 
-def submit_array(todo: list[PlannedRun], placement: dict, layout: tuple[int, int], gpus: bool,
-                 sweep_dir: Path, dry_run: bool, claims: Claims | None) -> int:
-    """Submit the runs as one array (or print its sbatch script); each run's claim is released
-    once job.json holds its job id."""
+def submit_array(todo: list[PlannedRun], placement: dict, layout: tuple[int, int],
+                 gpu_request: int, sweep_dir: Path, dry_run: bool, claims: Claims | None) -> int:
+    """Submit the runs as one array (or print its sbatch script) of `layout` (nodes, tasks per
+    node) jobs asking for `gpu_request` GPUs per node (launchers.grid.gpu_request); each run's
+    claim is released once job.json holds its job id."""
     # a folder per submission: a failed one is removed without touching another sweep's files
     stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     folder = sweep_dir / "_submitit" / stamp / "%j"
     params = slurm.executor_parameters(placement, nodes=layout[0], tasks_per_node=layout[1],
-                                       gpus=gpus, name=f"vit-{sweep_dir.name}", count=len(todo))
+                                       gpu_request=gpu_request, name=f"vit-{sweep_dir.name}",
+                                       count=len(todo))
     if dry_run:
         script = slurm.sbatch_script(params, folder, len(todo))
         print(f"\n# sbatch script ({len(todo)} run(s)):\n{script}")
@@ -114,7 +116,7 @@ def upstream_job(ready: Callable[[RunSpec], bool], upstream_dir: Callable[[RunSp
 
 
 def submit_after(runs: list[PlannedRun], upstream_job_of: Callable[[RunSpec], str | None],
-                 placement: dict, layout: tuple[int, int], gpus: bool, sweep_dir: Path,
+                 placement: dict, layout: tuple[int, int], gpu_request: int, sweep_dir: Path,
                  dry_run: bool, claims: Claims | None) -> list[PlannedRun]:
     """Submit runs that wait for an upstream run: those that may start now (`upstream_job_of`
     None) as one array, then one array per upstream job, each `--dependency=afterok:JOB
@@ -133,8 +135,8 @@ def submit_after(runs: list[PlannedRun], upstream_job_of: Callable[[RunSpec], st
         extra = dict(placement.get("additional_parameters") or {})
         if job_id is not None:
             extra.update(dependency=f"afterok:{job_id}", kill_on_invalid_dep="yes")
-        submit_array(group, {**placement, "additional_parameters": extra}, layout, gpus,
-                     sweep_dir, dry_run, claims)
+        submit_array(group, {**placement, "additional_parameters": extra}, layout,
+                     gpu_request, sweep_dir, dry_run, claims)
     for p in left:
         if claims is not None:
             claims.release(p.spec.run_dir)

@@ -17,11 +17,14 @@ from launchers import slurm
 from launchers.grid import (
     GridOptions,
     build_grid,
+    data_fingerprint,
     field_value,
     model_token,
     parse_overrides,
+    recipe_payload,
     resolve_size,
 )
+from launchers.legacy import legacy_hash
 from launchers.local import LocalRun
 from launchers.presets import get_preset
 from scaling.config import TrainConfig
@@ -44,34 +47,51 @@ DIGITS = dataset("digits", 8, 10, 1258, 539)
 IMAGENET = dataset("placeholder:ImageNet-1k", 224, 1000, 1_281_167, 50_000)
 CIFAR = dataset("placeholder:CIFAR-10", 32, 10, 50_000, 10_000)
 
-# run ids (and steps) computed by the sweep before it built configs as data (flags parsed back by
-# TrainConfig's parser): they name existing run dirs, so they must never change
+# (run id, the id made before run ids left the world size out, steps): the second column was
+# computed by the sweep before it built configs as data (flags parsed back by TrainConfig's
+# parser) and names existing run dirs, which launchers.legacy finds by it; the first is the id
+# of the same recipe at any --gpus (docs/sweeps.md, "Run ids made before the world size left
+# them"), and both must never change
 PINNED = [
     ("demo", DIGITS, GridOptions(sizes=("mu", "m1", "m2"), budgets=(3e9, 3e11)),
-     [("mu4_3e9_33a22f", 108), ("mu4_3e11_c81a38", 10865), ("m1-4_3e9_a7c58b", 26),
-      ("m1-4_3e11_c75a7f", 2630), ("m2-4_3e9_29aac1", 10), ("m2-4_3e11_ced512", 1013)]),
+     [("mu4_3e9_42747d", "mu4_3e9_33a22f", 108),
+      ("mu4_3e11_699f97", "mu4_3e11_c81a38", 10865),
+      ("m1-4_3e9_92ac6d", "m1-4_3e9_a7c58b", 26),
+      ("m1-4_3e11_5784fb", "m1-4_3e11_c75a7f", 2630),
+      ("m2-4_3e9_2e6244", "m2-4_3e9_29aac1", 10),
+      ("m2-4_3e11_1c413c", "m2-4_3e11_ced512", 1013)]),
     ("demo", DIGITS, GridOptions(sizes=("mu", "m1/2"), budgets=(1e10,), seeds=(0, 1),
                                  lrs=(1e-2, 3.2e-2)),
-     [("mu4_1e10_4c8c04", 362), ("mu4_1e10_e804b0", 362), ("mu4_1e10_bb442f", 362),
-      ("mu4_1e10_5d16e0", 362), ("m1-2_1e10_86ffdb", 25), ("m1-2_1e10_c0c7a6", 25),
-      ("m1-2_1e10_d8fc95", 25), ("m1-2_1e10_d8b63a", 25)]),
+     [("mu4_1e10_c687a2", "mu4_1e10_4c8c04", 362),
+      ("mu4_1e10_6e26dc", "mu4_1e10_e804b0", 362),
+      ("mu4_1e10_9d75e0", "mu4_1e10_bb442f", 362),
+      ("mu4_1e10_668476", "mu4_1e10_5d16e0", 362),
+      ("m1-2_1e10_edbda3", "m1-2_1e10_86ffdb", 25),
+      ("m1-2_1e10_18f156", "m1-2_1e10_c0c7a6", 25),
+      ("m1-2_1e10_8da9ba", "m1-2_1e10_d8fc95", 25),
+      ("m1-2_1e10_5a8d70", "m1-2_1e10_d8b63a", 25)]),
     ("demo", DIGITS, GridOptions(sizes=("mu",), budgets=(8, 16), budget_kind="steps",
                                  overrides=parse_overrides(["log_every=4", "weight_decay=0",
                                                             "hflip=true",
                                                             "min_crop_scale=0.5"])),
-     [("mu4_8st_90033a", 8), ("mu4_16st_6f7eaf", 16)]),
+     [("mu4_8st_fcb219", "mu4_8st_90033a", 8),
+      ("mu4_16st_fc7a23", "mu4_16st_6f7eaf", 16)]),
     ("demo", DIGITS, GridOptions(sizes=("m1",), budgets=(3e9,), world_size=2, batch_size=32),
-     [("m1-4_3e9_6399bd", 52)]),
+     [("m1-4_3e9_bb5627", "m1-4_3e9_6399bd", 52)]),
     ("demo", DIGITS, GridOptions(sizes=("mu",), budgets=(0.5, 2), budget_kind="epochs"),
-     [("mu4_0.5ep_0e1337", 9), ("mu4_2ep_390ef4", 39)]),
+     [("mu4_0.5ep_b4eae4", "mu4_0.5ep_0e1337", 9),
+      ("mu4_2ep_35714f", "mu4_2ep_390ef4", 39)]),
     ("demo", DIGITS, GridOptions(sizes=("mu",), budgets=(1000,), budget_kind="samples"),
-     [("mu4_1000im_fbf251", 15)]),
+     [("mu4_1000im_258125", "mu4_1000im_fbf251", 15)]),
     ("imagenet", IMAGENET, GridOptions(sizes=("Ti", "S", "B/32"), budgets=(1e18,),
                                        world_size=16),
-     [("Ti16_1e18_8cc08d", 129338), ("S16_1e18_d4ddbc", 35318), ("B32_1e18_d53d8c", 36873)]),
+     [("Ti16_1e18_074f7e", "Ti16_1e18_8cc08d", 129338),
+      ("S16_1e18_bf056e", "S16_1e18_d4ddbc", 35318),
+      ("B32_1e18_dd303f", "B32_1e18_d53d8c", 36873)]),
     ("cifar", CIFAR, GridOptions(sizes=("m3", "S"), budgets=(1e15,),
                                  overrides=parse_overrides(["precision=fp32", "zero=2"])),
-     [("m3-4_1e15_e531ef", 9992), ("S4_1e15_d8b0b3", 228)]),
+     [("m3-4_1e15_8dd5cf", "m3-4_1e15_e531ef", 9992),
+      ("S4_1e15_5b3790", "S4_1e15_d8b0b3", 228)]),
 ]
 
 
@@ -80,14 +100,22 @@ PINNED = [
 def test_run_ids_of_grid_points_are_those_of_existing_run_dirs(preset, info, opts, expected,
                                                                 tmp_path):
     specs = build_grid(get_preset(preset), opts, info, tmp_path)
-    assert [(s.run_id, s.total_steps) for s in specs] == expected
+    assert [(s.run_id, s.total_steps) for s in specs] == [(i, n) for i, _, n in expected]
     assert all(s.run_dir == tmp_path / s.run_id for s in specs)
+    # the old ids hashed the world size too: launchers.legacy still computes them
+    payloads = [recipe_payload(s.cfg, data_fingerprint(info)) for s in specs]
+    assert [f"{s.run_id.rsplit('_', 1)[0]}_{legacy_hash(p, opts.world_size)}"
+            for s, p in zip(specs, payloads)] == [old for _, old, _ in expected]
+    # and the id is the recipe's alone: the same grid at another world size has the same ids
+    other = dataclasses.replace(opts, world_size=2 * opts.world_size)
+    assert [s.run_id for s in build_grid(get_preset(preset), other, info, tmp_path)] == [
+        s.run_id for s in specs]
 
 
 def test_a_grid_point_is_a_train_config_that_round_trips_its_flags(tmp_path):
     (spec,) = build_grid(get_preset("demo"), PINNED[2][2], DIGITS, tmp_path)[:1]
     cfg = spec.cfg
-    assert isinstance(cfg, TrainConfig) and cfg.out == str(tmp_path / "mu4_8st_90033a")
+    assert isinstance(cfg, TrainConfig) and cfg.out == str(tmp_path / "mu4_8st_fcb219")
     assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.log_every) == (8, 64, 0.004, 4)
     assert type(cfg.weight_decay) is float and cfg.hflip is True  # typed by TrainConfig
     assert TrainConfig.from_args(cfg.to_args()) == cfg
@@ -165,7 +193,7 @@ def test_children_of_a_checkout_get_it_on_pythonpath(monkeypatch):
     env = slurm.child_env({"PYTHONPATH": os.pathsep.join(["/x", str(REPO)])}, cpus=3)
     assert env["PYTHONPATH"] == os.pathsep.join([str(REPO), "/x"])  # ours first, once
     assert env["OMP_NUM_THREADS"] == "3" and env["PYTHONUNBUFFERED"] == "1"
-    params = slurm.executor_parameters({"time": 5}, nodes=1, tasks_per_node=1, gpus=False,
+    params = slurm.executor_parameters({"time": 5}, nodes=1, tasks_per_node=1, gpu_request=0,
                                        name="t", count=1)
     assert f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}" in params["setup"]
 
@@ -176,7 +204,7 @@ def test_children_of_an_installed_package_get_no_path(monkeypatch):
     assert slurm.package_paths() == []
     assert "PYTHONPATH" not in slurm.child_env({}, cpus=None)
     assert slurm.child_env({"PYTHONPATH": "/x"}, cpus=None)["PYTHONPATH"] == "/x"
-    params = slurm.executor_parameters({"time": 5}, nodes=1, tasks_per_node=1, gpus=False,
+    params = slurm.executor_parameters({"time": 5}, nodes=1, tasks_per_node=1, gpu_request=0,
                                        name="t", count=1)
     assert not [line for line in params["setup"] if "PYTHONPATH" in line]
 

@@ -7,7 +7,6 @@ be shown by handing the choosing function the probe's answer (its `cuda` paramet
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from launchers.checks import partitions
+from launchers.cli import SweepOptions
 from launchers.defaults import choose_preset, data_default, default_preset
 from launchers.launch import world_size
 from launchers.presets import get_preset
@@ -78,12 +78,12 @@ def test_the_preset_follows_where_the_runs_execute():
     cpu = choose_preset("local", "no sbatch on PATH", cuda=0)
     assert (cpu.preset, cpu.runs_on) == ("demo", "cpu") and "no CUDA GPU" in cpu.reason
     # local GPU runs of the GPU study use this machine's GPUs, not the preset's 8
-    args = argparse.Namespace(gpus=None, preset=None, sizes="S,B")
+    args = SweepOptions(sizes=("S", "B"))
     assert world_size(args, get_preset("imagenet"), "local", gpu_box) == (2, 2)
-    args.gpus = 1
+    args = SweepOptions(sizes=("S", "B"), devices=1)
     assert world_size(args, get_preset("imagenet"), "local", gpu_box) == (1, 2)
     assert world_size(args, get_preset("imagenet"), "slurm", on_slurm)[0] == 1
-    preset, choice = default_preset(argparse.Namespace(preset=None, sizes="S,B", gpus=8),
+    preset, choice = default_preset(SweepOptions(sizes=("S", "B"), devices=8),
                                     "local", "no sbatch on PATH", cuda=1)
     assert preset.name == "imagenet" and choice.local_gpus == 1  # a GPU box: no refusal
 
@@ -97,7 +97,8 @@ def test_slurm_here_plans_s16_b16_on_one_node_of_8_gpus(slurm, no_data_defaults,
     assert rc == 0, out
     assert "preset imagenet (default): the runs go to SLURM (sbatch found)" in out
     assert {row[1] for row in plan_rows(out)} == {"S/16", "B/16"}
-    assert "8 rank(s) each = 1 node(s) x 8 task(s), cluster slurm" in out
+    assert ("8 device(s) per run (GPU(s)) = 1 node(s) x 8 task(s), cluster slurm, SLURM "
+            "request 8 GPU(s) per node") in out
     for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=8",
                  "#SBATCH --gpus-per-node=8"):
         assert line in out, f"{line!r} missing from:\n{out}"
@@ -195,4 +196,5 @@ def test_laptop_default_is_the_cpu_demo_and_says_why(tmp_path):
     # an explicit CPU preset keeps --gpus N as N processes per run
     done = laptop(tmp_path, "--preset", "demo", "--sizes", "mu", "--budgets", "1e10",
                   "--gpus", 2, "--dry-run", "--results", tmp_path / "r")
-    assert done.returncode == 0 and "2 rank(s) each" in done.stdout, done
+    assert done.returncode == 0, done
+    assert "2 device(s) per run (CPU process(es))" in done.stdout, done

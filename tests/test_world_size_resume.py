@@ -137,11 +137,11 @@ def test_segments_of_a_checkpoint_from_before_they_were_saved(tmp_path):
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_the_sweep_continues_a_partly_done_run_on_another_gpus_only_when_asked(
-        digits_data, tmp_path, capsys, monkeypatch):
-    """The run id covers the world size, so a rerun with another --gpus would start the grid
-    point over in a new run dir: it stops with one line instead, and continues the partly done
-    run on the new world size with --allow-world-size-change."""
+def test_the_sweep_continues_a_partly_done_run_on_another_gpus(digits_data, tmp_path, capsys,
+                                                                monkeypatch):
+    """A run's id is its recipe, not its world size: a rerun with another --gpus continues the
+    partly done run in its own dir, and final.json records a segment per world size. The
+    removed --allow-world-size-change is one line and exit 2."""
     from launchers.sweep import main
 
     args = ["--preset", "demo", "--sizes", "mu", "--budget-kind", "steps", "--budgets", "8",
@@ -153,12 +153,10 @@ def test_the_sweep_continues_a_partly_done_run_on_another_gpus_only_when_asked(
     (run,) = (tmp_path / "demo").glob("mu4_8st_*")
     assert [s for s, _ in engine.complete_checkpoints(run / "checkpoints")] == [STOP]
     capsys.readouterr()
-    assert main([*args, "--gpus", "1"]) == 2
+    assert main([*args, "--gpus", "1", "--allow-world-size-change"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and run.name in err[0] and "started on 2 rank(s)" in err[0]
-    assert "--allow-world-size-change" in err[0]
-    assert [d.name for d in (tmp_path / "demo").glob("mu4_8st_*")] == [run.name]
-    assert main([*args, "--gpus", "1", "--allow-world-size-change"]) == 0, capsys.readouterr()
+    assert len(err) == 1 and "--allow-world-size-change is gone" in err[0], err
+    assert main([*args, "--gpus", "1"]) == 0, capsys.readouterr()
     final = results.read_final(run)
     assert final["status"] == "ok" and final["steps"] == 8 and final["world_size"] == 1
     assert [(s["world_size"], s["start_step"], s["end_step"]) for s in final["segments"]] == [
