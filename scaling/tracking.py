@@ -22,9 +22,13 @@ readers also drop a tag's events at and after a step that is logged again (out-o
 so what TensorBoard shows is, tag by tag, one value per step: metrics.jsonl's.
 
 Weights & Biases (`--wandb PROJECT`, needs the `wandb` package): the same values as one W&B run
-per run dir (its id is derived from the run dir, so a restart resumes it; W&B ignores steps
-below its last one). Offline (no network): set WANDB_MODE=offline and sync later with
-`wandb sync`. Without the package, `--wandb` is refused before any work (exit 2).
+per run dir (its id is derived from the run dir). A restart at step S rewinds that run to its
+start (wandb.init's `resume_from`, in beta in W&B) and logs metrics.jsonl's and
+transfer.jsonl's rows up to S again: wandb writes its data every 15 s, so what a killed process
+sent may be lost, while those files are what the run kept. Offline (no network): set
+WANDB_MODE=offline; each process writes RUN_DIR/wandb/offline-run-*, a restart's with the rewind
+in its run record, and `wandb sync` uploads them in order.
+Without the package, `--wandb` is refused before any work (exit 2).
 
 Checkpoint cost (final.json, see scaling.results): `checkpoints` (saves done, over restarts),
 `checkpoint_s_sum`, `checkpoint_s_max` (seconds per save) and `checkpoint_bytes` (the size of
@@ -41,7 +45,7 @@ import os
 import time
 from pathlib import Path
 
-from scaling.results import METRICS_FILE, TRANSFER_FILE
+from scaling.results import METRICS_FILE, TRANSFER_FILE, read_metrics, read_transfer
 from scaling.tail import rows_at_step
 
 TB_DIR = "tb"
@@ -77,12 +81,17 @@ class _TensorBoard:
 
 
 class _WandB:
-    def __init__(self, run_dir: Path, cfg):
-        import wandb
+    def __init__(self, run_dir: Path, cfg, step: int):
+        import wandb  # optional (--wandb): checked by check() before any work
 
         run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
-        self.run = wandb.init(project=cfg.wandb, dir=str(run_dir), id=run_id,
-                              name=run_dir.name, config=cfg.to_dict(), resume="allow")
+        # A restart rewinds the W&B run to its start (resume_from, W&B's purge_step), and
+        # Tracker.open logs metrics.jsonl's kept rows again: wandb writes its files every 15 s,
+        # so a killed process's W&B copy can lack rows that metrics.jsonl kept.
+        start = (dict(resume_from=f"{run_id}?_step=0") if step > 0 else
+                 dict(id=run_id, resume="allow"))
+        self.run = wandb.init(project=cfg.wandb, dir=str(run_dir), name=run_dir.name,
+                              config=cfg.to_dict(), **start)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
@@ -101,16 +110,29 @@ class Tracker:
     @classmethod
     def open(cls, cfg, run_dir: str | os.PathLike, step: int) -> Tracker:
         """The trackers `cfg` asks for, on a run resumed at `step` (0: a fresh start); the
-        rows kept at `step` are logged again (module doc, "Restarts")."""
+        rows kept are logged again (module doc, "Restarts"): TensorBoard's at `step`, W&B's
+        all of them."""
         run_dir = Path(run_dir)
-        sinks = ([_TensorBoard(run_dir, step)] if cfg.tensorboard else []) + (
-            [_WandB(run_dir, cfg)] if cfg.wandb is not None else [])
-        tracker = cls(sinks, cfg.fewshot_seeds)
-        if sinks and step > 0:
-            for name in (METRICS_FILE, TRANSFER_FILE):
-                for row in rows_at_step(run_dir / name, step):
-                    tracker.log(row)
+        board = [_TensorBoard(run_dir, step)] if cfg.tensorboard else []
+        wandb = [_WandB(run_dir, cfg, step)] if cfg.wandb is not None else []
+        tracker = cls(board + wandb, cfg.fewshot_seeds)
+        if board and step > 0:
+            tracker.replay(board, [row for name in (METRICS_FILE, TRANSFER_FILE)
+                                   for row in rows_at_step(run_dir / name, step)])
+        if wandb and step > 0:
+            rows = [*read_metrics(run_dir), *read_transfer(run_dir)]
+            tracker.replay(wandb, sorted((r for r in rows if r["step"] <= step),
+                                         key=lambda r: r["step"]))  # W&B: steps in order
         return tracker
+
+    def replay(self, sinks: list, rows: list[dict]) -> None:
+        """Log `rows` (kept from earlier processes) to `sinks` only."""
+        every, self.sinks = self.sinks, sinks
+        try:
+            for row in rows:
+                self.log(row)
+        finally:
+            self.sinks = every
 
     def log(self, row: dict) -> None:
         """A metrics or transfer row, by its kind."""

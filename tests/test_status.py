@@ -109,11 +109,19 @@ def test_watch_shows_an_eta_per_running_run(tmp_path):
     assert row.endswith("6 min 40 s")
 
 
+def default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default (exec keeps an ignored signal)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_watch_until_ctrl_c_exits_130(tmp_path):
     running_run(tmp_path, "a", 200, 1000)
+    # A suite started in the background (nohup ... &, a batch job) hands its children SIGINT
+    # ignored: restore the default so the test checks the program, not the caller's shell.
     proc = subprocess.Popen([sys.executable, str(REPO / "launchers" / "sweep.py"), "status",
                              "--results", str(tmp_path), "--watch", "0.1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)  # noqa: PLW1509 (resets one signal)
     seen, t0 = "", time.time()
     while seen.count("runs: 1 running") < 2:  # two refreshes
         assert proc.poll() is None, proc.stderr.read()
