@@ -141,7 +141,7 @@ def config_files(env: dict | None = None, cwd: Path | None = None) -> list[Path]
 
 def read_config(path: Path) -> dict:
     """A vit-scaling config file: {'data': {preset: dir}} (dirs relative to the file)."""
-    import yaml  # as launchers.slurm.load_slurm_yaml
+    import yaml  # as launchers.slurm_config.load_slurm_yaml
 
     try:
         raw = yaml.safe_load(path.read_text()) or {}

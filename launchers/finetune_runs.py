@@ -24,8 +24,8 @@ from launchers.cli import SweepOptions
 from launchers.grid import RunSpec, data_fingerprint, run_id
 from launchers.submit import submit_after, submit_array, upstream_job
 from scaling import finetune, results
+from scaling.checks import check_data
 from scaling.config import resolve_plan
-from scaling.data import load_dataset_info
 
 RUNTIME = ("num_workers", "log_every", "progress", "tensorboard", "in_memory",
            "stop_poll_every")  # taken from the pre-training run: how, not what, it trains
@@ -55,9 +55,10 @@ def finetune_spec(pre: RunSpec, info, out_root: Path, *, image_size: int | None,
 
 def finetune_specs(opts: SweepOptions, specs: list[RunSpec], sweep_dir: Path) -> list[RunSpec]:
     """One fine-tune per pre-training spec; ValueError (one line) for bad --finetune flags."""
-    info = load_dataset_info(opts.finetune, verify=True)
-    if not info.has_split("val"):
-        raise ValueError(f"--finetune {opts.finetune}: no val split to evaluate on")
+    try:
+        info = check_data(opts.finetune)  # training's check of a data dir (scaling.checks)
+    except ValueError as e:
+        raise ValueError(f"--finetune {opts.finetune}: {e}") from None
     steps = opts.finetune_steps if opts.finetune_steps is not None else DEFAULT_STEPS
     out_root = sweep_dir_of(sweep_dir)
     try:

@@ -24,8 +24,10 @@ from launchers.plan import PlannedRun, classify, set_aside_final
 from launchers.presets import Preset
 from launchers.progress import SweepProgress
 from launchers.runs import Claims, claim_holder
+from launchers.slurm_config import load_slurm_yaml
 from launchers.status import format_table
 from launchers.submit import submit_array
+from scaling.checks import check_run
 from scaling.results import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
 
 PLAN_COLUMNS = ("run", "size", "budget", "seed", "lr", "ranks", "steps", "state", "action")
@@ -37,7 +39,7 @@ def placement_settings(opts: SweepOptions, preset: Preset) -> dict:
     preset < --slurm-config YAML < flags."""
     merged = {**DEFAULTS, **preset.slurm}
     if opts.slurm_config:
-        merged.update(slurm.load_slurm_yaml(opts.slurm_config))
+        merged.update(load_slurm_yaml(opts.slurm_config))
     for key in ("partition", "account", "qos", "time", "gpus_per_node", "cpus_per_task",
                 "max_parallel", "max_requeues", "signal"):
         if getattr(opts, key) is not None:
@@ -80,8 +82,9 @@ def run_here(todo: list[PlannedRun], placement: dict, sweep_dir: Path, dry_run: 
     # (-N) is interrupted, not failed: the next sweep resumes it
     bad = {run: rc for run, rc in codes.items() if rc not in (EXIT_OK, EXIT_DIVERGED)
            and not (stopped and (rc == EXIT_PREEMPTED or rc < 0))}
+    run_dirs = {p.spec.run_id: p.spec.run_dir for p in todo}  # a fine-tune's is not in sweep_dir
     for run, rc in bad.items():
-        print(f"\n{run} exited {rc}; last lines of its log:\n{log_tail(sweep_dir / run)}")
+        print(f"\n{run} exited {rc}; last lines of its log:\n{log_tail(run_dirs[run])}")
     if stopped:
         raise KeyboardInterrupt(stopped)
     print(progress.summary(sweep_dir.parent))
@@ -107,6 +110,21 @@ def claim_runs(planned: list[PlannedRun], claims: Claims, resubmit_failed: bool
             claims.release(q.spec.run_dir)
     return [PlannedRun(p.spec, "queued", "skip (claimed)") if p.spec.run_id in lost
             else again.get(p.spec.run_id, p) for p in planned]
+
+
+def check_runs(planned: list[PlannedRun], cluster: str, dry_run: bool) -> None:
+    """scaling.checks.check_run, training's own up-front checks, for every run this sweep
+    would submit or start, before any claim or submission (the data, the environment and the
+    few-shot sets once each); ValueError naming the first bad run."""
+    cache: dict = {}
+    for p in planned:
+        if not p.submits:
+            continue
+        try:
+            check_run(p.spec.cfg, p.spec.world_size, cache=cache, here=cluster == "local",
+                      planned=True, run_dir=not dry_run)
+        except ValueError as e:
+            raise ValueError(f"run {p.spec.run_id}: {e}; nothing was started") from None
 
 
 def show_plan(planned: list[PlannedRun]) -> list[PlannedRun]:
@@ -154,6 +172,8 @@ def run_sweep(opts: SweepOptions) -> int:
             raise ValueError("--finetune with --branching is not supported yet")
         specs = [*specs, *finetune_runs.finetune_specs(opts, specs, sweep_dir)]
     planned = classify(specs, opts.resubmit_failed)
+    if not placeholder:  # what each run would check at its start, checked here first
+        check_runs(planned, cluster, opts.dry_run)
     gpus = gpu_request(layout, preset.device)  # what each node of a SLURM job asks for
     kind = "GPU(s)" if preset.device == "cuda" else "CPU process(es)"
     print(f"sweep {sweep_dir.name}: preset {preset.name}, {len(specs)} run(s), {world} device(s) "

@@ -198,8 +198,9 @@ class SweepProgress:
             counts[state] = counts.get(state, 0) + 1
         lines = [f"sweep: {len(self.results)} run(s) in {duration(time.monotonic() - self.t0)}: "
                  + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
-        scored = [(f["final_top1"], s) for s, _, _ in self.results
-                  if (f := self.finals.get(s.run_id)) and f.get("final_top1") is not None]
+        scored = [(f["final_top1"], s) for s, _, _ in self.results  # only a finished run
+                  if (f := self.finals.get(s.run_id)) and f.get("status") == "ok"
+                  and f.get("final_top1") is not None]
         if scored:
             top1, spec = max(scored, key=lambda t: t[0])
             lines.append(f"best top-1 {top1:.4f}: {spec.model} at "

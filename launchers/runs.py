@@ -263,9 +263,13 @@ class Claims:
     def take(self, run_dir: Path, **about) -> dict | None:
         """Claim a run: None when it is now ours, else the live holder that has it."""
         run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         me = {**self.me, **about}
-        holder = lockfile.acquire(run_dir / CLAIM_FILE, me)
+        try:  # a full or read-only disk: one line (the claims held are released on exit)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            holder = lockfile.acquire(run_dir / CLAIM_FILE, me)
+        except OSError as e:
+            raise RuntimeError(f"cannot claim run {run_dir} ({e.strerror or e}); nothing "
+                               "was submitted or started") from None
         if holder is None:
             self._beat.add(run_dir / CLAIM_FILE, me["token"])
         return holder

@@ -316,30 +316,6 @@ def check_timing(settings: dict) -> tuple[str, int]:
     return name, lead
 
 
-SLURM_KEYS = ("partition", "account", "qos", "time", "gpus_per_node", "cpus_per_task", "mem_gb",
-              "max_parallel", "max_requeues", "signal", "constraint", "exclude", "setup",
-              "srun_args", "additional_parameters")
-
-
-def load_slurm_yaml(path: str | os.PathLike) -> dict:
-    """SLURM settings from a YAML mapping with keys of SLURM_KEYS (flags override them)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as e:
-        raise ValueError(f"--slurm-config {path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"--slurm-config {path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(  # noqa: TRY004 - bad user input, reported like every other (exit 2)
-            f"--slurm-config {path}: expected a mapping, got {type(data).__name__}")
-    bad = sorted(set(data) - set(SLURM_KEYS))
-    if bad:
-        raise ValueError(f"--slurm-config {path}: unknown key(s) {bad}; valid: {list(SLURM_KEYS)}")
-    return data
-
-
 def parse_signal(text: str) -> tuple[str, int]:
     """'USR2' -> ('USR2', 90); 'USR1@120' -> ('USR1', 120); names checked against signal."""
     name, _, delay = str(text).upper().removeprefix("SIG").partition("@")
@@ -353,8 +329,9 @@ def parse_signal(text: str) -> tuple[str, int]:
 
 def executor_parameters(settings: dict, *, nodes: int, tasks_per_node: int, gpu_request: int,
                         name: str, count: int) -> dict:
-    """SlurmExecutor parameters (submitit's names) from the merged settings (SLURM_KEYS), for
-    jobs of `nodes` x `tasks_per_node` tasks asking for `gpu_request` GPUs per node (0: none)."""
+    """SlurmExecutor parameters (submitit's names) from the merged settings (the keys of
+    launchers.slurm_config.SLURM_KEYS), for jobs of `nodes` x `tasks_per_node` tasks asking for
+    `gpu_request` GPUs per node (0: none)."""
     sig, delay = parse_signal(settings.get("signal") or "USR2")
     extra = dict(settings.get("additional_parameters") or {})
     # --signal overrides the line submitit writes from SUBMITIT_PREEMPT_SIGNAL; --requeue lets

@@ -33,6 +33,7 @@ if __package__ in (None, ""):
         sys.path.insert(0, str(_HERE.parent))
 
 from launchers.cli import parse_args, parse_status_args
+from scaling.writes import DiskFull
 
 
 def _interrupt(signum, frame):
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input: nothing was submitted
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
+    except (RuntimeError, DiskFull) as e:  # DiskFull: one line naming the file
         print(f"sweep: failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # local runs were checkpointed, claims released

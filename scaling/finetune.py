@@ -14,8 +14,7 @@ from pathlib import Path
 from scaling import results, train
 from scaling.clihelp import exit_now
 from scaling.config import TrainConfig
-from scaling.data import load_dataset_info
-from scaling.pretrained import Pretrained, check
+from scaling.pretrained import Pretrained
 
 # App. B.1.1: SGD, momentum 0.9, no weight decay, clipping at 1, cosine decay. The lr is the
 # middle of the paper's grid {0.001, 0.003, 0.01, 0.03}; no augmentation beyond the dataset's.
@@ -69,10 +68,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
     pre = Pretrained.open(parsed.pop("init_from"))
     given = {a.dest: parsed[a.dest] for a in parser._actions
              if a.dest in parsed and _given(a, argv)}  # the rest: fine_tune_config's defaults
-    cfg = fine_tune_config(pre.config, init_from=str(pre.run), **given)
-    info = load_dataset_info(cfg.data, verify=False)  # DataError (a ValueError), one line
-    check(cfg, cfg.vit(num_classes=info.num_classes, image_size=info.image_size), info.root)
-    return cfg
+    # the rest (data, sizes, the pre-training run's export and rows, the run dir) is checked by
+    # scaling.checks.check_run, as in every run, when main() hands the config to scaling.train
+    return fine_tune_config(pre.config, init_from=str(pre.run), **given)
 
 
 def _given(action: argparse.Action, argv: list[str]) -> bool:

@@ -77,8 +77,8 @@ def acquire(path: Path, me: dict) -> dict | None:
     """Take the lock at `path` for `me`: None when it is now ours, else its live holder ({}
     when it kept being retaken while we broke stale ones)."""
     tmp = path.with_name(f"{path.name}.{me['token']}")
-    tmp.write_text(json.dumps(me) + "\n")
-    try:
+    try:  # the temporary file goes in every case, a write that failed half-way (ENOSPC) too
+        tmp.write_text(json.dumps(me) + "\n")
         for _ in range(3):
             if _link(tmp, path):
                 return None

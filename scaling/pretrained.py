@@ -10,6 +10,7 @@ adds `pretrain_run` and `pretrain_flops` to its own final.json (`final_fields`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from scaling import results
-from scaling.config import TrainConfig
+from scaling.config import RESUMABLE_FIELDS, TrainConfig
 from scaling.export import load_exported
 from scaling.flops import training_flops
 from scaling.model import ViTConfig
@@ -92,19 +93,34 @@ def check(cfg: TrainConfig, vit_cfg: ViTConfig, data_root) -> Pretrained:
     if differ:
         raise ValueError(f"--init-from {pre.run}: its export is another architecture "
                          f"({', '.join(differ)})")
-    key = (Path(data_root).name, cfg.seed, pre.step)
-    other = _owner(pre.run, key)
+    key = (Path(data_root).name, cfg.seed, pre.step, recipe_id(cfg))
+    other = _owner(pre.run, key, str(Path(cfg.out).resolve()))
     if other is not None and Path(other) != Path(cfg.out).resolve():
         raise ValueError(f"--init-from {pre.run}: its {results.TRANSFER_FILE} already has a "
-                         f"fine-tune row for (dataset, seed, step) {key} from {other}; use "
-                         "another --seed (the analysis keeps one row per key)")
+                         f"fine-tune row for (dataset, seed, step, recipe) {key} from {other} "
+                         "(the same fine-tune); use another --seed or another recipe")
     return pre
 
 
-def _owner(run: Path, key: tuple) -> str | None:
-    """The finetune_run of `run`'s fine-tune row of (dataset, seed, step) `key`, or None."""
+def recipe_id(cfg: TrainConfig) -> str:
+    """What tells two fine-tunes of one run on one data set apart (the `recipe` of their rows):
+    six hex digits of SHA-1 over the fine-tune's result-changing fields that neither the row's
+    key (data, seed) nor its place (out, init_from) holds, left out at their defaults (so a
+    field added to TrainConfig later keeps the ids)."""
+    defaults = TrainConfig.defaults()
+    skip = {"data", "seed", "out", "init_from", *RESUMABLE_FIELDS}
+    fields = {k: v for k, v in cfg.to_dict().items()
+              if k not in skip and v is not None and v != defaults.get(k)}
+    return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+
+def _owner(run: Path, key: tuple, out: str) -> str | None:
+    """The finetune_run of `run`'s fine-tune row of (dataset, seed, step, recipe) `key`, or of
+    the fine-tune in `out` (a row written before rows had a recipe), or None."""
     for r in results.read_transfer(run, strict=False):
-        if r["kind"] == "finetune" and (r["dataset"], r["seed"], r["step"]) == key:
+        if r["kind"] != "finetune" or (r["dataset"], r["seed"], r["step"]) != key[:3]:
+            continue
+        if r.get("recipe") == key[3] or r.get("finetune_run") == out:
             return r.get("finetune_run", "?")
     return None
 
@@ -140,21 +156,22 @@ def transfer_row(cfg: TrainConfig, pre: Pretrained, out: Path, data_info) -> dic
             "num_test": ev["num_samples"], "num_train": data_info.split("train").num_samples,
             "image_size": cfg.image_size or data_info.image_size, "finetune_run": str(out),
             "finetune_steps": ev["step"], "finetune_flops": ev["flops_seen"],
-            "source": "finetune"}
+            "recipe": recipe_id(cfg), "source": "finetune"}
 
 
 def record_transfer(cfg: TrainConfig, pre: Pretrained, out: Path, data_info) -> bool:
     """Append the fine-tune row to the pre-training run's transfer.jsonl under its lock (rank
-    0, at the end of the fine-tune); False when its (dataset, seed, step) is there already
-    (this run's row from an earlier attempt: nothing to do; another run's: a warning)."""
+    0, at the end of the fine-tune); False when its (dataset, seed, step, recipe) is there
+    already (this run's row from an earlier attempt: nothing to do; another run's: a warning)."""
     row = transfer_row(cfg, pre, Path(out).resolve(), data_info)
     lock = _lock(pre.run)
     try:
-        owner = _owner(pre.run, (row["dataset"], row["seed"], row["step"]))
+        key = (row["dataset"], row["seed"], row["step"], row["recipe"])
+        owner = _owner(pre.run, key, row["finetune_run"])
         if owner is not None:
             if owner != row["finetune_run"]:
                 log.warning("%s already has a fine-tune row of %s from %s; not adding ours",
-                            pre.run, (row["dataset"], row["seed"], row["step"]), owner)
+                            pre.run, key, owner)
             return False
         results.append_transfer(pre.run, row)
         log.info("fine-tune top1=%.4g appended to %s", row["top1"],

@@ -104,17 +104,17 @@ def test_bad_transfer_lines_are_skipped_and_named(tmp_path):
 def test_fewshot_metric_goes_through_frontier_fit_isoflop_and_summary(tree, tmp_path):
     out = tmp_path / "out"
     report = analyse(tree, out, metric="fewshot:shapes:10", n_boot=20)
-    names = {p.name for p in report["figures"]}
+    names = {p.name for p in report.figures}
     assert {"fewshot-shapes-10shot_vs_flops.png", "scaling_law_fit.png",
             "optimal_model_size.png", "upstream_vs_transfer.png"} <= names
-    ev = report["results"].evals
+    ev = report.results.evals
     assert (ev["num_samples"] == 1000).all() and (ev["probe_seeds"] == 3).all()
-    frontier = report["frontier"]
+    frontier = report.frontier
     assert (frontier["n_seeds"] == 2).all()  # training seeds, averaged after the draws
-    up = report["upstream"].evals
+    up = report.upstream.evals
     # the synthetic transfer error is above the upstream one at every point (top1 x 0.95)
     assert frontier["error"].min() > up["error"].min()
-    assert report["fit"]["ok"] and report["optimal"]["profiles"]
+    assert report.fit["ok"] and report.optimal["profiles"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metric"] == "fewshot:shapes:10"
     assert summary["transfer"]["is_transfer"] and summary["transfer"]["label"] == \
@@ -130,7 +130,7 @@ def test_fewshot_metric_goes_through_frontier_fit_isoflop_and_summary(tree, tmp_
 def test_side_by_side_figure_with_the_upstream_metric(tree, tmp_path):
     report = analyse(tree, tmp_path / "out", metric="error", n_boot=10)
     path = tmp_path / "out" / "upstream_vs_transfer.png"
-    assert path in report["figures"] and path.stat().st_size > 20_000
+    assert path in report.figures and path.stat().st_size > 20_000
     assert (tmp_path / "out" / "error_vs_flops.png").exists()
     assert not json.loads((tmp_path / "out" / "summary.json").read_text())["transfer"][
         "is_transfer"]
@@ -167,8 +167,8 @@ def test_no_transfer_rows_lists_the_upstream_metrics(tmp_path):
     assert proc.returncode == 2 and "no transfer.jsonl rows" in proc.stderr
     assert "available: error, top1" in proc.stderr
     report = analyse(root, tmp_path / "out2", n_boot=10)  # upstream: a note, no figure
-    assert not any(p.name.startswith("upstream_vs_transfer") for p in report["figures"])
-    assert any("no transfer.jsonl rows" in n for n in report["notes"])
+    assert not any(p.name.startswith("upstream_vs_transfer") for p in report.figures)
+    assert any("no transfer.jsonl rows" in n for n in report.notes)
 
 
 def test_finetune_rows_give_the_finetune_metric(tmp_path):
@@ -189,7 +189,33 @@ def test_finetune_rows_give_the_finetune_metric(tmp_path):
     assert len(skipped) == 1 and "a fine-tune uses no k-shot set" in skipped[0].reason
     assert "finetune:stripes" in transfer.metric_names(rows)
     report = analyse(root, tmp_path / "out", metric="finetune:stripes", n_boot=10)
-    assert report["results"].evals["num_samples"].eq(200).all()
+    assert report.results.evals["num_samples"].eq(200).all()
+
+
+def test_two_finetune_recipes_are_both_kept_and_one_must_be_named(tmp_path):
+    """Issue 27 N23c: two fine-tunes of one run on one set (another --finetune-lr) write rows
+    that differ by `recipe` only. Both are kept (not dropped as a clash, not averaged as seeds),
+    and `--metric finetune:NAME` names the recipes to choose from (one line, exit 2)."""
+    root = tmp_path / "results"
+    write_isoflop_results(root, sweep="s", sizes=(("Ti/16", 5_717_416, 1.26e9),
+                                                  ("S/16", 22_050_664, 4.61e9)),
+                          budgets=(1e18, 3e18))
+    for k, run in enumerate(sorted((root / "s").iterdir())):
+        for recipe, top1 in (("a1b2c3", 0.6), ("d4e5f6", 0.8)):
+            append_transfer(run, {"kind": "finetune", "dataset": "stripes", "shots": None,
+                                  "seed": 0, "top1": top1 + 0.01 * k, "step": 10,
+                                  "images_seen": 640, "flops_seen": 1e18 * (k + 1),
+                                  "num_test": 200, "recipe": recipe})
+    rows, skipped = read_transfer(root)
+    assert len(rows) == 8 and not skipped
+    assert [m for m in transfer.metric_names(rows) if m.startswith("finetune")] == \
+        ["finetune:stripes:a1b2c3", "finetune:stripes:d4e5f6"]
+    proc = _cli("--results", root, "--out", tmp_path / "out", "--metric", "finetune:stripes")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "2 recipes; name one: finetune:stripes:a1b2c3, finetune:stripes:d4e5f6" in proc.stderr
+    report = analyse(root, tmp_path / "out", metric="finetune:stripes:d4e5f6", n_boot=10)
+    evals = report.results.evals
+    assert sorted(evals["error"].round(6)) == sorted((0.2 - 0.01 * np.arange(4)).round(6))
 
 
 def test_a_branch_counts_only_its_own_probes_and_a_trunk_has_no_final(tmp_path):

@@ -158,19 +158,21 @@ def test_bad_input_is_one_line_and_exit_2(setup, tmp_path, capsys, case, message
     elif case == "model":
         extra = ["--model", "m1/4"]
     argv = ["--from", pre, "--data", data, "--out", tmp_path / "out", "--steps", "5", *extra]
-    assert finetune.main([str(a) for a in argv]) == results.EXIT_BAD_INPUT  # "taken": same seed
+    if case == "taken":  # the fine-tune of the fixture again (same seed, same recipe)
+        argv = ["--from", pre, "--data", data, "--out", tmp_path / "out", *FT]
+    assert finetune.main([str(a) for a in argv]) == results.EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "out").exists()
 
 
-def sweep(setup, tmp_path, *extra):
+def sweep(setup, tmp_path, *extra, env=None):
     cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "launchers" / "sweep.py"),
            "--preset", "demo", "--data", setup["digits"], "--results", tmp_path / "res",
            "--sizes", "mu", "--budget-kind", "steps", "--budgets", "30",
            "--finetune", setup["stripes"], "--finetune-image-size", "16",
            "--finetune-steps", "20", *extra]
-    return subprocess.run([str(c) for c in cmd], env=train_env(), capture_output=True,
+    return subprocess.run([str(c) for c in cmd], env=env or train_env(), capture_output=True,
                           text=True, timeout=900, check=False, cwd=tmp_path)
 
 
@@ -183,6 +185,19 @@ def test_sweep_fine_tunes_each_run_after_it_and_a_rerun_submits_nothing(setup, t
     assert [r["kind"] for r in results.read_transfer(pre)] == ["finetune"]
     again = sweep(setup, tmp_path, "--cluster", "local")
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout[-2000:]
+    # N23c: another --finetune-lr is another fine-tune of the same run on the same data: it
+    # runs (a failure shows its own log, under demo-finetune/) and gets a row of its own
+    env = {**train_env(), "VIT_SCALING_FAULTS": "eval_error@20"}
+    failed = sweep(setup, tmp_path, "--cluster", "local", "--finetune-lr", "0.003", env=env)
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    assert "no log at" not in failed.stdout, failed.stdout
+    assert "injected eval failure at step 20" in failed.stdout, failed.stdout
+    other = sweep(setup, tmp_path, "--cluster", "local", "--finetune-lr", "0.003",
+                  "--resubmit-failed")
+    assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
+    rows = results.read_transfer(pre)
+    assert [r["kind"] for r in rows] == ["finetune", "finetune"]
+    assert len({r["recipe"] for r in rows}) == 2 and len({r["finetune_run"] for r in rows}) == 2
 
 
 def test_slurm_dry_run_makes_the_fine_tune_depend_on_its_pre_training_job(setup, tmp_path):

@@ -5,7 +5,10 @@ profiles and the summaries exactly as the upstream error does.
 A metric is named on the command line as
 - ``error`` / ``top1``: upstream top-1 error / accuracy (metrics.jsonl eval rows);
 - ``fewshot:NAME:K``: K-shot linear-probe error on downstream set NAME (the rows' ``dataset``);
-- ``finetune:NAME``: fine-tuned error on NAME.
+- ``finetune:NAME``: fine-tuned error on NAME; ``finetune:NAME:RECIPE`` where the runs were
+  fine-tuned on NAME with more than one recipe (the rows' ``recipe``: lr, steps, ...; rows
+  written before fine-tunes recorded it are recipe ``none``). Recipes are never averaged or
+  picked among: which one is the metric is the reader's choice, named on the command line.
 
 A transfer point is one (run, step): its error is 1 - the mean top-1 over the probe seeds (the
 draws of the k-shot train set) of that step, ``num_samples`` is the downstream val images
@@ -18,8 +21,8 @@ then averaged as upstream points are, and their spread widens the interval as we
 
 Rows are read leniently, as metrics lines are (analysis/README.md): a line that is not JSON, not
 an object, of an unknown kind, missing a key or with a value out of range is skipped, logged and
-listed; exact copies of a row are kept once, rows of one (dataset, shots, seed, step) that differ
-are all left out.
+listed; exact copies of a row are kept once, rows of one (dataset, shots, seed, step, recipe) that
+differ are all left out.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ KINDS = ("fewshot", "finetune")
 # to 0 and its shots are not used).
 _KEYS = ("kind", "dataset", "top1", "step", "images_seen", "flops_seen", "num_test")
 ROW_COLUMNS = ("run", "kind", "dataset", "shots", "seed", "top1", "step", "images_seen",
-               "flops_seen", "num_test")
+               "flops_seen", "num_test", "ft_recipe")
+NO_RECIPE = "none"  # a fine-tune row written before rows carried their recipe
 # Columns of a transfer eval table beyond analysis.load.tables.EVAL_COLUMNS.
 EXTRA_COLUMNS = ("probe_seeds", "probe_sd", "probe_half")
 
@@ -60,6 +64,7 @@ class Metric:
     kind: str
     dataset: str | None = None
     shots: int | None = None
+    recipe: str | None = None  # finetune:NAME:RECIPE
 
     @property
     def transfer(self) -> bool:
@@ -71,6 +76,7 @@ class Metric:
         if not self.transfer:
             return self.text
         tail = f"-{self.shots}shot" if self.kind == "fewshot" else ""
+        tail += f"-{self.recipe}" if self.recipe else ""
         return f"{self.kind}-{self.dataset}{tail}"
 
     @property
@@ -79,21 +85,22 @@ class Metric:
         if self.kind == "fewshot":
             return f"{self.shots}-shot {self.dataset} error"
         if self.kind == "finetune":
-            return f"Fine-tuned {self.dataset} error"
+            recipe = f" (recipe {self.recipe})" if self.recipe else ""
+            return f"Fine-tuned {self.dataset} error{recipe}"
         return "Top-1 error" if self.text == "error" else "Top-1 accuracy"
 
 
 def parse_metric(text: str) -> Metric:
     """`text` as a Metric; ValueError (one line, naming the forms) when it has none of them."""
-    forms = "error, top1, fewshot:NAME:K or finetune:NAME"
+    forms = "error, top1, fewshot:NAME:K or finetune:NAME[:RECIPE]"
     if text in UPSTREAM:
         return Metric(text, "upstream")
     parts = str(text).split(":")
     if parts[0] == "fewshot" and len(parts) == 3 and parts[1] and parts[2].isdigit() \
             and int(parts[2]) > 0:
         return Metric(text, "fewshot", parts[1], int(parts[2]))
-    if parts[0] == "finetune" and len(parts) == 2 and parts[1]:
-        return Metric(text, "finetune", parts[1])
+    if parts[0] == "finetune" and len(parts) in (2, 3) and all(parts[1:]):
+        return Metric(text, "finetune", parts[1], recipe=parts[2] if len(parts) == 3 else None)
     if parts[0] in KINDS:
         raise ValueError(f"--metric {text!r}: expected {forms} (K a positive whole number)")
     raise ValueError(f"--metric {text!r}: unknown kind {parts[0]!r}; expected {forms}")
@@ -105,8 +112,17 @@ def metric_names(rows: pd.DataFrame) -> list[str]:
         return []
     few = rows[rows["kind"] == "fewshot"][["dataset", "shots"]].drop_duplicates()
     names = [f"fewshot:{d}:{int(k)}" for d, k in sorted(few.itertuples(index=False, name=None))]
-    return names + [f"finetune:{d}" for d in sorted(set(rows[rows["kind"] == "finetune"]
-                                                        ["dataset"]))]
+    tuned = rows[rows["kind"] == "finetune"]
+    for name in sorted(set(tuned["dataset"])):
+        recipes = _recipes(tuned[tuned["dataset"] == name])
+        names += ([f"finetune:{name}"] if len(recipes) == 1 else
+                  [f"finetune:{name}:{r}" for r in recipes])
+    return names
+
+
+def _recipes(rows: pd.DataFrame) -> list[str]:
+    """The fine-tune recipes of `rows` (NO_RECIPE for rows that do not say theirs)."""
+    return sorted(set(rows["ft_recipe"].fillna(NO_RECIPE)))
 
 
 def select(rows: pd.DataFrame, metric: Metric) -> pd.DataFrame:
@@ -114,12 +130,19 @@ def select(rows: pd.DataFrame, metric: Metric) -> pd.DataFrame:
     keep = (rows["kind"] == metric.kind) & (rows["dataset"] == metric.dataset)
     if metric.kind == "fewshot":
         keep &= rows["shots"] == metric.shots
+    if metric.recipe:
+        keep &= rows["ft_recipe"].fillna(NO_RECIPE) == metric.recipe
     return rows[keep]
 
 
 def check_metric(metric: Metric, rows: pd.DataFrame, where) -> None:
     """MetricError, one line listing what is available, when a transfer metric has no rows."""
-    if not metric.transfer or len(select(rows, metric)):
+    chosen = select(rows, metric) if metric.transfer else rows
+    if metric.kind == "finetune" and not metric.recipe and len(_recipes(chosen)) > 1:
+        raise MetricError(f"--metric {metric.text}: the runs were fine-tuned on "
+                          f"{metric.dataset!r} with {len(_recipes(chosen))} recipes; name one: "
+                          + ", ".join(f"{metric.text}:{r}" for r in _recipes(chosen)))
+    if not metric.transfer or len(chosen):
         return
     have = metric_names(rows)
     if not have:
@@ -164,7 +187,8 @@ def row_problem(row) -> str | None:
 
 
 def _key(row: dict) -> tuple:
-    return row["kind"], row["dataset"], row.get("shots"), row.get("seed", 0), row["step"]
+    return (row["kind"], row["dataset"], row.get("shots"), row.get("seed", 0), row["step"],
+            row.get("recipe"))
 
 
 def _file_rows(path: Path, skip) -> list[dict]:
@@ -209,7 +233,9 @@ def read_rows(results_dir, skip=None) -> pd.DataFrame:
         run = f"{run_dir.parent.name}/{run_dir.name}"
         rows = _file_rows(path, lambda reason, line, p=path: skip and skip(p, reason, line))
         out += [{**{k: r.get(k) for k in ROW_COLUMNS}, "run": run,
-                 "seed": r.get("seed", 0), "shots": r.get("shots")} for r in rows]
+                 "seed": r.get("seed", 0), "shots": r.get("shots"),
+                 "ft_recipe": r.get("recipe") if r["kind"] == "finetune" else None}
+                for r in rows]
     frame = pd.DataFrame(out, columns=list(ROW_COLUMNS))
     for col in ("top1", "step", "images_seen", "flops_seen", "num_test", "shots", "seed"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
