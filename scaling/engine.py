@@ -150,14 +150,25 @@ SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory all-reduce for CPU ra
 
 def init_distributed(info: dist.DistInfo) -> float:
     """Start the process group (gloo on CPU, NCCL on GPU) through DeepSpeed; returns the
-    seconds spent compiling DeepSpeed's CPU shared-memory op (0 unless this was its first use
-    on this machine), which is a cost of the machine, not of the run."""
+    seconds this rank lost to compiling DeepSpeed's CPU shared-memory op (0 unless this was its
+    first use on some rank's machine), which is a cost of the machine, not of the run.
+
+    Every rank waits in the process group's rendezvous for the slowest one, so a rank whose
+    extension cache was warm waits for a peer that compiles (a node with its own cold cache;
+    ranks with different TORCH_EXTENSIONS_DIR): measured, rank 0 with a warm cache waited 99 s
+    for rank 1's build and counted 0.02 s. Each rank therefore takes the longest build of any
+    rank (an all-reduce), capped at its own seconds in here (it cannot have waited longer)."""
     dist.export_env(info)
     compile_s = 0.0
+    t0 = time.perf_counter()
     if dist.backend() == "gloo":
         compile_s = _prepare_shm_op(info.world_size)
     deepspeed.init_distributed(dist_backend=dist.backend(), auto_mpi_discovery=False,
                                verbose=False)
+    if dist.backend() == "gloo" and info.world_size > 1:
+        longest = torch.tensor([compile_s], dtype=torch.float64)
+        torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+        compile_s = min(longest.item(), time.perf_counter() - t0)
     return compile_s
 
 

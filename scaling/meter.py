@@ -77,8 +77,9 @@ class Meter:
         self._wall_before = 0.0  # wall seconds of earlier processes, up to their checkpoint
         self.compute_s = 0.0
         self.parts = dict.fromkeys(self.PARTS, 0.0)
-        # compiling DeepSpeed's CPU comm op on its first multi-rank use on a machine: inside
-        # "build", but a cost of the machine, so left out of device_hours
+        # compiling DeepSpeed's CPU comm op on its first multi-rank use on a machine (the
+        # longest build of any rank: scaling.engine.init_distributed): inside "build", but a
+        # cost of the machine, so left out of device_hours
         self.op_build_s = 0.0
         self._compile_clock = None  # --compile: compile_seconds (use_compile)
         self._compile_seen = 0.0  # of its reading, the seconds already in parts["compile"]

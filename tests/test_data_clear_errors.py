@@ -7,8 +7,6 @@ into one --out."""
 from __future__ import annotations
 
 import fcntl
-import functools
-import http.server
 import io
 import json
 import os
@@ -137,30 +135,8 @@ def test_N30g_pipe_failing_mid_read_in_a_loader_names_the_exit_status(shapes, tm
     assert time.monotonic() - start < 1.0  # no back-off: 1 + 2 + 4 s before
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def served(tmp_path):
-    """A directory served on http://127.0.0.1:PORT (a thread; stopped afterwards)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
-def test_N31f_http_404_is_said_as_such_at_once(shapes, served, tmp_path):
-    root, base = served
+def test_N31f_http_404_is_said_as_such_at_once(shapes, http_dir, tmp_path):
+    root, base = http_dir
     for i in (0, 1, 3):  # shard 2 is absent: 404
         shutil.copy(shapes / f"train-00000{i}.tar", root / f"x-{i}.tar")
     start = time.monotonic()

@@ -5,14 +5,11 @@ the CLI, exactly-once evaluation over 2 ranks, and a missing remote shard."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import io
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -245,31 +242,6 @@ def test_pipe_urls_read_like_local_paths_with_exact_resume(timm, tmp_path):
     resumed = list(make_train_loader(info, **kw).epoch(1, start_step=3))
     assert [b["key"] for b in resumed] == [b["key"] for b in via_pipe[3:]]
     eval_once(tmp_path / "pipe", labels)
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_dir(tmp_path, monkeypatch):
-    """A directory served on http://127.0.0.1:PORT/ for the test, stopped afterwards."""
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    served = tmp_path / "www"
-    served.mkdir()
-    handler = functools.partial(_Quiet, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def test_http_urls(http_dir, tmp_path):

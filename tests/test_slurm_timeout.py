@@ -47,6 +47,11 @@ def seconds_per_step(data: str, out: Path) -> float:
     return 64 / statistics.median(rates)
 
 
+def on_the_timed_out_run(test):
+    """The marks of a test reading the timed-out run: real SLURM, processes, minutes."""
+    return pytest.mark.slurm(pytest.mark.multiproc(pytest.mark.slow(test)))
+
+
 @pytest.fixture(scope="module")
 def timed_out(slurm, digits_data, tmp_path_factory):
     """The run submitted twice at once: with a 2-minute limit, and with the preset's 30."""
@@ -70,9 +75,7 @@ def timed_out(slurm, digits_data, tmp_path_factory):
             subprocess.run(["scancel", *leftover], check=False, timeout=30)
 
 
-@pytest.mark.slurm
-@pytest.mark.multiproc
-@pytest.mark.slow
+@on_the_timed_out_run
 def test_time_limit_checkpoints_requeues_and_resumes(timed_out):
     run, reference = timed_out
     job = read_job(run)
@@ -94,9 +97,7 @@ def test_time_limit_checkpoints_requeues_and_resumes(timed_out):
     assert [a["stop"] for a in read_job(reference)["attempts"] if "stop" in a] == []
 
 
-@pytest.mark.slurm
-@pytest.mark.multiproc
-@pytest.mark.slow
+@on_the_timed_out_run
 def test_logs_append_across_requeues(timed_out):
     run, _ = timed_out
     job = read_job(run)
