@@ -5,28 +5,9 @@
         [--formats png,pdf,svg]
         [--sweep NAME[,NAME]] [--n-boot 200] [--fit huber|lsq] [--cache-dir DIR | --no-cache]
 
-Reads every run under --results (layout: scaling/results.py) and benchmark rows from
-RESULTS/bench/*.jsonl and RESULTS/bench/local/*.jsonl, and writes to --out (default:
-RESULTS/figures):
-  <metric>_vs_<x>.*      eval curves per run, coloured by model size, with the Pareto frontier
-                         (a transfer metric: fewshot-NAME-Kshot_vs_<x>, finetune-NAME_vs_<x>)
-  scaling_law_fit.*      E = a (C + d)^(-b) + c fitted to the frontier (Zhai et al. 2022, Sec. 2.2)
-                         with the Huber loss (default) and least squares, a bootstrap band and
-                         the hold-out extrapolation check
-  optimal_model_size.*   IsoFLOP profiles per FLOPs budget and N_opt ∝ C^a from their vertices
-                         (Hoffmann et al. 2022, approach 2)
-  throughput_mfu.*       images/s and MFU per size (only when benchmark rows exist)
-  upstream_vs_transfer.* upstream and transfer error side by side against pre-training compute
-                         (as the ViT paper's Fig. 5; only when transfer.jsonl rows exist)
-  vit_paper_table6.*     the ViT paper's Fig. 5 redrawn from its Table 6, law fitted to ViT rows
-  evals.csv, evals.parquet, runs.csv, transfer.csv (with transfer rows), summary.md, summary.json
---metric fewshot:NAME:K (K-shot linear-probe error on downstream set NAME, the `dataset` of
-RUN_DIR/transfer.jsonl rows) or finetune:NAME puts a transfer error through the same frontier,
-fit, IsoFLOP profiles and summaries, against pre-training compute (analysis.fit.transfer).
-Parsed metrics files are cached in --cache-dir (default: OUT/.analysis-cache, git-ignored by its
-own .gitignore), so a re-plot parses only the metrics.jsonl files that changed (analysis.load.cache).
-Exit status: 0 on success, 1 when there is no readable run, 2 on bad flags or a --metric with
-no rows (one line, listing the metrics there are).
+The entry point: checks the flags (one line, exit 2, before anything is read), runs
+analysis.report.build.analyse and prints what it wrote. Flags, outputs and exit status:
+analysis/README.md.
 """
 
 from __future__ import annotations
@@ -43,6 +24,7 @@ from analysis.fit.transfer import MetricError, parse_metric
 from analysis.load.cache import CACHE_DIR
 from analysis.load.runs import NoResultsError
 from analysis.load.skips import count_skipped
+from analysis.load.sweeps import SweepError, check_sweeps
 from analysis.load.tables import X_COLUMNS
 from analysis.report.build import analyse
 from analysis.report.style import FORMATS
@@ -110,6 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     problem = _out_problem(args.out if args.out is not None else args.results / "figures")
     if problem:
         p.error(problem)
+    args.sweeps = [w for w in args.sweep.split(",") if w]
+    try:  # before anything is parsed: an unknown name, or a folder of fine-tunes (N36, N36b)
+        check_sweeps(args.results, args.sweeps)
+    except SweepError as e:
+        p.error(str(e))
     return args
 
 
@@ -124,23 +111,22 @@ def main(argv=None) -> int:
     try:
         report = analyse(args.results, out, metric=args.metric, x=args.x,
                          formats=args.formats, n_boot=args.n_boot, loss=args.fit,
-                         sweeps=[w for w in args.sweep.split(",") if w], cache_dir=cache_dir)
+                         sweeps=args.sweeps, cache_dir=cache_dir)
     except NoResultsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except MetricError as e:  # a --metric without rows: nothing was written
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         return 2
-    for path in report["figures"] + report["tables"] + [report["summary"],
-                                                         report["summary_json"]]:
+    for path in (*report.figures, *report.tables, report.summary, report.summary_json):
         print(path)
-    cache = report["results"].cache
+    cache = report.results.cache
     if cache is not None:
         print(f"metrics cache {cache['path']}: {cache['hits']} files reused, {cache['parsed']} "
               "parsed")
-    files, lines = count_skipped(report["skipped"])
-    print(f"{files} skipped files, {lines} skipped lines; {len(report['notes'])} notes "
-          f"(see {report['summary']})")
+    files, lines = count_skipped(report.skipped)
+    print(f"{files} skipped files, {lines} skipped lines; {len(report.notes)} notes "
+          f"(see {report.summary})")
     return 0
 
 

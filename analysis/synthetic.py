@@ -1,16 +1,8 @@
-"""Synthetic results directories with a known scaling law, for tests and demos.
-
-Every run is written with the schema writers of scaling/results.py. Model size s has an
-"optimal" compute C_s; its error at compute C is the law times a penalty that grows with
-|log10(C / C_s)|, so every size is best near its own C_s (too big a model at small compute, too
-small a model at large compute) and the envelope over sizes follows the law
-E = a (C + d)^(-b) + c (Zhai et al. 2022, Sec. 2.2) up to the penalty and the noise. The
-smallest size has no penalty below its C_s and the largest none above (no other size could beat
-them there), so the frontier follows the law at both ends too.
-
-A second kind, an IsoFLOP sweep (write_isoflop_results), trains every size at every FLOPs
-budget (config `flops`) and several seeds, with errors from a Chinchilla-form law whose
-compute-optimal size N_opt ∝ C^0.5 is known (ISOFLOP_LAW).
+"""Synthetic results directories with a known scaling law, for tests and demos, written with the
+schema writers of scaling/results.py: one run per size along a law with a penalty away from each
+size's optimal compute (write_synthetic_results), or an IsoFLOP sweep of sizes x FLOPs budgets x
+seeds with a known N_opt (write_isoflop_results). How the truth is built: analysis/README.md
+("Synthetic results").
 
     python -m analysis.synthetic OUT_DIR [--kind isoflop|curves] [--seeds 2]
     python analysis/plot_scaling.py --results OUT_DIR
@@ -30,7 +22,7 @@ from scaling.results import append_metrics, append_transfer, iter_run_dirs, read
 
 TRUE_LAW = {"a": 4.0e4, "b": 0.3, "c": 0.05, "d": 5.0e15}
 # (model, params, forward MACs per image): ViT paper Table 1 shapes, 224px, as in
-# /work/shared/reference/vit_sizes.csv.
+# tests/data/vit_sizes.csv.
 SIZES = (("Ti/16", 5_717_416, 1.26e9), ("S/16", 22_050_664, 4.61e9),
          ("B/16", 86_567_656, 17.58e9), ("L/16", 304_326_632, 61.6e9),
          ("H/14", 632_045_800, 167.4e9))

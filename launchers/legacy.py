@@ -81,7 +81,7 @@ def find(sweep_dir: Path, new_id: str, payload: dict, config: dict) -> str | Non
     """The name of the run dir in `sweep_dir` made for this recipe under its old id, where no
     dir has `new_id`; None otherwise. Of several (an old sweep rerun on another --gpus after the
     run finished trained it again), a finished one, then the first by name; a warning names
-    them all, since the analysis counts each."""
+    them all (the analysis counts the one it keeps, analysis/load/sweeps.py)."""
     if (sweep_dir / new_id).exists() or not sweep_dir.is_dir():
         return None
     prefix = new_id.rsplit("_", 1)[0] + "_"
@@ -95,7 +95,7 @@ def find(sweep_dir: Path, new_id: str, payload: dict, config: dict) -> str | Non
     if len(found) > 1:
         print(f"warning: {len(found)} run dirs hold one recipe ({', '.join(found)}, made with "
               f"different --gpus before run ids left the world size out): {pick} is used, and "
-              "the analysis counts each; move the others out of the sweep dir")
+              "the analysis counts it once and lists the others as skipped")
     return pick
 
 

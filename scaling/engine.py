@@ -1,18 +1,8 @@
 """The only module that imports DeepSpeed: ZeRO config, initialisation, checkpoints, export.
 
-Checkpoints are DeepSpeed checkpoints, one folder per step under RUN_DIR/checkpoints/, made
-crash-safe by our own bookkeeping: DeepSpeed writes a tag folder, every rank adds its own RNG
-state, all ranks meet at a barrier, and only then does rank 0 drop a COMPLETE marker into the
-folder and atomically rewrite `latest`. A kill at any point leaves either no marker (the folder is
-ignored and later removed) or a checkpoint that loads.
-
-The marker records the world size the checkpoint was saved at, so a run can continue on another
-one (docs/failure-model.md, "Resuming on another world size"). ZeRO 1-3 partition the optimizer
-state by rank, and DeepSpeed refuses to load it at a new world size; there the checkpoint is
-converted once, by rank 0, to DeepSpeed's universal format (`ds_to_universal`, into TAG/universal)
-and loaded with `load_universal`. Every save carries UNIVERSAL_CHECKPOINT_INFO, which the
-conversion needs. ZeRO 0 keeps the whole optimizer in mp_rank_00_model_states.pt (not covered by
-the universal format, and not needed): a plain load works at any world size.
+Checkpoints are made crash-safe by our own bookkeeping (a COMPLETE marker, then `latest`) and
+continue on another world size through DeepSpeed's universal format: docs/failure-model.md,
+"Checkpoints that survive a kill" and "Resuming on another world size".
 """
 
 from __future__ import annotations
@@ -153,11 +143,9 @@ def init_distributed(info: dist.DistInfo) -> float:
     seconds this rank lost to compiling DeepSpeed's CPU shared-memory op (0 unless this was its
     first use on some rank's machine), which is a cost of the machine, not of the run.
 
-    Every rank waits in the process group's rendezvous for the slowest one, so a rank whose
-    extension cache was warm waits for a peer that compiles (a node with its own cold cache;
-    ranks with different TORCH_EXTENSIONS_DIR): measured, rank 0 with a warm cache waited 99 s
-    for rank 1's build and counted 0.02 s. Each rank therefore takes the longest build of any
-    rank (an all-reduce), capped at its own seconds in here (it cannot have waited longer)."""
+    A rank with a warm extension cache waits in the rendezvous for a peer that compiles
+    (measured: 99 s waited, 0.02 s counted), so each rank takes the longest build of any rank
+    (an all-reduce), capped at its own seconds in here (it cannot have waited longer)."""
     dist.export_env(info)
     compile_s = 0.0
     t0 = time.perf_counter()

@@ -1,16 +1,21 @@
 """analysis/plot_scaling.py end to end (a real subprocess), and the ViT paper Table 6 figure."""
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from analysis import plot_scaling
+from analysis.load.cache import META_KEY, RACY_S
 from analysis.report import paper
 from analysis.report.build import analyse
 from analysis.synthetic import (
+    SIZES,
     write_bench,
     write_isoflop_results,
     write_run,
@@ -77,7 +82,7 @@ def test_few_runs_and_no_bench_give_notes_not_crashes(tmp_path):
     stale.write_bytes(b"old")
     report = analyse(tmp_path, tmp_path / "out", metric="top1", x="images", n_boot=10)
     assert not stale.exists()
-    names = {p.name for p in report["figures"]}
+    names = {p.name for p in report.figures}
     # no run has a FLOPs budget: no IsoFLOP profile, so no optimal-size figure (said why)
     assert names == {"top1_vs_images.png", "vit_paper_table6.png"}
     summary = (tmp_path / "out" / "summary.md").read_text()
@@ -112,3 +117,79 @@ def test_table6_missing_column_is_named(tmp_path, column):
     table.drop(columns=[column, "family", "average5"]).to_csv(path, index=False)
     with pytest.raises(ValueError, match=column):
         paper.load_table6(path)
+
+
+def _finetune_tree(results: Path) -> None:
+    """A sweep of pre-training runs and its fine-tune folder (launchers/finetune_runs.py)."""
+    write_synthetic_results(results, n_evals=4)
+    pre = next((results / "synth").iterdir())
+    model, params, macs = SIZES[0]
+    write_run(results / "synth-finetune" / "ft0", model, params, macs, [], status="running",
+              config={"init_from": str(pre), "data": "/data/stripes"})
+
+
+def test_unknown_sweep_is_one_line_naming_the_sweeps_exit_2(tmp_path):
+    """N36: --sweep nope exited 1 after reading everything; now exit 2 before any work, one
+    line listing the sweeps there are (the fine-tune folder is no sweep)."""
+    results, out = tmp_path / "results", tmp_path / "out"
+    _finetune_tree(results)
+    proc = _cli("--results", results, "--out", out, "--sweep", "nope")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--sweep nope: no such sweep" in proc.stderr and "the sweeps there: synth " in (
+        proc.stderr) and "synth-finetune" not in proc.stderr
+    assert not out.exists()  # nothing written, not even the cache
+
+
+def test_a_fine_tune_folder_as_sweep_names_the_sweep_and_metric_to_use(tmp_path):
+    """N36b: --sweep synth-finetune said "not found" although the folder exists; now it says
+    that fine-tunes are read through the pre-training sweep's transfer rows, and how."""
+    results, out = tmp_path / "results", tmp_path / "out"
+    _finetune_tree(results)
+    proc = _cli("--results", results, "--out", out, "--sweep", "synth,synth-finetune")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "synth-finetune holds fine-tune runs" in proc.stderr
+    assert "use --sweep synth --metric finetune:stripes" in proc.stderr
+    assert not out.exists()
+
+
+def _settle(root: Path) -> None:
+    """Wait until every file is older than the metrics cache's racy window (entries stored)."""
+    newest = max(p.stat().st_ctime for p in root.rglob("*") if p.is_file())
+    time.sleep(max(0.0, newest + RACY_S + 0.05 - time.time()))
+
+
+def test_cache_files_of_the_wrong_shape_are_misses_and_rewritten(tmp_path):
+    """N37c: a fits-cache file holding valid JSON of another shape, N37d: a metrics cache whose
+    entries have the wrong keys or types, gave KeyError/AttributeError on every later plot until
+    deleted. Now each is a miss: refitted or parsed again, and rewritten."""
+    results, out, cache = tmp_path / "results", tmp_path / "out", tmp_path / "cache"
+    write_synthetic_results(results, n_evals=6)
+    _settle(results)
+    args = ("--results", results, "--out", out, "--cache-dir", cache, "--n-boot", "10",
+            "--formats", "png")
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr
+    fit = json.loads((out / "summary.json").read_text())["fit"]
+    fits = sorted((cache / "fits").glob("*.json"))
+    shapes = [{}, [1, 2], {"fit": None}, "text", {"key": "x", "digest": "y", "value": {}}]
+    for i, path in enumerate(fits):  # N37c: valid JSON, not a stored fit
+        path.write_text(json.dumps(shapes[i % len(shapes)]))
+    parquet = next(cache.glob("metrics-*.parquet"))
+    table = pq.read_table(parquet)
+    meta = json.loads(table.schema.metadata[META_KEY])
+    n_files = len(meta["files"])
+    assert n_files == 5
+    for entry, (key, bad) in zip(meta["files"], [("key", None), ("skips", 5), ("max_flops", "x"),
+                                                 ("start", -1), ("path", ["a"])]):
+        entry[key] = bad  # N37d: valid Parquet and JSON, entries of the wrong shape
+    pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(meta)}), parquet)
+    second = _cli(*args)
+    assert second.returncode == 0 and "Traceback" not in second.stderr, second.stderr
+    assert f"0 files reused, {n_files} parsed" in second.stdout
+    assert json.loads((out / "summary.json").read_text())["fit"] == fit  # refitted the same
+    for path in fits:  # rewritten as stored fits
+        assert set(json.loads(path.read_text())) == {"key", "digest", "value"}, path
+    third = _cli(*args)
+    assert third.returncode == 0 and f"{n_files} files reused, 0 parsed" in third.stdout
+    pq.write_table(table.replace_schema_metadata({META_KEY: b"[1, 2]"}), parquet)
+    assert f"0 files reused, {n_files} parsed" in _cli(*args).stdout  # metadata of no shape

@@ -162,8 +162,8 @@ def test_fit_figure_constants_in_percent_and_the_extrapolation_region(tmp_path):
     start = next(i for i, t in enumerate(texts) if "fit (used)" in t)
     law = "\n".join(texts[start:start + 6])
     assert "E: top-1 error (%)" in law
-    assert f"c = {figures._fmt(100 * fit['c'])}%" in law
-    assert f"a = {figures._fmt(100 * fit['a'])}" in law and f"b = {figures._fmt(fit['b'])}" in law
+    assert f"c = {figures.compact(100 * fit['c'])}%" in law
+    assert f"a = {figures.compact(100 * fit['a'])}" in law and f"b = {figures.compact(fit['b'])}" in law
     spans = [p for p in ax.patches if isinstance(p, Rectangle)
              and p.get_label() == "beyond the data: extrapolation"]
     assert len(spans) == 1 and spans[0].get_x() == pytest.approx(front["flops_seen"].max())
@@ -178,12 +178,12 @@ def test_every_figure_of_the_cli_is_written_with_legends_under_the_axes(tmp_path
     write_isoflop_results(tmp_path / "r", seeds=(0,))
     write_bench(tmp_path / "r")
     report = analyse(tmp_path / "r", tmp_path / "out", n_boot=10)
-    names = sorted(p.name for p in report["figures"])
+    names = sorted(p.name for p in report.figures)
     assert names == ["error_vs_flops.png", "optimal_model_size.png", "scaling_law_fit.png",
                      "throughput_mfu.png", "vit_paper_table6.png"]
     from PIL import Image
 
-    for path in report["figures"]:
+    for path in report.figures:
         with Image.open(path) as im:
             w, h = im.size
             assert w >= 2000 and 0.4 < h / w < 1.2, path.name  # no legend-eaten strips

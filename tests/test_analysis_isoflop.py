@@ -132,5 +132,5 @@ def test_two_sizes_draw_the_profiles_without_a_line(tmp_path):
                                                   ("S/16", 22_050_664, 4.61e9)),
                           budgets=(1e18, 3e18))
     report = analyse(root, tmp_path / "out", n_boot=10)
-    assert "optimal_model_size.png" in {p.name for p in report["figures"]}
-    assert report["optimal"]["fit"] is None and "at least 3 sizes" in report["optimal"]["reason"]
+    assert "optimal_model_size.png" in {p.name for p in report.figures}
+    assert report.optimal["fit"] is None and "at least 3 sizes" in report.optimal["reason"]

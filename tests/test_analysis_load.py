@@ -275,7 +275,7 @@ def test_fine_tune_runs_are_left_out_and_said(tmp_path):
     res = load_results(tmp_path, cache_dir=None)
     assert res.finetunes == ("synth-finetune/ft",) and "ft" not in set(res.runs["run_id"])
     report = analyse(tmp_path, tmp_path / "out", n_boot=10)
-    assert any("1 fine-tune run(s) left out" in n for n in report["notes"])
+    assert any("1 fine-tune run(s) left out" in n for n in report.notes)
 
 
 def test_runs_on_different_data_sets_are_named_and_noted(tmp_path):
@@ -296,8 +296,78 @@ def test_runs_on_different_data_sets_are_named_and_noted(tmp_path):
     assert res.data_sets == {"/d/digits": ["digits"], "/d/shapes": ["shapes"]}
     assert select_sweeps(res, ["shapes"]).data_sets == {"/d/shapes": ["shapes"]}
     report = analyse(tmp_path, tmp_path / "out", n_boot=10)
-    mixed = [n for n in report["notes"] if "different data sets" in n]
+    mixed = [n for n in report.notes if "different data sets" in n]
     assert len(mixed) == 1 and "/d/digits: digits" in mixed[0] and "/d/shapes: shapes" in mixed[0]
     assert "different data sets" in (tmp_path / "out" / "summary.md").read_text()
     one = analyse(tmp_path, tmp_path / "one", n_boot=10, sweeps=["shapes"])
-    assert not [n for n in one["notes"] if "different data sets" in n]
+    assert not [n for n in one.notes if "different data sets" in n]
+
+
+def _train_row(step, flops):
+    return {"kind": "train", "step": step, "epoch": 0.1, "images_seen": 10 * step,
+            "flops_seen": flops, "wall_s": 1.0 * step, "loss": 1.0, "lr": 1e-3,
+            "images_per_s": 10.0, "tflops": 1.0, "mfu": None, "mem_gb": 1.0,
+            "skipped_samples": 0}
+
+
+def test_compute_spent_comes_from_the_loaded_results(tmp_path):
+    """compute_spent counts every run dir once, from what load_results read (issue 25 item 3):
+    finished runs by final.json, a running one by its largest flops_seen (a train row's, past
+    the last eval, and a broken line's ignored), fine-tunes and runs the tables skip included,
+    a branch without its trunk's prefix; the same through a cold and a warm cache."""
+    import os
+    import time
+
+    from analysis.fit.compute import sweep_compute
+
+    model, params, macs = SIZES[0]
+    rows = [_eval_row(s, 1000 * s, macs, 0.1 * s) for s in (1, 2, 3, 4)]
+    per_image = 6.0 * macs
+    write_run(tmp_path / "sw" / "trunk", model, params, macs, rows)  # 4000 images
+    write_run(tmp_path / "sw" / "branch", model, params, macs,
+              rows[:2] + [_eval_row(s, 1000 * s, macs, 0.15 * s) for s in (3, 4, 5)],
+              config={"trunk_run": "trunk", "branch_step": 2, "batch_size": 1000})
+    write_json(tmp_path / "sw" / "branch" / "plan.json", {"macs_per_image": macs})
+    live = write_run(tmp_path / "sw" / "live", model, params, macs, rows[:2], status="running")
+    append_metrics(live, _train_row(3, per_image * 2500))  # past the last eval (2000 images)
+    with open(live / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "flops_seen": 1e30}\n{"flops_seen": 2e30, "kind": "tr')
+    write_run(tmp_path / "sw-finetune" / "ft", model, params, macs, rows[:1],
+              config={"init_from": str(tmp_path / "sw" / "trunk")})  # 1000 images
+    write_run(tmp_path / "sw" / "bad-name", model, params, macs, rows[:3],
+              config={"model": "nope"})  # skipped by the tables: 3000 images still spent
+    write_run(tmp_path / "sw" / "bad-final", model, params, macs, rows[:3])
+    (tmp_path / "sw" / "bad-final" / "final.json").write_text("{")  # unreadable: 0 counted
+    newest = max(os.stat(p).st_ctime for p in tmp_path.rglob("*") if p.is_file())
+    time.sleep(max(0.0, newest + 2.05 - time.time()))  # older than the cache's racy window
+    spent = per_image * (4000 + (5000 - 2000) + 2500 + 1000 + 3000)
+    independent = per_image * (5000 + 2500 + 1000 + 3000)
+    for cache in (None, tmp_path / "cache", tmp_path / "cache"):
+        res = load_results(tmp_path, cache_dir=cache)
+        assert set(res.runs["run_id"]) == {"trunk", "branch", "live"}
+        got = sweep_compute(res)
+        assert got["compute_spent"] == pytest.approx(spent, rel=1e-12)
+        assert got["compute_independent"] == pytest.approx(independent, rel=1e-12)
+        assert sweep_compute(select_sweeps(res, ["sw"])) == got  # the whole results dir
+    assert res.cache["hits"] == 3  # warm: the running run's largest flops_seen from the cache
+    # (the other run dirs have a final.json: their metrics files are not needed, nor read)
+
+
+def test_one_recipe_and_seed_in_two_run_dirs_is_counted_once(tmp_path):
+    """Two dirs of one recipe and seed (run ids made before they left out the world size,
+    found by launchers/legacy.py; or a copied dir) are one experiment trained twice: the
+    finished one is kept, the other skipped naming it; their compute is still counted."""
+    model, params, macs = SIZES[0]
+    ev = [{"kind": "eval", "step": s, "epoch": s / 10, "images_seen": 64 * s,
+           "flops_seen": 1e12 * s, "wall_s": s, "loss": 1.0, "top1": 0.5, "top5": 0.9,
+           "num_samples": 100} for s in (1, 2)]
+    write_run(tmp_path / "sw" / "mu4_3e9_33a22f", model, params, macs, ev)  # the old id, done
+    write_run(tmp_path / "sw" / "mu4_3e9_42747d", model, params, macs, ev[:1], status="running")
+    write_run(tmp_path / "sw" / "mu4_3e9_9b0c1d", model, params, macs, ev, seed=1)  # a 2nd seed
+    res = load_results(tmp_path)
+    assert sorted(res.runs["run_id"]) == ["mu4_3e9_33a22f", "mu4_3e9_9b0c1d"]
+    (left,) = res.skipped
+    assert left.path == str(tmp_path / "sw" / "mu4_3e9_42747d")
+    assert "as sw/mu4_3e9_33a22f" in left.reason
+    assert len(res.evals) == 4  # 2 evals of each kept run, none of the repeat
+    assert len(res.spend) == 3  # its compute was spent all the same

@@ -84,3 +84,29 @@ def test_undetermined_values_are_null_with_a_reason(tmp_path):
     assert opt["exponent"] is None and opt["interval"] is None and opt["monotone"] is None
     assert opt["per_budget"] == [] and "FLOPs budget" in opt["reason"]
     assert s["runs"]["ok"] == 2 and s["seeds_per_point"]["counts"] == {"1": len(s["frontier"])}
+
+
+def test_both_summaries_are_rendered_from_one_frozen_report(tmp_path):
+    """analyse computes one frozen Report (analysis.report.summary_data); summary.md and
+    summary.json are each a pure rendering of it: rendering it again gives the files byte for
+    byte, and a changed field shows in both without anything being recomputed."""
+    import dataclasses
+
+    from analysis.report.build import analyse
+    from analysis.report.summary import render
+    from analysis.report.summary_json import build
+
+    write_synthetic_results(tmp_path / "results", n_evals=3, sizes=SIZES[:2])
+    report = analyse(tmp_path / "results", tmp_path / "out", n_boot=10)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.notes = ()
+    assert report.summary.read_text() == render(report)
+    on_disk = json.loads(report.summary_json.read_text(), parse_constant=_no_constant)
+    assert on_disk == json.loads(json.dumps(build(report), allow_nan=False))
+    assert on_disk["compute_spent"] == report.compute["compute_spent"] > 0
+    other = dataclasses.replace(report, notes=("a note of the test",),
+                                compute={"compute_spent": 1.0, "compute_independent": 2.0})
+    assert render(other).endswith("- note: a note of the test\n")
+    payload = build(other)
+    assert payload["notes"] == ["a note of the test"]
+    assert (payload["compute_spent"], payload["compute_independent"]) == (1.0, 2.0)

@@ -10,6 +10,7 @@ from conftest import REPO, train_env
 from safetensors.torch import load_file
 
 from analysis.fit.compute import sweep_compute
+from analysis.load import load_results
 from scaling import results
 from scaling.config import TrainConfig, cooldown_steps
 
@@ -135,7 +136,7 @@ def test_branching_sweep_killed_trunk_rerun_and_idempotence(digits_data, tmp_pat
     assert third.returncode == 0 and "nothing to submit" in third.stdout, third.stdout[-2000:]
     assert jobs == {d: (d / "job.json").read_text() for d in jobs}
     per_step = results.read_final(trunk)["total_flops"] / 96
-    got = sweep_compute(tmp_path / "res")
+    got = sweep_compute(load_results(tmp_path / "res"))  # trunk and branches, read once
     assert got["compute_spent"] == pytest.approx(per_step * (96 + 6 + 12 + 24), rel=1e-12)
     assert got["compute_independent"] == pytest.approx(per_step * (30 + 60 + 120), rel=1e-12)
 

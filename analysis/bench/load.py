@@ -236,8 +236,8 @@ def measure(out: Path, args) -> None:
     _line("re-plot, reference loader, no cache", ref_plot_s, extra=f"   (load {ref_load_s:.2f} s)")
     plot_s, rep = _timed(report.analyse, tree, fig / "new", cache_dir=cache, **kw)
     _line("re-plot, new (cache)", plot_s, ref_plot_s,
-          f"   parsed {rep['results'].cache['parsed']} files, tables "
-          f"{_same(rep['results'], ref)}")
+          f"   parsed {rep.results.cache['parsed']} files, tables "
+          f"{_same(rep.results, ref)}")
     del ref, rep
     touch(tree, 0.01, args.eval_every)
     _line("re-plot, new, CLI (plot_scaling.py)", _cli(tree, fig / "cli", cache, args.n_boot),

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.fit import law as F
+from analysis.fit.determined import assess
 from analysis.fit.memo import plain
 from analysis.fit.noise import aggregate_seeds
 from analysis.load.tables import X_COLUMNS
@@ -71,7 +72,8 @@ WHY = {"huber": ("the default: the frontier is a handful of points picked as min
 def fit_frontier(frontier: pd.DataFrame, x: str, *, n_boot: int = 200, seed: int = 0,
                  loss: str = "huber", memo=plain) -> dict:
     """Bootstrap fit of the law to the frontier with `loss` ("huber" or "lsq"), the other loss's
-    point fit for comparison (`alt`), and the top-20 % hold-out check of the chosen fit; or
+    point fit for comparison (`alt`), the top-20 % hold-out check of the chosen fit and the
+    verdict on the law (`determination`, analysis.fit.determined.assess); or
     {"ok": False, "message"} with too few points. Points at zero error are dropped: the law is
     fitted on log-error. `memo` (analysis.fit.memo.FitMemo) remembers the fits."""
     F.check_loss(loss)
@@ -90,6 +92,7 @@ def fit_frontier(frontier: pd.DataFrame, x: str, *, n_boot: int = 200, seed: int
     diff = float(np.max(np.abs(F.predict(alt, grid) / F.predict(boot["fit"], grid) - 1)))
     return {"ok": True, "n": len(pts), "boot": boot, "fit": boot["fit"], "loss": loss,
             "why": WHY[loss], "alt": alt, "alt_max_rel_diff": diff, "extrapolation": extrap,
+            "determination": assess(boot, compute),
             "outliers": F.outliers(boot["fit"], compute, error)}
 
 

@@ -9,6 +9,13 @@ were tried); its vertex is N_opt(C). A vertex outside the sizes tried, or a prof
 minimum, is a bound, never a value. Then log N_opt = log G + a log C is fitted by least squares
 over the budgets whose vertex lies inside their sizes, when there are at least MIN_BUDGETS.
 
+Diagnostics (diagnose). Approach 2 is biased when the sizes tried sit off-centre around the
+optimum or span a narrow range (arXiv 2603.22339): the parabola is a second-order stand-in for
+a profile that is not symmetric in log-params, and its vertex moves towards the side with more
+sizes. So a budget whose vertex lies in the outer fifth of its sizes' log-params range on either
+side (OFF_CENTRE) or whose sizes span less than MIN_SPAN x is flagged, keeps its vertex in the
+table, and is left out of the exponent fit, with the reason in `left_out`.
+
 Intervals. A vertex's comes from a parametric bootstrap: each point's log-error is redrawn
 around the parabola with the larger of its measurement sd (binomial on its eval images, from the
 Wilson half-width; across seeds / sqrt(seeds) with 2 or more) and the parabola's residual sd
@@ -30,6 +37,9 @@ from analysis.fit.noise import LEVEL, aggregate_seeds
 MIN_SIZES = 3
 MIN_BUDGETS = 3
 METHOD = "isoflop"
+OFF_CENTRE = 0.2  # a vertex within this fraction of the log-size range from either end
+MIN_SPAN = 4.0  # largest / smallest size of a budget, at least
+BIAS_REF = "arXiv 2603.22339"
 
 
 def budget_points(evals: pd.DataFrame) -> pd.DataFrame:
@@ -75,6 +85,29 @@ def _bound(coef, u, u0) -> tuple[float, str | None]:
     return (hi, "lower") if at_hi else (lo, "upper")
 
 
+def diagnose(log_opt: float, bound: str | None, u: np.ndarray) -> dict:
+    """Where the vertex sits among the sizes (`vertex_position`: 0 at the smallest, 1 at the
+    largest, in log-params; NaN for a bound), `size_span` (largest / smallest), `flags`
+    ("off-centre", "narrow") and `left_out`: why the exponent fit leaves the budget out, or None."""
+    lo, hi = float(u.min()), float(u.max())
+    span = math.exp(hi - lo)
+    pos = (log_opt - lo) / (hi - lo) if bound is None and hi > lo else math.nan
+    flags = []
+    if math.isfinite(pos) and not OFF_CENTRE <= pos <= 1 - OFF_CENTRE:
+        flags.append("off-centre")
+    if span < MIN_SPAN:
+        flags.append("narrow")
+    reasons = []
+    if "off-centre" in flags:
+        reasons.append(f"the vertex sits in the outer fifth of the sizes tried (at {pos:.2f} of "
+                       "their log-params range)")
+    if "narrow" in flags:
+        reasons.append(f"the sizes span {span:.2f}x, under {MIN_SPAN:g}x")
+    left_out = ("; ".join(reasons) + f": approach 2 is biased when the sizes are off-centre "
+                f"around the optimum or span a narrow range ({BIAS_REF})") if reasons else None
+    return {"vertex_position": pos, "size_span": span, "flags": flags, "left_out": left_out}
+
+
 def fit_profile(pts: pd.DataFrame, rng, n_boot: int = 200, level: float = LEVEL) -> dict:
     """The parabola of one budget's points, its vertex (or bound) and bootstrap samples of
     the vertex (log-params; NaN where a replicate has no minimum)."""
@@ -103,7 +136,8 @@ def fit_profile(pts: pd.DataFrame, rng, n_boot: int = 200, level: float = LEVEL)
             "coef": coef, "u0": u0, "samples": samples, "resid_sd": resid_sd,
             "error_opt": float(np.exp(np.polyval(coef, log_opt - u0))),
             "best_model": best["model"], "tied": tied,
-            "models": pts["model"].tolist(), "seeds": pts["n_seeds"].astype(int).tolist()}
+            "models": pts["model"].tolist(), "seeds": pts["n_seeds"].astype(int).tolist(),
+            **diagnose(log_opt, bound, u)}
 
 
 def _line(lc: np.ndarray, ln: np.ndarray) -> tuple[float, float, float]:
@@ -114,12 +148,16 @@ def _line(lc: np.ndarray, ln: np.ndarray) -> tuple[float, float, float]:
 
 
 def fit_exponent(profiles: list[dict], level: float = LEVEL) -> dict:
-    """N_opt ∝ C^a over the budgets with a vertex inside their sizes; {"ok": False, "reason"}
-    with fewer than MIN_BUDGETS of them."""
-    inside = [p for p in profiles if p["bound"] is None]
+    """N_opt ∝ C^a over the budgets with a vertex inside their sizes and not left out by
+    `diagnose` (`n_left_out` of them were); {"ok": False, "reason"} with fewer than MIN_BUDGETS
+    of them."""
+    inside = [p for p in profiles if p["bound"] is None and not p.get("left_out")]
+    n_out = sum(1 for p in profiles if p["bound"] is None and p.get("left_out"))
     if len(inside) < MIN_BUDGETS:
-        return {"ok": False, "n": len(inside), "reason": (
-            f"{len(inside)} budget(s) with a vertex inside the sizes tried "
+        dropped = (f", {n_out} more left out as off-centre or narrow ({BIAS_REF})"
+                   if n_out else "")
+        return {"ok": False, "n": len(inside), "n_left_out": n_out, "reason": (
+            f"{len(inside)} budget(s) with a vertex inside the sizes tried{dropped} "
             f"({len(profiles)} with at least {MIN_SIZES} sizes); need at least {MIN_BUDGETS} "
             "to fit N_opt ∝ C^a (no line drawn)")}
     lc = np.log([p["compute"] for p in inside])
@@ -135,7 +173,8 @@ def fit_exponent(profiles: list[dict], level: float = LEVEL) -> dict:
     q = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
     b_lo, b_hi = (np.percentile(boot[:, 0], q) if len(boot) else (math.nan, math.nan))
     order = np.argsort(lc)
-    return {"ok": True, "n": n, "exponent": a, "log_c_mean": float(lc.mean()), "intercept": b0,
+    return {"ok": True, "n": n, "n_left_out": n_out, "exponent": a,
+            "log_c_mean": float(lc.mean()), "intercept": b0,
             "interval": [float(np.fmin(a - half, b_lo)), float(np.fmax(a + half, b_hi))],
             "interval_t": [a - half, a + half], "interval_boot": [float(b_lo), float(b_hi)],
             "boot_lines": boot, "t": t, "rss": rss, "sxx": sxx,

@@ -34,6 +34,8 @@ _B_BOUNDS = (1e-4, 5.0)  # exponents seen in practice are 0.1..1 (Zhai et al. Fi
 _C_MARGIN = 1e-6  # keep c strictly below min(error): log(E - c) must stay finite
 LOSSES = ("huber", "lsq")
 HUBER_DELTA = 1e-3  # on log-error residuals (Hoffmann et al. 2022, Sec. 3.3)
+BOUND_RTOL = 0.01  # a value within 1 % of a search limit counts as "at bound" (issue 26)
+BOUND_FRACTION = 0.05  # ... and so does one that 5 % of the bootstrap refits put there
 
 
 def check_loss(loss: str) -> str:
@@ -95,14 +97,34 @@ def _inits(x: np.ndarray, e: np.ndarray) -> list[np.ndarray]:
     return starts
 
 
+def _bounds(x: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The search box of theta = (log a_norm, b, c, log1p d_norm): log a_norm within +-200, b in
+    _B_BOUNDS, c in [0, min(E)) (log(E - c) finite), d in [0, 10 max(C)]."""
+    lower = np.array([-200.0, _B_BOUNDS[0], 0.0, 0.0])
+    upper = np.array([200.0, _B_BOUNDS[1], e.min() * (1.0 - _C_MARGIN),
+                      math.log1p(10.0 * x.max())])
+    return lower, upper
+
+
+def _at_bound(theta: np.ndarray, upper: np.ndarray) -> list[str]:
+    """Names within BOUND_RTOL of a search limit of _bounds: |log a_norm| at 200, b at its floor
+    or cap, c at its ceiling min(E), d at its cap. The lower limits c = 0 and d = 0 are left out:
+    they are not limits of the search but the law's own nested forms (no floor, no shift), which
+    a fit may rightly reach. All in normalised units, so the same for any unit of C."""
+    log_a, b, c, u = (float(v) for v in theta)
+    hits = {"a": abs(log_a) >= (1 - BOUND_RTOL) * upper[0],
+            "b": b <= (1 + BOUND_RTOL) * _B_BOUNDS[0] or b >= (1 - BOUND_RTOL) * _B_BOUNDS[1],
+            "c": c >= (1 - BOUND_RTOL) * upper[2],
+            "d": math.expm1(u) >= (1 - BOUND_RTOL) * math.expm1(upper[3])}
+    return [k for k in PARAMS if hits[k]]
+
+
 def _solve(x: np.ndarray, e: np.ndarray, starts: list[np.ndarray], loss: str = "lsq"):
     """Minimise the loss of the log-residuals (bounded, trust region) from every start; return
     the best result. scipy's "huber" with f_scale = delta is delta^2 rho(r^2 / delta^2): r^2
     inside delta, 2 delta |r| - delta^2 outside, i.e. twice the Huber loss."""
     log_e = np.log(e)
-    c_hi = e.min() * (1.0 - _C_MARGIN)
-    lower = np.array([-200.0, _B_BOUNDS[0], 0.0, 0.0])
-    upper = np.array([200.0, _B_BOUNDS[1], c_hi, math.log1p(10.0 * x.max())])
+    lower, upper = _bounds(x, e)
     best = None
     for start in starts:
         start = np.clip(start, lower + 1e-12, upper - 1e-12)
@@ -125,16 +147,18 @@ def _to_dict(theta: np.ndarray, c_ref: float, x: np.ndarray, e: np.ndarray, loss
     return {
         "a": a_norm * c_ref ** b, "b": b, "c": c, "d": d_norm * c_ref,
         "a_norm": a_norm, "d_norm": d_norm, "c_ref": c_ref, "n": int(x.size),
+        "x_max": float(x.max()), "e_min": float(e.min()),
         "rmse": float(np.sqrt(np.mean((pred - e) ** 2))),
         "rmse_log": float(np.sqrt(np.mean((np.log(pred) - np.log(e)) ** 2))),
-        "loss": loss,
+        "loss": loss, "at_bound": _at_bound(theta, _bounds(x, e)[1]),
     }
 
 
 def fit_saturating_power_law(compute, error, *, starts: list[np.ndarray] | None = None,
                              loss: str = "lsq") -> dict:
     """Fit E = a (C + d)^(-b) + c (Zhai et al. 2022, Sec. 2.2) with `loss` ("lsq" or "huber",
-    see the module docstring); returns a, b, c, d, rmse, rmse_log, n, loss."""
+    see the module docstring); returns a, b, c, d, rmse, rmse_log, n, loss and at_bound (the
+    names at a limit of the search, see _at_bound)."""
     check_loss(loss)
     c, e = _check_points(compute, error)
     c_ref = float(c.min())
@@ -192,24 +216,41 @@ def _summarise_bootstrap(fit, samples, failed, level, n_boot, method) -> dict:
     q = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
     intervals = {k: ((float(np.percentile(arrays[k], q[0])), float(np.percentile(arrays[k], q[1])))
                      if samples else (math.nan, math.nan)) for k in PARAMS}
+    at_bound_frac = {k: (float(np.mean([k in s["at_bound"] for s in samples])) if samples
+                         else 0.0) for k in PARAMS}
     return {"fit": fit, "samples": arrays, "c_ref": fit["c_ref"], "intervals": intervals,
+            "at_bound_frac": at_bound_frac,
             "level": level, "n_boot": n_boot, "n_ok": len(samples), "n_failed": failed,
             "method": method}
 
 
+def at_bound(boot: dict) -> list[str]:
+    """Names at a limit of the search (_at_bound) in the point fit or in at least
+    BOUND_FRACTION of the bootstrap refits: the fit wanted to go further than the law allows."""
+    frac = boot.get("at_bound_frac", {})
+    return [k for k in PARAMS
+            if k in boot["fit"]["at_bound"] or frac.get(k, 0.0) >= BOUND_FRACTION]
+
+
+# Judged by quantities without C's unit, so the same for C in FLOPs, exaFLOPs or images: never
+# raw a, whose unit is C^b (its spread grows as C_ref^(b_hi - b_lo)); what a adds is judged
+# through the prediction band (analysis.fit.determined).
+D_LOOSE = 1.0  # d loose when its interval is wider than the data's compute range (C_max - C_min)
+C_LOOSE = 0.25  # c loose when its interval is wider than c and a quarter of the lowest error
+
+
 def poorly_determined(boot: dict) -> list[str]:
-    """Parameters the bootstrap cannot pin down: a or d spanning more than a factor of 10
-    (they trade off against b), b or c with an interval wider than the value itself."""
+    """Constants the bootstrap cannot pin down, judged unit-free: b with an interval wider than
+    b, c with one wider than c and than C_LOOSE x the lowest error fitted, d with one wider
+    than D_LOOSE x the compute range; any with no finite interval. Never a (unit C^b)."""
+    fit, iv = boot["fit"], boot["intervals"]
+    span = fit["c_ref"] * (fit["x_max"] - 1.0)  # C_max - C_min
+    limit = {"b": abs(fit["b"]), "c": max(abs(fit["c"]), C_LOOSE * fit["e_min"]),
+             "d": D_LOOSE * span}
     out = []
-    for k in PARAMS:
-        lo, hi = boot["intervals"][k]
-        value = boot["fit"][k]
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            out.append(k)
-        elif k in ("a", "d"):
-            if lo <= 0 or hi / lo > 10:
-                out.append(k)
-        elif hi - lo > abs(value):
+    for k in ("b", "c", "d"):
+        lo, hi = iv[k]
+        if not (math.isfinite(lo) and math.isfinite(hi)) or hi - lo > limit[k]:
             out.append(k)
     return out
 

@@ -4,8 +4,10 @@ frontier did not change, and the ViT paper's fixed table, skip their bootstrap r
 A result is stored as ``CACHE_DIR/fits/<key>.json``, the key a hash of the function's name, its
 arguments (arrays by their bytes), the source of analysis/fit/law.py and the numpy and scipy
 versions: the same inputs through the same code give the same numbers (the bootstrap is seeded),
-so a stored result is never stale. Written atomically (scaling.results.atomic_write_text); a
-file that cannot be read is recomputed and rewritten. Entries unused for MAX_AGE_DAYS are removed.
+so a stored result is never stale. Written atomically (scaling.results.atomic_write_text) as
+{"key", "digest", "value"}: a file that cannot be read, or is not what this module wrote (another
+key, a value whose digest differs: valid JSON of another shape), is a miss, recomputed and
+rewritten. Entries unused for MAX_AGE_DAYS are removed.
 """
 
 from __future__ import annotations
@@ -56,6 +58,20 @@ def _decode(v):
     return v
 
 
+def _digest(value) -> str:
+    """A hash of a stored value's JSON text (what makes a hand-edited or foreign file a miss)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _load(path: Path, key: str):
+    """The result stored in `path` under `key`; ValueError if the file is not such a record."""
+    record = json.loads(path.read_text())
+    if (not isinstance(record, dict) or set(record) != {"key", "digest", "value"}
+            or record["key"] != key or record["digest"] != _digest(record["value"])):
+        raise ValueError("not a stored fit of this key")
+    return _decode(record["value"])
+
+
 def _key(fn, args, kwargs) -> str:
     h = hashlib.sha256(f"{_VERSION}:{fn.__module__}.{fn.__qualname__}".encode())
     for a in args:
@@ -72,10 +88,11 @@ class FitMemo:
         self.hits = self.computed = 0
 
     def __call__(self, fn, *args, **kwargs):
-        path = self.folder / f"{_key(fn, args, kwargs)}.json"
+        key = _key(fn, args, kwargs)
+        path = self.folder / f"{key}.json"
         if path.exists():
             try:
-                out = _decode(json.loads(path.read_text()))
+                out = _load(path, key)
                 os.utime(path)  # used: not pruned
                 self.hits += 1
                 return out
@@ -83,13 +100,15 @@ class FitMemo:
                 log.info("recomputing the fit stored in %s (%s)", path, e)
         out = fn(*args, **kwargs)
         self.computed += 1
-        self._store(path, out)
+        self._store(path, key, out)
         return out
 
-    def _store(self, path: Path, out) -> None:
+    def _store(self, path: Path, key: str, out) -> None:
+        value = _encode(out)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(_encode(out)))
+            atomic_write_text(path, json.dumps({"key": key, "digest": _digest(value),
+                                                "value": value}))
             cutoff = time.time() - MAX_AGE_DAYS * 86400
             for old in self.folder.iterdir():
                 if old.stat().st_mtime < cutoff:

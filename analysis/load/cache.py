@@ -1,27 +1,7 @@
-"""The parsed-metrics cache: what analysis.load.metrics_file.eval_rows made of each metrics.jsonl, so a
-re-plot parses only the files that changed.
-
-Where: one Parquet file per results dir, ``CACHE_DIR/metrics-<hash of the results dir's resolved
-path>.parquet``; ``python analysis/plot_scaling.py`` uses ``OUT/.analysis-cache/`` (``--cache-dir``,
-``--no-cache``). The folder holds a ``.gitignore`` of ``*``, so it is never a tracked file even
-inside a tracked folder. The file is a cache only: deleting it costs one full parse.
-
-What: the usable eval rows of every metrics.jsonl (``file``: its index in the entry list, then the
-EVAL_FIELDS columns) and, in the file's Parquet metadata, one entry per metrics.jsonl: its path
-relative to the results dir, its key, where its rows are, and its skipped lines (line, reason).
-
-Never stale: an entry is used only when the file's key, (size, mtime_ns, ctime_ns, inode,
-device), is what it was when it was parsed. An append, a rewrite (truncate_metrics replaces the
-file: a new inode), a truncation or a touch changes it; a deleted file's entry is dropped, an added
-file is parsed. A file whose mtime is within RACY_S of the moment it was read (it may change
-again within one tick of the file system's clock, keeping its key) or that changed while it was
-read is not stored, so it is parsed again next time. The rules' own version (a hash of the
-modules that define them, RULES_VERSION) is stored too: a cache written under other rules is not
-used. A cache that cannot be read (torn, foreign, another version) is ignored and rewritten.
-
-Atomic (scaling.results.atomic_open): written to a temporary file in the same folder, fsynced,
-then renamed over the old one (os.replace), so a reader sees the old cache or the new one, never
-a torn one; a killed write leaves only its temporary file, which a later write removes.
+"""The parsed-metrics cache: what analysis.load.metrics_file made of each metrics.jsonl (eval
+rows, skipped lines, largest flops_seen), one Parquet file per results dir, so that a re-plot
+parses only the files that changed. Never stale, written atomically, rebuilt when unreadable:
+the rules are in analysis/README.md ("Speed: the cache").
 """
 
 from __future__ import annotations
@@ -47,11 +27,12 @@ GITIGNORE = "*\n"
 META_KEY = b"analysis_metrics_cache"
 RACY_S = 2.0
 STALE_TMP_S = 3600.0
+FORMAT = 2  # of an entry; 2: max_flops added. A cache of another format is not used.
 
 
 def _rules_version() -> str:
     """A hash of the sources of the rules a cached entry was made by."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(b"format %d" % FORMAT)
     for module in (checks, metrics_file):
         h.update(Path(module.__file__).read_bytes())
     h.update(repr((results.TRAIN_KEYS, results.TRAIN_OPTIONAL, results.EVAL_KEYS)).encode())
@@ -59,6 +40,19 @@ def _rules_version() -> str:
 
 
 RULES_VERSION = _rules_version()
+
+
+def _well_formed(entry, n_rows: int) -> bool:
+    """Whether a stored entry has the shape _table writes (one that does not is a miss)."""
+    try:
+        return (isinstance(entry["path"], str) and len(entry["key"]) == 5
+                and all(type(k) is int for k in entry["key"])
+                and all(type(i) is int and type(r) is str for i, r in entry["skips"])
+                and type(entry["max_flops"]) in (int, float)
+                and type(entry["start"]) is int and type(entry["n"]) is int
+                and 0 <= entry["start"] and entry["start"] + entry["n"] <= n_rows)
+    except (TypeError, KeyError, ValueError):
+        return False
 
 
 def file_key(st: os.stat_result) -> list[int]:
@@ -99,9 +93,7 @@ class MetricsCache:
             raise ValueError("written by other rules or for another results dir")
         if table.column_names != ["file", *metrics_file.EVAL_FIELDS]:
             raise ValueError(f"unexpected columns {table.column_names}")
-        entries = {e["path"]: e for e in meta["files"]}
-        if any(e["start"] < 0 or e["start"] + e["n"] > table.num_rows for e in entries.values()):
-            raise ValueError("an entry points past the rows")
+        entries = {e["path"]: e for e in meta["files"] if _well_formed(e, table.num_rows)}
         self.values = np.column_stack([table[c].to_numpy() for c in metrics_file.EVAL_FIELDS]
                                       ).astype(float).reshape(table.num_rows, -1)
         self.old = entries
@@ -111,18 +103,18 @@ class MetricsCache:
         entry = self.old.get(rel)
         return entry is not None and entry["key"] == file_key(st)
 
-    def get(self, rel: str, st: os.stat_result):
-        """(rows, skips) of `rel` if it was stored with the key `st` gives, else None."""
+    def get(self, rel: str, st: os.stat_result) -> metrics_file.Parsed | None:
+        """What parsing `rel` gave, if it was stored with the key `st` gives, else None."""
         entry = self.old.get(rel)
         if entry is None or entry["key"] != file_key(st):
             return None
         rows = self.values[entry["start"]:entry["start"] + entry["n"]]
         self.new[rel], self.rows[rel] = entry, rows
         self.hits += 1
-        return rows, [tuple(s) for s in entry["skips"]]
+        return metrics_file.Parsed(rows, [tuple(s) for s in entry["skips"]], entry["max_flops"])
 
     def put(self, rel: str, before: os.stat_result, after: os.stat_result, read_ns: int,
-            rows: np.ndarray, skips: list) -> None:
+            parsed: metrics_file.Parsed) -> None:
         """Store a freshly parsed file, unless it changed while it was read or changed so
         recently (mtime or ctime within RACY_S of the read) that it may change unseen."""
         self.parsed += 1
@@ -130,8 +122,9 @@ class MetricsCache:
         recent = max(after.st_mtime_ns, after.st_ctime_ns) > read_ns - RACY_S * 1e9
         if file_key(before) != file_key(after) or recent:
             return
-        self.new[rel] = {"path": rel, "key": file_key(after), "skips": [list(s) for s in skips]}
-        self.rows[rel] = rows
+        self.new[rel] = {"path": rel, "key": file_key(after),
+                         "skips": [list(s) for s in parsed.skips], "max_flops": parsed.max_flops}
+        self.rows[rel] = parsed.rows
 
     def save(self) -> None:
         """Write the entries seen since opening (atomically) when anything changed."""

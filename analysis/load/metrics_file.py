@@ -1,19 +1,7 @@
-"""One metrics.jsonl -> its usable eval rows (a float array) and the lines it skips, by the rules
-of analysis/README.md ("What the loader skips"). Pure: no logging, no file access.
-
-Every line is checked, train rows included: a line that is not JSON, not an object or breaks the
-row schema is a skipped line whatever its kind. Most lines are train rows, which the analysis
-does not use, so parsing them is most of the cost; instead, a line in the exact byte form that
-scaling.results.append_metrics writes for a train row (``json.dumps(row, sort_keys=True)``:
-``{"epoch": 0.5, "flops_seen": 1e+16, ..., "kind": "train", ..., "wall_s": 12.5}``) is recognised
-by one regular expression, TRAIN_LINE, over the whole file. It accepts only an object with
-exactly the keys of scaling.results.TRAIN_KEYS, and any of TRAIN_OPTIONAL, in sorted order,
-``"kind": "train"``, and every other value a JSON number or null: such a line is valid UTF-8
-and JSON, a schema-valid train row, and unused, so dropping it unparsed gives what parsing it
-would. Every other line (eval rows,
-train rows in another byte form, anything broken) is parsed with json.loads and checked as
-before. A file holding a carriage return is read line by line throughout (bytes.splitlines also
-breaks lines there).
+"""One metrics.jsonl -> its usable eval rows (a float array), the lines it skips and its largest
+`flops_seen`, by the rules of analysis/README.md ("What the loader skips", "Train lines"). Pure:
+no logging, no file access. Train lines in the writer's byte form are recognised by TRAIN_LINE
+without being parsed, since they are most of a file and most of the cost.
 """
 
 from __future__ import annotations
@@ -21,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,12 +25,13 @@ _VALUE = rb"(?:-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|null)"
 
 def _train_line() -> re.Pattern:
     """TRAIN_LINE: each key and value followed by ', ' (an optional key's pair may be absent),
-    the last key's closing the object."""
+    the last key's closing the object; group 1 is the flops_seen value."""
     keys = sorted(TRAIN_KEYS + TRAIN_OPTIONAL)
     assert keys[-1] not in TRAIN_OPTIONAL  # the last pair carries no ', '
 
     def pair(k: str) -> bytes:
-        return b'"%s": %s' % (k.encode(), b'"train"' if k == "kind" else _VALUE)
+        value = {"kind": b'"train"', "flops_seen": b"(%s)" % _VALUE}.get(k, _VALUE)
+        return b'"%s": %s' % (k.encode(), value)
 
     body = b"".join(b"(?:%s, )?" % pair(k) if k in TRAIN_OPTIONAL else pair(k) + b", "
                     for k in keys[:-1]) + pair(keys[-1])
@@ -53,14 +43,37 @@ _NON_EMPTY = re.compile(rb"[^\n]+")
 TORN = " (torn last line: an interrupted append)"
 
 
-def _candidate_lines(data: bytes):
+def flops_value(value) -> float:
+    """A row's flops_seen as a number for the largest-FLOPs count: null, a non-number, a
+    negative or a non-finite number counts as 0."""
+    if isinstance(value, bytes):  # a TRAIN_LINE group: a JSON number or null
+        value = None if value == b"null" else float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        return 0.0
+    return max(0.0, float(value))
+
+
+def _max_train_flops(values: list[bytes]) -> float:
+    """max(map(flops_value, values), default=0), fast: float() of each JSON number."""
+    numbers = [v for v in values if v != b"null"]
+    top = max(map(float, numbers), default=0.0)
+    return top if np.isfinite(top) else max(map(flops_value, values), default=0.0)
+
+
+def _candidate_lines(data: bytes, flops: list):
     """(line number, bytes) of the lines that are not in TRAIN_LINE's form, numbered as
-    bytes.splitlines numbers them, and the number of lines."""
+    bytes.splitlines numbers them, and the number of lines; the flops_seen of each line in
+    TRAIN_LINE's form is added to `flops`."""
     if b"\r" in data:  # splitlines breaks at \r too: number the lines its way, one by one
         lines = data.splitlines()
         return list(enumerate(lines, 1)), len(lines)
     n_lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
-    rest = TRAIN_LINE.sub(b"", data)  # a train line becomes empty; its newline stays
+
+    def drop(m: re.Match) -> bytes:  # a train line becomes empty; its newline stays
+        flops.append(m[1])
+        return b""
+
+    rest = TRAIN_LINE.sub(drop, data)
     out, line, pos = [], 1, 0
     for m in _NON_EMPTY.finditer(rest):
         line += rest.count(b"\n", pos, m.start())
@@ -69,10 +82,10 @@ def _candidate_lines(data: bytes):
     return out, n_lines
 
 
-def _parse(data: bytes, skips: list) -> list[tuple[int, dict]]:
+def _parse(data: bytes, skips: list, flops: list) -> list[tuple[int, dict]]:
     """(line number, row) of every schema-valid row other than TRAIN_LINE's; each other line
-    is added to `skips` as (line, reason)."""
-    candidates, n_lines = _candidate_lines(data)
+    is added to `skips` as (line, reason), the flops_seen of TRAIN_LINE's to `flops`."""
+    candidates, n_lines = _candidate_lines(data, flops)
     rows = []
     for i, raw in candidates:
         if not raw.strip():
@@ -116,13 +129,24 @@ def _keep_once(by_step: dict, skips: list) -> list[dict]:
     return kept
 
 
-def eval_rows(data: bytes) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """The usable eval rows of a metrics.jsonl's bytes, one per step in step order, as a float
-    array with the EVAL_FIELDS columns (null -> NaN), and the skipped lines as (line, reason),
-    in the order the reference loader reports them."""
+class Parsed(NamedTuple):
+    """What one metrics.jsonl holds for the analysis."""
+
+    rows: np.ndarray  # the usable eval rows, one per step in step order, EVAL_FIELDS columns
+    skips: list  # the skipped lines as (line, reason), in the order they are reported
+    max_flops: float  # the largest flops_seen of any schema-valid row, train rows included
+    #                   (0 without one): the run's FLOPs so far (analysis.fit.compute)
+
+
+def parse_metrics(data: bytes) -> Parsed:
+    """A metrics.jsonl's bytes -> Parsed (null eval values -> NaN)."""
     skips: list[tuple[int, str]] = []
+    train_flops: list[bytes] = []
     by_step: dict[int, list[tuple[int, dict]]] = defaultdict(list)
-    for i, row in _parse(data, skips):
+    rows = _parse(data, skips, train_flops)
+    max_flops = max(_max_train_flops(train_flops),
+                    *(flops_value(row["flops_seen"]) for _, row in rows), 0.0)
+    for i, row in rows:
         if row["kind"] != "eval":
             continue
         problem = eval_row_problem(row)
@@ -132,4 +156,5 @@ def eval_rows(data: bytes) -> tuple[np.ndarray, list[tuple[int, str]]]:
             by_step[int(row["step"])].append((i, row))
     kept = _keep_once(by_step, skips)
     values = [[np.nan if row[k] is None else float(row[k]) for k in EVAL_FIELDS] for row in kept]
-    return np.array(values, dtype=float).reshape(len(kept), len(EVAL_FIELDS)), skips
+    return Parsed(np.array(values, dtype=float).reshape(len(kept), len(EVAL_FIELDS)), skips,
+                  max_flops)

@@ -1,13 +1,7 @@
-"""Parsing many metrics files at once, in worker processes: a cold load of a study (thousands of
-runs, none cached) is CPU-bound in analysis.load.metrics_file, file by file. The results are handed
-back to analysis.load.runs, which uses them in run order (so every skipped line is still logged and
-listed in the order of a one-process load) and stores them in the cache as if it had read them.
-
-A worker is a fresh interpreter (``python -m analysis.load.parse_pool``, this package first on its
-path) that reads file names on stdin and writes its results, pickled, to stdout. Unlike
-multiprocessing's fork (a copy of a process that may hold other threads' locks) or spawn and
-forkserver (which import the caller's main script again, and fail on a script without a main
-guard or read from stdin), it depends on nothing of the caller.
+"""Parsing many metrics files at once, in worker processes (fresh interpreters fed file names on
+stdin): a cold load of a study is CPU-bound in analysis.load.metrics_file. analysis.load.runs
+uses the results in run order, as a one-process load would. Why workers are fresh interpreters:
+analysis/README.md ("Speed").
 """
 
 from __future__ import annotations
@@ -20,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.load.metrics_file import eval_rows
+from analysis.load.metrics_file import parse_metrics
 
 # Below this many bytes to parse, one process is faster than starting workers.
 MIN_BYTES = 64 << 20
@@ -29,7 +23,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def read_and_parse(path: str):
-    """(rows, skips, stat before, stat after, read time ns) of one metrics file, or the OSError
+    """(Parsed, stat before, stat after, read time ns) of one metrics file, or the OSError
     reading it raised (handed back, to be reported where a one-process load reports it)."""
     try:
         with open(path, "rb") as f:
@@ -38,8 +32,7 @@ def read_and_parse(path: str):
             after = os.fstat(f.fileno())
     except OSError as e:
         return e
-    rows, skips = eval_rows(data)
-    return rows, skips, before, after, read_ns
+    return parse_metrics(data), before, after, read_ns
 
 
 def default_workers() -> int:

@@ -1,38 +1,8 @@
-"""Results directory -> tidy pandas DataFrames (one row per eval point, one row per run).
-
-Reads the layout defined in scaling/results.py (``RESULTS/<sweep>/<run_id>/config.json``,
-``metrics.jsonl``, ``final.json``) through its helpers and never parses logs. Nothing is dropped
-silently: runs that are still going (no final.json) get status "running", failed and diverged
-runs keep their status, and a file or metrics line that cannot be used is logged with its path
-(``path:line`` for a line) and the reason, skipped, and listed in ``Results.skipped``.
-
-What is skipped (analysis/README.md, "What the loader skips"):
-- a run whose config.json or final.json is unreadable or breaks the schema, or whose final.json
-  holds a NaN or out-of-range ``final_top1`` / ``best_top1`` / ``final_top5`` (not a fraction in
-  [0, 1], or best below final): its status and numbers cannot be trusted, so the whole run;
-- a metrics line that is not JSON, not an object, not UTF-8, or breaks the row schema
-  (including a torn last line: a kill mid-append, rewritten by a resumed run);
-- an eval line whose ``top1`` or ``top5`` is null/NaN or outside [0, 1], whose top-5 is below its
-  top-1, whose ``num_samples`` is null, zero, negative or fractional, or whose ``step`` is not a
-  whole number >= 0;
-- duplicate eval steps: exact copies of one eval row are kept once (the copies are skipped);
-  rows of one step that disagree are all skipped, since nothing tells which of them is right.
-
-Derived columns, and how they are approximated:
-- ``params``, ``macs_per_image``: from final.json, else from plan.json (written when a run
-  starts); failing both, MACs are recovered exactly from the metrics rows (flops_seen =
-  6 x MACs x images_seen, see scaling/results.py) and params are taken from a run of the same
-  model in the same sweep (same architecture and head), else NaN.
-- ``device_hours`` per eval row: final device_hours x wall_s / final wall time, i.e. the run's
-  device hours spread in proportion to wall-clock time; without final.json, wall_s / 3600 x
-  world_size from plan.json (or config.json), else NaN.
-- ``budget``: the config's FLOPs budget (``flops``), NaN for another kind; ``recipe``: the
-  experiment a run repeats with its seed (recipe_key); ``num_samples`` is kept.
-
-Speed: metrics lines are read by analysis.load.metrics_file (train rows in the writer's byte form are
-recognised without being parsed; every line is still checked), the parsed rows of each file can
-be kept in a cache (analysis.load.cache, ``load_results(dir, cache_dir=...)``) so that only changed
-files are parsed again, and the tables are built in one pass over all runs.
+"""Results directory -> tidy pandas DataFrames (one row per eval point, one row per run) and what
+compute accounting needs of every run dir. Reads the layout of scaling/results.py through its
+helpers, never logs; nothing is dropped silently: each file or line it cannot use is logged,
+skipped and listed in `Results.skipped`. The rules, derived columns and their approximations,
+and the cache are in analysis/README.md ("What the loader skips", "Tidy table", "Speed").
 """
 
 from __future__ import annotations
@@ -50,7 +20,7 @@ import pandas as pd
 
 from analysis.load.cache import MetricsCache
 from analysis.load.checks import final_problem
-from analysis.load.metrics_file import EVAL_FIELDS
+from analysis.load.metrics_file import EVAL_FIELDS, Parsed, flops_value
 from analysis.load.parse_pool import MIN_BYTES, parse_all, read_and_parse
 from analysis.load.skips import (  # noqa: F401 (count_skipped: part of the API)
     Skipped,
@@ -58,6 +28,7 @@ from analysis.load.skips import (  # noqa: F401 (count_skipped: part of the API)
     read_error,
     skip,
 )
+from analysis.load.sweeps import is_finetune, repeats_left_out
 from analysis.load.tables import (  # noqa: F401 (EVAL_COLUMNS: part of the API)
     EVAL_COLUMNS,
     STATUS_RUNNING,
@@ -109,6 +80,19 @@ def flops_budget(config: dict) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
+@dataclass(frozen=True)
+class RunSpend:
+    """The compute one run dir has spent, as analysis.fit.compute counts it."""
+
+    run: str  # its path under the results dir (sweep/run_id)
+    flops: float  # training FLOPs so far: final.json total_flops (0 if unreadable), else the
+    #               largest flops_seen of its metrics rows, train rows included (0 before one)
+    trunk_run: str | None  # config: a branch's trunk (scaling.branch.trunk_dir)
+    branch_step: int | None  # config: the trunk step a branch starts from
+    batch_size: int | None
+    macs_per_image: float | None  # plan.json's (None before the run started)
+
+
 class NoResultsError(ValueError):
     """The results directory is missing or holds no readable run."""
 
@@ -131,6 +115,9 @@ class Results:
     # {data dir as the runs' configs name it: the sweeps whose runs trained on it}; runs of
     # several data sets in one frontier are not one scaling study (analysis.report.build notes it)
     data_sets: dict = field(default_factory=dict)
+    # what compute accounting (analysis.fit.compute) needs of every run dir with a readable
+    # config.json, fine-tunes and skipped runs included (whatever --sweep selects)
+    spend: tuple[RunSpend, ...] = ()
 
     @property
     def n_skipped(self) -> int:
@@ -138,9 +125,9 @@ class Results:
         return len(self.skipped)
 
 
-def _metrics_rows(path: Path, cache: MetricsCache | None, root: Path, parsed: dict):
-    """(rows, skips) of one metrics.jsonl: from the cache when its key is unchanged, else
-    parsed (by a worker, in `parsed`, or here) and stored."""
+def _metrics_rows(path: Path, cache: MetricsCache | None, root: Path, parsed: dict) -> Parsed:
+    """What one metrics.jsonl holds: from the cache when its key is unchanged, else parsed (by
+    a worker, in `parsed`, or here) and stored."""
     rel = str(path.relative_to(root))
     if cache is not None:
         hit = cache.get(rel, os.stat(path))
@@ -149,10 +136,10 @@ def _metrics_rows(path: Path, cache: MetricsCache | None, root: Path, parsed: di
     got = parsed.pop(path, None) or read_and_parse(str(path))
     if isinstance(got, OSError):
         raise got
-    rows, skips, before, after, read_ns = got
+    out, before, after, read_ns = got
     if cache is not None:
-        cache.put(rel, before, after, read_ns, rows, skips)
-    return rows, skips
+        cache.put(rel, before, after, read_ns, out)
+    return out
 
 
 def _parse_ahead(run_dirs: list[Path], cache: MetricsCache | None, root: Path,
@@ -172,24 +159,23 @@ def _parse_ahead(run_dirs: list[Path], cache: MetricsCache | None, root: Path,
 
 
 def _read_metrics(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
-                  root: Path, parsed: dict) -> np.ndarray:
-    """The usable eval rows of a run (EVAL_FIELDS columns), by the rules of the module
-    docstring; every line left out is reported and counted once, naming file, line and
-    reason."""
+                  root: Path, parsed: dict) -> Parsed:
+    """What a run's metrics.jsonl holds (no rows if it has none or cannot be read); every
+    line left out is reported and counted once, naming file, line and reason."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return _NO_ROWS
     try:
-        rows, skips = _metrics_rows(path, cache, root, parsed)
+        got = _metrics_rows(path, cache, root, parsed)
     except OSError as e:
         skip(skipped, path, e)
         return _NO_ROWS
-    for line, reason in skips:
+    for line, reason in got.skips:
         skip(skipped, path, reason, line)
-    return rows
+    return got
 
 
-_NO_ROWS = np.empty((0, len(EVAL_FIELDS)))
+_NO_ROWS = Parsed(np.empty((0, len(EVAL_FIELDS))), [], 0.0)
 
 
 def read_plan(run_dir: Path, skipped: list[Skipped]) -> dict:
@@ -215,15 +201,6 @@ def _own_evals(evals: np.ndarray, config: dict) -> np.ndarray:
     return evals[evals[:, EVAL_FIELDS.index("step")] > branch_step]
 
 
-def _is_finetune(run_dir: Path) -> bool:
-    """Whether RUN_DIR's config.json is a fine-tune's (`init_from` set); False if unreadable
-    (then _read_run reports it)."""
-    try:
-        return bool(read_json(run_dir / CONFIG_FILE).get("init_from"))
-    except (SchemaError, OSError, UnicodeDecodeError, AttributeError):
-        return False
-
-
 def _mark_trunks(runs: list[dict]) -> None:
     """`_trunk`: the run is a branching sweep's trunk (some run of its sweep names it as
     `trunk_run`). Its evals are measurements like any (learning curve, frontier), but its last
@@ -236,8 +213,9 @@ def _mark_trunks(runs: list[dict]) -> None:
 
 
 def _read_run(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
-              root: Path, parsed: dict) -> tuple[dict, np.ndarray] | None:
-    """Read one run dir into (run record, eval rows); None if it cannot be interpreted."""
+              root: Path, parsed: dict) -> tuple[dict, np.ndarray, RunSpend] | None:
+    """Read one run dir into (run record, eval rows, RunSpend); None if it cannot be
+    interpreted."""
     try:
         config = read_json(run_dir / CONFIG_FILE)
         size, patch = split_name(config.get("model"))
@@ -255,8 +233,10 @@ def _read_run(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
         # Without a trustworthy final.json the run's status is unknown: skip it, never guess.
         skip(skipped, path, f"{read_error(path, e)}; run skipped")
         return None
-    evals = _own_evals(_read_metrics(run_dir, skipped, cache, root, parsed), config)
+    got = _read_metrics(run_dir, skipped, cache, root, parsed)
+    evals = _own_evals(got.rows, config)
     plan = read_plan(run_dir, skipped)
+    spend = _spend(run_dir, root, config, final, got.max_flops, plan)
     final = {**plan, **{k: v for k, v in (final or {}).items() if v is not None}}
     run = {
         "sweep": run_dir.parent.name, "run_id": run_dir.name,
@@ -274,7 +254,36 @@ def _read_run(run_dir: Path, skipped: list[Skipped], cache: MetricsCache | None,
         "_world_size": final.get("world_size") or config.get("world_size"),
         "_data": config.get("data"),
     }
-    return run, evals
+    return run, evals, spend
+
+
+def _spend(run_dir: Path, root: Path, config: dict, final: dict | None, max_flops: float,
+           plan: dict) -> RunSpend:
+    """A run's RunSpend from its config, final.json (None: there is none) and plan.json."""
+    done = max_flops if final is None else final.get("total_flops")
+    return RunSpend(str(run_dir.relative_to(root)), flops_value(done), config.get("trunk_run"),
+                    config.get("branch_step"), config.get("batch_size"),
+                    plan.get("macs_per_image"))
+
+
+def _unread_spend(run_dir: Path, root: Path, cache: MetricsCache | None,
+                  parsed: dict) -> RunSpend | None:
+    """The RunSpend of a run dir the tables leave out (a fine-tune, or a run skipped for its
+    config's model or its final.json), None when its config.json cannot be read. Nothing is
+    reported here: the tables' reading reports what it skips."""
+    try:
+        config = read_json(run_dir / CONFIG_FILE)
+    except (SchemaError, OSError, UnicodeDecodeError):
+        return None
+    final, max_flops = None, 0.0
+    if (run_dir / FINAL_FILE).is_file():
+        try:
+            final = read_json(run_dir / FINAL_FILE)
+        except (SchemaError, OSError, UnicodeDecodeError):
+            final = {}  # unreadable: nothing known to be spent
+    else:
+        max_flops = _read_metrics(run_dir, [], cache, root, parsed).max_flops
+    return _spend(run_dir, root, config, final, max_flops, read_plan(run_dir, []))
 
 
 def load_results(results_dir, *, cache_dir=None, workers: int | None = None) -> Results:
@@ -292,18 +301,23 @@ def load_results(results_dir, *, cache_dir=None, workers: int | None = None) -> 
     cache = None if cache_dir is None else MetricsCache(cache_dir, root)
     parsed = _parse_ahead(run_dirs, cache, root, workers)
     skipped: list[Skipped] = []
-    runs, blocks = [], []
-    finetunes = tuple(str(d.relative_to(root)) for d in run_dirs if _is_finetune(d))
+    runs, blocks, spend = [], [], []
+    finetunes = tuple(str(d.relative_to(root)) for d in run_dirs if is_finetune(d))
     for run_dir in run_dirs:
-        if str(run_dir.relative_to(root)) in finetunes:
+        read = None
+        if str(run_dir.relative_to(root)) not in finetunes:
+            read = _read_run(run_dir, skipped, cache, root, parsed)
+        if read is None:
+            spend.extend(filter(None, [_unread_spend(run_dir, root, cache, parsed)]))
             continue
-        read = _read_run(run_dir, skipped, cache, root, parsed)
-        if read is not None:
-            run, rows = read
-            top1 = rows[:, EVAL_FIELDS.index("top1")]
-            run["best_top1"] = float(top1.max()) if len(top1) else math.nan
-            runs.append(run)
-            blocks.append(rows)
+        run, rows, record = read
+        top1 = rows[:, EVAL_FIELDS.index("top1")]
+        run["best_top1"] = float(top1.max()) if len(top1) else math.nan
+        runs.append(run)
+        blocks.append(rows)
+        spend.append(record)
+    kept = repeats_left_out(runs, skipped, root)
+    runs, blocks = [runs[i] for i in kept], [blocks[i] for i in kept]
     _mark_trunks(runs)
     if not runs:
         raise NoResultsError(f"none of the {len(run_dirs)} runs under {str(root)!r} could be "
@@ -327,7 +341,7 @@ def load_results(results_dir, *, cache_dir=None, workers: int | None = None) -> 
     for r in runs:
         data_sets.setdefault(str(r["_data"]), set()).add(r["sweep"])
     return Results(root, eval_df, run_df, skipped, stats, branches, trunks, finetunes,
-                   {d: sorted(s) for d, s in sorted(data_sets.items())})
+                   {d: sorted(s) for d, s in sorted(data_sets.items())}, tuple(spend))
 
 
 def select_sweeps(res: Results, sweeps) -> Results:

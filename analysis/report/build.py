@@ -1,15 +1,20 @@
-"""The whole analysis in one call: load, frontier, fits, figures, tables and summary.md."""
+"""The whole analysis in one call: load, frontier, fits, figures and tables, gathered once into a
+frozen Report (analysis.report.summary_data) that summary.md and summary.json are rendered from."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
 from analysis.fit import transfer
+from analysis.fit.backtest import run_backtests
+from analysis.fit.compute import sweep_compute
 from analysis.fit.frontier import (
     FRONTIER_RTOL,
     fit_frontier,
@@ -23,6 +28,7 @@ from analysis.fit.isoflop import optimal_size
 from analysis.fit.law import check_loss
 from analysis.fit.memo import FitMemo, plain
 from analysis.fit.noise import close_calls
+from analysis.fit.parametric import fit_parametric, parametric_points
 from analysis.load.bench_rows import load_bench
 from analysis.load.runs import Results, input_bound, load_results, model_order, select_sweeps
 from analysis.load.skips import Skipped, skip
@@ -30,6 +36,7 @@ from analysis.report import figures, figures_optimal, figures_transfer, paper
 from analysis.report.figures_bench import comparable_latest
 from analysis.report.style import FORMATS, save_figure, set_style, size_palette
 from analysis.report.summary import render
+from analysis.report.summary_data import Report
 from analysis.report.summary_json import write_summary_json
 from scaling.results import INPUT_BOUND, iter_run_dirs
 
@@ -71,109 +78,134 @@ def _write_tables(res, rows, out: Path) -> list[Path]:
     return paths
 
 
-def _scaling_figures(report: dict, out: Path, formats, n_boot: int) -> None:
+@dataclass
+class _Work:
+    """What the analysis steps share while they run; the frozen Report is made from it once."""
+
+    res: Results  # the metric's results (Report.results)
+    upstream: Results
+    rows: pd.DataFrame  # transfer rows of these runs
+    metric: str
+    x: str
+    loss: str
+    order: list[str]
+    palette: dict
+    memo: object  # analysis.fit.memo: plain or a FitMemo
+    out: Path
+    formats: tuple[str, ...]
+    n_boot: int
+    figures: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def save(self, fig, name: str) -> None:
+        """Write `fig` as out/name.FORMAT for every format and list the files."""
+        self.figures += save_figure(fig, self.out, name, self.formats)
+
+
+def _scaling_figures(w: _Work) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Curves and fit figures from the runs' seed-averaged points (notes where data are
-    missing)."""
-    res, x, metric, palette = report["results"], report["x"], report["metric"], report["palette"]
+    missing); returns (frontier, close calls, fit)."""
+    x, metric = w.x, w.metric
     slug = transfer.parse_metric(metric).slug
-    points = usable_points(res.evals, x)
-    averaged = frontier_points(res.evals, x)  # seeds averaged, once for all that follows
+    points = usable_points(w.res.evals, x)
+    averaged = frontier_points(w.res.evals, x)  # seeds averaged, once for all that follows
     frontier = frontier_of(averaged, x)
-    report["frontier"], report["fit"] = frontier, {
-        "ok": False, "loss": report["loss"], "message": "no frontier points"}
-    report["close_calls"] = close_calls(averaged, frontier, x_column(x), FRONTIER_RTOL)
+    fit = {"ok": False, "loss": w.loss, "message": "no frontier points"}
+    close = close_calls(averaged, frontier, x_column(x), FRONTIER_RTOL)
     if points.empty:
-        report["notes"].append(f"no eval point with a top-1 and a positive {x} value: scaling "
-                               "figures skipped")
-        return
-    fig = figures.compute_figure(points, frontier, report["order"], palette, x=x, metric=metric,
-                                 averaged=averaged)
-    report["figures"] += save_figure(fig, out, f"{slug}_vs_{x}", formats)
-    report["fit"] = fit_frontier(frontier, x, n_boot=n_boot, loss=report["loss"],
-                                 memo=report["memo"])
-    if report["fit"]["ok"]:
-        fig = figures.fit_figure(frontier, report["fit"], palette, x=x, metric=metric)
-        report["figures"] += save_figure(fig, out, "scaling_law_fit", formats)
+        w.notes.append(f"no eval point with a top-1 and a positive {x} value: scaling "
+                       "figures skipped")
+        return frontier, close, fit
+    w.save(figures.compute_figure(points, frontier, w.order, w.palette, x=x, metric=metric,
+                                  averaged=averaged), f"{slug}_vs_{x}")
+    fit = fit_frontier(frontier, x, n_boot=w.n_boot, loss=w.loss, memo=w.memo)
+    if fit["ok"]:
+        w.save(figures.fit_figure(frontier, fit, w.palette, x=x, metric=metric),
+               "scaling_law_fit")
     else:
-        report["notes"].append(f"scaling-law figure skipped: {report['fit']['message']}")
+        w.notes.append(f"scaling-law figure skipped: {fit['message']}")
+    return frontier, close, fit
 
 
-def _optimal_figure(report: dict, out: Path, formats, n_boot: int) -> None:
-    """IsoFLOP profiles and N_opt vs C, when some budget has final evals of 2 sizes."""
-    report["optimal"] = optimal_size(report["results"].evals, n_boot=n_boot)
-    pts = report["optimal"]["points"]
+def _optimal_figure(w: _Work) -> tuple[dict, dict]:
+    """IsoFLOP profiles and N_opt vs C (approach 3's line beside approach 2's), when some
+    budget has final evals of 2 sizes; returns (analysis.fit.isoflop.optimal_size's result,
+    analysis.fit.parametric.fit_parametric's)."""
+    optimal = optimal_size(w.res.evals, n_boot=w.n_boot)
+    parametric = fit_parametric(parametric_points(w.res), n_boot=w.n_boot)
+    pts = optimal["points"]
     if len(pts) and pts.groupby("budget")["model"].nunique().max() >= 2:
-        label = "Top-1 error" if report["metric"] in METRICS else \
-            figures.metric_label(report["metric"])
-        fig = figures_optimal.optimal_size_figure(report["optimal"], label)
-        report["figures"] += save_figure(fig, out, "optimal_model_size", formats)
+        label = "Top-1 error" if w.metric in METRICS else figures.metric_label(w.metric)
+        w.save(figures_optimal.optimal_size_figure(optimal, label, parametric),
+               "optimal_model_size")
     else:
-        report["notes"].append(f"optimal-size figure skipped: {report['optimal']['reason']}")
+        w.notes.append(f"optimal-size figure skipped: {optimal['reason']}")
+    return optimal, parametric
 
 
-def _other_figures(report: dict, out: Path, formats, n_boot: int) -> None:
-    """Benchmark throughput/MFU (when present) and the ViT paper's Table 6 figure."""
-    bench = report["bench"]
+def _other_figures(w: _Work, bench: pd.DataFrame) -> tuple[pd.DataFrame | None, dict]:
+    """Benchmark throughput/MFU (when present) and the ViT paper's Table 6 figure; returns (the
+    benchmark rows shown or None, the Table 6 fits)."""
+    used = None
     if bench.empty:
-        where = report["results"].results_dir / "bench"
-        report["notes"].append("throughput/MFU figure skipped: no benchmark rows in "
-                               f"{where}/*.jsonl or {where}/local/*.jsonl")
+        where = w.res.results_dir / "bench"
+        w.notes.append("throughput/MFU figure skipped: no benchmark rows in "
+                       f"{where}/*.jsonl or {where}/local/*.jsonl")
     else:
-        report["bench_used"] = comparable_latest(bench)
-        fig = figures.throughput_figure(bench, report["order"], report["results"].runs)
-        report["figures"] += save_figure(fig, out, "throughput_mfu", formats)
+        used = comparable_latest(bench)
+        w.save(figures.throughput_figure(bench, w.order, w.res.runs), "throughput_mfu")
     table = paper.load_table6()
-    report["paper_fits"] = {c: paper.fit_table6(table, c, n_boot=n_boot, memo=report["memo"])
-                            for c in paper.PANELS}
-    fig = paper.table6_figure(table, report["paper_fits"])
-    report["figures"] += save_figure(fig, out, "vit_paper_table6", formats)
+    fits = {c: paper.fit_table6(table, c, n_boot=w.n_boot, memo=w.memo) for c in paper.PANELS}
+    w.save(paper.table6_figure(table, fits), "vit_paper_table6")
+    return used, fits
 
 
-def _remove_stale(report: dict, out: Path) -> None:
+def _remove_stale(w: _Work) -> None:
     """Delete our own figure files that this run did not produce (a fit that no longer holds
     must not survive from an earlier run); other files in `out` are left alone."""
-    names = (f"{transfer.parse_metric(report['metric']).slug}_vs_{report['x']}",
+    names = (f"{transfer.parse_metric(w.metric).slug}_vs_{w.x}",
              "scaling_law_fit", "optimal_model_size", "throughput_mfu", "vit_paper_table6",
              "upstream_vs_transfer")
-    produced = set(report["figures"])
-    for path in (out / f"{n}.{f}" for n in names for f in FORMATS):
+    produced = set(w.figures)
+    for path in (w.out / f"{n}.{f}" for n in names for f in FORMATS):
         if path.exists() and path not in produced:
             log.info("removing stale %s", path)
             path.unlink()
 
 
-def _transfer_figure(report: dict, out: Path, formats) -> None:
+def _transfer_figure(w: _Work) -> None:
     """Upstream and transfer panels side by side (ViT paper Fig. 5), whenever transfer rows
     exist, whatever --metric is."""
-    rows, res, x = report["transfer_rows"], report["upstream"], report["x"]
+    rows, res, x = w.rows, w.upstream, w.x
     if rows.empty:
-        report["notes"].append("upstream-vs-transfer figure skipped: no transfer.jsonl rows")
+        w.notes.append("upstream-vs-transfer figure skipped: no transfer.jsonl rows")
         return
     panels = []
-    for metric in ["error", *figures_transfer.panel_metrics(rows, report["metric"])]:
+    for metric in ["error", *figures_transfer.panel_metrics(rows, w.metric)]:
         m = transfer.parse_metric(metric)
         evals = res.evals if not m.transfer else transfer.transfer_evals(res, rows, m)
         averaged = frontier_points(evals, x)
         panels.append({"metric": metric, "averaged": averaged,
                        "frontier": frontier_of(averaged, x)})
-    fig = figures_transfer.transfer_figure(panels, report["order"], report["palette"], x=x)
-    report["figures"] += save_figure(fig, out, "upstream_vs_transfer", formats)
+    w.save(figures_transfer.transfer_figure(panels, w.order, w.palette, x=x),
+           "upstream_vs_transfer")
 
 
-def _note_input_bound(report: dict, shown: int = 10) -> None:
-    """report["input_bound"] (analysis.load.runs.input_bound), and a note naming those runs."""
-    bound = report["input_bound"] = input_bound(report["upstream"].runs)
+def _note_input_bound(w: _Work, shown: int = 10) -> tuple[dict, ...]:
+    """The input-bound runs (analysis.load.runs.input_bound), and a note naming them."""
+    bound = tuple(input_bound(w.upstream.runs))
     if not bound:
-        return
+        return bound
     named = ", ".join(f"{r['run']} ({100 * r['data_wait_fraction']:.1f} %)"
                       for r in bound[:shown])
     more = (f" and {len(bound) - shown} more (summary.json input_bound)"
             if len(bound) > shown else "")
-    report["notes"].append(
+    w.notes.append(
         f"{len(bound)} input-bound run(s), waiting for the next batch over "
         f"{100 * INPUT_BOUND:.0f} % of their loop time (final.json data_wait_fraction): "
         f"{named}{more}; their device-hours and MFU are the loader's, not the model's (rerun "
         "with more --num-workers, in-memory data or --decode-on device)")
+    return bound
 
 
 def read_transfer(results_dir, sweeps=None) -> tuple:
@@ -190,13 +222,14 @@ def read_transfer(results_dir, sweeps=None) -> tuple:
 
 def analyse(results_dir, out_dir, *, metric: str = "error", x: str = "flops",
             formats=("png",), n_boot: int = 200, sweeps=None, loss: str = "huber",
-            cache_dir=None) -> dict:
+            cache_dir=None) -> Report:
     """Run the analysis of `results_dir` (optionally only some sweeps) and write figures, tables,
     summary.md and summary.json to `out_dir`; the law is fitted with `loss` ("huber", the
     default, or "lsq"); parsed metrics are cached in `cache_dir` when given (analysis.load.cache).
     `metric`: error, top1, fewshot:NAME:K or finetune:NAME (analysis.fit.transfer); one without
     rows raises transfer.MetricError before anything is written. Raises
-    analysis.load.runs.NoResultsError when there is no run."""
+    analysis.load.runs.NoResultsError when there is no run. Returns the Report
+    (analysis.report.summary_data) both summaries were rendered from."""
     _check_options(metric, x, formats)
     check_loss(loss)
     root = Path(results_dir)
@@ -220,7 +253,7 @@ def _metric_results(res: Results, rows, metric: str) -> Results:
 
 def analyse_results(res, out_dir, *, metric: str = "error", x: str = "flops",
                     formats=("png",), n_boot: int = 200, sweeps=None,
-                    loss: str = "huber", cache_dir=None, transfer_rows=None) -> dict:
+                    loss: str = "huber", cache_dir=None, transfer_rows=None) -> Report:
     """`analyse` from loaded results (analysis.load.runs.Results); benchmark rows are read from
     its results dir; fits are remembered in `cache_dir` when given (analysis.fit.memo);
     `transfer_rows`: (rows, skipped) of analysis.report.build.read_transfer, read when None."""
@@ -236,39 +269,50 @@ def analyse_results(res, out_dir, *, metric: str = "error", x: str = "flops",
     out.mkdir(parents=True, exist_ok=True)
     set_style()
     order = model_order(res.runs)
-    report = {"results": _metric_results(res, rows, metric), "upstream": res,
-              "transfer_rows": rows, "bench": bench, "bench_used": None,
-              "skipped": res.skipped + t_skipped + bench_skipped,
-              "metric": metric, "x": x, "loss": loss, "order": order,
-              "palette": size_palette(order),
-              "memo": plain if cache_dir is None else FitMemo(cache_dir),
-              "figures": [], "notes": [], "tables": _write_tables(res, rows, out)}
+    w = _Work(res=_metric_results(res, rows, metric), upstream=res, rows=rows, metric=metric,
+              x=x, loss=loss, order=order, palette=size_palette(order),
+              memo=plain if cache_dir is None else FitMemo(cache_dir), out=out,
+              formats=formats, n_boot=n_boot)
+    tables = _write_tables(res, rows, out)
+    _note_combined(w)
+    sizes = size_table(res.runs, w.res.evals, order, x)
+    bound = _note_input_bound(w)
+    frontier, close, fit = _scaling_figures(w)
+    optimal, parametric = _optimal_figure(w)
+    _transfer_figure(w)
+    bench_used, paper_fits = _other_figures(w, bench)
+    _remove_stale(w)
+    report = Report(
+        results=w.res, upstream=res, transfer_rows=rows, bench=bench, bench_used=bench_used,
+        skipped=tuple(res.skipped + t_skipped + bench_skipped), metric=metric, x=x, loss=loss,
+        order=tuple(order), sizes=sizes, frontier=frontier, close_calls=close, fit=fit,
+        optimal=optimal, parametric=parametric, paper_fits=paper_fits, input_bound=bound,
+        backtest=run_backtests(w.res.evals, x, loss=loss, memo=w.memo),
+        compute=sweep_compute(w.res), figures=tuple(w.figures), notes=tuple(w.notes),
+        tables=tuple(tables), summary=out / "summary.md", summary_json=out / "summary.json")
+    report.summary.write_text(render(report))
+    write_summary_json(report, report.summary_json)
+    for note in report.notes:
+        log.info("note: %s", note)
+    return report
+
+
+def _note_combined(w: _Work) -> None:
+    """Notes on runs left out (fine-tunes) and on runs of several sweeps or data sets."""
+    res = w.upstream
     if res.finetunes:
-        report["notes"].append(
+        w.notes.append(
             f"{len(res.finetunes)} fine-tune run(s) left out of the curves (they train on "
             "another data set from a finished run; their top-1 is in that run's transfer rows: "
             f"--metric finetune:NAME): {', '.join(res.finetunes[:5])}"
             + (" ..." if len(res.finetunes) > 5 else ""))
-    report["sizes"] = size_table(res.runs, report["results"].evals, order, x)
     if res.runs["sweep"].nunique() > 1:
         # One frontier over several sweeps only makes sense if they share data and recipe.
-        report["notes"].append(f"runs of {res.runs['sweep'].nunique()} sweeps are combined "
-                               f"({', '.join(sorted(set(res.runs['sweep'])))}); use --sweep "
-                               "to analyse one")
+        w.notes.append(f"runs of {res.runs['sweep'].nunique()} sweeps are combined "
+                       f"({', '.join(sorted(set(res.runs['sweep'])))}); use --sweep "
+                       "to analyse one")
     if len(res.data_sets) > 1:
-        report["notes"].append(
+        w.notes.append(
             f"runs on {len(res.data_sets)} different data sets are combined ("
             + "; ".join(f"{d}: {', '.join(s)}" for d, s in res.data_sets.items())
             + "): one frontier and one law over them mix different tasks; use --sweep")
-    _note_input_bound(report)
-    _scaling_figures(report, out, formats, n_boot)
-    _optimal_figure(report, out, formats, n_boot)
-    _transfer_figure(report, out, formats)
-    _other_figures(report, out, formats, n_boot)
-    _remove_stale(report, out)
-    report["summary"] = out / "summary.md"
-    report["summary"].write_text(render(report))
-    report["summary_json"] = write_summary_json(report, out / "summary.json")
-    for note in report["notes"]:
-        log.info("note: %s", note)
-    return report

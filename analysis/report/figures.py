@@ -254,7 +254,8 @@ def _pct(v: float) -> str:
 
 def _fit_lines(ax, result: dict, grid, metric: str, unit: str) -> None:
     """The chosen fit with its band, the other loss's fit, and the floor."""
-    boot, fit = result["boot"], result["fit"]
+    boot, fit, det = result["boot"], result["fit"], result["determination"]
+    loose = det["poorly_determined"] + [f"{k} (at bound)" for k in det["at_bound"]]
     # Errors live in [0, 1]: a loose fit's band may leave that range far from the data.
     lo, hi = (np.clip(v, 1e-4, 1.0) for v in F.prediction_band(boot, grid))
     ylo, yhi = np.minimum(as_plotted(lo, metric), as_plotted(hi, metric)), np.maximum(as_plotted(lo, metric),
@@ -264,7 +265,8 @@ def _fit_lines(ax, result: dict, grid, metric: str, unit: str) -> None:
     name = FIT_NAMES[result["loss"]]
     ax.plot(grid, as_plotted(np.clip(F.predict(fit, grid), 0, 1), metric), color=ACCENT["orange"], lw=2,
             label=f"{name} fit (used): " + law_label(fit, boot["intervals"], boot["level"], unit,
-                                                     F.poorly_determined(boot), percent=True))
+                                                     loose, percent=True)
+            + ("" if det["determined"] else "\nlaw not determined (why: summary.md)"))
     alt = result["alt"]
     ax.plot(grid, as_plotted(np.clip(F.predict(alt, grid), 0, 1), metric), color="dimgrey", lw=1.1,
             ls="-.", label=f"{FIT_NAMES[alt['loss']]} fit, for comparison\n"

@@ -12,6 +12,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
 from analysis.fit import isoflop as I
+from analysis.fit import parametric as P
 from analysis.report.figures import compact, error_bars, interval_note, legend_columns
 from analysis.report.style import ACCENT, log_axis, sequential_colours
 
@@ -81,8 +82,9 @@ def _clipped_bar(ax, y: float, interval, span, colour) -> None:
             ax.plot(end, y, marker=head, ms=7, color=colour, ls="", zorder=5)
 
 
-def _nopt_panel(ax, res: dict, colours: dict) -> None:
-    """Right: N_opt (or its bound) per budget, with the fitted line and its band."""
+def _nopt_panel(ax, res: dict, colours: dict, parametric: dict | None = None) -> None:
+    """Right: N_opt (or its bound) per budget, with the fitted line and its band, and
+    approach 3's line beside it."""
     for p in res["profiles"]:
         marker = BOUND_MARKERS.get(p["bound"], "*")
         if p["interval"]:
@@ -99,15 +101,16 @@ def _nopt_panel(ax, res: dict, colours: dict) -> None:
         grid = np.logspace(np.log10(min(computes)) - 0.2, np.log10(max(computes)) + 0.2, 100)
         lo, hi = I.line_band(fit, grid)
         ax.fill_between(grid, lo, hi, color=ACCENT["blue"], alpha=0.2, lw=0,
-                        label="95% band")
+                        label="95% band (approach 2)")
         a, (a_lo, a_hi) = fit["exponent"], fit["interval"]
         ax.plot(grid, I.predict_line(fit, grid), color=ACCENT["blue"], lw=1.8,
-                label=rf"$N_{{opt}} \propto C^{{{a:.2f}}}$, a in [{a_lo:.2f}, {a_hi:.2f}]"
-                      f"\n(least squares over {fit['n']} budgets)")
+                label=rf"approach 2: $N_{{opt}} \propto C^{{{a:.2f}}}$, "
+                      f"a in [{a_lo:.2f}, {a_hi:.2f}]\n(least squares over {fit['n']} budgets)")
     else:  # lower right: N_opt grows with C, so that corner holds no point
         ax.text(0.97, 0.03, "\n".join(textwrap.wrap(f"no line: {res['reason']}", 38)),
                 transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small",
                 bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+    _parametric_line(ax, parametric, computes)
     ax.set_ylim(sizes.min() / 2, sizes.max() * 2)  # bounds sit on the edges: keep them inside
     ax.set_xlim(min(computes) / 2, max(computes) * 2)  # also when no budget has a profile
     log_axis(ax, "x")
@@ -118,13 +121,31 @@ def _nopt_panel(ax, res: dict, colours: dict) -> None:
     ax.set_title("Compute-optimal model size")
 
 
-def optimal_size_figure(res: dict, label: str = "Top-1 error"):
+def _parametric_line(ax, par: dict | None, computes) -> None:
+    """Approach 3's N_opt(C) (analysis.fit.parametric) and its bootstrap band, dashed; nothing
+    without a fit or without MACs per parameter to turn FLOPs into N D."""
+    if not par or not par.get("ok") or not par.get("macs_per_param"):
+        return
+    grid = np.logspace(np.log10(min(computes)) - 0.2, np.log10(max(computes)) + 0.2, 100)
+    if len(par.get("samples") or ()) >= 2:
+        lo, hi = P.n_opt_band(par, grid)
+        ax.fill_between(grid, lo, hi, color=ACCENT["green"], alpha=0.15, lw=0,
+                        label="95% band (approach 3)")
+    e, iv = par["exponent"], par.get("interval")
+    text = rf"approach 3: $N_{{opt}} \propto C^{{{e:.2f}}}$"
+    text += f", a in [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else ""
+    ax.plot(grid, P.n_opt(par, grid), color=ACCENT["green"], lw=1.8, ls="--",
+            label=f"{text}\n(parametric E(N, D), {par['n_points']} runs)")
+
+
+def optimal_size_figure(res: dict, label: str = "Top-1 error", parametric: dict | None = None):
     """Both panels for an analysis.fit.isoflop.optimal_size result with at least one budget's
-    points; the legend (under the panels) lists budgets, lines and markers."""
+    points (and approach 3's line, a fit_parametric result, when given); the legend (under the
+    panels) lists budgets, lines and markers."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 5.6), layout="constrained")
     colours = budget_colours(res["points"]["budget"].unique())
     _profiles_panel(left, res, colours, label)
-    _nopt_panel(right, res, colours)
+    _nopt_panel(right, res, colours, parametric)
     legend_columns(fig, list(zip(*left.get_legend_handles_labels())),
                    list(zip(*right.get_legend_handles_labels())),
                    _legend_profiles(left, res["points"]), fontsize="x-small", frameon=False)

@@ -13,6 +13,10 @@ from analysis.load.skips import count_skipped
 from analysis.report.figures import FIT_NAMES
 from analysis.report.figures_bench import bench_order
 from analysis.report.style import X_UNITS
+from analysis.report.summary_backtest import backtest_section
+from analysis.report.summary_data import Report
+from analysis.report.summary_law import extrapolation_claim, verdict_lines
+from analysis.report.summary_parametric import parametric_section
 from analysis.report.summary_sections import (
     bench_section,
     frontier_section,
@@ -77,12 +81,7 @@ def fit_section(result: dict, x: str, frontier: pd.DataFrame | None = None) -> l
                  f"{100 * result['alt_max_rel_diff']:.1f}% over the data's compute range.")]
     if frontier is not None:
         out += _outliers_line(result, frontier, x)
-    loose = F.poorly_determined(boot)
-    if loose:
-        out.append(f"Poorly determined by these {fit['n']} points: {', '.join(loose)} (a or d "
-                   "spanning more than 10x, b or c an interval wider than the value); read the "
-                   "curve as a description of the data, not a law to extrapolate.")
-    return out + [""]
+    return out + ["", *verdict_lines(result), ""]
 
 
 def extrapolation_section(result: dict) -> list[str]:
@@ -96,7 +95,8 @@ def extrapolation_section(result: dict) -> list[str]:
     rows = [[num(c), num(100 * e, ".2f"), num(100 * p, ".2f"), f"{100 * r:+.1f}%"]
             for c, e, p, r in zip(ex["holdout_compute"], ex["holdout_error"],
                                   ex["holdout_pred"], ex["rel_error"])]
-    verdict = next(text for bound, text in TRUST if ex["mean_abs_rel_error"] < bound)
+    verdict = (extrapolation_claim(result)
+               or next(text for bound, text in TRUST if ex["mean_abs_rel_error"] < bound))
     out += [(f"The {FIT_NAMES[ex['loss']]} fit on the {ex['n_train']} lowest-compute frontier "
              "points, then predicted the "
             f"{ex['n_holdout']} largest-compute ones "
@@ -135,33 +135,35 @@ def status_section(runs: pd.DataFrame, skipped: list) -> list[str]:
     return out + [""]
 
 
-def _bench(report: dict) -> list[str]:
-    best = report.get("bench_used")
+def _bench(report: Report) -> list[str]:
+    best = report.bench_used
     if best is None or best.empty:
         return []
-    return bench_section(best, bench_order(best, report["results"].runs))
+    return bench_section(best, bench_order(best, report.results.runs))
 
 
-def render(report: dict) -> str:
-    """The whole summary.md for a report dict built by analysis.report.build.analyse."""
-    res = report["results"]
+def render(report: Report) -> str:
+    """The whole summary.md of a Report (analysis.report.summary_data)."""
+    res, x = report.results, report.x
     counts = ", ".join(f"{k} {v}" for k, v in status_counts(res.runs).items())
-    files, skipped_lines = count_skipped(report["skipped"])
+    files, skipped_lines = count_skipped(report.skipped)
     lines = ["# Scaling analysis", "",
              (f"Results: `{res.results_dir}`: {len(res.runs)} runs ({counts}), "
              f"{len(res.evals)} eval points, {files} skipped files, {skipped_lines} skipped "
              "lines."), "",
-             *sizes_section(report["sizes"], report["x"]),
-             *noise_section(report["frontier"], report["close_calls"], report["x"]),
-             *frontier_section(report["frontier"], x_column(report["x"]), report["x"]),
-             *fit_section(report["fit"], report["x"], report["frontier"]),
-             *extrapolation_section(report["fit"]),
-             *isoflop_section(report["optimal"]),
-             *transfer_section(report),
-             *paper_section(report["paper_fits"]),
+             *backtest_section(report.backtest),
+             *sizes_section(report.sizes, x),
+             *noise_section(report.frontier, report.close_calls, x),
+             *frontier_section(report.frontier, x_column(x), x),
+             *fit_section(report.fit, x, report.frontier),
+             *extrapolation_section(report.fit),
+             *isoflop_section(report.optimal),
+             *parametric_section(report.parametric, report.optimal),
+             *transfer_section(report.transfer_rows, report.metric),
+             *paper_section(report.paper_fits),
              *_bench(report),
-             *status_section(res.runs, report["skipped"]),
+             *status_section(res.runs, report.skipped),
              "## Figures", ""]
-    lines += [f"- `{p.name}`" for p in report["figures"]]
-    lines += [f"- note: {n}" for n in report["notes"]]
+    lines += [f"- `{p.name}`" for p in report.figures]
+    lines += [f"- note: {n}" for n in report.notes]
     return "\n".join(lines) + "\n"

@@ -11,12 +11,15 @@ import numpy as np
 import pandas as pd
 
 from analysis.fit import law as F
-from analysis.fit.compute import sweep_compute
 from analysis.fit.frontier import x_column
 from analysis.fit.noise import LEVEL, seeds_per_point
 from analysis.load.runs import status_counts
 from analysis.load.skips import count_skipped
 from analysis.report.style import X_UNITS
+from analysis.report.summary_backtest import backtest_json
+from analysis.report.summary_data import Report
+from analysis.report.summary_law import determination_json
+from analysis.report.summary_parametric import parametric_json
 from analysis.report.summary_transfer import transfer_json
 
 SCHEMA_VERSION = 1
@@ -45,7 +48,8 @@ def clean(value):
 def _fit(result: dict, frontier: pd.DataFrame, x: str) -> dict:
     out = {"method": result["loss"], "law": LAW, "params": None, "intervals": None,
            "poorly_determined": [], "n_points": result.get("n", 0), "rmse_log": None,
-           "comparison": None, "outliers": [], "why": result.get("why"), "reason": None}
+           "comparison": None, "outliers": [], "why": result.get("why"), "reason": None,
+           **determination_json(result)}
     if not result["ok"]:
         return {**out, "reason": result["message"]}
     boot, fit, alt = result["boot"], result["fit"], result["alt"]
@@ -80,11 +84,13 @@ def _optimal(res: dict) -> dict:
     fit = res["fit"]
     per_budget = [{k: p[k] for k in ("compute", "params_opt", "bound", "interval", "n_sizes",
                                      "seeds", "models", "best_model", "tied")}
+                  | {k: p.get(k) for k in ("vertex_position", "size_span", "flags", "left_out")}
                   for p in res["profiles"]]
     return {"method": res["method"], "compute_unit": "FLOPs (config flops budget)",
             "exponent": fit["exponent"] if fit else None,
             "interval": fit["interval"] if fit else None,
             "n_budgets_fitted": fit["n"] if fit else 0, "n_budgets": res["n_budgets"],
+            "n_budgets_left_out": sum(1 for p in res["profiles"] if p.get("left_out")),
             "per_budget": per_budget, "monotone": fit["monotone"] if fit else None,
             "reason": res["reason"]}
 
@@ -97,29 +103,31 @@ def _frontier(frontier: pd.DataFrame, x: str) -> list[dict]:
     return frontier[list(cols)].rename(columns=cols).to_dict(orient="records")
 
 
-def build(report: dict) -> dict:
-    """The summary.json payload of a report dict built by analysis.report.build.analyse."""
-    res, x = report["results"], report["x"]
-    files, lines = count_skipped(report["skipped"])
+def build(report: Report) -> dict:
+    """The summary.json payload of a Report (analysis.report.summary_data)."""
+    res, x = report.results, report.x
+    files, lines = count_skipped(report.skipped)
     return clean({
         "schema_version": SCHEMA_VERSION, "results_dir": str(res.results_dir),
-        "metric": report["metric"], "x": x, "x_unit": X_UNITS[x], "level": LEVEL,
-        "transfer": transfer_json(report),
-        **sweep_compute(res.results_dir),  # compute_spent, compute_independent (branching)
-        "fit": _fit(report["fit"], report["frontier"], x),
-        "extrapolation": _extrapolation(report["fit"]),
-        "optimal_size": _optimal(report["optimal"]),
-        "frontier": _frontier(report["frontier"], x),
-        "close_calls": report["close_calls"].to_dict(orient="records"),
+        "metric": report.metric, "x": x, "x_unit": X_UNITS[x], "level": LEVEL,
+        "transfer": transfer_json(report.transfer_rows, report.metric),
+        **report.compute,  # compute_spent, compute_independent (branching)
+        "fit": _fit(report.fit, report.frontier, x),
+        "extrapolation": _extrapolation(report.fit),
+        "optimal_size": _optimal(report.optimal),
+        "parametric": parametric_json(report.parametric, report.optimal),
+        "backtest": backtest_json(report.backtest),
+        "frontier": _frontier(report.frontier, x),
+        "close_calls": report.close_calls.to_dict(orient="records"),
         "runs": status_counts(res.runs),
-        "input_bound": report.get("input_bound", []),
-        "seeds_per_point": seeds_per_point(report["frontier"]),
+        "input_bound": list(report.input_bound),
+        "seeds_per_point": seeds_per_point(report.frontier),
         "skipped": {"files": files, "lines": lines},
-        "figures": [p.name for p in report["figures"]], "notes": list(report["notes"]),
+        "figures": [p.name for p in report.figures], "notes": list(report.notes),
     })
 
 
-def write_summary_json(report: dict, path) -> Path:
+def write_summary_json(report: Report, path) -> Path:
     """Write summary.json (strict JSON: allow_nan=False) and return its path."""
     path = Path(path)
     path.write_text(json.dumps(build(report), indent=2, allow_nan=False) + "\n")

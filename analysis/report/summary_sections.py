@@ -105,6 +105,9 @@ def isoflop_section(res: dict) -> list[str]:
         rows = [_profile_row(p) for p in res["profiles"]]
         out += md_table(["budget (FLOPs)", "sizes", "seeds", "N_opt", "95% interval",
                        "best size tried", "sizes within its interval"], rows) + [""]
+        out += [f"Budget {num(p['compute'])} FLOPs left out of the exponent fit: "
+                f"{p['left_out']}." for p in res["profiles"] if p.get("left_out")]
+        out += [""] if any(p.get("left_out") for p in res["profiles"]) else []
     fit = res["fit"]
     if fit is None:
         return out + [f"No exponent: {res['reason']}.", ""]

@@ -32,9 +32,9 @@ def metric_stats(rows: pd.DataFrame) -> list[dict]:
     return out
 
 
-def transfer_section(report: dict) -> list[str]:
-    """The metric analysed and every transfer metric the results hold."""
-    rows, metric = report["transfer_rows"], parse_metric(report["metric"])
+def transfer_section(rows: pd.DataFrame, metric_text: str) -> list[str]:
+    """The metric analysed (`--metric` text) and every transfer metric `rows` hold."""
+    metric = parse_metric(metric_text)
     out = ["## Transfer", ""]
     if metric.transfer:
         out += [(f"Metric analysed: **{metric.label}** (`--metric {metric.text}`), against "
@@ -55,9 +55,9 @@ def transfer_section(report: dict) -> list[str]:
          "median sd over draws (top-1 %)"], table), ""]
 
 
-def transfer_json(report: dict) -> dict:
+def transfer_json(rows: pd.DataFrame, metric_text: str) -> dict:
     """summary.json's `transfer`: the metric's label, whether it is a transfer metric, and the
-    per-metric numbers of metric_stats."""
-    metric = parse_metric(report["metric"])
+    per-metric numbers of metric_stats over `rows`."""
+    metric = parse_metric(metric_text)
     return {"label": metric.label, "is_transfer": metric.transfer,
-            "available": metric_stats(report["transfer_rows"])}
+            "available": metric_stats(rows)}
