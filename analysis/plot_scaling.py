@@ -1,13 +1,10 @@
-"""Scaling figures, tidy tables and summary.md from a results directory.
+"""Scaling figures, tidy tables and summary.md from a results directory: checks the flags (one
+line, exit 2), runs analysis.report.build.analyse and prints what it wrote. Flags (--metric:
+error|top1|fewshot:NAME:K|finetune:NAME), outputs and exit status: analysis/README.md.
 
-    python analysis/plot_scaling.py [--results results] [--out RESULTS/figures]
-        [--metric error|top1|fewshot:NAME:K|finetune:NAME] [--x flops|images|device_hours]
-        [--formats png,pdf,svg]
-        [--sweep NAME[,NAME]] [--n-boot 200] [--fit huber|lsq] [--cache-dir DIR | --no-cache]
-
-The entry point: checks the flags (one line, exit 2, before anything is read), runs
-analysis.report.build.analyse and prints what it wrote. Flags, outputs and exit status:
-analysis/README.md.
+    python analysis/plot_scaling.py [--results results] [--out RESULTS/figures] [--metric M]
+        [--x flops|images|device_hours] [--formats png,pdf,svg] [--sweep NAME[,NAME]]
+        [--n-boot 200] [--fit huber|lsq] [--cache-dir DIR | --no-cache]
 """
 
 from __future__ import annotations

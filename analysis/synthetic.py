@@ -1,8 +1,7 @@
 """Synthetic results directories with a known scaling law, for tests and demos, written with the
-schema writers of scaling/results.py: one run per size along a law with a penalty away from each
-size's optimal compute (write_synthetic_results), or an IsoFLOP sweep of sizes x FLOPs budgets x
-seeds with a known N_opt (write_isoflop_results). How the truth is built: analysis/README.md
-("Synthetic results").
+schema writers of scaling/results.py: one run per size along a law (write_synthetic_results), or
+an IsoFLOP sweep with a known N_opt (write_isoflop_results). How the truth is built:
+analysis/README.md ("Synthetic results").
 
     python -m analysis.synthetic OUT_DIR [--kind isoflop|curves] [--seeds 2]
     python analysis/plot_scaling.py --results OUT_DIR

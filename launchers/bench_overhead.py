@@ -3,22 +3,8 @@
     python -m launchers.bench_overhead [--sizes m2/4] [--steps 4000] [--batch-size 64]
                                    [--data digits] [--launch both|fork|process] [--train-args "..."]
 
-A demo run: the demo preset's recipe (launchers.presets.demo: its training flags, learning rate,
-built-in data and one torch thread, as `--cluster local` gives each of its 2 parallel runs on 2
-cores) for the largest demo size, long enough to take about a minute on a 2-core CPU. It is
-started the two ways the launchers start runs, one after the other:
-
-- fork: as `--cluster local` does, forked by the fork server (launchers/zygote.py) that imported
-  torch and DeepSpeed once; the server's start-up is reported apart (`server_start_s`), since a
-  sweep pays it once, not per run;
-- process: as a SLURM task does, a fresh `python -m scaling.train` process.
-
-Each run's wall time is split into the parts that the run itself measured (final.json's
-`overhead_breakdown_s`, see scaling.results: startup, build, data_wait, eval, checkpoint,
-export, steps, other) plus `exit`: the launcher's clock minus final.json's wall time (tearing
-down, interpreter exit). `overhead_fraction` is train.py's (process start to final.json);
-`process_overhead_fraction` adds the exit. `first_window_excess_s` (not part of the sum) is how
-much longer the first logging window took than the median window.
+One demo run started both ways the launchers start runs (forked by launchers/zygote.py, or a
+fresh process as on SLURM). What is measured, and the figures: docs/benchmarks.md (section 3).
 """
 
 from __future__ import annotations

@@ -1,26 +1,10 @@
 """Branching sweeps (`sweep.py --branching cooldown`): a whole curve of budgets from one run.
 
-For each (size, lr, seed) of the grid, one *trunk* trains the stable schedule (constant or
-rsqrt, scaling.schedule) without a cooldown up to the largest budget's cooldown start, and keeps a
-complete checkpoint (--ckpt-at, never rotated away) at every budget's cooldown start. Each budget
-is then a *branch*: an ordinary run dir whose config is the grid point's own (its budget, its
-cooldown), plus `trunk_run` (the trunk's run id, a sibling dir) and `branch_step` (its cooldown
-start). On its first start it seeds itself from the trunk's checkpoint (scaling.branch) and
-trains only its cooldown; its rows and `flops_seen` count the trunk prefix, so it plots and fits
-like any run. What the grid costs: the trunk plus every cooldown, against every budget in full
-for independent runs (`Tree.spent` and `Tree.independent`, printed by the sweep).
-
-The schedule of a branch equals its trunk's before the branch step only when the warmup does
-not depend on the run's length and the data are read the same way: the tree fixes
-`warmup_steps` (the recipe's, else its warmup fraction of the group's shortest run) and
-`in_memory` ("auto" resolved for the group's longest run) for trunk and branches alike.
-
-Where the runs start: locally, trunks first; a branch starts as soon as its trunk checkpoint
-exists (while the trunk trains on); a branch whose trunk died before its point is left pending
-(never started, so never failed) and the next sweep resumes the trunk and then starts it. On
-SLURM, branches whose checkpoint exists are submitted as they are, the others with
-`--dependency=afterok:TRUNK_JOB --kill-on-invalid-dep=yes`: they start when the trunk has
-finished, and a trunk that fails cancels them (the next sweep resubmits both).
+Per (size, lr, seed) one trunk trains the stable schedule and keeps a checkpoint at every
+budget's cooldown start; each budget is a branch, an ordinary run dir (`trunk_run`,
+`branch_step`) that seeds itself from the trunk's checkpoint and trains only its cooldown. The
+tree fixes warmup and data reading for trunk and branches alike, and prices the grid
+(`Tree.spent`, `Tree.independent`). Scheduling and guarantees: docs/sweeps.md ("Branching sweeps").
 """
 
 from __future__ import annotations

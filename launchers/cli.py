@@ -32,6 +32,7 @@ class SweepOptions:
     data: str | None = None
     results: str = "results"
     cluster: str = "auto"
+    # SLURM: where and how long jobs run, and how they survive (docs/sweeps.md)
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -42,6 +43,7 @@ class SweepOptions:
     signal: str | None = None
     slurm_config: str | None = None
     resubmit_failed: bool = False
+    # runs that start from others: branches of a trunk, fine-tunes of finished runs
     branching: str | None = None
     finetune: str | None = None
     finetune_image_size: int | None = None

@@ -1,20 +1,9 @@
 """What a sweep uses where the flags leave it open: the cluster, the preset and the data.
 
-The default preset follows where the runs will *execute*, not the machine that runs sweep.py
-(a SLURM login node usually has no GPU):
-
-- the runs go to SLURM (`--cluster slurm`, or `auto` and sbatch answers): `imagenet`, the GPU
-  study;
-- the runs are local and this machine has a CUDA GPU: `imagenet`, on the local GPUs;
-- the runs are local and there is no GPU: `demo`, the CPU demo on built-in data. There, a
-  request that needs GPUs (`--sizes S,B`, `--gpus 8`) stops with the command that works here.
-
-A preset without built-in data (imagenet, cifar) takes its shards from `--data`, else from the
-environment variable VIT_SCALING_DATA_<PRESET> (VIT_SCALING_DATA_IMAGENET, ...), else from the
-first config file that names them (`data: {imagenet: DIR}`): ./vit-scaling.yaml, then
-$XDG_CONFIG_HOME/vit-scaling/config.yaml (default ~/.config/vit-scaling/config.yaml). Without
-any, a dry run plans with a placeholder of the preset's nominal dataset, marked as such; a real
-run stops (exit 2) saying how to give the data.
+The default preset follows where the runs will execute (SLURM or a local GPU: `imagenet`; local
+without a GPU: `demo`), not the machine that runs sweep.py; a preset without built-in data takes
+its shards from --data, VIT_SCALING_DATA_<PRESET> or a config file. The rules in order:
+docs/sweeps.md ("Which preset, which data").
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """`sweep.py --finetune DIR [--finetune-image-size N] [--finetune-steps N] [--finetune-lr LR]`:
 one fine-tune run (scaling.finetune) per pre-training run of the grid, started after it.
 
-A fine-tune run is an ordinary run (a TrainConfig with `init_from`, built by
-scaling.finetune.fine_tune_config from the pre-training run's config) whose id is the pre-training
-run's id, `ft<size>` and a hash of its own config (without the init_from path) and data; it lies
-in the sibling sweep dir `RESULTS/<sweep>-finetune/`, so the upstream analysis of
-`RESULTS/<sweep>` never mistakes it for a pre-training run; its result is a row of the
-pre-training run's transfer.jsonl (`--metric finetune:NAME`). Idempotent like every run: a
-finished one is skipped.
-
-Locally, a fine-tune starts once its pre-training run's final.json is ok; one whose pre-training
-run failed is left waiting (never started). On SLURM, fine-tunes of finished pre-training runs
-are submitted as they are, the others with `--dependency=afterok:PRE_JOB
---kill-on-invalid-dep=yes`, one array per pre-training job.
+A fine-tune is an ordinary, idempotent run in the sibling sweep dir `RESULTS/<sweep>-finetune/`;
+its result is a row of the pre-training run's transfer.jsonl. Its id, and when it starts locally
+and on SLURM: docs/sweeps.md ("Fine-tuning transfer").
 """
 
 from __future__ import annotations

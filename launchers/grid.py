@@ -1,14 +1,9 @@
 """The sweep grid: sizes x budgets x seeds x learning rates -> validated runs with stable ids.
 
-Each grid point is a `TrainConfig` built from values (the preset's recipe, then `--set`), so it
-is validated where it is built; it becomes a command line (`cfg.to_args()`) only where a process
-is started (launchers.local, launchers.slurm).
-
-A run id reads `<size><patch>_<budget>_<hash>` (pinned in tests/test_sweep_configs.py): the
-hash covers the run's recipe, every result-changing field of its TrainConfig and the dataset's
-identity, not the number of devices that train it, so the same grid point always maps to the
-same run dir at any --gpus and a changed recipe never resumes an old run's checkpoint. Ids made
-before hashed the world size too; `run_id` finds such a run dir (launchers.legacy).
+Each grid point is a `TrainConfig` built from values (the preset's recipe, then `--set`),
+validated where it is built and made a command line only where a process starts. A run id
+`<size><patch>_<budget>_<hash>` hashes the recipe and the data, not the world size (older ids:
+launchers.legacy). What the hash covers: docs/sweeps.md ("Run ids and layout").
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
 """`--cluster local`: each run as `world_size` local processes, `max_parallel` runs at a time.
 
-The processes are forked by a fork server that imported torch and DeepSpeed once for the whole
-sweep (launchers/zygote.py; VIT_SCALING_FORK_SERVER=0: `python -m scaling.train` each).
-
-Every rank gets the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT), which scaling.dist reads ahead of SLURM's. The ranks run in their own session, so
-a Ctrl-C reaches only the launcher: it then sends SIGTERM to every running rank, which saves a
-checkpoint and exits 75, starts no further run, and the sweep exits 130 ("interrupted; rerun to
-resume"); rerunning the sweep resumes those runs. A sweep whose output is gone (`| head`
-exited: BrokenPipeError) stops the same way (exit 141).
-
-The ranks run in the sweep's working directory, and find the package where the sweep found it
-(launchers.slurm.child_env): the installed one, or the checkout the sweep was imported from.
+The ranks are forked by the fork server (launchers/zygote.py) with the variables torchrun sets,
+in their own session and the sweep's working directory (launchers.slurm.child_env); a Ctrl-C
+checkpoints them (exit 130), a closed output stops the same way (exit 141). Details:
+docs/sweeps.md ("Local runs").
 """
 
 from __future__ import annotations

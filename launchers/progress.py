@@ -1,11 +1,8 @@
 """What a local sweep shows while it runs: a line per finished run, an ETA, a closing summary.
 
-Each finished run prints one line, `[k/N] RUN_ID (SIZE, BUDGET): done, top-1 0.9540, 12.3 s;
-sweep ETA 1 min 05 s` (N: the runs this invocation trains). The ETA weighs the runs by their
-training compute (RunSpec.train_flops): the compute done so far (the steps every run has logged
-since the sweep started) over the elapsed time, applied to the compute still to do. On a
-terminal a tqdm bar shows the same progress between those lines, refreshed every second; when
-stdout is not a terminal (a log file, CI) there is no bar, only the lines.
+Each finished run prints `[k/N] RUN_ID (SIZE, BUDGET): done, top-1 ..., sweep ETA ...`; on a
+terminal a tqdm bar shows progress between those lines, elsewhere only the lines. How the ETA
+is computed: docs/sweeps.md ("Progress and status").
 """
 
 from __future__ import annotations

@@ -1,21 +1,9 @@
 """Run bookkeeping: RUN_DIR/job.json, whether a run's job is alive, its state and progress.
 
-job.json (written under a file lock by the sweep and by rank 0 of the job)::
-
-    run_id, sweep, model, size, budget, budget_kind, seed, base_lr, lr, batch_size,
-    world_size, total_steps     what the run is (launchers.grid.RunSpec.record)
-    train_args   the flags of its `python -m scaling.train` (its TrainConfig's to_args)
-    cluster      "slurm" or "local"
-    job_id       the live or last job: SLURM id ("1234" or "1234_5" in an array) or "local-PID"
-    host, pids   local runs: where and which processes (launcher first, then the ranks)
-    submitted    ISO time of the last submission; history: every submission
-    requeues     requeues after preemption / time limit (launchers.slurm.TrainJob)
-    attempts     [{job_id, start, end, exit}] one per start of the training child (rank 0)
-
-States: done / failed / diverged (from final.json), queued / running (the job is alive),
-queued (no live job, but another live sweep has claimed the run: RUN_DIR/.claim, see Claims),
-preempted (unfinished and no job alive: rerunning the sweep resumes it), failed (no final.json
-but the last attempt exited with an error), new (never submitted).
+job.json is written under a file lock by the sweep and by rank 0 of the job; a run's state
+(done / failed / diverged / queued / running / preempted / new) follows from final.json, the
+live job or another sweep's claim (RUN_DIR/.claim). The job.json schema and what a rerun does in
+each state: docs/sweeps.md ("Run ids and layout", "Idempotence: what a rerun does").
 """
 
 from __future__ import annotations

@@ -1,29 +1,10 @@
 """SLURM through submitit: sbatch parameters, job arrays, and the job that requeues itself.
 
-Preemption, as verified against submitit 1.5 and SLURM 22.05 (tests/test_slurm_sweep.py):
-1. SLURM delivers the signal (`scancel --signal=USR2`, or `--signal=USR2@90` before the time
-   limit) to *every process of the job step*: each task's submitit process and its training
-   child alike (proctrack tracks descendants). TrainJob also forwards it to its child, so the
-   train CLI's handler must be idempotent (it only sets a flag).
-2. submitit's handler runs in every task; on ranks > 0 it only logs ("Not checkpointing nor
-   requeuing since I am a slave"). On rank 0 it calls `TrainJob.checkpoint()`, which waits for
-   the child to save a checkpoint and exit 75, then returns a DelayedSubmission; submitit
-   pickles it, runs `scontrol requeue <job id>` and exits. The requeued job unpickles the new
-   TrainJob and reruns the same command, which resumes from RUN_DIR/checkpoints.
-3. submitit counts a signal as a *time-out* (not a preemption) once the job ran
-   min(0.8 x time, time - 10 min), and stops requeuing after max_num_timeout time-outs; both it
-   and TrainJob stop after `max_requeues`. That rule calls every signal of a job under 50 min a
-   time-out, so job.json's attempts say which it was by themselves (`stop`, see stop_kind): a
-   time-out when the job's end was at most the lead (+ EARLY_S) away, a preemption when
-   SIGTERM came first or the end was further.
-4. The time-limit signal never comes later than LEAD seconds before the limit, but it may come
-   earlier: slurmctld looks every 30 s and sends it when at most LEAD + 30 s are left (sbatch(1)
-   allows "up to 60 seconds earlier"); measured here: 66-72 s left with USR2@60, 41-47 s
-   with USR2@30 (tests/test_slurm_timeout.py). Each attempt records `seconds_left` at the signal, `stop_s`
-   (signal to the child's exit, its checkpoint included), and a warning when that, or a
-   checkpoint time in final.json, exceeds the lead.
-The handler runs inside the main thread's wait, so the child is waited for by a helper thread
-(a blocking Popen.wait would deadlock on its own lock when re-entered from the handler).
+TrainJob runs the training child, forwards the requeue signal to it, waits for its checkpoint
+(exit 75) in a helper thread and returns the requeued submission; job.json's attempts say
+whether a stop was a time-out or a preemption (stop_kind, EARLY_S). The verified signal path,
+its limits and the measured lead times: docs/sweeps.md ("SLURM jobs, preemption and requeue",
+"Time limits").
 """
 
 from __future__ import annotations

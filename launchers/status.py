@@ -1,13 +1,8 @@
 """`sweep.py status`: one table row per run found under a results dir.
 
-Rows are grouped by sweep and sorted by size, then by budget *value* (3e9, 1e10, 3e10, 1e11),
-each with its state, progress (steps done / planned, from metrics.jsonl and job.json or
-plan.json), latest top-1 and job id. metrics.jsonl is read from its end only
-(launchers.runs.read_progress), so the table costs O(runs), not O(rows).
-
-`status --watch [SECONDS]` prints the table again every SECONDS (default 10; on a terminal
-in place of the last one) with an `eta` column for running runs: the steps still to do over
-the rate of the run's last rows, until Ctrl-C (exit 130) or SIGTERM (exit 143).
+Rows are grouped by sweep and sorted by size, then budget value; metrics.jsonl is read from its
+end only (launchers.runs.read_progress), so the table costs O(runs), not O(rows). `--watch`
+and its `eta` column: docs/sweeps.md ("Progress and status").
 """
 
 from __future__ import annotations

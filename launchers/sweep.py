@@ -1,15 +1,10 @@
 """The sweep CLI: a grid of ViT runs (sizes x compute budgets x seeds x lrs) on SLURM or locally.
+Rerunning the same command is safe; exit codes and what a rerun does: docs/sweeps.md.
 
     python launchers/sweep.py --preset demo                      # CPU demo, built-in data
     python launchers/sweep.py --sizes S,B --gpus 8 --preset imagenet --data /data/in1k \\
         --budgets 1e18,3e18 --partition gpu --time 1440 --dry-run
     python launchers/sweep.py status [--results results] [--watch [SECONDS]]
-
-Rerunning the same command is safe: finished runs are skipped, unfinished ones resume, runs whose
-job is queued or running (or that another sweep has claimed) are left alone; failed / diverged
-runs are resubmitted only with --resubmit-failed. Ctrl-C checkpoints local runs and exits 130;
-output piped into a reader that exits early (`| head`) ends the sweep quietly (exit 141).
-See docs/sweeps.md.
 """
 
 from __future__ import annotations

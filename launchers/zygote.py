@@ -1,19 +1,9 @@
 """A fork server for local runs: import torch, DeepSpeed and the trainer once per sweep.
 
-Every `python -m scaling.train` process spends ~4 s on a CPU before its first step importing
-torch, DeepSpeed and torch._dynamo (which every torch optimizer imports): a fresh process spent
-8.1 % of a 74 s demo run outside its training steps, a forked one 2.9 % (docs/benchmarks.md,
-sweep overhead). `--cluster local` therefore starts this server once; it imports
-those modules (running no torch op, so no thread pool exists yet) and forks one child per rank.
-A child starts its own session, takes the rank's environment, working directory and log file,
-and runs `scaling.train.main` exactly as the command line would; its exit code comes back
-through the server. The server's own start-up is paid once per sweep, not once per run.
-
-Protocol (JSON lines): launcher -> server `{"id", "argv", "env", "cwd", "log"}`; server ->
-launcher `{"id", "pid"}` when a child is forked and `{"pid", "exit"}` when it ends (the exit code,
-or -N for signal N, as `subprocess.Popen.returncode`). The server exits when its stdin closes;
-its children keep running (each in its own session), like the children of `subprocess.Popen`.
-`VIT_SCALING_FORK_SERVER=0` makes `--cluster local` start each rank with `subprocess.Popen`.
+A fresh `python -m scaling.train` spends ~4 s importing them before its first step; this server
+imports them once (running no torch op) and forks one child per rank, which runs
+`scaling.train.main` as the command line would. Protocol (JSON lines), children and the measured
+gain: docs/sweeps.md ("Local runs", Fork server) and docs/benchmarks.md ("3. Sweep overhead").
 """
 
 from __future__ import annotations

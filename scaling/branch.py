@@ -1,19 +1,10 @@
 """A run that branches from another run's checkpoint: the cooldown branches of a branching sweep.
 
-A branch (TrainConfig `trunk_run`, `branch_step`) is an ordinary run dir. On its first start,
-before it resumes, rank 0 seeds it from the trunk: the trunk's complete checkpoint of step
-`branch_step` is hard-linked (copied across file systems) into the branch's own checkpoints/,
-and the trunk's metrics.jsonl and transfer.jsonl are copied. The resume then truncates those rows
-to the ones saved with that checkpoint (scaling.results.truncate_rows), so the branch's curve is
-whole: its rows up to branch_step are the trunk's, and its `flops_seen` counts the trunk prefix,
-i.e. the branch's full training compute. From there on the branch is any run: it resumes from
-its own checkpoints, after a preemption as after a first start.
-
-The continuation is exact when the trunk's schedule equals the branch's before branch_step:
-`check_trunk` compares their configs (every result-changing field but the budget, the cooldown
-and the checkpoint steps must agree) and `scaling.config.check_schedule` that branch_step is not
-after the branch's cooldown start. Nothing here imports torch or DeepSpeed (the launchers ask
-`trunk_checkpoint` whether a branch may start).
+A branch (TrainConfig `trunk_run`, `branch_step`) is an ordinary run dir that rank 0 seeds, on
+its first start, with the trunk's checkpoint of `branch_step` and its rows, and that then
+resumes like any run; `check_trunk` keeps the continuation exact. No torch or DeepSpeed here
+(the launchers ask `trunk_checkpoint` whether a branch may start).
+Details: docs/sweeps.md ("Branching sweeps").
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """A run's up-front checks, in one function (`check_run`) that `python -m scaling.train` (so
 also scaling.finetune) calls before it builds anything, and that the sweep (launchers.launch)
 calls for every run it is about to submit or start, before any claim or submission: bad input
-is one ValueError line and exit 2 there, never a run dir left "failed". The list, and what
-only a run's own start can check, is in docs/failure-model.md ("Checked before work").
-
-The sweep passes a `cache`: what depends only on the data dir, the environment or the few-shot
-sets is checked once per distinct value, so a 1000-run sweep checks its data once.
+is one ValueError line and exit 2 there, never a run dir left "failed". The sweep passes a
+`cache`, so what depends only on the data dir, the environment or the few-shot sets is checked
+once per distinct value. The list, and what only a run's own start can check:
+docs/failure-model.md ("Checked before work").
 """
 
 from __future__ import annotations

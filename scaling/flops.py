@@ -1,14 +1,7 @@
-"""Analytic parameter counts, forward MACs, training FLOPs, accelerator peaks and MFU.
-
-Conventions (so that our numbers line up with published tables):
-- MACs are multiply-accumulates of the linear/conv layers and of the two attention matmuls
-  (Q K^T and A V), plus LayerNorm at 5 per element, as fvcore counts them; biases, softmax,
-  GELU and residual adds are not counted. DeiT and timm tables call these MACs "GFLOPs"
-  (e.g. 17.58 for B/16 at 224px).
-- Training FLOPs = 6 x MACs x images: a MAC is 2 FLOPs and the backward pass costs twice the
-  forward (Kaplan et al. 2020, Sec. 2.1; the ViT paper's Table 6 exaFLOPs equal this product).
-- MFU = achieved model FLOP/s / peak dense FLOP/s of the device (PaLM, Chowdhery et al. 2022,
-  Appendix B): recomputation for activation checkpointing is not counted as useful work.
+"""Analytic parameter counts, forward MACs, training FLOPs, accelerator peaks and MFU, counted so
+that our figures line up with published tables (fvcore's MACs; training FLOPs = 6 x MACs x
+images, Kaplan et al. 2020, Sec. 2.1; MFU as in PaLM, Chowdhery et al. 2022, Appendix B).
+Conventions and checked figures: README.md ("Compute accounting").
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """Lock files that hold on shared file systems: the run dir's lock and the sweep's run claims.
 
-Why not flock(2): on Lustre mounted without `flock` (or with `localflock`) and on some NFS
-set-ups flock fails or is node-local, so two nodes could both "hold" it. A lock here is a file
-created with link(2) from a complete temporary file: atomic on local file systems, NFSv3+ and
-Lustre alike, and never torn. It holds its holder's identity (`identity`).
-
-A holder is dead, and its lock stale (`is_stale`), when (a) it is on this host and its pid is
-gone or reused, (b) it is an earlier incarnation of this same SLURM job (a requeue keeps the job
-id and bumps SLURM_RESTART_COUNT), or (c) it is elsewhere and has not touched the lock for
-STALE_AFTER_S; a `Heartbeat` thread touches held locks every HEARTBEAT_S (this assumes host
-clocks within a minute of each other). A stale lock is removed under a second lock
-(PATH.break), so that two processes finding it stale at once cannot each remove the fresh lock
-the other made. Stdlib only.
+A lock is a file created with link(2) from a complete temporary file (atomic on local file
+systems, NFSv3+ and Lustre, where flock(2) may fail or be node-local), holding its holder's
+`identity`; `is_stale` decides when a holder is dead, a `Heartbeat` keeps live locks fresh, and
+a stale lock is broken under a second lock (PATH.break). Stdlib only. Why, and the staleness
+rules: docs/failure-model.md ("The run-dir lock").
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """The Vision Transformer of Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021).
 
-Plain PyTorch: this module never touches torch.distributed or DeepSpeed (the engine wraps it).
-Equation numbers refer to Sec. 3.1 of the paper:
+Plain PyTorch, never torch.distributed or DeepSpeed (the engine wraps it). Eqs. of Sec. 3.1:
   Eq. 1  z0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos     (patch embedding, class token, 1D pos)
   Eq. 2  z'_l = MSA(LN(z_{l-1})) + z_{l-1}                  (pre-LN attention, residual)
   Eq. 3  z_l = MLP(LN(z'_l)) + z'_l                          (pre-LN GELU MLP, residual)

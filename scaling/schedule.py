@@ -1,26 +1,8 @@
-"""Learning-rate schedules as pure functions of the step (no torch, no config object).
-
-`lr_at(step, ...)` is the rate of optimizer step `step` (0-based). A linear warmup of `warmup`
-steps (lr x (step + 1) / warmup) comes first; then one of:
-
-- "cosine", "linear": a decay from `lr` to `min_lr` over the rest of the run (the DeiT and ViT
-  recipes; unchanged from before this module existed, bit for bit).
-- "constant": `lr` until the cooldown starts.
-- "rsqrt": lr / sqrt(1 + (step - warmup) / timescale) until the cooldown starts (big_vision's
-  `rsqrt` schedule, utils.create_learning_rate_schedule; Zhai et al. 2022, "Scaling Vision
-  Transformers", trained this way with timescale 10k).
-
-The last `cooldown` steps of a constant or rsqrt run multiply the stable rate by a factor that
-falls from 1 towards 0 (min_lr is the floor it falls to):
-
-- "linear": min(1, (total - step) / cooldown), big_vision's linear cooldown;
-- "1-sqrt": 1 - sqrt((step - start) / cooldown) with start = total - cooldown, the shape Hägele
-  et al. 2024 ("Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations")
-  found to match cosine at every length with a cooldown of about 20 % of the steps.
-
-Before `cooldown_start(total, cooldown)` a constant/rsqrt rate depends on the step, the warmup
-and the timescale only, not on the run's length: runs of several lengths share one prefix, which
-is what a branching sweep (launchers/branching.py) trains once.
+"""Learning-rate schedules as pure functions of the step (no torch, no config object): warmup,
+then cosine / linear decay or a constant / rsqrt rate with a linear or 1-sqrt cooldown
+(big_vision's schedules; Hägele et al. 2024 for 1-sqrt). A constant or rsqrt rate does not
+depend on the run's length before its cooldown, which is what lets a branching sweep train the
+shared prefix once. Formulas and citations: docs/sweeps.md ("Branching sweeps", Schedules).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """A run's segments: the stretches of steps it trained, one per process start, each at the world
 size it was started with (a run may resume on another one: docs/failure-model.md).
 
-final.json's ``segments`` (schema: scaling.results) is the list of them, oldest first; each is
-saved with every checkpoint, so a segment ends at the checkpoint its successor resumed from (the
-steps of an attempt lost after its last checkpoint are in no segment, as they are in no metrics
-row). ``device_hours`` sums each segment's wall hours, less its op builds and torch.compile
-seconds, times its world size. Standard library only.
+final.json's ``segments`` (schema: scaling.results) is the list of them, oldest first, saved
+with every checkpoint; ``device_hours`` sums them. What a segment holds and how its hours are
+counted: docs/results.md (`final.json`). Standard library only.
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
 """The end of a JSON-lines results file, read from the end: what was last written, in time that
-does not grow with the file.
-
-metrics.jsonl and transfer.jsonl are appended in step order (a restart first truncates them to
-the rows of its checkpoint, scaling.results.truncate_rows), so the newest rows are the last
-lines. `reverse_rows` walks the lines from the end in blocks of at most BLOCK bytes (memory bounded
-by one block and the longest line) and hands back the rows that read_rows would keep, newest
-first, by its rules with strict=False: a line that is not JSON or breaks the row schema is
-skipped, a torn last line (a kill mid-append) included. Lines are split at "\\n" only (the
-writers escape every other line break inside JSON strings).
+does not grow with the file. `reverse_rows` yields, newest first, the rows that read_rows would
+keep (strict=False), in blocks of at most BLOCK bytes. Why this is the same as reading the
+whole file: docs/results.md ("Reading the newest rows").
 """
 
 from __future__ import annotations

@@ -1,39 +1,8 @@
 """Live tracking of one run (rank 0): the rows of metrics.jsonl and transfer.jsonl, as they are
-appended, also go to TensorBoard event files and, when asked, to Weights & Biases; and what the
-run's checkpoints cost (final.json).
-
-TensorBoard (on by default, `--no-tensorboard` turns it off) writes RUN_DIR/tb/events.out.*, so
-`tensorboard --logdir results/SWEEP` shows every run of a sweep, each under its run id. Tags:
-
-    train/loss  train/lr  train/images_per_s  train/tflops  train/mfu (when the peak is known)
-    train/data_wait_fraction
-    eval/top1  eval/top5  eval/loss
-    fewshot/DATASET/Kshot   the mean top-1 over the draws (seeds) of the k-shot set
-
-Every value is logged at its row's `step` (optimizer steps done), with the same value as the
-row (TensorBoard keeps 32-bit floats). Events are flushed after every row, so what metrics.jsonl
-holds when a checkpoint is saved is on disk in the event file too.
-
-Restarts: each process (segment) writes a fresh event file, which opens with a restart marker
-at the step it resumed from, S (SummaryWriter's purge_step: TensorBoard drops the earlier
-files' events at steps >= S, the rows of a lost attempt that metrics.jsonl dropped too), and
-then logs again the rows that metrics.jsonl and transfer.jsonl kept at step S. TensorBoard's
-readers also drop a tag's events at and after a step that is logged again (out-of-order steps),
-so what TensorBoard shows is, tag by tag, one value per step: metrics.jsonl's.
-
-Weights & Biases (`--wandb PROJECT`, needs the `wandb` package): the same values as one W&B run
-per run dir (its id is derived from the run dir). A restart at step S rewinds that run to its
-start (wandb.init's `resume_from`, in beta in W&B) and logs metrics.jsonl's and
-transfer.jsonl's rows up to S again: wandb writes its data every 15 s, so what a killed process
-sent may be lost, while those files are what the run kept. Offline (no network): set
-WANDB_MODE=offline; each process writes RUN_DIR/wandb/offline-run-*, a restart's with the rewind
-in its run record, and `wandb sync` uploads them in order.
-Without the package, `--wandb` is refused before any work (exit 2).
-
-Checkpoint cost (final.json, see scaling.results): `checkpoints` (saves done, over restarts),
-`checkpoint_s_sum`, `checkpoint_s_max` (seconds per save) and `checkpoint_bytes` (the size of
-the last complete checkpoint's folder). A save's time is measured after it, so the save a
-restart resumed from is counted by its COMPLETE marker's time less the save's start.
+appended, also go to TensorBoard event files (RUN_DIR/tb) and, when asked, to Weights & Biases;
+and what the run's checkpoints cost (final.json). The files stay the record: on a restart the
+trackers are made to show exactly the rows those files kept. Tags, restarts, W&B offline mode
+and the checkpoint-cost fields: docs/results.md ("`tb/` and Weights & Biases: live tracking").
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
-"""Benchmark of the loader at the scale of a study: a synthetic tree of RUNS runs x ROWS metrics
-rows, then load_results without a cache (one process, then worker processes), cold (filling an
-empty cache), warm (all cached), and re-plots after 1 % of the runs appended rows (in process,
-and through the CLI), each next to the reference loader of before the fast path and the cache
-(analysis.bench.load_reference) timed in the same process on the same tree.
+"""Benchmark of the loader at the scale of a study: load_results and re-plots on a synthetic tree,
+next to the reference loader of before the fast path and the cache (analysis.bench.load_reference).
 
     python -m analysis.bench.load --runs 5000 --rows 2000 --out-dir /tmp/bench_load
 
-Writes only under --out-dir (the tree in OUT/results, the cache in OUT/cache, figures in OUT/fig;
-removed afterwards unless --keep; a kept tree of the same shape is reused) and prints one line
-per measurement: wall-clock seconds of one try on this machine, with the load average (other
-work on the machine slows every figure); the speed-up is reference / new. The re-plots use the
-CLI's --n-boot 200 unless told otherwise; the reference re-plot parses every file and refits.
+What it times and writes, and the figures: analysis/README.md ("Speed: the cache, worker
+processes, remembered fits").
 """
 
 from __future__ import annotations

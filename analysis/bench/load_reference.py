@@ -1,12 +1,7 @@
 """The loader as it was before the fast line path and the cache (analysis/load/runs.py at commit
-7cf0d5d), kept unchanged as the reference that the benchmark (analysis.bench.load) times side by
-side and that tests/test_analysis_speed.py compares the fast loader with. Not used by the
-analysis itself.
-
-It parses every metrics line with json.loads (train rows included) and builds one DataFrame per
-run; the rules are those of analysis/README.md ("What the loader skips"), except that it does
-not yet skip an eval line whose epoch, images_seen, flops_seen, wall_s or loss is not a number or
-null (it raises instead, as it always did).
+7cf0d5d), kept unchanged as the reference that analysis.bench.load times and
+tests/test_analysis_speed.py compares the fast loader with. Not used by the analysis itself.
+How it parses and where it differs: analysis/README.md ("What the loader skips").
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
-"""Benchmark of `sweep.py status` at the scale of a study: analysis.bench.load's synthetic tree of
-RUNS runs x ROWS metrics rows, then the status table as it is (metrics.jsonl read from its end,
-launchers.runs.read_progress) next to the table of before (every metrics.jsonl parsed whole by
-scaling.results.read_metrics), timed in the same process on the same tree, and the CLI.
+"""Benchmark of `sweep.py status` at the scale of a study: the status table as it is (metrics.jsonl
+read from its end) next to the table of before (every file parsed whole), and the CLI.
 
     python -m analysis.bench.status --runs 5000 --rows 2000 --out-dir /tmp/bench_status
 
-Writes only under --out-dir (the tree in OUT/results, removed afterwards unless --keep; a kept
-tree of the same shape, also one that analysis.bench.load kept, is reused) and prints one line
-per measurement: wall-clock seconds on this machine (the best of 3 tries for the new table, one
-try for the slow one of before), with the load average. The files were just written or read, so
-they are in the page cache: this measures parsing, not the disk.
+What it writes and the figures: docs/sweeps.md ("Progress and status").
 """
 
 from __future__ import annotations

@@ -1,29 +1,9 @@
 """Backtests: would a law fitted without the largest runs have predicted them?
 
-The question a reader of a scaling law asks is how well it predicts runs larger than those it
-was fitted to. Two leave-out splits answer it with runs the study has:
-
-- `largest_size`: every run of the largest model (most params) is left out; the law is fitted
-  to the other sizes' runs and predicts the left-out size's final points.
-- `largest_budget`: every run of the largest FLOPs budget (config `flops`) is left out; the law
-  is fitted to the runs of the other budgets and predicts the left-out budget's final points.
-  Runs without a FLOPs budget take no part (there is no budget to leave out).
-
-A method is a `Method`: how to fit training points, how to predict target points, and which of
-the left-out final points it can be asked about. Two are built here:
-
-- `frontier_method`: the saturating power law E(C) of analysis.fit.law fitted, as
-  analysis.fit.frontier does, to the compute-optimal (Pareto) frontier of the training points.
-  It predicts the best error reachable at a compute, so its targets are the left-out final
-  points that lie on the frontier of all the data (a left-out run that is not compute-optimal
-  at its compute is not what the law describes).
-- `parametric_method`: Chinchilla's approach 3, E(N, D) (analysis.fit.parametric), fitted to the
-  training runs' final points (seeds averaged); it predicts every left-out final point.
-
-Each prediction's relative error is (predicted - measured) / measured. `backtest` returns one
-entry per (method, kind) with the predictions, their relative errors, the mean |relative error|
-and the number of points the fit used; or, when the split or the fit is not possible, the
-entry's numbers are None and `reason` says why.
+Two leave-out splits (`largest_size`, `largest_budget`) for each `Method` (fit, predict, which
+left-out final points it is asked about): the frontier law (`frontier_method`, analysis.fit.law)
+and Chinchilla's approach 3 (`parametric_method`, analysis.fit.parametric). `backtest` returns
+one entry per (method, kind). Splits, targets and entries: analysis/README.md ("Backtest").
 """
 
 from __future__ import annotations

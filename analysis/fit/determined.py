@@ -1,15 +1,9 @@
 """Is the frontier law determined? A verdict that means the same in any unit of compute.
 
-The law E = a (C + d)^(-b) + c is judged by what it predicts and by unit-free quantities, never
-by raw a (its unit is C^b, so its bootstrap spread grows as C_ref^(b_hi - b_lo) and changes with
-the unit of C). It is *determined* when all of these hold:
-
-- enough data: at least MIN_POINTS frontier points spanning at least MIN_DECADES of compute;
-- no constant at a limit of the search (analysis.fit.law.at_bound), in the fit or in at least
-  5 % of the bootstrap refits;
-- no constant loose by the unit-free rules of analysis.fit.law.poorly_determined (b, c, d);
-- the 95 % bootstrap band of the prediction, relative to the prediction, is at most BAND_AT_MAX
-  wide at the largest compute in the data and at most BAND_AT_10X wide at 10x beyond it.
+The law E = a (C + d)^(-b) + c is judged by what it predicts and by unit-free quantities (enough
+data, nothing at a bound, no loose constant, a narrow band), never by raw a (its unit is C^b).
+The rules and their thresholds (MIN_POINTS, MIN_DECADES, BAND_AT_MAX, BAND_AT_10X):
+analysis/README.md ("Is the frontier law determined?").
 """
 
 from __future__ import annotations

@@ -1,27 +1,10 @@
 """Compute-optimal model size from IsoFLOP profiles (Hoffmann et al. 2022, "Training
 Compute-Optimal Large Language Models", Sec. 3.2, approach 2).
 
-A sweep trains every size at each FLOPs budget (config `flops`; its runs spend slightly less,
-whole steps, so runs are grouped by the budget, never by their exact FLOPs). For every budget
-with at least MIN_SIZES sizes, a parabola of log-error in log-params is fitted to the finished
-runs' final evals (seeds averaged, the best recipe of each size when several learning rates
-were tried); its vertex is N_opt(C). A vertex outside the sizes tried, or a profile with no
-minimum, is a bound, never a value. Then log N_opt = log G + a log C is fitted by least squares
-over the budgets whose vertex lies inside their sizes, when there are at least MIN_BUDGETS.
-
-Diagnostics (diagnose). Approach 2 is biased when the sizes tried sit off-centre around the
-optimum or span a narrow range (arXiv 2603.22339): the parabola is a second-order stand-in for
-a profile that is not symmetric in log-params, and its vertex moves towards the side with more
-sizes. So a budget whose vertex lies in the outer fifth of its sizes' log-params range on either
-side (OFF_CENTRE) or whose sizes span less than MIN_SPAN x is flagged, keeps its vertex in the
-table, and is left out of the exponent fit, with the reason in `left_out`.
-
-Intervals. A vertex's comes from a parametric bootstrap: each point's log-error is redrawn
-around the parabola with the larger of its measurement sd (binomial on its eval images, from the
-Wilson half-width; across seeds / sqrt(seeds) with 2 or more) and the parabola's residual sd
-(with more sizes than 3). The exponent's interval is the wider of the bootstrap one (the line
-refitted to each replicate's vertices) and the least-squares t interval (scatter about the
-line, n - 2 degrees of freedom).
+Owns the per-budget parabolas and their vertices N_opt(C) (beyond the sizes tried: a bound),
+their bootstrap intervals, the N_opt ~ C^a line, and `diagnose` (off-centre or narrow budgets
+left out of the exponent, arXiv 2603.22339). Details: analysis/README.md ("Compute-optimal
+size: IsoFLOP profiles").
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
-"""Compute-optimal frontier and the saturating power law of Zhai et al. (2022).
+"""Compute-optimal frontier and the saturating power law E = a (C + d)^(-b) + c of Zhai et al.
+2022 ("Scaling Vision Transformers", Sec. 2.2), fitted by least squares or by the Huber loss
+(Hoffmann et al. 2022, App. D.2; Besiroglu et al. 2024).
 
-"Scaling Vision Transformers" (Zhai, Kolesnikov, Houlsby, Beyer; CVPR 2022), Sec. 2.2, fits the
-error E of the compute-optimal models as a function of compute C with
-
-    E = a * (C + d) ** (-b) + c
-
-where c is the irreducible error and d a compute shift that models the saturation of small
-budgets. Every function here is pure (arrays in, numbers out) so it can be used from a notebook.
-
-Compute spans many decades (1e12..1e22 FLOPs), so the fit runs in normalised units x = C / C_ref
-with C_ref = min(C): then a_norm = a * C_ref ** (-b) and d_norm = d / C_ref are O(1) numbers and
-the optimiser is well conditioned. Residuals are taken on log-error, so a point at 40 % error and
-one at 4 % weigh the same (relative error), as on the log-log plots where the law is read.
-
-Two losses on those residuals: squared ("lsq", least squares), and "huber", the Huber loss with
-delta = 1e-3, minimised from a grid of starting points, as Hoffmann et al. 2022 ("Training
-Compute-Optimal Large Language Models", Sec. 3.3 and App. D.2) fit their parametric loss and
-Besiroglu et al. 2024 ("Chinchilla Scaling: A replication attempt", Sec. 2) refit it. With a
-delta far below the residuals of real evals (~1e-2 in log-error), Huber is close to least
-absolute deviations: one stray point pulls the fit by a bounded amount, not by its square.
+Every function here is pure (arrays in, numbers out) so it can be used from a notebook. Units,
+residuals and losses: analysis/README.md ("Scaling-law fit: Huber by default").
 """
 
 from __future__ import annotations

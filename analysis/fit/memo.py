@@ -1,13 +1,8 @@
 """Remembered results of the deterministic fits (analysis.fit.law), so that a re-plot whose
 frontier did not change, and the ViT paper's fixed table, skip their bootstrap refits.
 
-A result is stored as ``CACHE_DIR/fits/<key>.json``, the key a hash of the function's name, its
-arguments (arrays by their bytes), the source of analysis/fit/law.py and the numpy and scipy
-versions: the same inputs through the same code give the same numbers (the bootstrap is seeded),
-so a stored result is never stale. Written atomically (scaling.results.atomic_write_text) as
-{"key", "digest", "value"}: a file that cannot be read, or is not what this module wrote (another
-key, a value whose digest differs: valid JSON of another shape), is a miss, recomputed and
-rewritten. Entries unused for MAX_AGE_DAYS are removed.
+Keys, file format, misses and expiry (MAX_AGE_DAYS): analysis/README.md ("Speed: the cache,
+worker processes, remembered fits").
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
-"""Measurement noise: binomial intervals on every eval point, seeds averaged into one point.
+"""Measurement noise: binomial intervals on every eval point (the Wilson score interval, Wilson
+1927), and the runs of one recipe (seeds) averaged into one point with their spread.
 
-An eval of top-1 on n images is a binomial proportion, so its error has a sampling interval even
-for one model: the Wilson score interval (Wilson 1927, "Probable inference, the law of
-succession, and statistical inference", JASA 22:209), which, unlike p +- z sqrt(p(1-p)/n), stays
-inside [0, 1] and keeps its coverage near 0 and 1. Runs that differ only by seed (one `recipe`,
-analysis.load.runs.recipe_key) are repeats of one experiment: they are averaged at every step into one
-point, which carries its seed count and the spread across seeds.
-
-The interval of a point (`err_lo`, `err_hi`, what figures draw and comparisons use) is the wider
-of two: the Wilson interval at the mean error with the images of one eval (every seed is scored
-on the same validation images, so pooling them would not add information about the eval set),
-and, with 2 or more seeds, the t interval of the mean across seeds (training noise). Points of
-a transfer metric (analysis.fit.transfer) also carry `probe_half`, the t half-width of their mean
-over the draws of the k-shot set; the interval is then the widest of the three.
+Why these intervals and how they combine (transfer points' `probe_half` included):
+analysis/README.md ("Measurement noise and seeds").
 """
 
 from __future__ import annotations

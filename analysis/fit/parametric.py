@@ -1,31 +1,10 @@
-"""Compute-optimal model size from a parametric fit of every run (Hoffmann et al. 2022,
-"Training Compute-Optimal Large Language Models", Sec. 3.3, approach 3):
+"""Compute-optimal model size from a parametric fit of every run: Chinchilla's approach 3,
+E(N, D) = E0 + A N^-alpha + B D^-beta and N_opt(C) by their Eq. 4 (Hoffmann et al. 2022,
+Sec. 3.3), with the Huber fit of Besiroglu et al. 2024.
 
-    E(N, D) = E0 + A N^-alpha + B D^-beta      (N parameters, D images seen)
-
-fitted to each recipe's final eval (seeds averaged, analysis.fit.noise.aggregate_seeds). As in
-Hoffmann et al. (Sec. 3.3, App. D.2) and Besiroglu et al. 2024 ("Chinchilla Scaling: A
-replication attempt", Sec. 2 and their released code): the Huber loss (delta = 1e-3) of the
-log-residuals log E(N_i, D_i) - log E_i, minimised with L-BFGS(-B) from every start of a grid,
-the best minimum kept. N and D are divided by their geometric means first (A and B are then the
-two terms' values at the mean size and data, O(error) numbers), and the constants are bounded
-(BOUNDS) so that a degenerate fit shows as a constant at a bound rather than running off.
-
-Compute-optimal size. Training FLOPs are C = FLOPS_PER_MAC_TRAINING x MACs/image x D
-(scaling.flops.flops_for_images), and a ViT's MACs per image are about m N (m = MACs per
-parameter: the tokens per image, fixed by patch and resolution), so C = 6 m N D. Minimising E at
-fixed C gives Hoffmann et al.'s Eq. 4 with N D = C / (6 m):
-
-    N_opt(C) = G (C / 6 m)^(beta / (alpha + beta)),   G = (alpha A / (beta B))^(1 / (alpha + beta))
-
-m is the median MACs/image over params of the runs fitted. The exponent beta / (alpha + beta)
-does not depend on m; the line's level does (by m^-exponent).
-
-Intervals: a bootstrap that resamples runs (clusters: one point per recipe, except that every
-branch of one trunk, launchers/branching.py, is one cluster: branches share their trunk's
-training and are not independent draws), each resample refitted from the point fit and a few
-grid starts; percentile intervals. A constant is `at_bound` when it lies within 1 % of its
-bound range of a bound in the fit, or in at least 5 % of the bootstrap refits.
+Owns the fit, its run-clustered bootstrap intervals and the N_opt(C) line drawn beside approach
+2's. Loss, bounds, clusters and the derivation of N_opt: analysis/README.md ("Compute-optimal
+size: parametric fit").
 """
 
 from __future__ import annotations

@@ -1,28 +1,10 @@
-"""Transfer metrics: few-shot (and fine-tune) accuracy rows of RUN_DIR/transfer.jsonl as eval
+"""Transfer metrics: few-shot and fine-tune accuracy rows of RUN_DIR/transfer.jsonl as eval
 points against pre-training compute, so that they go through the frontier, the fit, the IsoFLOP
 profiles and the summaries exactly as the upstream error does.
 
-A metric is named on the command line as
-- ``error`` / ``top1``: upstream top-1 error / accuracy (metrics.jsonl eval rows);
-- ``fewshot:NAME:K``: K-shot linear-probe error on downstream set NAME (the rows' ``dataset``);
-- ``finetune:NAME``: fine-tuned error on NAME; ``finetune:NAME:RECIPE`` where the runs were
-  fine-tuned on NAME with more than one recipe (the rows' ``recipe``: lr, steps, ...; rows
-  written before fine-tunes recorded it are recipe ``none``). Recipes are never averaged or
-  picked among: which one is the metric is the reader's choice, named on the command line.
-
-A transfer point is one (run, step): its error is 1 - the mean top-1 over the probe seeds (the
-draws of the k-shot train set) of that step, ``num_samples`` is the downstream val images
-(``num_test``: every draw is scored on the same images), ``probe_seeds`` the draws averaged, and
-``probe_sd`` their sd of top-1. Its interval (analysis.fit.noise) is the wider of the Wilson interval
-at the mean error on ``num_test`` images (the noise of the test set) and the t interval of the
-mean over the probe draws (the noise of which k images were drawn); the draws share one test
-set, so they are not ``seeds x num_test`` binomial trials. Runs that differ by training seed are
-then averaged as upstream points are, and their spread widens the interval as well.
-
-Rows are read leniently, as metrics lines are (analysis/README.md): a line that is not JSON, not
-an object, of an unknown kind, missing a key or with a value out of range is skipped, logged and
-listed; exact copies of a row are kept once, rows of one (dataset, shots, seed, step, recipe) that
-differ are all left out.
+Owns the metric names (`error`, `top1`, `fewshot:NAME:K`, `finetune:NAME[:RECIPE]`), the lenient
+reading of transfer rows and a point's interval (Wilson 1927 on the test set, t over the probe
+draws). Details: analysis/README.md ("Transfer metrics").
 """
 
 from __future__ import annotations

@@ -3,17 +3,8 @@
     python -m scaling.bench.decode                       # 500x375 q90, outputs 224,112,64,32
     python -m scaling.bench.decode --sizes 224 --mode eval --images 100
 
-Test images are made in memory (nothing is written unless --json is given): `shapes` drawn at
-the larger side, cut to WIDTH x HEIGHT and saved as JPEG at QUALITY, the size and quality of a
-typical ImageNet image (~500x375, q ~90). One process, one thread. Each variant decodes every
-image once per round, timed in CPU seconds of this process; rounds interleave the variants, and
-the best round is reported (a machine shared with other jobs only ever adds CPU time: cache and
-core sharing), so all variants are measured alike. Variants (scaling.data.jpeg):
-
-- `pillow`: `Image.open(...).convert("RGB")`, the whole image at full size (the reference);
-- `full`: decode_crop decoding the whole image at full size, then the crop's resize;
-- `draft`: decode_crop at the DCT scale the crop allows (the loader before row limiting);
-- `draft+rows`: also stopping after the last row the resize reads (the loader's default).
+Variants `pillow`, `full`, `draft`, `draft+rows` (scaling.data.jpeg) on JPEGs made in memory;
+how they are timed, and the results: docs/data.md ("JPEG decoding speed").
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """Where a benchmark ran and what it held: device name, software versions, peak memory, output.
 
-Peak memory of one model measured after another in the same process needs care. On a GPU,
-`torch.cuda.max_memory_allocated` counts live tensors only, so the peak while a model trains
-minus what was allocated before it was built is exactly that model's peak. On a CPU the
-resident set size is a process-wide high-water mark (`ru_maxrss` never goes down) and the
-allocator keeps freed pages for reuse, so a model built second looks smaller than it is. The
-benchmark's CPU figure is therefore allocator-level like CUDA's: the bytes of the tensors a
-model keeps between steps plus the peak one step allocates (`cpu_step_peak_bytes`). `PeakMemory`
-also gives the RSS view: it resets Linux's peak RSS (`VmHWM`, by writing "5" to
-/proc/self/clear_refs, see proc(5)) and reports the peak's increase over the resident size
-before the model was built; that figure depends on what ran before it in the process.
+Peak memory of one model measured after another in one process: CUDA's allocator counts live
+tensors only, while a CPU's resident set size is a process-wide high-water mark, so the CPU
+figure is allocator-level like CUDA's (`cpu_step_peak_bytes`) and `PeakMemory` also gives the
+RSS view. Why, and how each is taken: docs/benchmarks.md ("1. Throughput", `mem_gb`).
 """
 
 from __future__ import annotations

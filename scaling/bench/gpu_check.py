@@ -1,37 +1,10 @@
 """One command that checks the GPU path and measures it: `python -m scaling.bench.gpu_check OUT`.
 
-Made to fit one short call on a lent H100/H200 (about 8 minutes; `--budget-s`), and to keep
-working in CI: `--dry-run` runs every stage at toy sizes on a CPU. Each stage runs as its own
-subprocess with a deadline, so one failing or slow stage is reported and the rest still run.
-It writes, under OUT:
-
-    env.jsonl          torch / CUDA / driver versions, the GPU, its bf16 peak in our table and a
-                       measured bf16 8192^3 matmul rate (the practical ceiling for MFU)
-    throughput.jsonl   training-step rows (scaling.bench schema): Ti/S/B/L-16 at 224 px, bf16,
-                       ours vs transformers-sdpa and vs timm, eager and torch.compile; B/16
-                       through the DeepSpeed engine at ZeRO 0 and 2 next to bare PyTorch
-    inputs.jsonl       the input path (scaling.bench.input_grid): short real runs of S/16 and
-                       B/16 with the DeiT recipe from 224 px JPEG shards, JPEGs decoded in
-                       the loader's 8 workers or on the GPU (nvJPEG), eager or compiled:
-                       steady images/s, MFU, data_wait_fraction, compile seconds
-    fork.jsonl         a local sweep next to CUDA: whether the fork server started or the
-                       sweep fell back to one process per rank, and that the run finished
-    stages.jsonl       one row per stage: name, status (ok / failed / skipped), seconds, reason
-    report.txt         the short table printed last
-
-Order and estimated seconds on an H100 (not yet measured): env ~15, B/16 vs transformers ~25,
-fork ~35, the input grid ~350 (input_grid's doc: ~20 per eager run, ~95 per cold and ~35 per
-warm compiled run), then L/16 vs transformers ~30, ZeRO 0 and 2 ~30 each, timm, compiled
-B/16 and L/16 (~120-150 each), Ti/S. The 480 s default reaches into that last group only
-(about ZeRO 0); the input grid, the point of issue 24, goes before the older throughput
-stages, which had not fitted in 480 s together anyway (15 minutes of device time a session,
-the machine's start included: 8 minutes leave room for a partial rerun).
-
-The device machine has torch, torchvision, timm, transformers and pandas but not DeepSpeed,
-webdataset or submitit, and no network. `--fetch-wheels DIR` (run here, where pip
-reaches PyPI) downloads or builds every missing wheel into DIR, DeepSpeed as a pure-Python wheel
-whose ops are left to JIT; on the device, `--wheels DIR` installs them into a temporary site dir
-first. The command for one call of the device tool is in docs/benchmarks.md ("GPU").
+Made to fit one short call on a lent H100/H200 (`--budget-s`) and to keep working in CI
+(`--dry-run`: every stage at toy sizes on a CPU). Each stage runs as its own subprocess with a
+deadline and writes rows under OUT; `--fetch-wheels`/`--wheels` carry the packages the device
+lacks. Stages, their order and estimated seconds, OUT's files and the device tool's call:
+docs/benchmarks.md ("GPU").
 """
 
 from __future__ import annotations

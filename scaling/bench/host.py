@@ -1,33 +1,9 @@
 """Host CPU cost per trained image of the streaming input path, stage by stage, and the host
-cores one GPU needs to stay fed.
+cores one GPU needs to stay fed (docs/benchmarks.md, "4. Host cost per image").
 
     python -m scaling.bench.host                        # 256 JPEGs 500x375 q90 -> 224 px
     python -m scaling.bench.host --images 64 --rounds 2 --models B/16 --peak-tflops 756
     PYTHONPATH=BEFORE python scaling/bench/host.py      # BEFORE: a worktree of ff197da
-
-Test images are made as scaling.bench.decode makes them (`shapes` drawings saved as JPEG at
-WIDTH x HEIGHT and QUALITY, the size and quality of a typical ImageNet image) and written as
-webdataset shards to a temporary folder. One process, one torch thread; every stage runs over
-every image once per round, timed in CPU seconds of this process (and wall seconds), and the
-best round is reported (a machine shared with other jobs only ever adds time). Stages:
-
-- workers decode (`--decode-on workers`): tar read (shard parsing and the label), decode (the
-  header, the crop draw, the JPEG decoded as far as the crop needs, scaling.data.jpeg), crop
-  and resize (PIL's resize of the box, the flip, the array), collate (the loader's batch
-  tensor), hand-off (pickling the batch's Python objects from worker to trainer; tensors go
-  through shared memory) and copy preparation (pinning the batch into page-locked memory; on
-  a machine where torch has no CUDA, and so cannot pin, a copy into fresh memory stands in);
-- device decode (`--decode-on device`): tar read, header (size and crop draw), collate (the
-  bytes with boxes and flips), hand-off (the bytes pickled) and copy preparation (each JPEG
-  into a tensor, as scaling.data.device hands it to nvJPEG);
-- on the training device, timed here on the CPU: float conversion, normalisation, DeiT's
-  mixup/cutmix (alternating by batch) and label smoothing. On a GPU this is not host work.
-
-Run against the code of ff197da (before issue 24: float32 normalised in the workers, mixup on
-the host), the collate stage is that commit's `to_tensor_batch`, the copy moves float32, and
-the host also mixes. The cores table multiplies each path's CPU time per image by the images
-per second a GPU trains at `--mfu` of `--peak-tflops` (6 x forward MACs per image,
-scaling.flops). Rows are appended to `--out` (git-ignored by default, docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -1,29 +1,9 @@
 """The GPU check's input-path grid (scaling.bench.gpu_check): short real training runs of S/16
-and B/16 with the DeiT recipe (the imagenet preset's), decoding in the loader's workers or
-on the device, eager or compiled, from 224 px JPEG shards made on the spot.
-
-This module owns what the grid runs (`cells`, `shard_args`, `train_args`) and how one run's
-files become one row of OUT/inputs.jsonl (`summarise`, `steady`); gpu_check runs the
-processes. Steady state: the train rows (metrics.jsonl) are windows of LOG_EVERY steps whose
-seconds are wall time less compile, eval and checkpoint time (scaling.meter.Meter); the first
-SKIP_STEPS steps are left out (CUDA and cuBLAS start-up, and the batches the loader's workers
-queued while the first step ran or compiled: 8 workers x 2 prefetched), and one epoch covers
-the whole run (--samples-per-epoch; shards are resampled), so no worker restart falls inside.
-The steady images/s is the remaining windows' images over their seconds; MFU, TFLOP/s and
-data_wait_fraction are their means weighted by seconds.
-
-Sizing for an H100 (estimates, not yet measured: ~17,900 img/s of S/16 and ~4,690 of B/16 at
-50 % MFU, batch 256): a run costs ~15 s besides its steps (start-up and imports, the engine and
-the workers, the final eval of 256 images, B/16's 1.4 GB ZeRO-1 checkpoint and export). S/16
-runs 230 steps (59k images, ~3.3 s at 50 % MFU, ~6-10 s if 8 PIL workers cap it), B/16 110 (28k,
-~6 s). A cold compile (the training graph, then the eval graph) takes ~40-90 s; the compiled
-runs share one inductor cache (TORCHINDUCTOR_CACHE_DIR, emptied when the grid starts), so each
-size's second compiled run reads the FX graph and AOTAutograd caches and pays only dynamo's
-tracing (~10-20 s; the CPU dry run's mu/4 measured 92 s cold, 7 s warm). Per stage: shards
-~10 s, each eager run ~20 s, each compiled run ~95 s cold and ~35 s warm: ~350 s for the grid.
-gpu_check therefore runs it right after the environment, B/16 vs transformers and the fork check
-(~75 s), and the other throughput stages after it, as far as the 480 s default budget reaches
-(module doc of gpu_check).
+and B/16 with the DeiT recipe, decoding in the loader's workers or on the device, eager or
+compiled, from 224 px JPEG shards made on the spot. This module owns what the grid runs
+(`cells`, `shard_args`, `train_args`) and how one run's files become one row of
+OUT/inputs.jsonl (`summarise`, `steady`); gpu_check runs the processes. The steady-state rule
+and the sizing: docs/benchmarks.md ("GPU", stage 4).
 """
 
 from __future__ import annotations

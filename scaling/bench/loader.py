@@ -3,9 +3,8 @@
     python -m scaling.bench.loader --generate-jpeg 2000 --workers 0,1,2 --batches 20
     python -m scaling.bench.loader --data DIR --image-size 224 --workers 0,2,4,8
 
-`--generate-jpeg N` writes N shapes images at 224 px as JPEG shards (cached in --gen-dir), the
-stand-in for ImageNet-like 224 px JPEGs on a machine without ImageNet. The first batch of each
-run is not timed: it includes worker start-up and filling the shuffle buffer.
+`--generate-jpeg N` writes N shapes images at 224 px as JPEG shards (cached in --gen-dir); the
+first batch of each run is not timed. Results: docs/data.md ("Throughput").
 """
 
 from __future__ import annotations

@@ -3,14 +3,8 @@
     python -m scaling.bench --sizes Ti/16,S/16 --peer transformers [--precision bf16] [--compile]
     python -m scaling.bench --zero-memory --sizes S/16     # per-rank ZeRO state (zero.py)
 
-Throughput: per size, each implementation is built and warmed up (its peak memory measured
-then), and then timed in rounds that alternate ours and the peer in ABBA order, so that a drift
-in machine load hits both alike; rows report the median round. A step is forward, loss,
-backward and the AdamW step, on fixed random images already on the device; nothing in it reads
-a value back to the host. Timing is CUDA events around the timed steps (one synchronize at the
-end) on a GPU, the wall clock on a CPU. Achieved TFLOP/s are analytic (scaling.flops: 6 x MACs
-per image), per device, and MFU uses the device's bf16 peak. Rows follow docs/architecture.md
-(benchmark rows) and docs/benchmarks.md.
+Ours and the peer run alternating (ABBA) rounds of full training steps; TFLOP/s are analytic
+(scaling.flops), MFU uses the device's bf16 peak. Protocol, rows: docs/benchmarks.md ("1.").
 """
 
 from __future__ import annotations

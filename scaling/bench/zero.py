@@ -1,25 +1,10 @@
-"""Per-rank ZeRO model-state memory, measured, next to the ZeRO paper's accounting.
-
-ZeRO (Rajbhandari et al. 2020, Sec. 3.1 and 5.1, Fig. 1): mixed-precision Adam keeps 16 bytes
-per parameter: 2 (fp16/bf16 weights) + 2 (their gradients) + K = 12 (fp32 master weights,
-momentum, variance). Over N data-parallel ranks each rank holds
-  stage 0: 16 Psi   stage 1 (P_os): 4 Psi + 12 Psi / N   stage 2 (P_os+g): 2 Psi + 14 Psi / N
-  stage 3 (P_os+g+p): 16 Psi / N.
-
-Measured: the bytes of every tensor storage reachable from the DeepSpeed engine's module and
-optimizer objects, each byte counted once, by kind: the torch optimizer's state (momentum,
-variance), its parameters (the fp32 master copies), the module's parameters (bf16, or their
-ZeRO-3 partitions `ds_tensor`), buffers (everything else DeepSpeed holds: bucket and
-communication buffers, parameters gathered for the current layer; the paper's residual states,
-Sec. 6) and gradients (`.grad`, and DeepSpeed's gradient partitions: attribute paths naming
-"grad"). A byte seen under several kinds goes to the first in CLAIM_ORDER. Model state is
-params + grads + master params + optimizer state, taken at its peak in one step: when the last
-gradient is produced in the second backward (stage 1 still holds every full gradient then) and
-after that backward; the larger counts.
+"""Per-rank ZeRO model-state memory, measured, next to the ZeRO paper's accounting
+(Rajbhandari et al. 2020, Sec. 3.1 and 5.1, Fig. 1).
 
     python -m scaling.bench --zero-memory --sizes S/16 [--world 2]
 
-launches `--world` gloo processes of this module's worker with torchrun (OMP_NUM_THREADS=1).
+launches `--world` gloo processes of this module's worker with torchrun. What is counted, under
+which kind (CLAIM_ORDER), when the peak is taken, and the results: docs/benchmarks.md ("2. ZeRO").
 """
 
 from __future__ import annotations

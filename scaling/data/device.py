@@ -1,23 +1,10 @@
 """The training device's half of the input path: a loader's batch from the host copy to the
 model's input.
 
-Loaders hand over uint8 pixels (or, with `--decode-on device`, encoded JPEGs with their crops
-already drawn); everything that costs a pass over float pixels runs here, on the device the
-model trains on, as timm's and DeiT's loops do: a GPU does it in microseconds, while on the
-host it capped B/16 at about 12 % MFU with the DeiT recipe (docs/data.md).
-
-- Copy (`DeviceInputs.feed`): on CUDA from pinned memory, non-blocking, on a side stream, one
-  batch ahead, so the copy of batch k+1 overlaps step k; on a CPU device nothing moves.
-- Decode (`--decode-on device`): on CUDA nvJPEG through `torchvision.io.decode_jpeg` (batched),
-  then each image's box cropped and resized by `torchvision.ops.roi_align` (bilinear, averaging
-  ceil(box / size) samples per output pixel when it shrinks) and mirrored; on a CPU device the
-  workers' own decoder (`scaling.data.transforms.apply_crop`), so a CPU run gives the same
-  numbers with either setting. A corrupt image is skipped and its slot refilled from the batch
-  exactly as the workers do (scaling.data.loader).
-- Crop of in-memory data (`crop_batch`): one `grid_sample` for the batch (scaling.data.memory).
-- Float, normalise (`normalize`), then per micro-batch mixup/cutmix and label smoothing
-  (`Mixing`, scaling.data.transforms.mixup_cutmix) from a generator seeded by (seed, step,
-  rank, micro-batch): resume-exact, nothing to save.
+The copy (pinned, one batch ahead), JPEG decoding with `--decode-on device`, in-memory crops,
+normalisation and seeded mixup/cutmix run here, on the device the model trains on, as in timm's
+and DeiT's loops: a GPU does them in microseconds, where host cores cap a large model's MFU.
+Spec and figures: docs/data.md, "On the device".
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """Index existing webdataset shards where they are: `make_shards --from webdataset`.
 
-Nothing is copied: dataset.json (format 2, info.py) lists each shard by URL (an absolute path,
-``pipe:CMD`` or a remote URL, `urls.py`) with its sample count, and says which members hold the
-image and the label (`keys`). Counts come from a scan of every shard (parallel, with progress on
-stderr; it also hashes the bytes it reads and collects the labels) or, when the shards'
-directory holds one, from an index file (`indexfiles.py`: wids, timm, open_clip, img2dataset).
-The first shard's first samples are read before anything else: wrong --image-key or
---label-key is said at once, not after a scan of the whole split.
-
-The scan is skipped only when an index gives every count and the classes are known (--classes):
-labels can only be learnt by reading. When both exist they must agree (a stale index fails,
-naming the shard). Either way, every full read of a shard during training checks its count.
+Nothing is copied: dataset.json (format 2, info.py) lists each shard by URL (urls.py) with its
+sample count and the members that hold image and label. Counts come from a scan of every shard or
+an index file (indexfiles.py); the first samples are read first, so a wrong key is said at once.
+docs/data.md, "Bringing existing datasets".
 """
 
 from __future__ import annotations

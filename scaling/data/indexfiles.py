@@ -1,12 +1,9 @@
 """Sample counts of existing webdataset shards from the index files beside them, when there
-are any (`make_shards --from webdataset` then need not read every shard to count it):
+are any (`make_shards --from webdataset` then need not read every shard to count it).
 
-- ``shardindex.json``: webdataset's `wids` index (``{"wids_version": 1, "shardlist": [{"url",
-  "nsamples", "filesize"}]}``, URLs relative to the file);
-- ``_info.json``: timm's (``{"splits": {NAME: {"filenames": [...], "shard_lengths": [...]}}}``,
-  as in timm/imagenet-1k-wds);
-- ``sizes.json``: open_clip's / LAION's ``{"00000.tar": 9876, ...}``;
-- ``NAME_stats.json`` next to each shard: img2dataset's, whose ``successes`` is the count.
+Conventions read: webdataset's wids `shardindex.json`, timm's `_info.json`, open_clip's /
+LAION's `sizes.json`, img2dataset's `NAME_stats.json`. Formats: docs/data.md, "Counts: scan or
+index file".
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
 """`dataset.json`: the description of a shard directory, and its verification.
 
-A shard directory holds ``{split}-%06d.tar`` webdataset shards and one ``dataset.json`` (schema in
-docs/architecture.md, "Data contract"; each shard entry also carries ``bytes``, its file size).
-`load_dataset_info` reads and checks it before training starts, so that a missing or damaged
-shard is reported with its path instead of surfacing as a crash hours into a run.
-
-Hashing a 150 GB ImageNet copy takes minutes, so sha256 results are cached in
-``DIR/.sha256-cache.json`` keyed by (size, mtime_ns, inode, ctime_ns): a shard is hashed once per
-change, and ``verify="size"`` skips hashing altogether (existence and byte size only). ctime is
-in the key because an in-place edit that restores size and mtime (``os.utime``) cannot restore
-it: the kernel sets ctime on every write and every utime.
-
-Shard entries written since labels were checked at write time also record ``label_min`` and
-``label_max``; a dataset whose recorded labels fall outside ``[0, num_classes)`` is rejected when
-it is parsed, before any shard is read.
-
-Format 2 (``make_shards --from webdataset``: shards indexed where they are) adds a ``url`` to
-each shard entry (an absolute path, ``pipe:CMD`` or a remote URL; `ShardInfo.path` is then that
-path, or the URL string itself) and a ``keys`` object: the image extensions to try, in order,
-and the label (``cls``-style member or ``json:FIELD``). Its ``sha256`` may be null (counts from
-an index file). Remote shards are verified by size (a HEAD request, an fsspec stat; nothing for
-``pipe:``) unless verify="sha256" asks for their hash too; their sample counts are checked on
-every full read, as for local shards.
+`load_dataset_info` reads and checks it (shards present, sizes, cached sha256, label ranges)
+before training starts, so that a missing or damaged shard is reported with its path instead of
+surfacing as a crash hours into a run. Formats 1 and 2 (indexed shards, by URL): docs/data.md,
+"Checking a dataset" and "`dataset.json` format 2"; schema in docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """Decoding a JPEG only as far as a crop needs it: at a reduced DCT scale, and down to its last row.
 
-Two reductions, both chosen from the crop box (in the stored image's pixels) and the output size,
-after the box was drawn, so the random stream and the crop distribution do not change:
-
-- **Scale** (`Image.draft`, libjpeg's DCT scaling): the largest s in 8, 4, 2, 1 with
-  `min(box width, box height) >= s * size`, so the box still has at least `size` pixels in each
-  direction at 1/s and the final resize stays a downscale (or the identity). The reduced image's
-  pixel i covers stored pixels [s*i, s*(i+1)), so the box maps to the reduced image as box / s
-  (Pillow's own `draft` box). Not bit-exact: libjpeg's scaled IDCT is a different low-pass than
-  the resize filter's antialiasing (docs/data.md measures the difference).
-- **Rows** (bit-exact): libjpeg decodes a sequential JPEG top to bottom, and a scanline does not
-  depend on the rows below it except through the chroma upsampling of the last row. Writing a
-  smaller height into the SOF marker makes it stop after the rows the resize filter reads (plus
-  a margin of two rows), and the rows it produces equal the full decode's. Bytes after that
-  point are not decoded, so damage there goes unnoticed: callers that must reject every damaged
-  image (strict loaders) pass `rows=False`. Progressive, arithmetic-coded and lossless JPEGs are
-  decoded in full.
+Both reductions are chosen from the crop box and the output size after the box was drawn, so the
+random stream and the crop distribution do not change. The reduced DCT scale (`Image.draft`) is
+not bit-exact; the row cut (a smaller height in the SOF marker) is, but leaves damage below the
+cut unseen, so strict loaders pass `rows=False`. Rules, speed, accuracy: docs/data.md, "JPEG
+decoding speed".
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
 """Every label in range before training starts, for data whose dataset.json records no ranges.
 
-`make_shards` records each shard's checked ``label_min`` / ``label_max`` and `info.py` rejects
-a dataset whose recorded ranges fall outside ``[0, num_classes)`` when it parses dataset.json.
-Shards written before those fields existed (format 1 without them) were unchecked: a label out
-of range stopped a run with a traceback when the loader first met it, in streaming mode after
-minutes of training. `check_labels` reads such shards' labels up front (once per change of a
-shard: the result is kept in the hash cache beside the sha256 entries, keyed the same way).
-
-Indexed shards (format 2) without ranges were indexed from an index file with --classes, by
-choice without a scan (possibly remote: a scan is a download); the loaders check their labels
-as they read them.
+Shards written before `label_min` / `label_max` existed were never checked; `check_labels` reads
+such shards' labels up front (caching each shard's range beside the sha256 entries) instead of
+letting an out-of-range label stop a run minutes in. docs/data.md, "Making shards".
 """
 
 from __future__ import annotations

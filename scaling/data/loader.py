@@ -1,30 +1,9 @@
 """Webdataset loaders: resampled training epochs with exact resume, exactly-once evaluation.
 
-Training follows open_clip (`data.py`, `ResampledShards2`): exact epochs over shards split across
-ranks and workers are ill-defined when shard counts do not divide evenly, so each (rank, worker)
-draws shards with replacement, reads them through a shuffle buffer, and an "epoch" is a fixed
-number of samples. Every random choice comes from a seed derived from (seed, epoch, rank, worker)
-or (seed, epoch, rank, batch index), computed inside the worker, so the epoch counter reaches
-every worker (a fresh DataLoader iterator per epoch, persistent workers off; open_clip uses a
-shared `SharedEpoch` value instead).
-
-Resume: the DataLoader hands out batches round-robin over workers (`in_order=True`), so batch
-`i` of an epoch is the `i // W`-th batch of worker `i % W`. A loader resumed at `start_step=k`
-lets DataLoader worker `j` play worker `(j + k) % W`, which first skips its batches before `k` as
-raw tar samples (no decoding), and augments each batch with a seed of its global index. Batches
-`k..` therefore equal those of an uninterrupted epoch. A corrupt image is skipped, counted in
-`skipped`, and its slot refilled from the same batch, so every batch consumes exactly
-`batch_size` raw samples and resume stays exact even on damaged data.
-
-Every full read of a shard is counted against dataset.json (shardread.py): a shard that ends
-early (a damaged tar header) or cannot be read raises DataError naming it, strict or not.
-
-Evaluation splits the val shards over ranks (and workers); with fewer shards than ranks it splits
-samples by index modulo (ranks x workers) instead. Every sample is seen once, none padded.
-
-Batches are uint8 (B, 3, H, W): a quarter of float32's bytes through the worker queues and the
-copy to the device, where scaling.data.device normalises and mixes. With decode_on="device" the
-workers read only each image's header, draw its crop and flip, and hand over the encoded bytes.
+Training follows open_clip (`data.py`, `ResampledShards2`): each (rank, worker) draws shards
+with replacement, every random choice seeded inside the worker, and a resumed epoch skips its
+first batches undecoded, so it yields exactly the batches of an uninterrupted one. Batches are
+uint8; scaling.data.device turns them into model inputs. Spec: docs/data.md, "Loading".
 """
 
 from __future__ import annotations

@@ -1,23 +1,10 @@
 """Write webdataset shards + dataset.json from an ImageFolder tree, CIFAR, parquet, digits or
-shapes, or index existing webdataset shards in place (nothing copied).
+shapes, or index existing webdataset shards in place (nothing copied). Every source and flag:
+docs/data.md, "Making shards" and "Bringing existing datasets".
 
     python -m scaling.data.make_shards --from shapes --out data/shapes32 --num-samples 20000
-    python -m scaling.data.make_shards --from cifar --src cifar-10-python.tar.gz --out data/c10
     python -m scaling.data.make_shards --from imagefolder --src train/ --val-src val/ --out in1k
-    python -m scaling.data.make_shards --from parquet --src 'hf/data/train-*.parquet' \
-        --val-src 'hf/data/validation-*.parquet' --out data/hf
-    python -m scaling.data.make_shards --from webdataset --out data/in1k-wds \
-        --src 'in1k/imagenet1k-train-{0000..1023}.tar' \
-        --val-src 'in1k/imagenet1k-validation-{00..63}.tar'
-
-Unreadable images are skipped, counted and listed in dataset.json ("skipped") unless --strict.
-
-Launchers call `make_builtin_shards("digits" | "shapes", out, ...)`, which reuses an existing
-dataset with the same arguments and serialises concurrent callers with a file lock.
-
-A build goes into a staging sibling of OUT and replaces OUT only when complete (writer.py): a
-failed rebuild leaves the previous dataset usable. The lock is a sibling file too
-(``.OUT.make_shards.lock``), since OUT itself is replaced.
+    python -m scaling.data.make_shards --from webdataset --src 'in/{0000..1023}.tar' --out in1k
 """
 
 from __future__ import annotations

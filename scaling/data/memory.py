@@ -1,30 +1,10 @@
 """In-memory loaders for small data sets: decode every image once, then batch tensors.
 
-Streaming (scaling.data.loader) decodes every sample on every visit. For the tiny images of the
-built-in data sets that costs ~0.4 ms of Python per sample (tar parsing, PNG decoding, one PIL
-crop), several times a micro model's training step: a one-minute CPU demo run spent 47 % of its
-wall time waiting for batches and 15 % evaluating (docs/benchmarks.md). A split whose decoded
-pixels fit in `MEMORY_LIMIT_BYTES` is therefore read once into a uint8 tensor per rank, when
-the run reads the split at least once (`use_memory`).
-
-- Train: epoch e is a permutation of the split drawn from (seed, epoch) (several, chained, when
-  an epoch holds more samples than the split), cut into global batches of batch_size x
-  world_size images; rank r takes its slice of each. Global batch k, augmentation included,
-  depends on (seed, epoch, k) only: a resume at step k is exact, and the run does not depend on
-  the world size (nor on data_order). The random-resized crop boxes and flips follow the
-  streaming loader's algorithm (`random_resized_crop_boxes`, vectorised); a batch holds the
-  stored uint8 images with their boxes and flips ("crop_box", "flip"), and on the training
-  device one bilinear `grid_sample` applies them to the whole batch
-  (scaling.data.device.crop_batch): the sampling geometry of PIL's bilinear resize with a box
-  (output pixel centres mapped into the box), without PIL's antialiasing when a crop is
-  shrunk (crops of small images are enlarged: there the two agree to within one grey level,
-  tests/test_data_memory.py).
-- Eval: the deterministic centre crop is PIL's (`decode_crop`, as streaming), computed once;
-  rank r evaluates samples r, r + world_size, ... (every sample once over all ranks).
-- A corrupt image or label is skipped when the split is read (DataError when strict); the
-  train skips are reported once, in batch 0 of epoch 0, so a resumed run does not count them
-  twice. The split is read once, so that read is where each shard's sample count is checked
-  against dataset.json (shardread.py): a short shard raises DataError naming it.
+A split whose decoded pixels fit in `MEMORY_LIMIT_BYTES` is read once into a uint8 tensor per
+rank, because streaming re-decodes every sample on every visit, several times a micro model's
+step for tiny images. Batch k depends on (seed, epoch, k) only: exact resume, no dependence on
+the world size; crops are applied on the device (scaling.data.device.crop_batch).
+Spec and measurements: docs/data.md, "In-memory data for small data sets".
 """
 
 from __future__ import annotations

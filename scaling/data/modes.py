@@ -1,17 +1,8 @@
 """Any PIL image mode to 8-bit RGB, as an image viewer shows it.
 
-`Image.convert("RGB")` is wrong for two kinds of input that ImageFolder trees do hold:
-
-- 16-bit greyscale PNGs (mode ``I;16``, or ``I`` in older Pillow): convert clips every value
-  above 255, so a 16-bit image is stored near-white. They are scaled to 8 bits (v / 257,
-  rounded: the inverse of the usual 8 -> 16 bit expansion v * 257).
-- transparency (``RGBA``, ``LA``, ``PA``, a palette or grey PNG with a ``tRNS`` colour): convert
-  drops alpha and shows whatever colour the transparent pixels happen to hold (often black).
-  Images are composited over `BACKGROUND` (white, as on a web page) instead.
-
-Other modes (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ...) convert as Pillow does (CMYK
-without an ICC profile: Pillow's naive formula). 32-bit float images (``F``) have no defined
-value range and are refused, as are ``I`` images with values outside 0..65535.
+`Image.convert("RGB")` clips 16-bit greyscale to near-white and drops alpha; here 16-bit images
+are scaled to 8 bits and transparency is composited over `BACKGROUND` (white).
+Every mode's rule: docs/data.md, "Making shards" (Image modes).
 """
 
 from __future__ import annotations

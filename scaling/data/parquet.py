@@ -1,16 +1,9 @@
 """Parquet image datasets (the Hugging Face hub's layout) as a `make_shards` source.
 
-A hub image-classification set is a list of parquet files (``train-00000-of-00004.parquet``,
-...) with an ``image`` struct column (``bytes``, ``path``) and an integer ``label`` column; the
-class names are in the schema's ``huggingface`` metadata (``info.features.label.names``), else
-they come from --classes or the labels seen (0 .. max). They are converted to shards: the
-encoded bytes are kept when they need no re-encoding (fully decoded once, as for ImageFolder).
-
-Reading one row costs reading its row group, so items are ordered for locality: training rows
-are shuffled inside windows of consecutive row groups (row groups in a seeded random order,
-each window holding at least one shard's worth of rows), so a shard touches the row groups of
-at most two windows, and each worker keeps the image columns of its last few row groups in a
-small cache. Val rows keep their order.
+Rows are converted to shards (bytes kept when they need no re-encoding), so training reuses the
+shard loaders. Reading a row costs reading its row group, so training rows are shuffled within
+windows of row groups and each worker caches its last few row groups.
+Layout, flags and measurements: docs/data.md, "Parquet (Hugging Face hub layout)".
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """`shapes`: a procedural image-classification dataset, deterministic per (seed, split, index).
 
-Ten classes of shapes and textures drawn with a random position, size, rotation, aspect ratio and
-colours on a gradient background, with small distractor specks and pixel noise. Colour and
-position carry no label information, and at low resolution the classes blur into each other
-(star vs cross vs circle, stripes vs checker), so accuracy keeps rising with model size and
-compute instead of saturating at once; see docs/data.md for baselines.
-
-Each sample is drawn from its own generator seeded by (seed, split, index), so any sample can be
-made alone, in any order, in any process, at any resolution, for any number of samples.
-
-`difficulty` (0..1, default 1) scales every nuisance toward a canonical image: colours toward a
-light grey shape on a dark grey ground, centre toward the middle, radius toward 0.3, rotation,
-aspect, specks, gradient and pixel noise toward none. 1 draws exactly the images above; 0 is a
-plain upright shape, which any model learns at once. The same random draws are made at every
-difficulty, so sample i differs between difficulties only in how far each nuisance is applied.
+Ten classes of shapes and textures with nuisances (position, size, rotation, colours, specks,
+noise) that carry no label information, so accuracy keeps rising with model size and compute
+instead of saturating at once; `difficulty` (0..1) scales every nuisance. Each sample has its own
+generator, so any sample can be made alone, in any order, at any resolution.
+Classes and baselines: docs/data.md, "The `shapes` dataset".
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """Shard reading with a sample count: a shard that ends early is an error, never silence.
 
-Python's tarfile treats an invalid header after the first as the end of the archive, so a shard
-damaged in place (size and mtime kept, so the sha256 cache once trusted it) read as a shorter
-one: a run trained on 38 % of its data reported `skipped_samples: 0`. Every full read of a shard
-here counts its samples and compares them with the count dataset.json lists; fewer (or more), or
-a tar error part-way, raises DataError naming the shard and both counts. Corrupt images inside
-an intact tar are the loaders' business (skipped and counted, or DataError when strict).
-
-Shards are opened by `urls.open_url` (local files, `pipe:`, http(s), fsspec) and parsed by
-webdataset's own tar iterator and key grouping. A remote shard whose open or read fails is
-re-read `urls.RETRIES` times with exponential back-off, the samples already delivered skipped
-(so the stream is the same as without the failure); after that it is a DataError naming the
-URL. A local shard is never retried (its errors are not transient), nor a count mismatch, nor
-what cannot succeed (an HTTP 4xx, a `pipe:` command that fails before any output).
+Python's tarfile takes an invalid header for the end of the archive, so a damaged shard read as a
+short one; every full read here counts its samples against dataset.json and raises DataError
+naming the shard. A remote shard that fails is re-read with back-off (`urls.RETRIES`), skipping
+what was delivered. docs/data.md, "Per-shard counts" (in "Loading") and "Remote shards".
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Image transforms with PIL, numpy and torch only (no torchvision), and DeiT's mixup/cutmix.
 
-Train: random-resized-crop + optional horizontal flip; eval: resize + centre crop. Both are one
-`Image.resize(..., box=...)` call on an image decoded only as far as the box needs
-(scaling.data.jpeg): a JPEG at 1/2, 1/4 or 1/8 DCT scale (`Image.draft`) whenever the box still
-has at least the output resolution there, and only down to the last row the resize reads.
-The box and flip are drawn from the stored size alone (`plan_crop`), so a worker can hand the
-encoded bytes with them to the training device, which decodes there (scaling.data.device).
-Batches leave the loaders as uint8 (`collate_uint8`); float conversion, normalisation and
-mixup/cutmix happen on the training device (scaling.data.device).
+Train: random-resized crop + optional flip; eval: resize + centre crop; both one
+`Image.resize(..., box=...)` on an image decoded only as far as the box needs (scaling.data.jpeg).
+The box and flip are drawn from the stored size alone (`plan_crop`), so encoded bytes can go to
+the device; float conversion, normalisation and mixup/cutmix run there (scaling.data.device).
+docs/data.md, "Transforms".
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
 """Shard URLs: patterns, opening, sizes; local paths, `pipe:` commands and remote objects.
 
-What a URL may be (docs/data.md, "Bringing existing shards"):
-
-- a local path (absolute after `normalize`), or ``file://PATH``;
-- ``pipe:CMD`` (the shell command's stdout is the shard) and ``http(s)://`` (urllib), opened
-  here so that a failure says what failed ("command exited 1", "HTTP 404 Not Found": UrlFailed)
-  and is retried only when trying again can help;
-- a URL of webdataset's other `gopen` schemes (``gs://`` through ``gsutil`` when gcsfs is not
-  installed, ``ais://``, ``hf://``, ...);
-- an fsspec URL (``s3://``, ``gs://``, ``az://``, ...) when the matching fsspec backend (s3fs,
-  gcsfs, adlfs) is installed.
-
-Patterns are expanded by webdataset's own `expand_urls` (``::`` lists, ``$WDS_*`` variables,
-brace ranges such as ``{0000..1023}``); a local pattern may also hold shell wildcards (sorted).
+`pipe:` and http(s) shards are opened here so that a failure says what failed (`UrlFailed`) and
+is retried only when trying again can help; other schemes go through webdataset's `gopen` or
+fsspec. URLs and patterns: docs/data.md, "Remote shards: `pipe:`, http(s), fsspec".
 """
 
 from __future__ import annotations

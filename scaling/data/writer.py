@@ -1,19 +1,9 @@
 """Atomic webdataset shard writing and the final `dataset.json`.
 
-A source gives, per split, a list of picklable items and one module-level `load` function that
-turns an item into a PIL image (or already-encoded bytes) and a label. The writer cuts the item
-list into shards, encodes them (in a process pool when asked) and writes each shard to a temporary
-name, fsyncs it and renames it; `dataset.json` is written last, the same way.
-
-The whole dataset is built in a hidden sibling directory (``.OUT.build-TOKEN``) and swapped in
-for OUT only when complete (one atomic `renameat2(RENAME_EXCHANGE)` where the file system has
-it, else two renames), so a build that fails or is killed leaves the previous dataset in OUT
-intact and usable. Because the swap replaces the whole directory, OUT must hold nothing but a
-dataset (`check_out_dir`); a killed build's sibling is removed by the next locked build
-(`remove_stale_builds`).
-
-Tar members get fixed metadata (mtime 0, uid 0, mode 0o444), so a shard's sha256 depends only on
-its samples: the same arguments and seed give byte-identical shards.
+A source gives, per split, picklable items and a module-level `load` (item -> image, label); the
+writer cuts them into shards with fixed tar metadata (same arguments and seed, same bytes) and
+builds the dataset in a hidden sibling of OUT that replaces OUT only when complete, so a failed
+or killed build leaves the previous dataset usable. docs/data.md, "Making shards".
 """
 
 from __future__ import annotations
