@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: RESULTS/figures)")
     p.add_argument("--metric", default="error",
-                   help="y axis: upstream top-1 error (log axis) or top1 accuracy, or a "
+                   help="y axis: upstream top-1 error (log axis), top1 accuracy, loss (eval "
+                        "cross-entropy, nats), or a "
                         "transfer error: fewshot:NAME:K (K-shot probe on downstream set NAME) "
                         "or finetune:NAME (default: error)")
     p.add_argument("--x", choices=sorted(X_COLUMNS), default="flops",

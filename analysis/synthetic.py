@@ -20,6 +20,9 @@ from scaling.flops import flops_for_images, images_for_flops
 from scaling.results import append_metrics, append_transfer, iter_run_dirs, read_metrics, write_json
 
 TRUE_LAW = {"a": 4.0e4, "b": 0.3, "c": 0.05, "d": 5.0e15}
+# An eval's loss is LOSS_PER_ERROR x its error (so --metric loss follows the law scaled by it),
+# and the sd of its per-image losses LOSS_SD x its loss (eval rows' loss_sd).
+LOSS_PER_ERROR, LOSS_SD = 2.5, 1.2
 # (model, params, forward MACs per image): ViT paper Table 1 shapes, 224px, as in
 # tests/data/vit_sizes.csv.
 SIZES = (("Ti/16", 5_717_416, 1.26e9), ("S/16", 22_050_664, 4.61e9),
@@ -73,8 +76,9 @@ def _evals(macs: float, c_opt: float, rng, *, n: int, noise: float, penalty: flo
     for i, (im, fl, e) in enumerate(zip(images, flops, err)):
         rows.append({"kind": "eval", "step": (i + 1) * 100, "epoch": float(im) / 1e6,
                      "images_seen": int(im), "flops_seen": float(fl), "wall_s": 3600.0 * fl / 1e18,
-                     "loss": float(2.5 * e), "top1": float(1 - e), "top5": float(1 - e / 3),
-                     "num_samples": 50_000})
+                     "loss": float(LOSS_PER_ERROR * e), "top1": float(1 - e),
+                     "top5": float(1 - e / 3), "num_samples": 50_000,
+                     "loss_sd": float(LOSS_SD * LOSS_PER_ERROR * e)})
     return rows
 
 
@@ -150,8 +154,8 @@ def _budget_evals(params, macs, budget, rng, *, noise: float, batch: int = 256) 
         err = float(np.clip(err, 1e-4, 0.999))
         rows.append({"kind": "eval", "step": step, "epoch": images / 1.28e6,
                      "images_seen": images, "flops_seen": flops, "wall_s": flops / 1e15,
-                     "loss": 2.5 * err, "top1": 1 - err, "top5": 1 - err / 3,
-                     "num_samples": 50_000})
+                     "loss": LOSS_PER_ERROR * err, "top1": 1 - err, "top5": 1 - err / 3,
+                     "num_samples": 50_000, "loss_sd": LOSS_SD * LOSS_PER_ERROR * err})
     return rows
 
 

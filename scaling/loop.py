@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import queue
 import threading
 from collections.abc import Iterator
@@ -170,7 +171,8 @@ def is_stop_boundary(step: int, every: int, evals: set[int], ckpt_every: int,
 
 @torch.no_grad()
 def evaluate(engine, loader, inputs: DeviceInputs, dtype: torch.dtype) -> dict:
-    """Loss, top-1 and top-5 over the val split, summed over ranks; `inputs` turns each uint8
+    """Loss, top-1 and top-5 over the val split, summed over ranks, and the per-image loss's
+    sample sd (`loss_sd`: the analysis's interval on the mean loss); `inputs` turns each uint8
     (or encoded) batch into normalised images on the device (scaling.data.device).
 
     Ranks may hold different numbers of batches; they step in lockstep and a rank that has run
@@ -179,7 +181,7 @@ def evaluate(engine, loader, inputs: DeviceInputs, dtype: torch.dtype) -> dict:
     """
     device = inputs.device
     engine.eval()
-    sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, samples
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, samples, squared losses
     it, dummy = iter(inputs.feed((b, 0) for b in loader)), None
     while True:
         batch = next(it, (None, 0))[0]
@@ -195,12 +197,24 @@ def evaluate(engine, loader, inputs: DeviceInputs, dtype: torch.dtype) -> dict:
         logits = engine(images.to(dtype)).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == labels[:, None]
-        sums[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none").double()
+        total, squares = torch.stack([losses.sum(), losses.square().sum()]).tolist()  # one sync
+        sums[0] += total
+        sums[4] += squares
         sums[1] += hits[:, 0].sum().item()
         sums[2] += hits.any(dim=1).sum().item()
         sums[3] += len(labels)
     engine.train()
-    loss, top1, top5, n = dist.all_reduce_sum(sums, device)
+    loss, top1, top5, n, squares = dist.all_reduce_sum(sums, device)
     if n == 0:
         raise RuntimeError("evaluation saw no samples")
-    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "num_samples": int(n)}
+    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "num_samples": int(n),
+            "loss_sd": loss_sd(loss, squares, n)}
+
+
+def loss_sd(total: float, squares: float, n: float) -> float | None:
+    """The sample sd of n per-image losses from their sum and sum of squares (None for n < 2);
+    summed in float64, so the cancellation in squares - total^2 / n is harmless at eval sizes."""
+    if n < 2:
+        return None
+    return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1))

@@ -54,6 +54,7 @@ TIMING_KEYS = ("wall_s", "images_per_s", "tflops", "mfu", "mem_gb", "data_wait_f
 # the loader, not the model (the run warns, the sweep summary and the analysis name it).
 INPUT_BOUND = 0.10
 EVAL_KEYS = COMMON_KEYS + ("loss", "top1", "top5", "num_samples")
+EVAL_OPTIONAL = ("loss_sd",)  # eval-row keys absent in older rows
 TRANSFER_KEYS = ("kind", "dataset", "shots", "seed", "top1", "step", "images_seen", "flops_seen",
                  "num_train", "num_test")
 # A fine-tune row (scaling.finetune) is one per fine-tune run: no shots, `seed` the fine-tune's.

@@ -164,7 +164,7 @@ def _eval_frame(run: dict, evals: list[dict]) -> pd.DataFrame:
     """The eval rows of one run as a DataFrame with the run's columns repeated."""
     df = pd.DataFrame(evals).reindex(columns=["step", "epoch", "images_seen", "flops_seen",
                                               "wall_s", "top1", "top5", "loss",
-                                              "num_samples"])
+                                              "num_samples", "loss_sd"])
     df = df.astype(float).sort_values(["step", "images_seen"], kind="stable")
     for key in EVAL_COLUMNS:
         if key in run and key not in df:

@@ -1,5 +1,6 @@
 """Measurement noise: binomial intervals on every eval point (the Wilson score interval, Wilson
-1927), and the runs of one recipe (seeds) averaged into one point with their spread.
+1927; for a mean of per-image values such as --metric loss, the t interval from their sd), and
+the runs of one recipe (seeds) averaged into one point with their spread.
 
 Why these intervals and how they combine (transfer points' `probe_half` included):
 analysis/README.md ("Measurement noise and seeds").
@@ -18,6 +19,10 @@ GROUP = ("recipe", "step")
 _FIRST = ("sweep", "run_id", "run", "model", "size", "patch", "params", "macs_per_image",
           "budget", "lr", "batch_size", "epoch")
 _MEAN = ("images_seen", "flops_seen", "wall_s", "device_hours", "top1", "top5", "loss", "error")
+# A table with this column holds means of per-image values (--metric loss: `error` is the mean
+# eval loss, SD_COLUMN the per-image sd behind it), not proportions: a point's interval is the
+# t interval of the mean (mean_interval) in the wilson_lo/hi columns, and nothing is capped at 1.
+SD_COLUMN = "value_sd"
 
 
 def _z(level: float) -> float:
@@ -43,6 +48,27 @@ def wilson_interval(p, n, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]
     return lo, hi
 
 
+def mean_interval(mean, sd, n, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """t interval of a mean of n per-image values with sample sd `sd` (arrays broadcast):
+    mean +- t_{n-1} sd / sqrt(n), the lower end floored at 0 (losses are >= 0). NaN where sd is
+    missing or negative or n < 2."""
+    mean, sd, n = (np.asarray(v, dtype=float) for v in (mean, sd, n))
+    _z(level)  # the same check of `level`
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half = stats.t.ppf(0.5 + level / 2, np.where(n >= 2, n - 1, np.nan)) * sd / np.sqrt(n)
+    bad = ~((sd >= 0) & (n >= 2) & np.isfinite(mean))
+    return (np.where(bad, np.nan, np.maximum(mean - half, 0.0)),
+            np.where(bad, np.nan, mean + half))
+
+
+def point_interval(error, n, sd=None, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """One eval point's interval: Wilson on a proportion, or mean_interval when `sd` (the
+    SD_COLUMN of a table of means) is given."""
+    if sd is None:
+        return wilson_interval(error, n, level)
+    return mean_interval(error, sd, n, level)
+
+
 def _seed_spread(ev: pd.DataFrame, grouped, level: float) -> pd.DataFrame:
     """Per group: the t interval of the mean error across its seeds (seed_lo, seed_hi) and the
     sd of log-error (log_err_sd); NaN for one seed, and for a group with a NaN error."""
@@ -57,8 +83,9 @@ def _seed_spread(ev: pd.DataFrame, grouped, level: float) -> pd.DataFrame:
     with np.errstate(divide="ignore", invalid="ignore"):
         log_err = np.log(ev["error"].where(ev["error"] > 0))
     log_sd = log_err.groupby([ev[c] for c in GROUP], sort=False, dropna=False).std(ddof=1)
+    cap = np.inf if SD_COLUMN in ev else 1.0  # a mean loss has no ceiling
     return pd.DataFrame({"seed_lo": np.where(ok, np.maximum(mean - half, 0.0), np.nan),
-                         "seed_hi": np.where(ok, np.minimum(mean + half, 1.0), np.nan),
+                         "seed_hi": np.where(ok, np.minimum(mean + half, cap), np.nan),
                          "log_err_sd": np.where(ok & positive, log_sd.to_numpy(), np.nan)})
 
 
@@ -106,7 +133,7 @@ def aggregate_seeds(evals: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
     agg = {c: (c, "first") for c in _FIRST if c in ev}
     agg |= {c: (c, "mean") for c in _MEAN if c in ev}
     for col, how in (("num_samples", "min"), ("is_final", "all"), ("probe_seeds", "min"),
-                     ("probe_sd", "mean"), ("probe_half", "mean")):
+                     ("probe_sd", "mean"), ("probe_half", "mean"), (SD_COLUMN, "mean")):
         if col in ev:
             agg[col] = (col, how)
     agg["n_seeds"] = ("error", "size")
@@ -124,7 +151,7 @@ def aggregate_seeds(evals: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
     out = out.reset_index()
     out = pd.concat([out, _seed_spread(ev, grouped, level)], axis=1)
     n = out.get("num_samples", np.nan)
-    out["wilson_lo"], out["wilson_hi"] = wilson_interval(out["error"], n, level)
+    out["wilson_lo"], out["wilson_hi"] = point_interval(out["error"], n, out.get(SD_COLUMN), level)
     out["err_lo"] = np.fmin(out["wilson_lo"], out["seed_lo"])
     out["err_hi"] = np.fmax(out["wilson_hi"], out["seed_hi"])
     if "probe_half" in out:  # a transfer metric: the draws of the k-shot set
@@ -135,12 +162,12 @@ def aggregate_seeds(evals: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
 
 def with_intervals(points: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
     """`points` with err_lo/err_hi (and n_seeds = 1) filled in where they are missing: raw eval
-    rows (failed runs' points) get their Wilson interval."""
+    rows (failed runs' points) get their Wilson (or mean_interval) interval."""
     pts = points.copy()
     if "n_seeds" not in pts:
         pts["n_seeds"] = 1
     n = pts.get("num_samples", np.nan)
-    lo, hi = wilson_interval(pts["error"], n, level)
+    lo, hi = point_interval(pts["error"], n, pts.get(SD_COLUMN), level)
     for col, val in (("err_lo", lo), ("err_hi", hi)):
         pts[col] = pts[col].fillna(pd.Series(val, index=pts.index)) if col in pts else val
     return pts

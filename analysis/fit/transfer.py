@@ -2,9 +2,10 @@
 points against pre-training compute, so that they go through the frontier, the fit, the IsoFLOP
 profiles and the summaries exactly as the upstream error does.
 
-Owns the metric names (`error`, `top1`, `fewshot:NAME:K`, `finetune:NAME[:RECIPE]`), the lenient
-reading of transfer rows and a point's interval (Wilson 1927 on the test set, t over the probe
-draws). Details: analysis/README.md ("Transfer metrics").
+Owns the metric names (`error`, `top1`, `loss`, `fewshot:NAME:K`, `finetune:NAME[:RECIPE]`),
+the upstream loss as a metric (loss_evals), the lenient reading of transfer rows and a point's
+interval (Wilson 1927 on the test set, t over the probe draws). Details: analysis/README.md
+("Transfer metrics", "Measurement noise and seeds").
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.fit.noise import LEVEL
+from analysis.fit.noise import LEVEL, SD_COLUMN
 from analysis.load.tables import EVAL_COLUMNS, STATUS_RUNNING
 from scaling.results import TRANSFER_FILE, iter_run_dirs
 
-UPSTREAM = ("error", "top1")
+UPSTREAM = ("error", "top1", "loss")
 KINDS = ("fewshot", "finetune")
 # Keys every row needs (shots and seed too for few-shot rows; a fine-tune row's seed defaults
 # to 0 and its shots are not used).
@@ -69,12 +70,13 @@ class Metric:
         if self.kind == "finetune":
             recipe = f" (recipe {self.recipe})" if self.recipe else ""
             return f"Fine-tuned {self.dataset} error{recipe}"
-        return "Top-1 error" if self.text == "error" else "Top-1 accuracy"
+        return {"error": "Top-1 error", "top1": "Top-1 accuracy",
+                "loss": "Eval cross-entropy (nats)"}[self.text]
 
 
 def parse_metric(text: str) -> Metric:
     """`text` as a Metric; ValueError (one line, naming the forms) when it has none of them."""
-    forms = "error, top1, fewshot:NAME:K or finetune:NAME[:RECIPE]"
+    forms = "error, top1, loss, fewshot:NAME:K or finetune:NAME[:RECIPE]"
     if text in UPSTREAM:
         return Metric(text, "upstream")
     parts = str(text).split(":")
@@ -86,6 +88,24 @@ def parse_metric(text: str) -> Metric:
     if parts[0] in KINDS:
         raise ValueError(f"--metric {text!r}: expected {forms} (K a positive whole number)")
     raise ValueError(f"--metric {text!r}: unknown kind {parts[0]!r}; expected {forms}")
+
+
+def loss_evals(evals: pd.DataFrame) -> pd.DataFrame:
+    """The eval table of --metric loss: `error` holds the eval cross-entropy and SD_COLUMN its
+    per-image sd (eval rows' loss_sd; NaN in rows written before it existed: no interval), so the
+    fits and intervals of analysis.fit.noise treat each point as a mean loss. Rows with a null
+    loss are left out."""
+    ev = evals[np.isfinite(evals["loss"].astype(float))]
+    return ev.assign(error=ev["loss"].astype(float), **{SD_COLUMN: ev["loss_sd"].astype(float)})
+
+
+def loss_spread_note(evals: pd.DataFrame) -> str | None:
+    """The summary note for --metric loss points without a per-image loss sd (None if none)."""
+    missing = int(evals[SD_COLUMN].isna().sum()) if SD_COLUMN in evals else 0
+    if not missing:
+        return None
+    return (f"{missing} of {len(evals)} eval points have no per-image loss spread (loss_sd: "
+            "written before eval rows carried it, docs/results.md); no interval for them")
 
 
 def metric_names(rows: pd.DataFrame) -> list[str]:

@@ -7,6 +7,7 @@ without being parsed, since they are most of a file and most of the cost.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from typing import NamedTuple
@@ -18,7 +19,10 @@ from scaling.results import TRAIN_KEYS, TRAIN_OPTIONAL, SchemaError, validate_ro
 
 # The eval fields the tables keep, in this order (the columns of the arrays returned below).
 EVAL_FIELDS = ("step", "epoch", "images_seen", "flops_seen", "wall_s", "top1", "top5", "loss",
-               "num_samples")
+               "num_samples", "loss_sd")
+# Optional eval fields (scaling.results.EVAL_OPTIONAL): NaN when absent, null, or not a finite
+# number >= 0, without skipping the row (only --metric loss's interval needs them).
+_OPTIONAL = ("loss_sd",)
 # A JSON number (RFC 8259: no leading zeros, no NaN/Infinity) or null.
 _VALUE = rb"(?:-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|null)"
 
@@ -51,6 +55,13 @@ def flops_value(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
         return 0.0
     return max(0.0, float(value))
+
+
+def _optional(value) -> float:
+    """An optional eval field as a float: NaN unless a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return np.nan
+    return float(value) if math.isfinite(value) and value >= 0 else np.nan
 
 
 def _max_train_flops(values: list[bytes]) -> float:
@@ -155,6 +166,7 @@ def parse_metrics(data: bytes) -> Parsed:
         else:
             by_step[int(row["step"])].append((i, row))
     kept = _keep_once(by_step, skips)
-    values = [[np.nan if row[k] is None else float(row[k]) for k in EVAL_FIELDS] for row in kept]
+    values = [[_optional(row.get(k)) if k in _OPTIONAL else np.nan if row[k] is None
+               else float(row[k]) for k in EVAL_FIELDS] for row in kept]
     return Parsed(np.array(values, dtype=float).reshape(len(kept), len(EVAL_FIELDS)), skips,
                   max_flops)

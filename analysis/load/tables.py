@@ -13,8 +13,8 @@ from scaling.flops import FLOPS_PER_MAC_TRAINING
 EVAL_COLUMNS = (
     "sweep", "run_id", "run", "model", "size", "patch", "status", "seed", "lr", "batch_size",
     "budget", "recipe", "params", "macs_per_image", "step", "epoch", "images_seen",
-    "flops_seen", "wall_s", "device_hours", "top1", "top5", "loss", "num_samples", "error",
-    "is_final",
+    "flops_seen", "wall_s", "device_hours", "top1", "top5", "loss", "num_samples", "loss_sd",
+    "error", "is_final",
 )
 STATUS_RUNNING = "running"
 # The x axes a plot can use (--x) and the column of the tables each one reads.

@@ -41,7 +41,7 @@ from analysis.report.summary_json import write_summary_json
 from scaling.results import INPUT_BOUND, iter_run_dirs
 
 log = logging.getLogger("analysis")
-METRICS = ("top1", "error")  # upstream; transfer metrics: fewshot:NAME:K, finetune:NAME
+METRICS = ("top1", "error")  # upstream errors; loss; transfer: fewshot:NAME:K, finetune:NAME
 
 
 def _check_options(metric: str, x: str, formats) -> tuple[str, ...]:
@@ -226,8 +226,8 @@ def analyse(results_dir, out_dir, *, metric: str = "error", x: str = "flops",
     """Run the analysis of `results_dir` (optionally only some sweeps) and write figures, tables,
     summary.md and summary.json to `out_dir`; the law is fitted with `loss` ("huber", the
     default, or "lsq"); parsed metrics are cached in `cache_dir` when given (analysis.load.cache).
-    `metric`: error, top1, fewshot:NAME:K or finetune:NAME (analysis.fit.transfer); one without
-    rows raises transfer.MetricError before anything is written. Raises
+    `metric`: error, top1, loss, fewshot:NAME:K or finetune:NAME (analysis.fit.transfer); one
+    without rows raises transfer.MetricError before anything is written. Raises
     analysis.load.runs.NoResultsError when there is no run. Returns the Report
     (analysis.report.summary_data) both summaries were rendered from."""
     _check_options(metric, x, formats)
@@ -243,9 +243,11 @@ def analyse(results_dir, out_dir, *, metric: str = "error", x: str = "flops",
 
 
 def _metric_results(res: Results, rows, metric: str) -> Results:
-    """`res` with its eval table replaced by the transfer metric's points (unchanged for an
-    upstream metric)."""
+    """`res` with its eval table replaced by the transfer metric's points, or by the eval losses
+    for `loss` (unchanged for an upstream error)."""
     m = transfer.parse_metric(metric)
+    if metric == "loss":
+        return dataclasses.replace(res, evals=transfer.loss_evals(res.evals))
     if not m.transfer:
         return res
     return dataclasses.replace(res, evals=transfer.transfer_evals(res, rows, m))
@@ -275,6 +277,8 @@ def analyse_results(res, out_dir, *, metric: str = "error", x: str = "flops",
               formats=formats, n_boot=n_boot)
     tables = _write_tables(res, rows, out)
     _note_combined(w)
+    if metric == "loss" and transfer.loss_spread_note(w.res.evals):
+        w.notes.append(transfer.loss_spread_note(w.res.evals))
     sizes = size_table(res.runs, w.res.evals, order, x)
     bound = _note_input_bound(w)
     frontier, close, fit = _scaling_figures(w)

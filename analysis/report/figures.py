@@ -48,6 +48,11 @@ def metric_axis(ax, metric: str, errors) -> None:
     less than a factor of 2 (a log axis would show a single tick); accuracy linear."""
     errors = np.asarray(errors, dtype=float)
     errors = errors[np.isfinite(errors) & (errors > 0)]
+    if metric == "loss":  # nats, not a fraction
+        if errors.size and errors.max() / errors.min() >= 2:
+            log_axis(ax, "y", fmt=lambda v: f"{v:.3g}")
+        ax.set_ylabel(metric_label(metric))
+        return
     if metric != "top1" and errors.size and errors.max() / errors.min() >= 2:
         log_axis(ax, "y", fmt=lambda v: f"{100 * v:.3g}%")
     else:
@@ -78,7 +83,8 @@ def interval_note(pts: pd.DataFrame) -> str:
     imgs = (f"{int(n.min()):,}" if n.min() == n.max() else f"{int(n.min()):,}–{int(n.max()):,}"
             ) if len(n) else "?"
     seeds = f"{k.min()}" if k.min() == k.max() else f"{k.min()}–{k.max()}"
-    note = (f"bars: 95% interval (Wilson on {imgs} images;\nacross seeds when > 1); "
+    how = "t from the per-image loss sd" if "value_sd" in pts else "Wilson"
+    note = (f"bars: 95% interval ({how} on {imgs} images;\nacross seeds when > 1); "
             f"{seeds} seed(s)/point")
     draws = (pd.to_numeric(pts["probe_seeds"], errors="coerce").dropna()
              if "probe_seeds" in pts else ())
@@ -247,9 +253,14 @@ def law_label(fit: dict, intervals: dict | None, level: float, unit: str,
     return "\n".join(lines)
 
 
-def _pct(v: float) -> str:
-    """An error fraction as a percentage for legends (3 significant digits)."""
-    return f"{100 * v:.3g}%"
+def _pct(v: float, metric: str = "error") -> str:
+    """An error fraction as a percentage for legends (3 significant digits); a loss as is."""
+    return compact(v) if metric == "loss" else f"{100 * v:.3g}%"
+
+
+def _ceiling(metric: str) -> float:
+    """The largest value the metric can take: 1 for an error, none for a loss (nats)."""
+    return np.inf if metric == "loss" else 1.0
 
 
 def _fit_lines(ax, result: dict, grid, metric: str, unit: str) -> None:
@@ -257,27 +268,29 @@ def _fit_lines(ax, result: dict, grid, metric: str, unit: str) -> None:
     boot, fit, det = result["boot"], result["fit"], result["determination"]
     loose = det["poorly_determined"] + [f"{k} (at bound)" for k in det["at_bound"]]
     # Errors live in [0, 1]: a loose fit's band may leave that range far from the data.
-    lo, hi = (np.clip(v, 1e-4, 1.0) for v in F.prediction_band(boot, grid))
+    lo, hi = (np.clip(v, 1e-4, _ceiling(metric)) for v in F.prediction_band(boot, grid))
     ylo, yhi = np.minimum(as_plotted(lo, metric), as_plotted(hi, metric)), np.maximum(as_plotted(lo, metric),
                                                                        as_plotted(hi, metric))
     ax.fill_between(grid, ylo, yhi, color=ACCENT["orange"], alpha=0.25, lw=0,
                     label=f"{round(100 * boot['level'])}% bootstrap band")
     name = FIT_NAMES[result["loss"]]
-    ax.plot(grid, as_plotted(np.clip(F.predict(fit, grid), 0, 1), metric), color=ACCENT["orange"], lw=2,
+    ax.plot(grid, as_plotted(np.clip(F.predict(fit, grid), 0, _ceiling(metric)), metric),
+            color=ACCENT["orange"], lw=2,
             label=f"{name} fit (used): " + law_label(fit, boot["intervals"], boot["level"], unit,
-                                                     loose, percent=True)
+                                                     loose, percent=metric != "loss")
             + ("" if det["determined"] else "\nlaw not determined (why: summary.md)"))
     alt = result["alt"]
-    ax.plot(grid, as_plotted(np.clip(F.predict(alt, grid), 0, 1), metric), color="dimgrey", lw=1.1,
+    ax.plot(grid, as_plotted(np.clip(F.predict(alt, grid), 0, _ceiling(metric)), metric),
+            color="dimgrey", lw=1.1,
             ls="-.", label=f"{FIT_NAMES[alt['loss']]} fit, for comparison\n"
-                           f"(b = {compact(alt['b'])}, c = {_pct(alt['c'])})")
+                           f"(b = {compact(alt['b'])}, c = {_pct(alt['c'], metric)})")
 
 
 def _holdout(ax, ex: dict, grid, metric: str) -> None:
     """The fit without the top 20 % of compute and the points it predicts."""
     if not ex["ok"]:
         return
-    ax.plot(grid, as_plotted(np.clip(F.predict(ex["fit"], grid), 0, 1), metric),
+    ax.plot(grid, as_plotted(np.clip(F.predict(ex["fit"], grid), 0, _ceiling(metric)), metric),
             color=ACCENT["green"], ls="--", lw=1.4,
             label=f"fit without top {round(100 * ex['holdout_fraction'])}% compute\n"
                   f"(mean |rel. err.| on held-out: {100 * ex['mean_abs_rel_error']:.1f}%)")
@@ -323,13 +336,15 @@ def fit_figure(frontier: pd.DataFrame, result: dict, palette: dict, *, x: str = 
     grid = np.logspace(np.log10(cx.min()) - 0.3, np.log10(cx.max()) + 1.0, 200)
     _extrapolation_region(ax, float(cx.min()), float(cx.max()), grid)
     what = "top-1 error" if metric in METRIC_LABELS else metric_label(metric)
-    _fit_lines(ax, result, grid, metric, f"E: {what} (%), C: {X_UNITS[x]}")
+    what, unit = ("eval cross-entropy", "nats") if metric == "loss" else (what, "%")
+    _fit_lines(ax, result, grid, metric, f"E: {what} ({unit}), C: {X_UNITS[x]}")
     fit = result["fit"]
     # The floor is drawn only where it is in view: a fitted c far below every observed error
     # (the data show no saturation yet) would otherwise stretch the log axis over decades.
     visible_floor = 0.25 * float(frontier["error"].min())
     if metric != "top1" and fit["c"] >= visible_floor:
-        ax.axhline(fit["c"], color="grey", ls=":", lw=1, label=f"floor c = {_pct(fit['c'])}")
+        ax.axhline(fit["c"], color="grey", ls=":", lw=1,
+                   label=f"floor c = {_pct(fit['c'], metric)}")
     _holdout(ax, result["extrapolation"], grid, metric)
     _frontier_marks(ax, frontier[frontier["error"] > 0].reset_index(drop=True), result, col,
                     metric, palette)

@@ -50,12 +50,14 @@ def _profiles_panel(ax, res: dict, colours: dict,
             _clipped_bar(ax, p["error_opt"], p["interval"], np.exp(grid[[0, -1]]), colour)
     log_axis(ax, "x")
     errors = pts["error"]
+    nats = "(nats)" in label  # a loss (analysis.fit.transfer.Metric.label), not a fraction
+    text = (lambda v: f"{v:.3g}") if nats else (lambda v: f"{100 * v:.3g}%")
     if errors.max() / errors.min() >= 2:
-        log_axis(ax, "y", fmt=lambda v: f"{100 * v:.3g}%")
+        log_axis(ax, "y", fmt=text)
     else:
-        ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{100 * v:.3g}%"))
+        ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: text(v)))
     ax.set_xlabel("Parameters")
-    ax.set_ylabel(f"{label} (%), final eval")
+    ax.set_ylabel(f"{label}{'' if nats else ' (%)'}, final eval")
     ax.set_title("IsoFLOP profiles")
 
 

@@ -24,6 +24,8 @@ from analysis.report.summary_sections import (
     md_table,
     noise_section,
     num,
+    value_header,
+    value_text,
 )
 from analysis.report.summary_transfer import transfer_section
 
@@ -84,7 +86,7 @@ def fit_section(result: dict, x: str, frontier: pd.DataFrame | None = None) -> l
     return out + ["", *verdict_lines(result), ""]
 
 
-def extrapolation_section(result: dict) -> list[str]:
+def extrapolation_section(result: dict, metric: str = "error") -> list[str]:
     """The hold-out check: does the law fitted to small compute predict the largest runs?"""
     out = ["## Extrapolation check", ""]
     ex = result.get("extrapolation") if result["ok"] else None
@@ -92,7 +94,7 @@ def extrapolation_section(result: dict) -> list[str]:
         return out + [f"Not run: {result['message']}.", ""]
     if not ex["ok"]:
         return out + [f"Not run: {ex['message']}.", ""]
-    rows = [[num(c), num(100 * e, ".2f"), num(100 * p, ".2f"), f"{100 * r:+.1f}%"]
+    rows = [[num(c), value_text(e, metric), value_text(p, metric), f"{100 * r:+.1f}%"]
             for c, e, p, r in zip(ex["holdout_compute"], ex["holdout_error"],
                                   ex["holdout_pred"], ex["rel_error"])]
     verdict = (extrapolation_claim(result)
@@ -101,7 +103,9 @@ def extrapolation_section(result: dict) -> list[str]:
              "points, then predicted the "
             f"{ex['n_holdout']} largest-compute ones "
             f"(top {round(100 * ex['holdout_fraction'])}%):"),
-            "", *md_table(["compute", "error (%)", "predicted (%)", "relative error"], rows), "",
+            "", *md_table(["compute", value_header(metric),
+                           "predicted " + value_header(metric).split(" ", 1)[1],
+                           "relative error"], rows), "",
             (f"Mean |relative error| {100 * ex['mean_abs_rel_error']:.1f}% "
             f"(max {100 * ex['max_abs_rel_error']:.1f}%): {verdict} "
             "(guide: < 5% good, < 15% rough)."), ""]
@@ -153,10 +157,10 @@ def render(report: Report) -> str:
              "lines."), "",
              *backtest_section(report.backtest),
              *sizes_section(report.sizes, x),
-             *noise_section(report.frontier, report.close_calls, x),
-             *frontier_section(report.frontier, x_column(x), x),
+             *noise_section(report.frontier, report.close_calls, x, report.metric),
+             *frontier_section(report.frontier, x_column(x), x, report.metric),
              *fit_section(report.fit, x, report.frontier),
-             *extrapolation_section(report.fit),
+             *extrapolation_section(report.fit, report.metric),
              *isoflop_section(report.optimal),
              *parametric_section(report.parametric, report.optimal),
              *transfer_section(report.transfer_rows, report.metric),

@@ -4,6 +4,7 @@ the compute-optimal model size."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pandas as pd
 
@@ -27,6 +28,16 @@ def _pct(v, fmt: str = ".2f") -> str:
     return "–" if v is None or pd.isna(v) else format(100 * float(v), fmt)
 
 
+def value_text(v, metric: str = "error") -> str:
+    """A point's metric value for the tables: percent for an error, nats for --metric loss."""
+    return num(v, ".4g") if metric == "loss" else _pct(v)
+
+
+def value_header(metric: str = "error") -> str:
+    """The tables' column name of a point's value."""
+    return "loss (nats)" if metric == "loss" else "error (%)"
+
+
 def md_table(header: list[str], rows: list[list]) -> list[str]:
     """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -41,11 +52,15 @@ def _seeds_text(points: pd.DataFrame) -> str:
                      for k, v in spp["counts"].items())
 
 
-def noise_section(frontier: pd.DataFrame, close: pd.DataFrame, x: str) -> list[str]:
+def noise_section(frontier: pd.DataFrame, close: pd.DataFrame, x: str,
+                  metric: str = "error") -> list[str]:
     """How sure each point is, and the frontier points another size ties with."""
+    own = ("the t interval of its mean loss from the sd of its per-image losses (`loss_sd`; "
+           "none for rows written without it)" if metric == "loss"
+           else "the Wilson score interval of its error")
     out = ["## Measurement noise", "",
            ("Every eval point carries the images it was scored on (`num_samples`) and a 95% "
-            "interval: the Wilson score interval of its error, or, for runs repeated with "
+            f"interval: {own}, or, for runs repeated with "
             "other seeds (same recipe, averaged into one point), the t interval across seeds "
             "when that is wider (analysis/fit/noise.py)."), ""]
     n = pd.to_numeric(frontier.get("num_samples"), errors="coerce").dropna()
@@ -56,27 +71,32 @@ def noise_section(frontier: pd.DataFrame, close: pd.DataFrame, x: str) -> list[s
         return out + ["", ("No frontier point ties with another size: at every frontier "
                            "compute, the other sizes' intervals (within 5% compute) do not "
                            "overlap the winner's."), ""]
-    rows = [[num(r.compute), r.model, f"{_pct(r.error)} [{_pct(r.lo)}, {_pct(r.hi)}]",
-             r.other, f"{_pct(r.other_error)} [{_pct(r.other_lo)}, {_pct(r.other_hi)}]"]
+    v = partial(value_text, metric=metric)
+    rows = [[num(r.compute), r.model, f"{v(r.error)} [{v(r.lo)}, {v(r.hi)}]",
+             r.other, f"{v(r.other_error)} [{v(r.other_lo)}, {v(r.other_hi)}]"]
             for r in close.itertuples()]
+    head = value_header(metric)[:-1] + " [95%])"
     return out + ["", (f"At these {len(close)} frontier computes another size differs from the "
                        "frontier size by less than their intervals (within 5% compute): which of "
                        "the two is compute-optimal there is not determined by these evals."), "",
-                  *md_table([f"compute ({X_UNITS[x]})", "frontier size", "error % [95%]",
-                           "other size", "error % [95%]"], rows), ""]
+                  *md_table([f"compute ({X_UNITS[x]})", "frontier size", head,
+                           "other size", head], rows), ""]
 
 
-def frontier_section(frontier: pd.DataFrame, col: str, x: str) -> list[str]:
-    """Every frontier point: compute, size, error with interval, seeds and images."""
+def frontier_section(frontier: pd.DataFrame, col: str, x: str,
+                     metric: str = "error") -> list[str]:
+    """Every frontier point: compute, size, error (or loss) with interval, seeds and images."""
     draws = "probe_seeds" in frontier and frontier["probe_seeds"].notna().any()
-    rows = [[num(r[col]), r["model"], _pct(r["error"]),
-             f"[{_pct(r['err_lo'])}, {_pct(r['err_hi'])}]", int(r["n_seeds"]),
+    v = partial(value_text, metric=metric)
+    rows = [[num(r[col]), r["model"], v(r["error"]),
+             f"[{v(r['err_lo'])}, {v(r['err_hi'])}]", int(r["n_seeds"]),
              *([num(r["probe_seeds"], ".0f")] if draws else []),
              num(r.get("num_samples"), ",.0f")] for _, r in frontier.iterrows()]
     return ["## Frontier points", "",
             ("The compute-optimal (Pareto) points of the seed-averaged evals, which the law is "
              "fitted to:"), "",
-            *md_table([f"compute ({X_UNITS[x]})", "model", "error (%)", "95% interval (%)",
+            *md_table([f"compute ({X_UNITS[x]})", "model", value_header(metric),
+                       "95% interval (" + ("nats)" if metric == "loss" else "%)"),
                      "seeds", *(["k-shot draws"] if draws else []), "images"], rows), ""]
 
 
