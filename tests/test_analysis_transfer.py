@@ -47,7 +47,7 @@ def test_metric_parsing_and_names():
     assert not transfer.parse_metric("error").transfer
     for bad in ("fewshot:shapes", "fewshot:shapes:0", "fewshot:shapes:x", "linear:shapes:5",
                 "finetune:", "errors"):
-        with pytest.raises(ValueError, match="expected error, top1, fewshot:NAME:K"):
+        with pytest.raises(ValueError, match="expected error, top1, loss, fewshot:NAME:K"):
             transfer.parse_metric(bad)
 
 
@@ -154,7 +154,7 @@ def test_a_metric_without_rows_is_one_line_exit_2_before_any_work(tree, tmp_path
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and says in proc.stderr
     if not metric.startswith("linear"):
-        assert "available: error, top1, fewshot:shapes:1, fewshot:shapes:5, " \
+        assert "available: error, top1, loss, fewshot:shapes:1, fewshot:shapes:5, " \
                "fewshot:shapes:10" in proc.stderr
     assert not out.exists()  # nothing written, not even the metrics cache
 
