@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.fit.ladder import link as link_error
 from scaling.flops import flops_for_images, images_for_flops
 from scaling.results import append_metrics, append_transfer, iter_run_dirs, read_metrics, write_json
 
@@ -179,16 +180,20 @@ def write_isoflop_results(root, *, sweep: str = "isoflop", budgets=ISOFLOP_BUDGE
 
 
 def write_transfer(root, *, dataset: str = "shapes", shots=(1, 5, 10), seeds: int = 3,
-                   num_test: int = 1000, noise: float = 0.02, seed: int = 0) -> int:
+                   num_test: int = 1000, noise: float = 0.02, seed: int = 0,
+                   link: tuple[str, dict] | None = None) -> int:
     """Few-shot rows (scaling.results.TRANSFER_KEYS) at every eval step of every run under
-    `root`: k-shot error = 1 - (1 - upstream error) x (1 - 0.5 / k), times a log-normal draw
-    per probe seed. Returns the number of rows written."""
+    `root`: k-shot error = 1 - (1 - upstream error) x (1 - 0.5 / k), or with `link` (form,
+    constants of analysis.fit.ladder.link) that link of the eval's loss for every k, times a
+    log-normal draw per probe seed. Returns the number of rows written."""
     rng, n = np.random.default_rng(seed), 0
     for run_dir in iter_run_dirs(root):
         for ev in (r for r in read_metrics(run_dir) if r["kind"] == "eval"):
             for k in shots:
                 for s in range(seeds):
-                    top1 = ev["top1"] * (1 - 0.5 / k) * np.exp(rng.normal(0.0, noise))
+                    top1 = (ev["top1"] * (1 - 0.5 / k) if link is None
+                            else 1 - float(link_error(*link, ev["loss"])))
+                    top1 *= np.exp(rng.normal(0.0, noise))
                     append_transfer(run_dir, {
                         "kind": "fewshot", "dataset": dataset, "shots": k, "seed": s,
                         "top1": float(np.clip(top1, 0.0, 1.0)), "step": ev["step"],

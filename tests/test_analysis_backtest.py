@@ -77,6 +77,31 @@ def test_largest_size_off_the_law_gives_large_errors(tmp_path):
     rel = e["parametric:largest_size"]["rel_errors"]
     # predicted from the law, measured at 0.7x the law: about +1 / 0.7 - 1 = +43 %
     assert len(rel) == 5 and min(rel) > 0.3
+    # far outside the measured points' own intervals (50,000 eval images each): none inside
+    assert e["parametric:largest_size"]["n_within_interval"] == 0
+    assert e["parametric:largest_size"]["n_with_interval"] == 5
+
+
+def test_each_prediction_carries_the_measured_interval_and_the_relative_error_it_allows(
+        isoflop_tree):
+    """rel_error_interval = (predicted - err_hi) / err_hi .. (predicted - err_lo) / err_lo, around
+    rel_error; within_interval says whether the prediction falls in [err_lo, err_hi]."""
+    points = _points(isoflop_tree)
+    e = B.backtest(points, [B.parametric_method()], kinds=("largest_size",))
+    e = e["parametric:largest_size"]
+    h14 = points[(points["model"] == "H/14") & points["is_final"]].sort_values("images_seen")
+    assert e["n_with_interval"] == 5
+    n_inside = 0
+    for p in e["predictions"]:
+        row = h14[h14["images_seen"] == p["images"]].iloc[0]
+        lo, hi = row["err_lo"], row["err_hi"]
+        assert p["error_interval"] == pytest.approx([lo, hi])
+        assert p["rel_error_interval"] == pytest.approx(
+            [(p["predicted"] - hi) / hi, (p["predicted"] - lo) / lo])
+        assert p["rel_error_interval"][0] < p["rel_error"] < p["rel_error_interval"][1]
+        assert p["within_interval"] == (lo <= p["predicted"] <= hi)
+        n_inside += p["within_interval"]
+    assert e["n_within_interval"] == n_inside
 
 
 @pytest.mark.parametrize("factor, lo, hi", [(1.0, -0.05, 0.05), (BROKEN, 0.3, 0.6)])

@@ -133,7 +133,10 @@ def test_old_rows_get_one_note_and_no_interval(synth):
     assert s["fit"]["params"]["c"] == pytest.approx(LOSS_PER_ERROR * TRUE_LAW["c"], rel=0.1)
 
 
-def test_training_eval_rows_carry_the_loss_sd(tmp_path):
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.multiproc)])
+def test_training_eval_rows_carry_the_loss_sd(tmp_path, nproc):
+    """On 1 and 2 ranks (each rank sums its shard of the val images, and the sums are
+    all-reduced): the row's loss and loss_sd equal those recomputed over every val image."""
     data = tmp_path / "shapes"
     make_builtin_shards("shapes", data, image_size=8, num_samples=200)
     out = tmp_path / "run"
@@ -141,7 +144,9 @@ def test_training_eval_rows_carry_the_loss_sd(tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
               "SLURM_NTASKS", "VIT_SCALING_FAULTS"):
         env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "scaling.train", "--model", "mu/4",
+    launch = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+              if nproc > 1 else [])
+    proc = subprocess.run([sys.executable, *launch, "-m", "scaling.train", "--model", "mu/4",
                            "--image-size", "8", "--batch-size", "16", "--num-workers", "0",
                            "--data", str(data), "--out", str(out), "--steps", "20",
                            "--eval-every", "10"], env=env, capture_output=True, text=True,

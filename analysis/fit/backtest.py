@@ -127,7 +127,7 @@ def _entry(method: Method, kind: str, points: pd.DataFrame, x: str) -> dict:
     out = {"method": method.name, "left_out": kind, "held_out": None, "n_points_used": None,
            "points_used": method.used, "predictions": [], "rel_errors": None,
            "mean_rel_error": None, "mean_abs_rel_error": None, "max_abs_rel_error": None,
-           "reason": None}
+           "n_within_interval": None, "n_with_interval": None, "reason": None}
     parts = split(points, kind)
     if isinstance(parts, str):
         return {**out, "reason": parts}
@@ -146,14 +146,31 @@ def _entry(method: Method, kind: str, points: pd.DataFrame, x: str) -> dict:
     err = targets["error"].to_numpy(float)
     rel = (pred - err) / err
     col = x_column(x)
+    lo, hi = _measured_interval(targets)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_iv = np.column_stack([(pred - hi) / hi, (pred - lo) / lo])
+    inside = (lo <= pred) & (pred <= hi)
     out["predictions"] = [
-        {"model": m, "params": n, "images": d, "compute": c, "error": e, "predicted": p,
-         "rel_error": r}
-        for m, n, d, c, e, p, r in zip(targets["model"], targets["params"],
-                                       targets["images_seen"], targets[col], err, pred, rel)]
+        {"model": m, "params": n, "images": d, "compute": c, "error": e,
+         "error_interval": [float(a), float(b)], "predicted": p, "rel_error": r,
+         "rel_error_interval": [float(v) for v in ri], "within_interval": bool(w)}
+        for m, n, d, c, e, a, b, p, r, ri, w in zip(
+            targets["model"], targets["params"], targets["images_seen"], targets[col], err,
+            lo, hi, pred, rel, rel_iv, inside)]
+    known = np.isfinite(lo) & np.isfinite(hi)
     return {**out, "rel_errors": rel.tolist(), "mean_rel_error": float(np.mean(rel)),
             "mean_abs_rel_error": float(np.mean(np.abs(rel))),
-            "max_abs_rel_error": float(np.max(np.abs(rel)))}
+            "max_abs_rel_error": float(np.max(np.abs(rel))),
+            "n_within_interval": int(inside[known].sum()), "n_with_interval": int(known.sum())}
+
+
+def _measured_interval(targets: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The left-out points' measured 95 % intervals (err_lo, err_hi of
+    analysis.fit.noise.aggregate_seeds; NaN where a point has none)."""
+    nan = np.full(len(targets), np.nan)
+    lo = targets["err_lo"].to_numpy(float) if "err_lo" in targets else nan
+    hi = targets["err_hi"].to_numpy(float) if "err_hi" in targets else nan
+    return lo, hi
 
 
 def backtest(points: pd.DataFrame, methods: list[Method], x: str = "flops",

@@ -91,17 +91,25 @@ def _bounds(x: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lower, upper
 
 
-def _at_bound(theta: np.ndarray, upper: np.ndarray) -> list[str]:
-    """Names within BOUND_RTOL of a search limit of _bounds: |log a_norm| at 200, b at its floor
-    or cap, c at its ceiling min(E), d at its cap. The lower limits c = 0 and d = 0 are left out:
-    they are not limits of the search but the law's own nested forms (no floor, no shift), which
-    a fit may rightly reach. All in normalised units, so the same for any unit of C."""
-    log_a, b, c, u = (float(v) for v in theta)
-    hits = {"a": abs(log_a) >= (1 - BOUND_RTOL) * upper[0],
-            "b": b <= (1 + BOUND_RTOL) * _B_BOUNDS[0] or b >= (1 - BOUND_RTOL) * _B_BOUNDS[1],
-            "c": c >= (1 - BOUND_RTOL) * upper[2],
-            "d": math.expm1(u) >= (1 - BOUND_RTOL) * math.expm1(upper[3])}
-    return [k for k in PARAMS if hits[k]]
+def near_limits(theta, lower, upper, free_lower=()) -> np.ndarray:
+    """Per constant: within BOUND_RTOL of its search range (upper - lower, in the fitted
+    coordinates) of a limit of the search: the one rule of "at bound" for every fit here (this
+    law, approach 3, the transfer links). Indices in `free_lower` have a lower limit that is the
+    law's own nested form (a zero floor or shift): a fit may rightly reach it, so it is not a
+    limit there."""
+    theta, lower, upper = (np.asarray(v, dtype=float) for v in (theta, lower, upper))
+    tol = BOUND_RTOL * (upper - lower)
+    low = theta - lower <= tol
+    low[list(free_lower)] = False
+    return low | (upper - theta <= tol)
+
+
+def _at_bound(theta: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> list[str]:
+    """Names at a limit of _bounds (near_limits): log a_norm at +-200, b at its floor or cap, c
+    at its ceiling min(E), d at its cap (c = 0 and d = 0 are the law without floor or shift).
+    In normalised units, so the same for any unit of C."""
+    return [k for k, hit in zip(PARAMS, near_limits(theta, lower, upper, free_lower=(2, 3)))
+            if hit]
 
 
 def _solve(x: np.ndarray, e: np.ndarray, starts: list[np.ndarray], loss: str = "lsq"):
@@ -135,7 +143,7 @@ def _to_dict(theta: np.ndarray, c_ref: float, x: np.ndarray, e: np.ndarray, loss
         "x_max": float(x.max()), "e_min": float(e.min()),
         "rmse": float(np.sqrt(np.mean((pred - e) ** 2))),
         "rmse_log": float(np.sqrt(np.mean((np.log(pred) - np.log(e)) ** 2))),
-        "loss": loss, "at_bound": _at_bound(theta, _bounds(x, e)[1]),
+        "loss": loss, "at_bound": _at_bound(theta, *_bounds(x, e)),
     }
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
+from analysis.fit.law import BOUND_FRACTION, near_limits
 from analysis.fit.noise import LEVEL, aggregate_seeds
 from analysis.load.runs import Results
 from scaling.branch import trunk_dir
@@ -31,8 +32,6 @@ MIN_POINTS = 5  # one per constant; fewer cannot be fitted
 MIN_SIZES = 2  # alpha needs two sizes, beta two amounts of data
 EXP_BOUNDS = (0.0, 3.0)  # alpha, beta: Hoffmann et al.'s start grid spans 0..2
 LOG_TERM_SPAN = (-20.0, 5.0)  # log A, log B (normalised) relative to log of the mean error
-AT_BOUND_REL = 0.01  # within 1 % of the bound range counts as at the bound (issue 26 item 2)
-AT_BOUND_SHARE = 0.05  # ... or in at least 5 % of the bootstrap refits
 
 
 def parametric_points(res: Results) -> pd.DataFrame:
@@ -44,13 +43,13 @@ def parametric_points(res: Results) -> pd.DataFrame:
     pts = aggregate_seeds(ev[ok])
     if pts.empty:
         return pts.assign(cluster=pd.Series(dtype=str))
-    trunk_of = _trunk_recipes(res)
+    trunk_of = trunk_clusters(res)
     first_run = pts["run"] if "run" in pts else pd.Series([None] * len(pts))
     pts["cluster"] = [trunk_of.get(r, rec) for r, rec in zip(first_run, pts["recipe"])]
     return pts.reset_index(drop=True)
 
 
-def _trunk_recipes(res: Results) -> dict:
+def trunk_clusters(res: Results) -> dict:
     """{branch run: "trunk:" + its trunk's recipe}: the branches of one trunk (of any seed: a
     trunk's recipe leaves the seed out) form one cluster."""
     root = Path(res.results_dir).resolve()
@@ -138,10 +137,10 @@ def _physical(theta: np.ndarray, refs: dict) -> dict:
 
 
 def _at_bound(theta: np.ndarray, bounds) -> np.ndarray:
-    """Per constant: within AT_BOUND_REL of its bound range of either bound."""
+    """Per constant: at a limit of the search (analysis.fit.law.near_limits, the rule of every
+    fit here); E0 = 0 is the law without a floor, as the frontier law's c = 0, not a limit."""
     lo, hi = np.array(bounds).T
-    tol = AT_BOUND_REL * (hi - lo)
-    return (theta - lo <= tol) | (hi - theta <= tol)
+    return near_limits(theta, lo, hi, free_lower=(0,))
 
 
 def predict_parametric(params: dict, n, d) -> np.ndarray:
@@ -227,7 +226,7 @@ def _fit(points: pd.DataFrame, n_boot: int, seed: int, level: float) -> dict:
     boot = _bootstrap(points, theta, n_boot, seed)
     flagged = _at_bound(theta, _bounds(log_e))
     share = np.mean(boot["at_bound"], axis=0) if len(boot["at_bound"]) else 0 * flagged
-    out["at_bound"] = [k for k, f, s in zip(PARAMS, flagged, share) if f or s >= AT_BOUND_SHARE]
+    out["at_bound"] = [k for k, f, s in zip(PARAMS, flagged, share) if f or s >= BOUND_FRACTION]
     q = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
     draws = boot["samples"]
     if len(draws) >= 2:

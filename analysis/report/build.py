@@ -25,6 +25,7 @@ from analysis.fit.frontier import (
     x_column,
 )
 from analysis.fit.isoflop import optimal_size
+from analysis.fit.ladder import run_ladders
 from analysis.fit.law import check_loss
 from analysis.fit.memo import FitMemo, plain
 from analysis.fit.noise import close_calls
@@ -165,7 +166,7 @@ def _remove_stale(w: _Work) -> None:
     must not survive from an earlier run); other files in `out` are left alone."""
     names = (f"{transfer.parse_metric(w.metric).slug}_vs_{w.x}",
              "scaling_law_fit", "optimal_model_size", "throughput_mfu", "vit_paper_table6",
-             "upstream_vs_transfer")
+             "upstream_vs_transfer", "upstream_to_transfer")
     produced = set(w.figures)
     for path in (w.out / f"{n}.{f}" for n in names for f in FORMATS):
         if path.exists() and path not in produced:
@@ -189,6 +190,20 @@ def _transfer_figure(w: _Work) -> None:
                        "frontier": frontier_of(averaged, x)})
     w.save(figures_transfer.transfer_figure(panels, w.order, w.palette, x=x),
            "upstream_vs_transfer")
+
+
+def _ladder(w: _Work) -> dict:
+    """Every transfer metric predicted from the upstream loss in two steps
+    (analysis.fit.ladder), and their figure when some prediction was made."""
+    if w.rows.empty:
+        return {}
+    ladder = run_ladders(w.upstream, w.rows, x=w.x, loss=w.loss, memo=w.memo, n_boot=w.n_boot)
+    if any(e["predictions"] for e in ladder.values()):
+        w.save(figures_transfer.ladder_figure(ladder, w.order, w.palette), "upstream_to_transfer")
+    else:
+        w.notes.append("upstream-to-transfer figure skipped: "
+                       + "; ".join(f"{m}: {e['reason']}" for m, e in ladder.items()))
+    return ladder
 
 
 def _note_input_bound(w: _Work, shown: int = 10) -> tuple[dict, ...]:
@@ -284,6 +299,7 @@ def analyse_results(res, out_dir, *, metric: str = "error", x: str = "flops",
     frontier, close, fit = _scaling_figures(w)
     optimal, parametric = _optimal_figure(w)
     _transfer_figure(w)
+    ladder = _ladder(w)
     bench_used, paper_fits = _other_figures(w, bench)
     _remove_stale(w)
     report = Report(
@@ -291,7 +307,7 @@ def analyse_results(res, out_dir, *, metric: str = "error", x: str = "flops",
         skipped=tuple(res.skipped + t_skipped + bench_skipped), metric=metric, x=x, loss=loss,
         order=tuple(order), sizes=sizes, frontier=frontier, close_calls=close, fit=fit,
         optimal=optimal, parametric=parametric, paper_fits=paper_fits, input_bound=bound,
-        backtest=run_backtests(w.res.evals, x, loss=loss, memo=w.memo),
+        backtest=run_backtests(w.res.evals, x, loss=loss, memo=w.memo), ladder=ladder,
         compute=sweep_compute(w.res), figures=tuple(w.figures), notes=tuple(w.notes),
         tables=tuple(tables), summary=out / "summary.md", summary_json=out / "summary.json")
     report.summary.write_text(render(report))

@@ -15,6 +15,7 @@ from analysis.report.figures_bench import bench_order
 from analysis.report.style import X_UNITS
 from analysis.report.summary_backtest import backtest_section
 from analysis.report.summary_data import Report
+from analysis.report.summary_ladder import ladder_section
 from analysis.report.summary_law import extrapolation_claim, verdict_lines
 from analysis.report.summary_parametric import parametric_section
 from analysis.report.summary_sections import (
@@ -164,6 +165,7 @@ def render(report: Report) -> str:
              *isoflop_section(report.optimal),
              *parametric_section(report.parametric, report.optimal),
              *transfer_section(report.transfer_rows, report.metric),
+             *ladder_section(report.ladder),
              *paper_section(report.paper_fits),
              *_bench(report),
              *status_section(res.runs, report.skipped),

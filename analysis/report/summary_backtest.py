@@ -23,10 +23,13 @@ def _row(e: dict) -> list:
     name = METHOD_NAMES.get(e["method"], e["method"])
     used = f"{e['n_points_used']} {e['points_used']}" if e["n_points_used"] else "–"
     if e["rel_errors"] is None:
-        return [name, held, used, "–", f"not run: {e['reason']}", "–"]
+        return [name, held, used, "–", f"not run: {e['reason']}", "–", "–"]
     n = len(e["rel_errors"])
+    within = (f"{e['n_within_interval']} of {e['n_with_interval']}"
+              if e.get("n_with_interval") else "– (no intervals)")
     return [name, held, used, f"{n} final point{'s' if n != 1 else ''}", _errors(e["rel_errors"]),
-            f"{100 * e['mean_abs_rel_error']:.1f}% (bias {100 * e['mean_rel_error']:+.1f}%)"]
+            f"{100 * e['mean_abs_rel_error']:.1f}% (bias {100 * e['mean_rel_error']:+.1f}%)",
+            within]
 
 
 def backtest_section(backtest: dict) -> list[str]:
@@ -36,13 +39,16 @@ def backtest_section(backtest: dict) -> list[str]:
             "largest FLOPs budget, then asked for the left-out runs' final errors; relative "
             "error = (predicted - measured) / measured (analysis/fit/backtest.py). The frontier "
             "law predicts the best error at a compute, so it is asked only about left-out final "
-            "points on the frontier of all the runs. The top-20 %-of-compute hold-out check is "
-            "further down (\"Extrapolation check\")."), ""]
+            "points on the frontier of all the runs. \"Inside\": predictions that fall inside "
+            "the measured point's own 95% interval (a miss smaller than the measurement's "
+            "noise); each prediction's relative error with the range the measured interval "
+            "allows is in summary.json. The top-20 %-of-compute hold-out check is further down "
+            "(\"Extrapolation check\")."), ""]
     if not backtest:
         return out + ["No backtest was run.", ""]
     rows = [_row(e) for e in backtest.values()]
     return out + md_table(["law", "left out", "fitted on", "predicted", "relative errors",
-                           "mean abs. relative error"], rows) + [""]
+                           "mean abs. relative error", "inside measured 95%"], rows) + [""]
 
 
 def backtest_json(backtest: dict) -> dict:

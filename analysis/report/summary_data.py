@@ -34,6 +34,7 @@ class Report:
     optimal: dict  # analysis.fit.isoflop.optimal_size's result (compute in FLOPs, N in params)
     parametric: dict  # analysis.fit.parametric.fit_parametric's result (N params, D images)
     backtest: dict  # analysis.fit.backtest.run_backtests: {"METHOD:KIND": entry}, rel. errors
+    ladder: dict  # analysis.fit.ladder.run_ladders: {transfer metric: entry}, errors as fractions
     paper_fits: dict[str, dict]  # per ViT paper Table 6 panel, its law fit (C in exaFLOPs)
     input_bound: tuple[dict, ...]  # runs over INPUT_BOUND: {run, model, data_wait_fraction}
     compute: dict[str, float]  # compute_spent, compute_independent in training FLOPs

@@ -18,6 +18,7 @@ from analysis.load.skips import count_skipped
 from analysis.report.style import X_UNITS
 from analysis.report.summary_backtest import backtest_json
 from analysis.report.summary_data import Report
+from analysis.report.summary_ladder import ladder_json
 from analysis.report.summary_law import determination_json
 from analysis.report.summary_parametric import parametric_json
 from analysis.report.summary_transfer import transfer_json
@@ -117,6 +118,7 @@ def build(report: Report) -> dict:
         "optimal_size": _optimal(report.optimal),
         "parametric": parametric_json(report.parametric, report.optimal),
         "backtest": backtest_json(report.backtest),
+        "ladder": ladder_json(report.ladder),
         "frontier": _frontier(report.frontier, x),
         "close_calls": report.close_calls.to_dict(orient="records"),
         "runs": status_counts(res.runs),
