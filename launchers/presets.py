@@ -98,7 +98,7 @@ def demo_full() -> Preset:
 
     What the 3-minute `demo` cannot show, and what this one does and does not, is measured in
     docs/sweeps.md ("demo-full"): the compute-optimal size grows with compute (every budget's
-    IsoFLOP vertex inside the sizes, N_opt ~ C^0.32 [0.26, 0.50]), and m1 beats mu at the larger
+    IsoFLOP vertex inside the sizes, N_opt ~ C^0.31 [0.23, 0.39]), and m1 beats mu at the larger
     budgets by far more than the intervals; a law that extrapolates, and m2 winning, are out of
     reach of CPU budgets.
     """

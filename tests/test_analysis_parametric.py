@@ -139,3 +139,19 @@ def test_parametric_in_summary_json_through_the_cli(tmp_path):
     assert "## Compute-optimal model size (parametric fit, approach 3)" in text
     assert f"C^{par['exponent']:.3f}" in text and "approach 3 minus approach 2" in text
     assert (out / "optimal_model_size.png").is_file()
+
+
+def test_the_fit_is_remembered_by_its_points_and_recomputed_when_they_change(tmp_path):
+    """With a FitMemo (what --cache-dir and the default cache give the report) the second fit of
+    the same points is read back, equal to the first; another point set is a miss."""
+    from analysis.fit.memo import FitMemo
+
+    memo, pts = FitMemo(tmp_path), _points(0).assign(cluster=[f"r{i % 7}" for i in range(25)])
+    first = P.fit_parametric(pts, n_boot=20, memo=memo)
+    again = P.fit_parametric(pts, n_boot=20, memo=memo)
+    assert (memo.computed, memo.hits) == (1, 1)
+    assert again == first and again["n_clusters"] == 7  # clusters kept as resampling units
+    assert first == P.fit_parametric(pts, n_boot=20)  # the same as without a memo
+    P.fit_parametric(pts.assign(error=pts["error"] * 1.01), n_boot=20, memo=memo)
+    P.fit_parametric(pts, n_boot=21, memo=memo)
+    assert (memo.computed, memo.hits) == (3, 1)

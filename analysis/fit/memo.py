@@ -7,10 +7,12 @@ worker processes, remembered fits").
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -67,8 +69,16 @@ def _load(path: Path, key: str):
     return _decode(record["value"])
 
 
+@functools.cache
+def _source(module: str) -> str:
+    """A digest of the source file of the module a memoised function lives in: editing it
+    (e.g. analysis.fit.parametric) makes every stored fit of its functions a miss."""
+    return hashlib.sha256(Path(sys.modules[module].__file__).read_bytes()).hexdigest()[:16]
+
+
 def _key(fn, args, kwargs) -> str:
-    h = hashlib.sha256(f"{_VERSION}:{fn.__module__}.{fn.__qualname__}".encode())
+    h = hashlib.sha256(f"{_VERSION}:{_source(fn.__module__)}:{fn.__module__}."
+                       f"{fn.__qualname__}".encode())
     for a in args:
         h.update(np.asarray(a, dtype=float).tobytes() + b"|")
     h.update(json.dumps(kwargs, sort_keys=True).encode())

@@ -19,6 +19,7 @@ from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
 from analysis.fit.law import BOUND_FRACTION, near_limits
+from analysis.fit.memo import plain
 from analysis.fit.noise import LEVEL, aggregate_seeds
 from analysis.load.runs import Results
 from scaling.branch import trunk_dir
@@ -194,13 +195,29 @@ def _unfittable(points: pd.DataFrame) -> str | None:
 
 
 def fit_parametric(points: pd.DataFrame, n_boot: int = 200, seed: int = 0,
-                   level: float = LEVEL) -> dict:
+                   level: float = LEVEL, memo=plain) -> dict:
     """Fit E(N, D) (module docstring) to `points` (columns params, images_seen, error; optional
     cluster: the bootstrap's resampling unit, default one per row; macs_per_image: for N_opt's
     level). Returns ok, params, intervals, at_bound, exponent, interval, n_points, n_clusters,
     n_boot, n_boot_ok, samples, macs_per_param, refs, rmse_log; or ok False with a reason.
-    Runs on one BLAS thread: the many small L-BFGS solves ran ~30x slower with threaded BLAS on
-    a busy 2-core machine (measured: 25 s against 0.75 s for one point fit)."""
+    `memo` (analysis.fit.memo) remembers the result by the points' values. Runs on one BLAS
+    thread: the many small L-BFGS solves ran ~30x slower with threaded BLAS on a busy 2-core
+    machine (measured: 25 s against 0.75 s for one point fit)."""
+    n = len(points)
+    cols = [points[c].to_numpy(float) if c in points else np.full(n, np.nan)
+            for c in ("params", "images_seen", "error", "macs_per_image")]
+    cluster = points["cluster"] if "cluster" in points else pd.Series(range(n))
+    codes = pd.factorize(cluster.astype(str))[0].astype(float)  # first-seen order: same draws
+    return memo(fit_arrays, *cols, codes, n_boot=n_boot, seed=seed, level=level)
+
+
+def fit_arrays(params, images_seen, error, macs_per_image, cluster, *, n_boot: int, seed: int,
+               level: float) -> dict:
+    """fit_parametric on columns as arrays (the memo keys on them); `cluster` as numbers."""
+    points = pd.DataFrame({"params": params, "images_seen": images_seen, "error": error,
+                           "cluster": np.asarray(cluster).astype(int)})
+    if np.isfinite(np.asarray(macs_per_image, dtype=float)).any():
+        points["macs_per_image"] = macs_per_image
     with threadpool_limits(1):
         return _fit(points, n_boot, seed, level)
 

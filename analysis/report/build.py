@@ -133,7 +133,7 @@ def _optimal_figure(w: _Work) -> tuple[dict, dict]:
     budget has final evals of 2 sizes; returns (analysis.fit.isoflop.optimal_size's result,
     analysis.fit.parametric.fit_parametric's)."""
     optimal = optimal_size(w.res.evals, n_boot=w.n_boot)
-    parametric = fit_parametric(parametric_points(w.res), n_boot=w.n_boot)
+    parametric = fit_parametric(parametric_points(w.res), n_boot=w.n_boot, memo=w.memo)
     pts = optimal["points"]
     if len(pts) and pts.groupby("budget")["model"].nunique().max() >= 2:
         label = "Top-1 error" if w.metric in METRICS else figures.metric_label(w.metric)

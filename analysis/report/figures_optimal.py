@@ -70,6 +70,8 @@ def _legend_profiles(ax, pts: pd.DataFrame) -> list:
              "vertex beyond the largest size:\nN_opt ≥ this (a bound)"),
             (Line2D([], [], marker="v", ms=8, **grey),
              "vertex below the smallest size:\nN_opt ≤ this (a bound)"),
+            (Line2D([], [], marker="*", ms=12, color="grey", mfc="white", ls=""),
+             "hollow: left out of approach 2's line\n(off-centre or narrow sizes)"),
             (Line2D([], [], color="grey", marker="|", ms=8, ls=""), interval_note(pts))]
 
 
@@ -91,8 +93,11 @@ def _nopt_panel(ax, res: dict, colours: dict, parametric: dict | None = None) ->
         marker = BOUND_MARKERS.get(p["bound"], "*")
         if p["interval"]:
             ax.vlines(p["compute"], *p["interval"], color=colours[p["compute"]], lw=2.2)
+        out = bool(p.get("left_out"))  # off-centre or narrow: hollow, not on the line
         ax.plot(p["compute"], p["params_opt"], marker=marker, ms=13 if marker == "*" else 9,
-                color=colours[p["compute"]], mec="black", mew=0.8, ls="", zorder=5)
+                color=colours[p["compute"]], mfc="white" if out else colours[p["compute"]],
+                mec=colours[p["compute"]] if out else "black", mew=1.4 if out else 0.8, ls="",
+                zorder=5)
     sizes = res["points"]["params"]
     for v in (sizes.min(), sizes.max()):
         ax.axhline(v, color="grey", lw=0.8, ls=":", zorder=1)

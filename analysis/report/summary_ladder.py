@@ -40,8 +40,8 @@ def _forms(e: dict) -> str:
 
 def _direct(e: dict, method: str) -> str:
     d = e["direct"].get(method)
-    if not d or d["mean_abs_rel_error"] is None:
-        return "–" if not d else f"not run: {d['reason']}"
+    if not d or d["mean_abs_rel_error"] is None:  # the reason's first clause (all in the JSON)
+        return "–" if not d else f"not run: {d['reason'].split(' (')[0]}"
     return f"{_pct(d['mean_abs_rel_error'])} ({d['n_predicted']} points)"
 
 
