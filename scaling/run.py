@@ -34,14 +34,16 @@ class Diverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-FAULTS = ("nan", "kill_in_save", "eval_error", "sigterm")
+FAULTS = ("nan", "kill_in_save", "eval_error", "sigterm", "pace")
 
 
 def faults_from_env() -> dict[str, int]:
     """Fault injection for tests, e.g. VIT_SCALING_FAULTS="nan@7,kill_in_save@10": make step
     7's loss NaN; SIGKILL this process inside the checkpoint save of step 10 (after DeepSpeed
     wrote its files, before the checkpoint is marked complete); eval_error@N raises in the
-    evaluation after step N; sigterm@N sends this process SIGTERM right after step N."""
+    evaluation after step N; sigterm@N sends this process SIGTERM right after step N; pace@MS
+    sleeps MS milliseconds after every step (a run's length in seconds, whatever the machine's
+    speed: the SLURM time-limit test)."""
     spec = os.environ.get("VIT_SCALING_FAULTS", "")
     faults = {}
     for item in filter(None, spec.split(",")):
@@ -199,6 +201,8 @@ class Run(RunRecords):
             self.step += 1
             if self.faults.get("sigterm") == self.step:
                 os.kill(os.getpid(), signal.SIGTERM)  # fault injection: a real signal, here
+            if "pace" in self.faults:
+                time.sleep(self.faults["pace"] / 1000)
             if bar is not None:
                 bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == plan.total_steps:

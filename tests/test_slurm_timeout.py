@@ -1,16 +1,19 @@
 """The time-limit path on a real SLURM cluster: `--time 2 --signal USR2@60` runs out before the
 run ends -> USR2 -> checkpoint -> requeue -> resume -> the result of an uninterrupted run.
 
-The run is sized from a short calibration run on this machine so that it trains for about
-240 s: SLURM sends USR2 when at most LEAD + 30 s are left (slurmctld looks every 30 s), so with
-`--time 2 --signal USR2@30` 60 to 90 s into the job, while it trains. The margin is wide on
-purpose: on CI's shared machines the calibration has been 1.6x off in either direction (a
-100 s target ended inside 73 s and no limit was hit). The resumed attempts are stopped again
-the same way (--max-requeues 12); every stop must be a time-out.
+The run trains for about TRAIN_S = 130 s: SLURM sends USR2 when at most LEAD + 30 s are left
+(slurmctld looks every 30 s), so with `--time 2 --signal USR2@30` 60 to 90 s into the job, while
+it trains. Its length is set by the clock, not by the machine's speed: every step sleeps PACE_MS
+(VIT_SCALING_FAULTS=pace@PACE_MS, scaling.run.faults_from_env), some 10x a step's compute here, so
+a speed calibration 2x off (CI's shared machines have been 1.6x off in either direction; a run
+sized by speed alone for 100 s once ended inside 73 s and no limit was hit) moves it by about
+10 %. The resumed attempts are stopped again the same way (--max-requeues 12); every stop must
+be a time-out.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +29,8 @@ from tests.test_slurm_sweep import alive, wait_for
 GRID = ["--preset", "demo", "--sizes", "mu", "--budget-kind", "steps", "--gpus", "1",
         "--cluster", "slurm", "--set", "log_every=100"]
 LEAD = 30
-TRAIN_S = 240  # the run's training time at the calibrated speed
+TRAIN_S = 130  # the run's training time: its steps' compute at the calibrated speed + pace
+PACE_MS = 40  # sleep after every step (about 3.5 ms of compute each here)
 STRIP = TIMING_KEYS
 
 
@@ -56,11 +60,20 @@ def on_the_timed_out_run(test):
 def timed_out(slurm, digits_data, tmp_path_factory):
     """The run submitted twice at once: with a 2-minute limit, and with the preset's 30."""
     root = tmp_path_factory.mktemp("timeout")
-    steps = min(max(int(TRAIN_S / seconds_per_step(digits_data, root / "calib")), 3000), 200000)
+    step_s = seconds_per_step(digits_data, root / "calib") + PACE_MS / 1000
+    steps = min(max(int(TRAIN_S / step_s), 1000), 200000)
     common = [*GRID, "--budgets", str(steps), "--data", digits_data, "--results", str(root)]
-    assert main([*common, "--name", "limited", "--time", "2", "--signal", f"USR2@{LEAD}",
-                 "--max-requeues", "12"]) == 0
-    assert main([*common, "--name", "reference"]) == 0
+    before = os.environ.get("VIT_SCALING_FAULTS")
+    os.environ["VIT_SCALING_FAULTS"] = f"pace@{PACE_MS}"  # sbatch passes it on to both jobs
+    try:
+        assert main([*common, "--name", "limited", "--time", "2", "--signal", f"USR2@{LEAD}",
+                     "--max-requeues", "12"]) == 0
+        assert main([*common, "--name", "reference"]) == 0
+    finally:
+        if before is None:
+            os.environ.pop("VIT_SCALING_FAULTS")
+        else:
+            os.environ["VIT_SCALING_FAULTS"] = before
     (run,) = (root / "limited").glob("mu4_*")
     reference = root / "reference" / run.name  # same config, same run id
     try:

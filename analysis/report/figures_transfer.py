@@ -93,7 +93,7 @@ def transfer_figure(panels: list[dict], order: list[str], palette: dict, *, x: s
 def ladder_figure(ladder: dict, order: list[str], palette: dict):
     """Upstream to downstream (analysis.fit.ladder): per transfer metric (at most
     MAX_TRANSFER_PANELS, those with a link), transfer error against upstream eval loss at every
-    checkpoint, the chosen link with its 95 % band, the other form dashed, and the left-out size's
+    checkpoint, the chosen link with its 95 % band, the other form dotted, and the left-out size's
     final points: measured (Wilson bars) and predicted from their loss (band of the link)."""
     entries = [e for e in ladder.values() if e["predictions"]][:MAX_TRANSFER_PANELS]
     n = len(entries)
