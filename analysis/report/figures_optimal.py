@@ -113,9 +113,10 @@ def _nopt_panel(ax, res: dict, colours: dict, parametric: dict | None = None) ->
         ax.plot(grid, I.predict_line(fit, grid), color=ACCENT["blue"], lw=1.8,
                 label=rf"approach 2: $N_{{opt}} \propto C^{{{a:.2f}}}$, "
                       f"a in [{a_lo:.2f}, {a_hi:.2f}]\n(least squares over {fit['n']} budgets)")
-    else:  # lower right: N_opt grows with C, so that corner holds no point
-        ax.text(0.97, 0.03, "\n".join(textwrap.wrap(f"no line: {res['reason']}", 38)),
-                transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small",
+    else:  # upper left: N_opt grows with C, so that corner holds no point (the lower right
+        # holds the long lower bars of the largest budgets' vertices)
+        ax.text(0.03, 0.97, "\n".join(textwrap.wrap(f"no line: {res['reason']}", 38)),
+                transform=ax.transAxes, ha="left", va="top", fontsize="x-small",
                 bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     _parametric_line(ax, parametric, computes)
     ax.set_ylim(sizes.min() / 2, sizes.max() * 2)  # bounds sit on the edges: keep them inside
