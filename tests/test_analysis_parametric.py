@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from analysis.fit import parametric as P
+from analysis.fit.memo import FitMemo
 from analysis.load.runs import load_results
 from analysis.report.summary_parametric import parametric_json
 from analysis.synthetic import SIZES, write_isoflop_results, write_run
@@ -144,8 +145,6 @@ def test_parametric_in_summary_json_through_the_cli(tmp_path):
 def test_the_fit_is_remembered_by_its_points_and_recomputed_when_they_change(tmp_path):
     """With a FitMemo (what --cache-dir and the default cache give the report) the second fit of
     the same points is read back, equal to the first; another point set is a miss."""
-    from analysis.fit.memo import FitMemo
-
     memo, pts = FitMemo(tmp_path), _points(0).assign(cluster=[f"r{i % 7}" for i in range(25)])
     first = P.fit_parametric(pts, n_boot=20, memo=memo)
     again = P.fit_parametric(pts, n_boot=20, memo=memo)

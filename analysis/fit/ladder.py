@@ -163,10 +163,11 @@ def predict_interval(fit: dict, loss, level: float = LEVEL) -> tuple[np.ndarray,
 
 # -- the ladder of one transfer metric -------------------------------------------------------------
 
-def link_points(res: Results, rows: pd.DataFrame, metric: transfer.Metric) -> pd.DataFrame:
-    """Every (run, step) with both a transfer error of `metric` and an upstream eval loss, with
-    the run's columns and `cluster` (the run's recipe; branches: their trunk's)."""
-    pts = transfer.transfer_evals(res, rows, metric).drop(columns=["loss"])
+def link_points(res: Results, evals: pd.DataFrame) -> pd.DataFrame:
+    """Every (run, step) of a transfer metric's eval table (`evals`, analysis.fit.transfer.
+    transfer_evals) that has an upstream eval loss too, with the run's columns and `cluster`
+    (the run's recipe; branches: their trunk's)."""
+    pts = evals.drop(columns=["loss"])
     up = res.evals[["run", "step", "loss"]]
     pts = pts.merge(up, on=["run", "step"], how="inner")
     pts = pts[np.isfinite(pts["loss"].astype(float)) & np.isfinite(pts["error"].astype(float))
@@ -199,9 +200,9 @@ def _chained_losses(res: Results, x: str) -> dict:
             for p in entry["predictions"]}
 
 
-def _direct(res: Results, rows: pd.DataFrame, metric, x: str, loss: str, memo) -> dict:
-    """The direct fits' largest-size backtests on the transfer metric (analysis.fit.backtest)."""
-    evals = transfer.transfer_evals(res, rows, metric)
+def _direct(evals: pd.DataFrame, x: str, loss: str, memo) -> dict:
+    """The direct fits' largest-size backtests on a transfer metric's eval table
+    (analysis.fit.backtest)."""
     methods = [frontier_method(x, loss=loss, memo=memo), parametric_method()]
     out = backtest(frontier_points(evals, x), methods, x, kinds=("largest_size",))
     return {k.split(":")[0]: {"mean_abs_rel_error": e["mean_abs_rel_error"],
@@ -219,7 +220,8 @@ def ladder_entry(res: Results, rows: pd.DataFrame, metric_text: str, *, x: str =
            "n_points": 0, "n_runs": 0, "predictions": [], "mean_abs_rel_error": None,
            "mean_abs_rel_error_chained": None, "direct": {}, "chained_reason": None,
            "reason": None}
-    pts = link_points(res, rows, metric)
+    evals = transfer.transfer_evals(res, rows, metric)  # once: the link's and the direct fits'
+    pts = link_points(res, evals)
     parts = split(pts, "largest_size") if len(pts) else "no checkpoint has both measured"
     if isinstance(parts, str):
         return {**out, "reason": parts}
@@ -228,7 +230,7 @@ def ladder_entry(res: Results, rows: pd.DataFrame, metric_text: str, *, x: str =
     fit = fit_link(train, n_boot=n_boot, seed=seed)
     out.update(form=fit["form"], forms=fit["forms"], n_points=fit["n_points"],
                n_runs=int(train["run"].nunique()),
-               direct=_direct(res, rows, metric, x, loss, memo))
+               direct=_direct(evals, x, loss, memo))
     if not fit["ok"]:
         return {**out, "reason": f"no link without {label}: {fit['reason']}"}
     finals = _held_finals(pts[pts["params"] == held["params"].max()])

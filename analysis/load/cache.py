@@ -35,7 +35,8 @@ def _rules_version() -> str:
     h = hashlib.sha256(b"format %d" % FORMAT)
     for module in (checks, metrics_file):
         h.update(Path(module.__file__).read_bytes())
-    h.update(repr((results.TRAIN_KEYS, results.TRAIN_OPTIONAL, results.EVAL_KEYS)).encode())
+    h.update(repr((results.TRAIN_KEYS, results.TRAIN_OPTIONAL, results.EVAL_KEYS,
+                   results.EVAL_OPTIONAL)).encode())
     return h.hexdigest()[:16]
 
 

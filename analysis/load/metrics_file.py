@@ -15,14 +15,19 @@ from typing import NamedTuple
 import numpy as np
 
 from analysis.load.checks import eval_row_problem
-from scaling.results import TRAIN_KEYS, TRAIN_OPTIONAL, SchemaError, validate_row
+from scaling.results import (
+    EVAL_OPTIONAL,
+    TRAIN_KEYS,
+    TRAIN_OPTIONAL,
+    SchemaError,
+    validate_row,
+)
 
 # The eval fields the tables keep, in this order (the columns of the arrays returned below).
 EVAL_FIELDS = ("step", "epoch", "images_seen", "flops_seen", "wall_s", "top1", "top5", "loss",
                "num_samples", "loss_sd")
-# Optional eval fields (scaling.results.EVAL_OPTIONAL): NaN when absent, null, or not a finite
-# number >= 0, without skipping the row (only --metric loss's interval needs them).
-_OPTIONAL = ("loss_sd",)
+# Optional eval fields (scaling.results.EVAL_OPTIONAL) are NaN when absent, null, or not a
+# finite number >= 0, without skipping the row (only --metric loss's interval needs them).
 # A JSON number (RFC 8259: no leading zeros, no NaN/Infinity) or null.
 _VALUE = rb"(?:-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|null)"
 
@@ -166,7 +171,7 @@ def parse_metrics(data: bytes) -> Parsed:
         else:
             by_step[int(row["step"])].append((i, row))
     kept = _keep_once(by_step, skips)
-    values = [[_optional(row.get(k)) if k in _OPTIONAL else np.nan if row[k] is None
+    values = [[_optional(row.get(k)) if k in EVAL_OPTIONAL else np.nan if row[k] is None
                else float(row[k]) for k in EVAL_FIELDS] for row in kept]
     return Parsed(np.array(values, dtype=float).reshape(len(kept), len(EVAL_FIELDS)), skips,
                   max_flops)

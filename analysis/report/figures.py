@@ -15,7 +15,7 @@ from matplotlib.lines import Line2D
 
 from analysis.fit import law as F
 from analysis.fit.frontier import FRONTIER_STATUSES, x_column
-from analysis.fit.noise import aggregate_seeds, with_intervals
+from analysis.fit.noise import SD_COLUMN, aggregate_seeds, with_intervals
 from analysis.fit.transfer import parse_metric
 from analysis.report.figures_bench import BENCH_CONFIG, comparable_latest, throughput_figure  # noqa: F401
 from analysis.report.style import (
@@ -83,7 +83,7 @@ def interval_note(pts: pd.DataFrame) -> str:
     imgs = (f"{int(n.min()):,}" if n.min() == n.max() else f"{int(n.min()):,}–{int(n.max()):,}"
             ) if len(n) else "?"
     seeds = f"{k.min()}" if k.min() == k.max() else f"{k.min()}–{k.max()}"
-    how = "t from the per-image loss sd" if "value_sd" in pts else "Wilson"
+    how = "t from the per-image loss sd" if SD_COLUMN in pts else "Wilson"
     note = (f"bars: 95% interval ({how} on {imgs} images;\nacross seeds when > 1); "
             f"{seeds} seed(s)/point")
     draws = (pd.to_numeric(pts["probe_seeds"], errors="coerce").dropna()
